@@ -1,0 +1,262 @@
+//! The journal record: a 64-byte zerocopy header followed by its payload. The same bytes are
+//! stored in the source's cache journal and sent over the wire, so a record is checksummed once
+//! when it is made and verified wherever it is read.
+
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::limits::{RECORD_ALIGN_BYTES, RECORD_HEADER_BYTES, RECORD_PAYLOAD_BYTES_MAX};
+
+/// "FRY1" little-endian: the first bytes of every record.
+pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"FRY1");
+/// Format version of the record header; bumped on any incompatible change.
+pub const RECORD_VERSION: u16 = 1;
+
+/// A journal sequence number. Sequence 0 means "nothing"; the first record is 1.
+pub type Seq = u64;
+
+/// What a record says happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum RecordKind {
+    /// `length` bytes of payload written at `offset`.
+    Write = 1,
+    /// `length` bytes at `offset` now read as zeroes (NBD WRITE_ZEROES); no payload.
+    Zero = 2,
+    /// `length` bytes at `offset` discarded (NBD TRIM); the target zeroes them, no payload.
+    Trim = 3,
+    /// A recovery-point marker; the payload describes the point, `offset`/`length` are unused.
+    Marker = 4,
+    /// An extent copied from the source disk by initial replication or resync; payload as Write.
+    ResyncExtent = 5,
+}
+
+impl RecordKind {
+    pub fn from_u8(value: u8) -> Option<Self> {
+        Some(match value {
+            1 => Self::Write,
+            2 => Self::Zero,
+            3 => Self::Trim,
+            4 => Self::Marker,
+            5 => Self::ResyncExtent,
+            _ => return None,
+        })
+    }
+
+    /// Whether the payload carries the data of the byte range (so `payload.len() == length`).
+    pub fn carries_data(self) -> bool {
+        matches!(self, Self::Write | Self::ResyncExtent)
+    }
+}
+
+/// On-disk and on-wire header. Every field is little-endian and unaligned so a header can be
+/// read from any byte position of a mapping or a network buffer.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RecordHeader {
+    pub magic: U32,
+    pub version: U16,
+    pub kind: u8,
+    pub flags: u8,
+    pub disk_id: U32,
+    pub payload_len: U32,
+    pub seq: U64,
+    pub offset: U64,
+    pub length: U64,
+    pub timestamp_ns: U64,
+    /// xxh3-64 over the header (with this field zero) and the payload.
+    pub checksum: U64,
+    pub reserved: [u8; 8],
+}
+
+const _: () = assert!(core::mem::size_of::<RecordHeader>() == RECORD_HEADER_BYTES);
+
+/// A decoded record borrowing its payload from the buffer it was read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record<'a> {
+    pub kind: RecordKind,
+    pub disk_id: u32,
+    pub seq: Seq,
+    pub offset: u64,
+    pub length: u64,
+    pub timestamp_ns: u64,
+    pub payload: &'a [u8],
+}
+
+/// Why bytes are not a valid record. Returned, never panicked on: these bytes come from disk
+/// or from the network.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("record truncated: need {needed} bytes, have {available}")]
+    Truncated { needed: usize, available: usize },
+    #[error("bad record magic {found:#010x}")]
+    BadMagic { found: u32 },
+    #[error("record format version {found} is not supported (this build speaks {RECORD_VERSION})")]
+    BadVersion { found: u16 },
+    #[error("unknown record kind {found}")]
+    BadKind { found: u8 },
+    #[error("record payload of {found} bytes exceeds the limit of {RECORD_PAYLOAD_BYTES_MAX}")]
+    PayloadTooLarge { found: usize },
+    #[error("record length {length} does not match payload of {payload_len} bytes for a data record")]
+    LengthMismatch { length: u64, payload_len: usize },
+    #[error("record checksum mismatch at seq {seq}: stored {stored:#018x}, computed {computed:#018x}")]
+    Checksum { seq: Seq, stored: u64, computed: u64 },
+}
+
+impl<'a> Record<'a> {
+    /// Bytes this record occupies when encoded, including alignment padding.
+    pub fn encoded_len(&self) -> usize {
+        encoded_len_for_payload(self.payload.len())
+    }
+
+    /// Checks the record's internal consistency before it is written anywhere.
+    pub fn validate(&self) -> Result<(), RecordError> {
+        if self.payload.len() > RECORD_PAYLOAD_BYTES_MAX {
+            return Err(RecordError::PayloadTooLarge { found: self.payload.len() });
+        }
+        if self.kind.carries_data() && self.length != self.payload.len() as u64 {
+            return Err(RecordError::LengthMismatch {
+                length: self.length,
+                payload_len: self.payload.len(),
+            });
+        }
+        Ok(())
+    }
+
+    fn header(&self) -> RecordHeader {
+        RecordHeader {
+            magic: RECORD_MAGIC.into(),
+            version: RECORD_VERSION.into(),
+            kind: self.kind as u8,
+            flags: 0,
+            disk_id: self.disk_id.into(),
+            payload_len: (self.payload.len() as u32).into(),
+            seq: self.seq.into(),
+            offset: self.offset.into(),
+            length: self.length.into(),
+            timestamp_ns: self.timestamp_ns.into(),
+            checksum: 0.into(),
+            reserved: [0; 8],
+        }
+    }
+
+    /// Encodes header, payload and zero padding into the front of `out` and returns the number
+    /// of bytes written (`encoded_len()`). The encoded bytes are decoded again before returning
+    /// so that a record is verified right after it is written.
+    pub fn encode_into(&self, out: &mut [u8]) -> Result<usize, RecordError> {
+        self.validate()?;
+        let total = self.encoded_len();
+        if out.len() < total {
+            return Err(RecordError::Truncated { needed: total, available: out.len() });
+        }
+        let mut header = self.header();
+        header.checksum = checksum(&header, self.payload).into();
+        out[..RECORD_HEADER_BYTES].copy_from_slice(header.as_bytes());
+        let payload_end = RECORD_HEADER_BYTES + self.payload.len();
+        out[RECORD_HEADER_BYTES..payload_end].copy_from_slice(self.payload);
+        out[payload_end..total].fill(0);
+        let (decoded, used) = decode(&out[..total])?;
+        assert_eq!(used, total);
+        assert_eq!(decoded.seq, self.seq);
+        Ok(total)
+    }
+
+    /// Encodes into a new vector (wire and tests; the journal encodes in place).
+    pub fn to_vec(&self) -> Result<Vec<u8>, RecordError> {
+        let mut out = vec![0u8; self.encoded_len()];
+        self.encode_into(&mut out)?;
+        Ok(out)
+    }
+}
+
+/// Bytes a record with `payload_len` bytes of payload occupies, padding included.
+pub const fn encoded_len_for_payload(payload_len: usize) -> usize {
+    let raw = RECORD_HEADER_BYTES + payload_len;
+    raw.div_ceil(RECORD_ALIGN_BYTES) * RECORD_ALIGN_BYTES
+}
+
+fn checksum(header: &RecordHeader, payload: &[u8]) -> u64 {
+    let mut zeroed = *header;
+    zeroed.checksum = 0.into();
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(zeroed.as_bytes());
+    hasher.update(payload);
+    hasher.digest()
+}
+
+/// Decodes one record from the front of `buf`, verifying magic, version, kind, sizes and
+/// checksum. Returns the record and the number of bytes it occupies (padding included).
+pub fn decode(buf: &[u8]) -> Result<(Record<'_>, usize), RecordError> {
+    let (header, _) = RecordHeader::read_from_prefix(buf).map_err(|_| RecordError::Truncated {
+        needed: RECORD_HEADER_BYTES,
+        available: buf.len(),
+    })?;
+    if header.magic.get() != RECORD_MAGIC {
+        return Err(RecordError::BadMagic { found: header.magic.get() });
+    }
+    if header.version.get() != RECORD_VERSION {
+        return Err(RecordError::BadVersion { found: header.version.get() });
+    }
+    let kind = RecordKind::from_u8(header.kind).ok_or(RecordError::BadKind { found: header.kind })?;
+    let payload_len = header.payload_len.get() as usize;
+    if payload_len > RECORD_PAYLOAD_BYTES_MAX {
+        return Err(RecordError::PayloadTooLarge { found: payload_len });
+    }
+    let total = encoded_len_for_payload(payload_len);
+    let payload_end = RECORD_HEADER_BYTES + payload_len;
+    if buf.len() < payload_end {
+        return Err(RecordError::Truncated { needed: payload_end, available: buf.len() });
+    }
+    let payload = &buf[RECORD_HEADER_BYTES..payload_end];
+    let computed = checksum(&header, payload);
+    if computed != header.checksum.get() {
+        return Err(RecordError::Checksum {
+            seq: header.seq.get(),
+            stored: header.checksum.get(),
+            computed,
+        });
+    }
+    let record = Record {
+        kind,
+        disk_id: header.disk_id.get(),
+        seq: header.seq.get(),
+        offset: header.offset.get(),
+        length: header.length.get(),
+        timestamp_ns: header.timestamp_ns.get(),
+        payload,
+    };
+    if kind.carries_data() && record.length != payload_len as u64 {
+        return Err(RecordError::LengthMismatch { length: record.length, payload_len });
+    }
+    // Padding may be cut off at the very end of a buffer; the record itself is complete.
+    Ok((record, total.min(buf.len())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_single_bit_flips_are_caught() {
+        let payload: Vec<u8> = (0..100u8).collect();
+        let record = Record {
+            kind: RecordKind::Write,
+            disk_id: 7,
+            seq: 42,
+            offset: 4096,
+            length: 100,
+            timestamp_ns: 123,
+            payload: &payload,
+        };
+        let bytes = record.to_vec().unwrap();
+        assert_eq!(bytes.len(), encoded_len_for_payload(100));
+        let (decoded, used) = decode(&bytes).unwrap();
+        assert_eq!(decoded, record);
+        assert_eq!(used, bytes.len());
+        for bit in 0..(RECORD_HEADER_BYTES + 100) * 8 {
+            let mut flipped = bytes.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            assert!(decode(&flipped).is_err(), "bit {bit} flip went unnoticed");
+        }
+    }
+}
