@@ -6,8 +6,20 @@
 
 pub mod limits;
 
+/// Sans-IO: formats, protocol state machines, codecs.
 pub mod core;
 
+/// I/O edges: mapped journal files, disk engines, QUIC transport.
 pub mod io;
 
+pub mod capture;
+
+pub mod ship;
+
+pub mod apply;
+
+pub mod config;
+
 pub mod control;
+
+pub mod daemon;

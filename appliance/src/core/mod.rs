@@ -10,3 +10,13 @@
 pub mod record;
 
 pub mod journal;
+
+pub mod journal_mem;
+
+pub mod wire;
+
+pub mod source;
+
+pub mod target;
+
+pub mod nbd;

@@ -2,3 +2,7 @@
 //! `unsafe` lives only here, each block with a `// SAFETY:` comment.
 
 pub mod mmap_journal;
+
+pub mod disk;
+
+pub mod transport;

@@ -1,0 +1,1 @@
+//! Apply: drives the target replication core over target storage.

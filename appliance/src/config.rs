@@ -1,0 +1,1 @@
+//! The TOML configuration: parsing, validation with key paths, human sizes and durations.

@@ -1,0 +1,1 @@
+//! NBD protocol codec (sans-IO): handshake, option haggling, requests and replies.

@@ -1,0 +1,1 @@
+//! Target side of the replication protocol (sans-IO state machine).

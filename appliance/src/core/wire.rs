@@ -1,0 +1,1 @@
+//! Replication protocol frames: zerocopy headers with a protocol version.

@@ -1,0 +1,1 @@
+//! The appliance daemon: event loop, control socket, metrics, signals.

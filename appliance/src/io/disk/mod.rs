@@ -1,0 +1,1 @@
+//! Disk engines: io_uring and a pwrite fallback behind one interface.

@@ -1,0 +1,1 @@
+//! QUIC transport with mutual TLS and certificate-fingerprint pinning (quinn, rustls, rcgen).

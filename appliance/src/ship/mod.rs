@@ -1,0 +1,1 @@
+//! Ship: drives the source replication core over the QUIC transport.
