@@ -100,6 +100,43 @@ pub struct GroupStatus {
     /// Seconds since the latest recovery point, if any.
     #[serde(default)]
     pub latest_point_age_seconds: Option<f64>,
+    /// The retained recovery points of this group, oldest first (filled where the catalog
+    /// lives: the target appliance, or a source that hears it back from its target).
+    #[serde(default)]
+    pub recovery_points: Vec<RecoveryPointStatus>,
+}
+
+/// How consistent a recovery point is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PointConsistency {
+    /// Every member disk at one common write-order point (the default kind).
+    Crash,
+    /// Taken after the machines' freeze hook quiesced their applications.
+    App,
+    /// Taken during a resync: the replica may mix old and new blocks.
+    None,
+}
+
+impl PointConsistency {
+    /// The word shown to operators (also the JSON value).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Crash => "crash",
+            Self::App => "app",
+            Self::None => "none",
+        }
+    }
+}
+
+/// One retained recovery point of a consistency group.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecoveryPointStatus {
+    /// The catalog's id of the point; failover names a point by it.
+    pub id: u64,
+    /// Milliseconds since the Unix epoch when the point was cut on the source.
+    pub time_unix_ms: u64,
+    pub consistency: PointConsistency,
 }
 
 /// The state of this appliance's link to its peer.
@@ -131,11 +168,57 @@ pub struct StatusSnapshot {
     pub link: Option<LinkStatus>,
 }
 
+/// What a pause or resume applies to: one disk, or every disk of a consistency group.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scope {
+    Group { group: String },
+    Disk { machine: String, disk: String },
+}
+
 /// A command sent to the appliance, one JSON object per line: `{"cmd":"status"}`.
+/// An appliance that does not implement a command yet answers `Response::Error`; consoles show
+/// that answer as it is.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
     Status,
+    /// Stop shipping (writes keep being journaled, then tracked in the dirty bitmap).
+    Pause {
+        scope: Scope,
+    },
+    /// Resume shipping after a pause.
+    Resume {
+        scope: Scope,
+    },
+    /// Limit the link to the peer; `None` removes the limit.
+    SetBandwidth {
+        bytes_per_s: Option<u64>,
+    },
+    /// Cut a recovery point of a group now; `app_consistent` runs the freeze hook first.
+    CreateRecoveryPoint {
+        group: String,
+        app_consistent: bool,
+    },
+    /// Fail a group over to a recovery point (`None`: the latest). A test failover brings up
+    /// copies beside the replicas and leaves replication running.
+    Failover {
+        group: String,
+        point: Option<u64>,
+        test: bool,
+    },
+    /// Tear down a test failover's copies.
+    FailoverCleanup {
+        group: String,
+    },
+    /// After a failover, replicate the failed-over copies back towards the original site.
+    Reprotect {
+        group: String,
+    },
+    /// Return a reprotected group to its original site.
+    Failback {
+        group: String,
+    },
 }
 
 /// The appliance's answer, one JSON object per line.
@@ -145,4 +228,80 @@ pub enum Response {
     Status(StatusSnapshot),
     Ok { message: String },
     Error { message: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wire shape of the console's commands is a contract with other tools (scripts, a
+    /// future web console): pin it.
+    #[test]
+    fn requests_have_a_stable_json_shape() {
+        let cases = [
+            (Request::Status, r#"{"cmd":"status"}"#),
+            (
+                Request::Pause {
+                    scope: Scope::Disk {
+                        machine: "db1".into(),
+                        disk: "vda".into(),
+                    },
+                },
+                r#"{"cmd":"pause","scope":{"disk":{"machine":"db1","disk":"vda"}}}"#,
+            ),
+            (
+                Request::Resume {
+                    scope: Scope::Group { group: "db".into() },
+                },
+                r#"{"cmd":"resume","scope":{"group":{"group":"db"}}}"#,
+            ),
+            (
+                Request::SetBandwidth {
+                    bytes_per_s: Some(50_000_000),
+                },
+                r#"{"cmd":"set-bandwidth","bytes_per_s":50000000}"#,
+            ),
+            (
+                Request::CreateRecoveryPoint {
+                    group: "db".into(),
+                    app_consistent: true,
+                },
+                r#"{"cmd":"create-recovery-point","group":"db","app_consistent":true}"#,
+            ),
+            (
+                Request::Failover {
+                    group: "db".into(),
+                    point: Some(7),
+                    test: true,
+                },
+                r#"{"cmd":"failover","group":"db","point":7,"test":true}"#,
+            ),
+            (
+                Request::FailoverCleanup { group: "db".into() },
+                r#"{"cmd":"failover-cleanup","group":"db"}"#,
+            ),
+            (
+                Request::Reprotect { group: "db".into() },
+                r#"{"cmd":"reprotect","group":"db"}"#,
+            ),
+            (
+                Request::Failback { group: "db".into() },
+                r#"{"cmd":"failback","group":"db"}"#,
+            ),
+        ];
+        for (request, json) in cases {
+            assert_eq!(serde_json::to_string(&request).unwrap(), json);
+            assert_eq!(serde_json::from_str::<Request>(json).unwrap(), request);
+        }
+    }
+
+    /// Snapshots from an appliance that predates recovery points still parse.
+    #[test]
+    fn group_without_recovery_points_parses() {
+        let json =
+            r#"{"name":"db","rpo_threshold_seconds":30,"recovery_point_interval_seconds":300}"#;
+        let group: GroupStatus = serde_json::from_str(json).unwrap();
+        assert!(group.recovery_points.is_empty());
+        assert_eq!(group.latest_point_age_seconds, None);
+    }
 }

@@ -56,7 +56,10 @@ pub enum JournalError {
     /// Not enough free space for this record until older records are released. Callers fall
     /// back to the dirty-extent bitmap; nothing unacknowledged is ever overwritten.
     #[error("journal full: record needs {needed_bytes} bytes, {free_bytes} free")]
-    Full { needed_bytes: usize, free_bytes: usize },
+    Full {
+        needed_bytes: usize,
+        free_bytes: usize,
+    },
     #[error("invalid record: {0}")]
     Record(#[from] RecordError),
     #[error(transparent)]

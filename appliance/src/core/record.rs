@@ -97,10 +97,18 @@ pub enum RecordError {
     BadKind { found: u8 },
     #[error("record payload of {found} bytes exceeds the limit of {RECORD_PAYLOAD_BYTES_MAX}")]
     PayloadTooLarge { found: usize },
-    #[error("record length {length} does not match payload of {payload_len} bytes for a data record")]
+    #[error(
+        "record length {length} does not match payload of {payload_len} bytes for a data record"
+    )]
     LengthMismatch { length: u64, payload_len: usize },
-    #[error("record checksum mismatch at seq {seq}: stored {stored:#018x}, computed {computed:#018x}")]
-    Checksum { seq: Seq, stored: u64, computed: u64 },
+    #[error(
+        "record checksum mismatch at seq {seq}: stored {stored:#018x}, computed {computed:#018x}"
+    )]
+    Checksum {
+        seq: Seq,
+        stored: u64,
+        computed: u64,
+    },
 }
 
 impl<'a> Record<'a> {
@@ -112,7 +120,9 @@ impl<'a> Record<'a> {
     /// Checks the record's internal consistency before it is written anywhere.
     pub fn validate(&self) -> Result<(), RecordError> {
         if self.payload.len() > RECORD_PAYLOAD_BYTES_MAX {
-            return Err(RecordError::PayloadTooLarge { found: self.payload.len() });
+            return Err(RecordError::PayloadTooLarge {
+                found: self.payload.len(),
+            });
         }
         if self.kind.carries_data() && self.length != self.payload.len() as u64 {
             return Err(RecordError::LengthMismatch {
@@ -147,7 +157,10 @@ impl<'a> Record<'a> {
         self.validate()?;
         let total = self.encoded_len();
         if out.len() < total {
-            return Err(RecordError::Truncated { needed: total, available: out.len() });
+            return Err(RecordError::Truncated {
+                needed: total,
+                available: out.len(),
+            });
         }
         let mut header = self.header();
         header.checksum = checksum(&header, self.payload).into();
@@ -192,12 +205,17 @@ pub fn decode(buf: &[u8]) -> Result<(Record<'_>, usize), RecordError> {
         available: buf.len(),
     })?;
     if header.magic.get() != RECORD_MAGIC {
-        return Err(RecordError::BadMagic { found: header.magic.get() });
+        return Err(RecordError::BadMagic {
+            found: header.magic.get(),
+        });
     }
     if header.version.get() != RECORD_VERSION {
-        return Err(RecordError::BadVersion { found: header.version.get() });
+        return Err(RecordError::BadVersion {
+            found: header.version.get(),
+        });
     }
-    let kind = RecordKind::from_u8(header.kind).ok_or(RecordError::BadKind { found: header.kind })?;
+    let kind =
+        RecordKind::from_u8(header.kind).ok_or(RecordError::BadKind { found: header.kind })?;
     let payload_len = header.payload_len.get() as usize;
     if payload_len > RECORD_PAYLOAD_BYTES_MAX {
         return Err(RecordError::PayloadTooLarge { found: payload_len });
@@ -205,7 +223,10 @@ pub fn decode(buf: &[u8]) -> Result<(Record<'_>, usize), RecordError> {
     let total = encoded_len_for_payload(payload_len);
     let payload_end = RECORD_HEADER_BYTES + payload_len;
     if buf.len() < payload_end {
-        return Err(RecordError::Truncated { needed: payload_end, available: buf.len() });
+        return Err(RecordError::Truncated {
+            needed: payload_end,
+            available: buf.len(),
+        });
     }
     let payload = &buf[RECORD_HEADER_BYTES..payload_end];
     let computed = checksum(&header, payload);
@@ -226,7 +247,10 @@ pub fn decode(buf: &[u8]) -> Result<(Record<'_>, usize), RecordError> {
         payload,
     };
     if kind.carries_data() && record.length != payload_len as u64 {
-        return Err(RecordError::LengthMismatch { length: record.length, payload_len });
+        return Err(RecordError::LengthMismatch {
+            length: record.length,
+            payload_len,
+        });
     }
     // Padding may be cut off at the very end of a buffer; the record itself is complete.
     Ok((record, total.min(buf.len())))
