@@ -1,0 +1,288 @@
+//! `IoBuf`: a 4096-aligned, owned I/O buffer that an in-flight disk operation can hold, and a
+//! small pool that recycles them so the capture and apply paths do not allocate per request.
+
+use std::alloc::{self, Layout};
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
+
+/// Alignment of every `IoBuf` allocation: the largest logical block size O_DIRECT asks for here,
+/// and the page size, so a buffer is usable for direct I/O on any device we open.
+pub const IO_ALIGN_BYTES: usize = 4096;
+
+/// An owned byte buffer whose allocation is aligned to [`IO_ALIGN_BYTES`] and whose capacity is
+/// a multiple of it. `len() <= capacity()`; the bytes in `[0, len)` are what an operation reads
+/// into or writes from. The whole allocation is always initialised (zeroed at allocation, and
+/// later whatever was last written), so growing `len` with [`IoBuf::set_len`] is safe.
+///
+/// A buffer is moved into a disk operation and handed back by its completion, so the kernel
+/// never touches memory that the caller can also see.
+pub struct IoBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+    capacity: usize,
+    pool: Option<Arc<PoolShared>>,
+}
+
+// SAFETY: `IoBuf` uniquely owns its allocation (like `Vec<u8>`); nothing else aliases `ptr`.
+unsafe impl Send for IoBuf {}
+// SAFETY: shared references only give `&[u8]` access, which is fine to share across threads.
+unsafe impl Sync for IoBuf {}
+
+fn layout_for(capacity: usize) -> Layout {
+    // Internal invariant: capacities are rounded to IO_ALIGN_BYTES and far below isize::MAX.
+    Layout::from_size_align(capacity, IO_ALIGN_BYTES).expect("IoBuf layout")
+}
+
+fn round_capacity(capacity: usize) -> usize {
+    capacity.max(1).div_ceil(IO_ALIGN_BYTES) * IO_ALIGN_BYTES
+}
+
+impl IoBuf {
+    /// An empty buffer (`len() == 0`) with room for at least `capacity` bytes, zero-filled.
+    pub fn with_capacity(capacity: usize) -> IoBuf {
+        let capacity = round_capacity(capacity);
+        let layout = layout_for(capacity);
+        // SAFETY: the layout has a non-zero size (capacity >= IO_ALIGN_BYTES).
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
+        IoBuf {
+            ptr,
+            len: 0,
+            capacity,
+            pool: None,
+        }
+    }
+
+    /// A buffer of `len` zero bytes.
+    pub fn zeroed(len: usize) -> IoBuf {
+        let mut buf = IoBuf::with_capacity(len);
+        buf.len = len;
+        buf
+    }
+
+    /// A buffer holding a copy of `bytes`.
+    pub fn from_slice(bytes: &[u8]) -> IoBuf {
+        let mut buf = IoBuf::with_capacity(bytes.len());
+        buf.extend_from_slice(bytes);
+        buf
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Sets the length. The bytes newly exposed hold whatever the buffer held before (zeroes
+    /// for a fresh buffer, old data for a recycled one), never uninitialised memory.
+    ///
+    /// Panics if `len > capacity()` (a caller bug, not an input condition).
+    pub fn set_len(&mut self, len: usize) {
+        assert!(
+            len <= self.capacity,
+            "IoBuf::set_len {len} > capacity {}",
+            self.capacity
+        );
+        self.len = len;
+    }
+
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Appends `bytes`. Panics if they do not fit in `capacity()` (buffers are sized up front).
+    pub fn extend_from_slice(&mut self, bytes: &[u8]) {
+        let end = self.len + bytes.len();
+        assert!(
+            end <= self.capacity,
+            "IoBuf overflow: {end} > capacity {}",
+            self.capacity
+        );
+        let start = self.len;
+        self.len = end;
+        self[start..end].copy_from_slice(bytes);
+    }
+
+    /// Sets `len` and zero-fills `[0, len)`.
+    pub fn fill_zero(&mut self, len: usize) {
+        self.set_len(len);
+        self.fill(0);
+    }
+
+    pub(crate) fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Deref for IoBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` is valid for `capacity` initialised bytes and `len <= capacity`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for IoBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` guarantees unique access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl fmt::Debug for IoBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IoBuf")
+            .field("len", &self.len)
+            .field("capacity", &self.capacity)
+            .field("pooled", &self.pool.is_some())
+            .finish()
+    }
+}
+
+impl Drop for IoBuf {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            if pool.capacity == self.capacity {
+                let mut free = pool.free.lock().unwrap_or_else(|e| e.into_inner());
+                if free.len() < pool.cached_max {
+                    free.push(RawBuf(self.ptr));
+                    return;
+                }
+            }
+        }
+        // SAFETY: `ptr` was allocated in `with_capacity` with exactly this layout and is not
+        // referenced anywhere else (the pool did not take it).
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout_for(self.capacity)) };
+    }
+}
+
+/// A pooled allocation waiting for reuse.
+struct RawBuf(NonNull<u8>);
+
+// SAFETY: a `RawBuf` in the free list is owned by the pool alone.
+unsafe impl Send for RawBuf {}
+
+struct PoolShared {
+    capacity: usize,
+    cached_max: usize,
+    free: Mutex<Vec<RawBuf>>,
+}
+
+impl Drop for PoolShared {
+    fn drop(&mut self) {
+        let free = self.free.get_mut().unwrap_or_else(|e| e.into_inner());
+        for raw in free.drain(..) {
+            // SAFETY: every pooled pointer came from an `IoBuf` of `self.capacity` bytes.
+            unsafe { alloc::dealloc(raw.0.as_ptr(), layout_for(self.capacity)) };
+        }
+    }
+}
+
+/// A pool of same-sized [`IoBuf`]s. Dropping a buffer from the pool returns it (up to
+/// `cached_max` kept); the pool never blocks: when empty, `get` allocates.
+#[derive(Clone)]
+pub struct BufPool {
+    shared: Arc<PoolShared>,
+}
+
+impl BufPool {
+    pub fn new(buf_capacity: usize, cached_max: usize) -> BufPool {
+        BufPool {
+            shared: Arc::new(PoolShared {
+                capacity: round_capacity(buf_capacity),
+                cached_max,
+                free: Mutex::new(Vec::with_capacity(cached_max)),
+            }),
+        }
+    }
+
+    /// Capacity of every buffer from this pool.
+    pub fn buf_capacity(&self) -> usize {
+        self.shared.capacity
+    }
+
+    /// An empty buffer (`len() == 0`) of `buf_capacity()` bytes.
+    pub fn get(&self) -> IoBuf {
+        let recycled = self
+            .shared
+            .free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        let mut buf = match recycled {
+            Some(raw) => IoBuf {
+                ptr: raw.0,
+                len: 0,
+                capacity: self.shared.capacity,
+                pool: None,
+            },
+            None => IoBuf::with_capacity(self.shared.capacity),
+        };
+        buf.pool = Some(self.shared.clone());
+        buf
+    }
+
+    /// Buffers currently cached for reuse.
+    pub fn cached(&self) -> usize {
+        self.shared
+            .free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alignment_capacity_and_contents() {
+        let buf = IoBuf::from_slice(b"hello");
+        assert_eq!(&buf[..], b"hello");
+        assert_eq!(buf.capacity(), IO_ALIGN_BYTES);
+        assert_eq!(buf.as_ptr() as usize % IO_ALIGN_BYTES, 0);
+        let zero = IoBuf::zeroed(10_000);
+        assert_eq!(zero.len(), 10_000);
+        assert_eq!(zero.capacity(), 3 * IO_ALIGN_BYTES);
+        assert!(zero.iter().all(|&b| b == 0));
+        let mut grown = IoBuf::with_capacity(0);
+        assert!(grown.is_empty());
+        grown.set_len(IO_ALIGN_BYTES);
+        assert!(grown.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn pool_recycles_up_to_cached_max() {
+        let pool = BufPool::new(8192, 2);
+        let mut a = pool.get();
+        a.extend_from_slice(&[7; 100]);
+        let a_ptr = a.as_ptr();
+        let b = pool.get();
+        let c = pool.get();
+        drop(a);
+        drop(b);
+        drop(c);
+        assert_eq!(pool.cached(), 2);
+        let d = pool.get();
+        assert!(d.is_empty());
+        assert_eq!(d.capacity(), 8192);
+        assert_eq!(pool.cached(), 1);
+        let e = pool.get();
+        assert!(d.as_ptr() == a_ptr || e.as_ptr() == a_ptr);
+    }
+}
