@@ -30,3 +30,58 @@ const _: () = assert!(
     SEGMENT_BYTES_MIN >= SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES + RECORD_PAYLOAD_BYTES_MAX
 );
 const _: () = assert!(SEGMENT_BYTES_DEFAULT >= SEGMENT_BYTES_MIN);
+
+// ---- Replication protocol (core::wire, core::source, core::target) ----
+
+/// Size of a replication protocol frame header.
+pub const FRAME_HEADER_BYTES: usize = 16;
+
+/// Largest frame body a peer may send: one largest record with room to spare. Bounds the memory
+/// a receiver commits to before the checksum is verified.
+pub const FRAME_BODY_BYTES_MAX: usize = 4 << 20;
+
+/// A records frame stops growing once its body passes this size (it always holds one record).
+pub const SHIP_FRAME_BYTES_TARGET: usize = 1 << 20;
+
+/// Longest name (appliance, machine, disk, group) or error message carried on the wire.
+pub const NAME_BYTES_MAX: usize = 255;
+
+/// Most disks one source appliance announces in a Hello.
+pub const HELLO_DISKS_MAX: usize = 1024;
+
+/// Most extents hashed by one hash request.
+pub const HASH_EXTENTS_PER_REQUEST_MAX: usize = 256;
+
+/// Largest extent of initial replication and resync: one extent travels as one record.
+pub const SYNC_EXTENT_BYTES_MAX: usize = RECORD_PAYLOAD_BYTES_MAX;
+
+/// Default extent of initial replication and resync.
+pub const SYNC_EXTENT_BYTES_DEFAULT: usize = 1 << 20;
+
+/// Ship window: bytes and records sent but not yet acknowledged durable by the target.
+pub const SHIP_WINDOW_BYTES_MAX: usize = 64 << 20;
+pub const SHIP_WINDOW_RECORDS_MAX: usize = 16_384;
+
+/// The source resends from the target's last received sequence when no acknowledgement made
+/// progress for this long (lost frames on an unreliable link, a lost final ack).
+pub const SHIP_RESEND_TIMEOUT_NS: u64 = 2_000_000_000;
+
+/// The source resends Hello (and outstanding hash requests) when unanswered for this long.
+pub const SHIP_HANDSHAKE_TIMEOUT_NS: u64 = 2_000_000_000;
+
+/// Resync keeps at most this many extent reads and hash requests outstanding.
+pub const SYNC_READS_IN_FLIGHT_MAX: usize = 8;
+pub const SYNC_HASH_REQUESTS_IN_FLIGHT_MAX: usize = 4;
+
+/// Resync issues no new extent read while the unacknowledged journal backlog exceeds this: live
+/// writes never queue behind more than this much resync data (the "bounded share").
+pub const SYNC_BACKLOG_BYTES_MAX: usize = 16 << 20;
+
+/// Target: outstanding disk operations it hands to its driver before it stops taking records.
+pub const APPLY_OPS_QUEUED_MAX: usize = 4096;
+
+const _: () = assert!(FRAME_BODY_BYTES_MAX >= 8 + RECORD_HEADER_BYTES + RECORD_PAYLOAD_BYTES_MAX);
+const _: () = assert!(SHIP_FRAME_BYTES_TARGET <= FRAME_BODY_BYTES_MAX);
+const _: () = assert!(SYNC_EXTENT_BYTES_DEFAULT <= SYNC_EXTENT_BYTES_MAX);
+const _: () = assert!(SHIP_WINDOW_BYTES_MAX >= 2 * (RECORD_HEADER_BYTES + RECORD_PAYLOAD_BYTES_MAX));
+const _: () = assert!(32 + HASH_EXTENTS_PER_REQUEST_MAX * 16 <= FRAME_BODY_BYTES_MAX);

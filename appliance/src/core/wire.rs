@@ -1,1 +1,1019 @@
-//! Replication protocol frames: zerocopy headers with a protocol version.
+//! Replication protocol frames: a 16-byte zerocopy header carrying magic, protocol version,
+//! kind, flags, body length and a checksum, followed by a body. The same frames carry live
+//! journal records, initial replication and resync (extent hashes, then `ResyncExtent`/`Zero`
+//! records in the same ordered stream), and control (hello, welcome, acknowledgements, errors).
+//!
+//! Compatibility rule: the magic and the version field stay at bytes 0..6 in every protocol
+//! version, so a peer of another version is told `WireError::Version { ours, theirs }` before
+//! anything else of its frame is interpreted. Every length read from a peer is bounded
+//! (`limits::FRAME_BODY_BYTES_MAX`, `limits::NAME_BYTES_MAX`, …) and checked before use: a bad
+//! frame is an error, never a panic.
+//!
+//! Building frames: the `Frame::*` constructors encode straight into one buffer. Reading frames:
+//! read `FRAME_HEADER_BYTES`, call [`decode_header`] (which bounds the body length), read the body,
+//! then [`decode_frame`] over header and body (or [`split_frame`] over a byte stream).
+
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::core::record::{self, Record, RecordError, Seq};
+use crate::limits::{
+    FRAME_BODY_BYTES_MAX, FRAME_HEADER_BYTES, HASH_EXTENTS_PER_REQUEST_MAX, HELLO_DISKS_MAX,
+    NAME_BYTES_MAX, SYNC_EXTENT_BYTES_MAX,
+};
+
+/// "FRYW" little-endian: the first bytes of every frame.
+pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FRYW");
+/// The replication protocol version this build speaks. Peers must match exactly.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Ack flag: the target saw a record beyond the next one it expects (a gap) and asks the source
+/// to resend from `received_seq + 1`.
+pub const ACK_FLAG_GAP: u8 = 1;
+
+/// Frame kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// Source → target, first frame of a connection: who I am, what I protect.
+    Hello = 1,
+    /// Target → source: where to resume, and what the target holds per disk.
+    Welcome = 2,
+    /// Source → target: one or more journal records, in sequence order.
+    Records = 3,
+    /// Target → source: durable (and received) up to a sequence.
+    Ack = 4,
+    /// Source → target: hash these extents of a replica.
+    HashRequest = 5,
+    /// Target → source: the hashes asked for.
+    HashResponse = 6,
+    /// Either way: a fatal protocol error; the sender closes the connection after it.
+    Error = 7,
+}
+
+impl FrameKind {
+    pub fn from_u8(value: u8) -> Option<Self> {
+        Some(match value {
+            1 => Self::Hello,
+            2 => Self::Welcome,
+            3 => Self::Records,
+            4 => Self::Ack,
+            5 => Self::HashRequest,
+            6 => Self::HashResponse,
+            7 => Self::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// The frame header. Little-endian and unaligned so it can be read from any buffer position.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct FrameHeader {
+    pub magic: U32,
+    pub version: U16,
+    pub kind: u8,
+    pub flags: u8,
+    pub body_len: U32,
+    /// Low 32 bits of xxh3-64 over the header (this field zero) and the body.
+    pub checksum: U32,
+}
+
+const _: () = assert!(core::mem::size_of::<FrameHeader>() == FRAME_HEADER_BYTES);
+
+/// Why bytes from a peer are not a valid frame.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("frame truncated: need {needed} bytes, have {available}")]
+    Truncated { needed: usize, available: usize },
+    #[error("bad frame magic {found:#010x}: the peer does not speak the Ferry protocol")]
+    BadMagic { found: u32 },
+    #[error("peer speaks replication protocol version {theirs}, this build speaks {ours}")]
+    Version { ours: u16, theirs: u16 },
+    #[error("unknown frame kind {found}")]
+    UnknownKind { found: u8 },
+    #[error("frame body of {found} bytes exceeds the limit of {FRAME_BODY_BYTES_MAX}")]
+    Oversized { found: usize },
+    #[error("frame checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    Checksum { stored: u32, computed: u32 },
+    #[error("malformed {kind:?} frame: {reason}")]
+    Malformed { kind: FrameKind, reason: String },
+    #[error("record {index} of a records frame is invalid: {source}")]
+    Record {
+        index: usize,
+        #[source]
+        source: RecordError,
+    },
+}
+
+fn malformed(kind: FrameKind, reason: impl Into<String>) -> WireError {
+    WireError::Malformed { kind, reason: reason.into() }
+}
+
+/// An encoded frame (header and body), ready to be written to a stream.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Frame {
+    bytes: Vec<u8>,
+}
+
+impl core::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Frame")
+            .field("kind", &FrameKind::from_u8(self.bytes[6]))
+            .field("len", &self.bytes.len())
+            .finish()
+    }
+}
+
+/// A disk as announced in Hello.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskAnnouncement {
+    pub disk_id: u32,
+    pub size_bytes: u64,
+    pub machine: String,
+    pub name: String,
+    pub group: String,
+}
+
+/// What the target holds for one disk, as told in Welcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WelcomeDisk {
+    pub disk_id: u32,
+    pub replica: ReplicaState,
+    /// Size of the replica the target holds (0 when there is none).
+    pub size_bytes: u64,
+}
+
+/// Whether the target has a replica of a disk, which decides how initial replication runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ReplicaState {
+    /// No replica yet (created zero-filled): copy every non-zero extent, no hash compare.
+    Absent = 0,
+    /// A replica exists (perhaps seeded from an old copy): hash-compare before sending.
+    Present = 1,
+}
+
+/// Error codes carried by Error frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// A frame could not be decoded (see the message).
+    Malformed = 1,
+    /// The peer speaks another protocol version.
+    Version = 2,
+    /// A frame arrived that makes no sense in the current state.
+    Protocol = 3,
+    /// A record or request names a disk the peer does not know, or a range beyond its end.
+    UnknownDisk = 4,
+    /// The target holds more of the stream than the source's journal: the source lost its
+    /// journal (or is a different appliance); an operator must resync.
+    TargetAhead = 5,
+    /// Anything else (the message says what).
+    Internal = 6,
+}
+
+impl ErrorCode {
+    pub fn from_u16(value: u16) -> Self {
+        match value {
+            1 => Self::Malformed,
+            2 => Self::Version,
+            3 => Self::Protocol,
+            4 => Self::UnknownDisk,
+            5 => Self::TargetAhead,
+            _ => Self::Internal,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct HelloFixed {
+    journal_first_seq: U64,
+    journal_last_seq: U64,
+    disk_count: U32,
+    name_len: U16,
+    reserved: U16,
+}
+
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct DiskFixed {
+    disk_id: U32,
+    reserved: U32,
+    size_bytes: U64,
+    machine_len: U16,
+    name_len: U16,
+    group_len: U16,
+    reserved2: U16,
+}
+
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct WelcomeFixed {
+    resume_seq: U64,
+    durable_seq: U64,
+    disk_count: U32,
+    reserved: U32,
+}
+
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct WelcomeDiskWire {
+    disk_id: U32,
+    replica: u8,
+    reserved: [u8; 3],
+    size_bytes: U64,
+}
+
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RecordsFixed {
+    count: U32,
+    reserved: U32,
+}
+
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct AckWire {
+    durable_seq: U64,
+    received_seq: U64,
+}
+
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct HashFixed {
+    request_id: U64,
+    offset: U64,
+    disk_id: U32,
+    extent_count: U32,
+    extent_bytes: U32,
+    reserved: U32,
+}
+
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct ErrorFixed {
+    code: U16,
+    message_len: U16,
+    reserved: U32,
+}
+
+/// Which extents of a replica to hash: `extent_count` extents of `extent_bytes` starting at
+/// `offset` (the last one cut short at the end of the disk).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HashRequest {
+    pub request_id: u64,
+    pub disk_id: u32,
+    pub offset: u64,
+    pub extent_bytes: u32,
+    pub extent_count: u32,
+}
+
+/// The hashes of a `HashRequest`'s extents, in order (xxh3-128 of each extent's bytes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HashResponse {
+    pub request_id: u64,
+    pub disk_id: u32,
+    pub offset: u64,
+    pub extent_bytes: u32,
+    pub hashes: Vec<u128>,
+}
+
+/// A decoded frame. Records borrow from the frame's bytes and have been verified (checksums).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message<'a> {
+    Hello {
+        source_name: String,
+        journal_first_seq: Seq,
+        journal_last_seq: Seq,
+        disks: Vec<DiskAnnouncement>,
+    },
+    /// `resume_seq`: the target holds every record up to here (send `resume_seq + 1` next);
+    /// `durable_seq`: of those, durable up to here (the source may release up to it).
+    Welcome {
+        resume_seq: Seq,
+        durable_seq: Seq,
+        disks: Vec<WelcomeDisk>,
+    },
+    Records(Vec<Record<'a>>),
+    Ack {
+        durable_seq: Seq,
+        received_seq: Seq,
+        gap: bool,
+    },
+    HashRequest(HashRequest),
+    HashResponse(HashResponse),
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+fn frame_checksum(header: &FrameHeader, body: &[u8]) -> u32 {
+    let mut zeroed = *header;
+    zeroed.checksum = 0.into();
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(zeroed.as_bytes());
+    hasher.update(body);
+    hasher.digest() as u32
+}
+
+/// Incremental frame builder: header placeholder, body appended, header finished last.
+struct Builder {
+    kind: FrameKind,
+    flags: u8,
+    bytes: Vec<u8>,
+}
+
+impl Builder {
+    fn new(kind: FrameKind, body_capacity: usize) -> Self {
+        let mut bytes = Vec::with_capacity(FRAME_HEADER_BYTES + body_capacity);
+        bytes.resize(FRAME_HEADER_BYTES, 0);
+        Self { kind, flags: 0, bytes }
+    }
+
+    fn put(&mut self, data: &[u8]) {
+        self.bytes.extend_from_slice(data);
+    }
+
+    fn finish(self) -> Frame {
+        let body_len = self.bytes.len() - FRAME_HEADER_BYTES;
+        // Frames are built by this process from bounded inputs; exceeding the bound is a bug.
+        assert!(body_len <= FRAME_BODY_BYTES_MAX, "frame body {body_len} over the limit");
+        let mut header = FrameHeader {
+            magic: FRAME_MAGIC.into(),
+            version: PROTOCOL_VERSION.into(),
+            kind: self.kind as u8,
+            flags: self.flags,
+            body_len: (body_len as u32).into(),
+            checksum: 0.into(),
+        };
+        header.checksum = frame_checksum(&header, &self.bytes[FRAME_HEADER_BYTES..]).into();
+        let mut bytes = self.bytes;
+        bytes[..FRAME_HEADER_BYTES].copy_from_slice(header.as_bytes());
+        Frame { bytes }
+    }
+}
+
+/// Truncates a string to at most `NAME_BYTES_MAX` bytes on a character boundary.
+fn bounded_str(value: &str) -> &str {
+    if value.len() <= NAME_BYTES_MAX {
+        return value;
+    }
+    let mut end = NAME_BYTES_MAX;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    &value[..end]
+}
+
+impl Frame {
+    /// Hello. Names longer than `NAME_BYTES_MAX` are cut (config validation should refuse them
+    /// earlier); at most `HELLO_DISKS_MAX` disks are allowed.
+    pub fn hello(
+        source_name: &str,
+        journal_first_seq: Seq,
+        journal_last_seq: Seq,
+        disks: &[DiskAnnouncement],
+    ) -> Frame {
+        assert!(disks.len() <= HELLO_DISKS_MAX, "too many disks for one Hello");
+        let name = bounded_str(source_name);
+        let mut builder = Builder::new(FrameKind::Hello, 64 + disks.len() * 64);
+        builder.put(
+            HelloFixed {
+                journal_first_seq: journal_first_seq.into(),
+                journal_last_seq: journal_last_seq.into(),
+                disk_count: (disks.len() as u32).into(),
+                name_len: (name.len() as u16).into(),
+                reserved: 0.into(),
+            }
+            .as_bytes(),
+        );
+        builder.put(name.as_bytes());
+        for disk in disks {
+            let machine = bounded_str(&disk.machine);
+            let disk_name = bounded_str(&disk.name);
+            let group = bounded_str(&disk.group);
+            builder.put(
+                DiskFixed {
+                    disk_id: disk.disk_id.into(),
+                    reserved: 0.into(),
+                    size_bytes: disk.size_bytes.into(),
+                    machine_len: (machine.len() as u16).into(),
+                    name_len: (disk_name.len() as u16).into(),
+                    group_len: (group.len() as u16).into(),
+                    reserved2: 0.into(),
+                }
+                .as_bytes(),
+            );
+            builder.put(machine.as_bytes());
+            builder.put(disk_name.as_bytes());
+            builder.put(group.as_bytes());
+        }
+        builder.finish()
+    }
+
+    pub fn welcome(resume_seq: Seq, durable_seq: Seq, disks: &[WelcomeDisk]) -> Frame {
+        assert!(disks.len() <= HELLO_DISKS_MAX, "too many disks for one Welcome");
+        let mut builder = Builder::new(FrameKind::Welcome, 16 + disks.len() * 16);
+        builder.put(
+            WelcomeFixed {
+                resume_seq: resume_seq.into(),
+                durable_seq: durable_seq.into(),
+                disk_count: (disks.len() as u32).into(),
+                reserved: 0.into(),
+            }
+            .as_bytes(),
+        );
+        for disk in disks {
+            builder.put(
+                WelcomeDiskWire {
+                    disk_id: disk.disk_id.into(),
+                    replica: disk.replica as u8,
+                    reserved: [0; 3],
+                    size_bytes: disk.size_bytes.into(),
+                }
+                .as_bytes(),
+            );
+        }
+        builder.finish()
+    }
+
+    /// A records frame from already-encoded records (exact journal bytes, padding included).
+    /// Each slice must hold exactly one encoded record; the receiver verifies each.
+    pub fn records<'r>(encoded: impl IntoIterator<Item = &'r [u8]>) -> Frame {
+        let mut builder = Builder::new(FrameKind::Records, 64 << 10);
+        builder.put(RecordsFixed { count: 0.into(), reserved: 0.into() }.as_bytes());
+        let mut count = 0u32;
+        for bytes in encoded {
+            builder.put(bytes);
+            count += 1;
+        }
+        let count_at = FRAME_HEADER_BYTES;
+        builder.bytes[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+        builder.finish()
+    }
+
+    /// A records frame encoding `records` (as read from the journal) straight into the frame:
+    /// the bytes are exactly the journal encoding, re-verified as they are written.
+    pub fn records_from<'r>(
+        records: impl IntoIterator<Item = Record<'r>>,
+    ) -> Result<Frame, RecordError> {
+        let mut builder = Builder::new(FrameKind::Records, 64 << 10);
+        builder.put(RecordsFixed { count: 0.into(), reserved: 0.into() }.as_bytes());
+        let mut count = 0u32;
+        for record in records {
+            let start = builder.bytes.len();
+            builder.bytes.resize(start + record.encoded_len(), 0);
+            record.encode_into(&mut builder.bytes[start..])?;
+            count += 1;
+        }
+        let count_at = FRAME_HEADER_BYTES;
+        builder.bytes[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+        Ok(builder.finish())
+    }
+
+    pub fn ack(durable_seq: Seq, received_seq: Seq, gap: bool) -> Frame {
+        let mut builder = Builder::new(FrameKind::Ack, 16);
+        builder.flags = if gap { ACK_FLAG_GAP } else { 0 };
+        builder.put(
+            AckWire { durable_seq: durable_seq.into(), received_seq: received_seq.into() }
+                .as_bytes(),
+        );
+        builder.finish()
+    }
+
+    pub fn hash_request(request: &HashRequest) -> Frame {
+        let mut builder = Builder::new(FrameKind::HashRequest, 32);
+        builder.put(
+            HashFixed {
+                request_id: request.request_id.into(),
+                offset: request.offset.into(),
+                disk_id: request.disk_id.into(),
+                extent_count: request.extent_count.into(),
+                extent_bytes: request.extent_bytes.into(),
+                reserved: 0.into(),
+            }
+            .as_bytes(),
+        );
+        builder.finish()
+    }
+
+    pub fn hash_response(response: &HashResponse) -> Frame {
+        let mut builder = Builder::new(FrameKind::HashResponse, 32 + response.hashes.len() * 16);
+        builder.put(
+            HashFixed {
+                request_id: response.request_id.into(),
+                offset: response.offset.into(),
+                disk_id: response.disk_id.into(),
+                extent_count: (response.hashes.len() as u32).into(),
+                extent_bytes: response.extent_bytes.into(),
+                reserved: 0.into(),
+            }
+            .as_bytes(),
+        );
+        for hash in &response.hashes {
+            builder.put(&hash.to_le_bytes());
+        }
+        builder.finish()
+    }
+
+    pub fn error(code: ErrorCode, message: &str) -> Frame {
+        let message = bounded_str(message);
+        let mut builder = Builder::new(FrameKind::Error, 8 + message.len());
+        builder.put(
+            ErrorFixed {
+                code: (code as u16).into(),
+                message_len: (message.len() as u16).into(),
+                reserved: 0.into(),
+            }
+            .as_bytes(),
+        );
+        builder.put(message.as_bytes());
+        builder.finish()
+    }
+
+    /// Rebuilds a frame from bytes received from a peer, verifying it completely.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Frame, WireError> {
+        decode_frame(&bytes)?;
+        Ok(Frame { bytes })
+    }
+
+    pub fn kind(&self) -> FrameKind {
+        // Every Frame is built by a constructor above or verified by `from_bytes`.
+        FrameKind::from_u8(self.bytes[6]).expect("frame kind set by a constructor")
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Decodes this frame (cannot fail for frames built here, but a peer's bytes are checked).
+    pub fn decode(&self) -> Result<Message<'_>, WireError> {
+        decode_frame(&self.bytes)
+    }
+}
+
+/// Checks a frame header read from a peer: magic, then version, then kind and body bound. The
+/// checksum needs the body and is checked by [`decode_frame`].
+pub fn decode_header(bytes: &[u8]) -> Result<FrameHeader, WireError> {
+    let (header, _) = FrameHeader::read_from_prefix(bytes).map_err(|_| WireError::Truncated {
+        needed: FRAME_HEADER_BYTES,
+        available: bytes.len(),
+    })?;
+    if header.magic.get() != FRAME_MAGIC {
+        return Err(WireError::BadMagic { found: header.magic.get() });
+    }
+    if header.version.get() != PROTOCOL_VERSION {
+        return Err(WireError::Version { ours: PROTOCOL_VERSION, theirs: header.version.get() });
+    }
+    if FrameKind::from_u8(header.kind).is_none() {
+        return Err(WireError::UnknownKind { found: header.kind });
+    }
+    let body_len = header.body_len.get() as usize;
+    if body_len > FRAME_BODY_BYTES_MAX {
+        return Err(WireError::Oversized { found: body_len });
+    }
+    Ok(header)
+}
+
+/// Splits the first complete frame off a byte stream: `Ok(None)` when more bytes are needed,
+/// `Ok(Some(len))` when the first `len` bytes are one frame (to decode with [`decode_frame`]).
+pub fn split_frame(stream: &[u8]) -> Result<Option<usize>, WireError> {
+    if stream.len() < FRAME_HEADER_BYTES {
+        return Ok(None);
+    }
+    let header = decode_header(stream)?;
+    let total = FRAME_HEADER_BYTES + header.body_len.get() as usize;
+    Ok((stream.len() >= total).then_some(total))
+}
+
+/// A little cursor over a body that turns every short read into a `Malformed` error.
+struct Reader<'a> {
+    kind: FrameKind,
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn fixed<T: FromBytes + KnownLayout + Immutable>(&mut self, what: &str) -> Result<T, WireError> {
+        let (value, rest) = T::read_from_prefix(self.bytes)
+            .map_err(|_| malformed(self.kind, format!("{what} truncated")))?;
+        self.bytes = rest;
+        Ok(value)
+    }
+
+    fn take(&mut self, len: usize, what: &str) -> Result<&'a [u8], WireError> {
+        if self.bytes.len() < len {
+            return Err(malformed(
+                self.kind,
+                format!("{what}: need {len} bytes, {} left", self.bytes.len()),
+            ));
+        }
+        let (head, rest) = self.bytes.split_at(len);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn string(&mut self, len: usize, what: &str) -> Result<String, WireError> {
+        if len > NAME_BYTES_MAX {
+            return Err(malformed(self.kind, format!("{what} of {len} bytes is too long")));
+        }
+        let bytes = self.take(len, what)?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| malformed(self.kind, format!("{what} is not UTF-8")))
+    }
+
+    fn finish(&self) -> Result<(), WireError> {
+        if self.bytes.is_empty() {
+            Ok(())
+        } else {
+            Err(malformed(self.kind, format!("{} trailing bytes", self.bytes.len())))
+        }
+    }
+}
+
+/// Decodes one complete frame (exactly header + body) received from a peer.
+pub fn decode_frame(bytes: &[u8]) -> Result<Message<'_>, WireError> {
+    let header = decode_header(bytes)?;
+    let body_len = header.body_len.get() as usize;
+    let total = FRAME_HEADER_BYTES + body_len;
+    if bytes.len() < total {
+        return Err(WireError::Truncated { needed: total, available: bytes.len() });
+    }
+    let kind = FrameKind::from_u8(header.kind).ok_or(WireError::UnknownKind { found: header.kind })?;
+    if bytes.len() > total {
+        return Err(malformed(kind, format!("{} bytes after the frame body", bytes.len() - total)));
+    }
+    let body = &bytes[FRAME_HEADER_BYTES..total];
+    let computed = frame_checksum(&header, body);
+    if computed != header.checksum.get() {
+        return Err(WireError::Checksum { stored: header.checksum.get(), computed });
+    }
+    let mut reader = Reader { kind, bytes: body };
+    let message = match kind {
+        FrameKind::Hello => {
+            let fixed: HelloFixed = reader.fixed("hello header")?;
+            let disk_count = fixed.disk_count.get() as usize;
+            if disk_count > HELLO_DISKS_MAX {
+                return Err(malformed(kind, format!("{disk_count} disks (limit {HELLO_DISKS_MAX})")));
+            }
+            let source_name = reader.string(fixed.name_len.get() as usize, "source name")?;
+            let mut disks = Vec::with_capacity(disk_count);
+            for _ in 0..disk_count {
+                let disk: DiskFixed = reader.fixed("disk entry")?;
+                let machine = reader.string(disk.machine_len.get() as usize, "machine name")?;
+                let name = reader.string(disk.name_len.get() as usize, "disk name")?;
+                let group = reader.string(disk.group_len.get() as usize, "group name")?;
+                disks.push(DiskAnnouncement {
+                    disk_id: disk.disk_id.get(),
+                    size_bytes: disk.size_bytes.get(),
+                    machine,
+                    name,
+                    group,
+                });
+            }
+            reader.finish()?;
+            Message::Hello {
+                source_name,
+                journal_first_seq: fixed.journal_first_seq.get(),
+                journal_last_seq: fixed.journal_last_seq.get(),
+                disks,
+            }
+        }
+        FrameKind::Welcome => {
+            let fixed: WelcomeFixed = reader.fixed("welcome header")?;
+            let disk_count = fixed.disk_count.get() as usize;
+            if disk_count > HELLO_DISKS_MAX {
+                return Err(malformed(kind, format!("{disk_count} disks (limit {HELLO_DISKS_MAX})")));
+            }
+            let mut disks = Vec::with_capacity(disk_count);
+            for _ in 0..disk_count {
+                let disk: WelcomeDiskWire = reader.fixed("welcome disk")?;
+                let replica = match disk.replica {
+                    0 => ReplicaState::Absent,
+                    1 => ReplicaState::Present,
+                    other => return Err(malformed(kind, format!("replica state {other}"))),
+                };
+                disks.push(WelcomeDisk {
+                    disk_id: disk.disk_id.get(),
+                    replica,
+                    size_bytes: disk.size_bytes.get(),
+                });
+            }
+            reader.finish()?;
+            Message::Welcome {
+                resume_seq: fixed.resume_seq.get(),
+                durable_seq: fixed.durable_seq.get(),
+                disks,
+            }
+        }
+        FrameKind::Records => {
+            let fixed: RecordsFixed = reader.fixed("records header")?;
+            let count = fixed.count.get() as usize;
+            if count == 0 {
+                return Err(malformed(kind, "no records"));
+            }
+            // Each record takes at least a header, which bounds `count` by the body size.
+            let records_max = reader.bytes.len() / record::encoded_len_for_payload(0);
+            if count > records_max {
+                return Err(malformed(kind, format!("{count} records cannot fit in the body")));
+            }
+            let mut records = Vec::with_capacity(count);
+            for index in 0..count {
+                let (record, used) = record::decode(reader.bytes)
+                    .map_err(|source| WireError::Record { index, source })?;
+                if used != record.encoded_len() {
+                    return Err(malformed(kind, format!("record {index} is cut short")));
+                }
+                reader.bytes = &reader.bytes[used..];
+                records.push(record);
+            }
+            reader.finish()?;
+            Message::Records(records)
+        }
+        FrameKind::Ack => {
+            let ack: AckWire = reader.fixed("ack")?;
+            reader.finish()?;
+            Message::Ack {
+                durable_seq: ack.durable_seq.get(),
+                received_seq: ack.received_seq.get(),
+                gap: header.flags & ACK_FLAG_GAP != 0,
+            }
+        }
+        FrameKind::HashRequest | FrameKind::HashResponse => {
+            let fixed: HashFixed = reader.fixed("hash header")?;
+            let extent_count = fixed.extent_count.get();
+            let extent_bytes = fixed.extent_bytes.get();
+            if extent_count == 0 || extent_count as usize > HASH_EXTENTS_PER_REQUEST_MAX {
+                return Err(malformed(kind, format!("{extent_count} extents")));
+            }
+            if extent_bytes == 0 || extent_bytes as usize > SYNC_EXTENT_BYTES_MAX {
+                return Err(malformed(kind, format!("extent of {extent_bytes} bytes")));
+            }
+            let offset = fixed.offset.get();
+            if offset.checked_add(u64::from(extent_count) * u64::from(extent_bytes)).is_none() {
+                return Err(malformed(kind, "extent range overflows"));
+            }
+            if kind == FrameKind::HashRequest {
+                reader.finish()?;
+                Message::HashRequest(HashRequest {
+                    request_id: fixed.request_id.get(),
+                    disk_id: fixed.disk_id.get(),
+                    offset,
+                    extent_bytes,
+                    extent_count,
+                })
+            } else {
+                let mut hashes = Vec::with_capacity(extent_count as usize);
+                for _ in 0..extent_count {
+                    let bytes = reader.take(16, "extent hash")?;
+                    let mut array = [0u8; 16];
+                    array.copy_from_slice(bytes);
+                    hashes.push(u128::from_le_bytes(array));
+                }
+                reader.finish()?;
+                Message::HashResponse(HashResponse {
+                    request_id: fixed.request_id.get(),
+                    disk_id: fixed.disk_id.get(),
+                    offset,
+                    extent_bytes,
+                    hashes,
+                })
+            }
+        }
+        FrameKind::Error => {
+            let fixed: ErrorFixed = reader.fixed("error header")?;
+            let len = fixed.message_len.get() as usize;
+            let bytes = reader.take(len.min(NAME_BYTES_MAX), "error message")?;
+            let message = String::from_utf8_lossy(bytes).into_owned();
+            reader.finish()?;
+            Message::Error { code: ErrorCode::from_u16(fixed.code.get()), message }
+        }
+    };
+    Ok(message)
+}
+
+/// The hash of an extent's bytes as used by initial replication, resync and verify.
+pub fn extent_hash(data: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::record::RecordKind;
+
+    fn sample_disks() -> Vec<DiskAnnouncement> {
+        vec![
+            DiskAnnouncement {
+                disk_id: 1,
+                size_bytes: 1 << 30,
+                machine: "web-1".into(),
+                name: "root".into(),
+                group: "shop".into(),
+            },
+            DiskAnnouncement {
+                disk_id: 2,
+                size_bytes: 4096,
+                machine: "db-1".into(),
+                name: "data".into(),
+                group: "".into(),
+            },
+        ]
+    }
+
+    fn all_frames() -> Vec<Frame> {
+        let payload = vec![7u8; 100];
+        let write = Record {
+            kind: RecordKind::Write,
+            disk_id: 1,
+            seq: 5,
+            offset: 4096,
+            length: 100,
+            timestamp_ns: 9,
+            payload: &payload,
+        }
+        .to_vec()
+        .unwrap();
+        let zero = Record {
+            kind: RecordKind::Zero,
+            disk_id: 2,
+            seq: 6,
+            offset: 0,
+            length: 4096,
+            timestamp_ns: 10,
+            payload: &[],
+        }
+        .to_vec()
+        .unwrap();
+        vec![
+            Frame::hello("site-a", 3, 9, &sample_disks()),
+            Frame::welcome(
+                4,
+                2,
+                &[WelcomeDisk { disk_id: 1, replica: ReplicaState::Present, size_bytes: 1 << 30 }],
+            ),
+            Frame::records([write.as_slice(), zero.as_slice()]),
+            Frame::ack(10, 12, true),
+            Frame::hash_request(&HashRequest {
+                request_id: 3,
+                disk_id: 1,
+                offset: 1 << 20,
+                extent_bytes: 65536,
+                extent_count: 4,
+            }),
+            Frame::hash_response(&HashResponse {
+                request_id: 3,
+                disk_id: 1,
+                offset: 1 << 20,
+                extent_bytes: 65536,
+                hashes: vec![1, u128::MAX, 3, 4],
+            }),
+            Frame::error(ErrorCode::TargetAhead, "target holds seq 10, source journal ends at 4"),
+        ]
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        let frames = all_frames();
+        match frames[0].decode().unwrap() {
+            Message::Hello { source_name, journal_first_seq, journal_last_seq, disks } => {
+                assert_eq!(source_name, "site-a");
+                assert_eq!((journal_first_seq, journal_last_seq), (3, 9));
+                assert_eq!(disks, sample_disks());
+            }
+            other => panic!("decoded {other:?}"),
+        }
+        match frames[1].decode().unwrap() {
+            Message::Welcome { resume_seq, durable_seq, disks } => {
+                assert_eq!((resume_seq, durable_seq), (4, 2));
+                assert_eq!(disks.len(), 1);
+                assert_eq!(disks[0].replica, ReplicaState::Present);
+            }
+            other => panic!("decoded {other:?}"),
+        }
+        match frames[2].decode().unwrap() {
+            Message::Records(records) => {
+                assert_eq!(records.len(), 2);
+                assert_eq!(records[0].seq, 5);
+                assert_eq!(records[0].payload, &[7u8; 100][..]);
+                assert_eq!(records[1].kind, RecordKind::Zero);
+            }
+            other => panic!("decoded {other:?}"),
+        }
+        assert_eq!(
+            frames[3].decode().unwrap(),
+            Message::Ack { durable_seq: 10, received_seq: 12, gap: true }
+        );
+        assert!(matches!(frames[4].decode().unwrap(), Message::HashRequest(r) if r.extent_count == 4));
+        match frames[5].decode().unwrap() {
+            Message::HashResponse(response) => assert_eq!(response.hashes, vec![1, u128::MAX, 3, 4]),
+            other => panic!("decoded {other:?}"),
+        }
+        match frames[6].decode().unwrap() {
+            Message::Error { code, message } => {
+                assert_eq!(code, ErrorCode::TargetAhead);
+                assert!(message.contains("seq 10"));
+            }
+            other => panic!("decoded {other:?}"),
+        }
+    }
+
+    #[test]
+    fn other_protocol_version_gets_a_clear_error() {
+        let mut bytes = Frame::ack(1, 1, false).into_bytes();
+        bytes[4..6].copy_from_slice(&7u16.to_le_bytes());
+        let error = decode_frame(&bytes).unwrap_err();
+        assert_eq!(error, WireError::Version { ours: PROTOCOL_VERSION, theirs: 7 });
+        assert!(error.to_string().contains("version 7"));
+        // The version is judged before the kind or the body, whatever a future version puts there.
+        bytes[6] = 200;
+        bytes[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode_header(&bytes).unwrap_err(), WireError::Version { ours: 1, theirs: 7 });
+    }
+
+    #[test]
+    fn bad_frames_give_errors() {
+        let good = Frame::ack(1, 1, false).into_bytes();
+        let mut unknown = good.clone();
+        unknown[6] = 99;
+        assert_eq!(decode_frame(&unknown).unwrap_err(), WireError::UnknownKind { found: 99 });
+        let mut oversized = good.clone();
+        oversized[8..12].copy_from_slice(&((FRAME_BODY_BYTES_MAX + 1) as u32).to_le_bytes());
+        assert!(matches!(decode_frame(&oversized).unwrap_err(), WireError::Oversized { .. }));
+        assert!(matches!(decode_frame(&good[..20]).unwrap_err(), WireError::Truncated { .. }));
+        let mut magic = good.clone();
+        magic[0] ^= 1;
+        assert!(matches!(decode_frame(&magic).unwrap_err(), WireError::BadMagic { .. }));
+        assert_eq!(split_frame(&good[..10]).unwrap(), None);
+        assert_eq!(split_frame(&good[..20]).unwrap(), None);
+        assert_eq!(split_frame(&good).unwrap(), Some(good.len()));
+    }
+
+    #[test]
+    fn every_truncation_and_bit_flip_is_an_error_not_a_panic() {
+        for frame in all_frames() {
+            let bytes = frame.as_bytes();
+            for len in 0..bytes.len() {
+                assert!(decode_frame(&bytes[..len]).is_err(), "{frame:?} cut at {len} decoded");
+            }
+            for bit in 0..bytes.len() * 8 {
+                let mut flipped = bytes.to_vec();
+                flipped[bit / 8] ^= 1 << (bit % 8);
+                assert!(decode_frame(&flipped).is_err(), "{frame:?} bit {bit} went unnoticed");
+            }
+        }
+    }
+
+    #[test]
+    fn crafted_bodies_with_valid_checksums_are_refused() {
+        // A peer that computes checksums correctly but lies about counts and lengths.
+        let craft = |kind: FrameKind, body: &[u8]| {
+            let mut builder = Builder::new(kind, body.len());
+            builder.put(body);
+            builder.finish()
+        };
+        let mut hello = HelloFixed {
+            journal_first_seq: 0.into(),
+            journal_last_seq: 0.into(),
+            disk_count: 1_000_000.into(),
+            name_len: 0.into(),
+            reserved: 0.into(),
+        };
+        assert!(craft(FrameKind::Hello, hello.as_bytes()).decode().is_err());
+        hello.disk_count = 1.into();
+        assert!(craft(FrameKind::Hello, hello.as_bytes()).decode().is_err());
+        let records = RecordsFixed { count: u32::MAX.into(), reserved: 0.into() };
+        assert!(craft(FrameKind::Records, records.as_bytes()).decode().is_err());
+        let hash = HashFixed {
+            request_id: 0.into(),
+            offset: u64::MAX.into(),
+            disk_id: 1.into(),
+            extent_count: 2.into(),
+            extent_bytes: 4096.into(),
+            reserved: 0.into(),
+        };
+        assert!(craft(FrameKind::HashRequest, hash.as_bytes()).decode().is_err());
+        assert!(craft(FrameKind::Ack, &[0u8; 15]).decode().is_err());
+        assert!(craft(FrameKind::Ack, &[0u8; 17]).decode().is_err());
+        let mut bad_name = hello;
+        bad_name.disk_count = 0.into();
+        bad_name.name_len = 2.into();
+        let mut body = bad_name.as_bytes().to_vec();
+        body.extend_from_slice(&[0xff, 0xfe]);
+        assert!(craft(FrameKind::Hello, &body).decode().is_err());
+    }
+}
