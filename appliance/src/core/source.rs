@@ -1,1 +1,1379 @@
-//! Source side of the replication protocol (sans-IO state machine).
+//! Source side of the replication protocol as a sans-IO state machine: ships journal records
+//! in sequence order within a bounded window, resumes after a reconnect from what the target
+//! holds, releases journal space once the target acknowledged it durable, and drives initial
+//! replication and resync (hash compare, extent reads, `ResyncExtent`/`Zero` records).
+//!
+//! # Rules
+//!
+//! **Only durable records are shipped** (`seq <= journal.durable_seq()`). A record the source
+//! could still lose in a crash (unflushed, torn tail) never reaches the target, so after any
+//! source crash the recovered journal holds everything the target has, and a sequence number is
+//! never reused for different data. The cost is that shipping follows the capture's flush (group
+//! commit) cadence. A target that claims more than the source's journal holds (the journal was
+//! lost or belongs to another appliance) is refused with `SourceError::TargetAhead`.
+//!
+//! **Resume.** On every connection the source sends Hello; the target's Welcome says it holds
+//! everything up to `resume_seq` and is durable up to `durable_seq`. The source sends from
+//! `resume_seq + 1` (nothing acknowledged is resent) and keeps every record after `durable_seq`
+//! in the journal (nothing unacknowledged is lost). Frames lost within a connection are
+//! recovered by the target's gap report and by the resend timer; duplicates are harmless.
+//!
+//! **Release** happens only up to the target's durable sequence (`poll_release`).
+//!
+//! **Resync ordering.** An extent copied by initial replication or resync is appended to the
+//! journal as a `ResyncExtent` (or `Zero`) record, so it is ordered with live writes in the one
+//! stream and the target applies them in sequence order. The one race is a live write that
+//! lands on the source disk while the extent is being read: the driver reports `seq_floor`, a
+//! sequence such that every journaled write at or below it was already on the source disk when
+//! the read started. After the extent record is appended at `seq`, any live record of that disk
+//! in `(seq_floor, seq)` overlapping the extent means the read may be torn: the extent is read
+//! again (the record already appended is superseded by the later one). Writes after `seq` are
+//! applied after the extent at the target. A hash match skips the extent under the same check
+//! over `(seq_floor, journal.last_seq()]`; it is sound whichever target sequence the hash was
+//! taken at, because the target applies every later record on top.
+//!
+//! **Bounded share.** Extent reads are issued only while the journal's unreleased bytes stay
+//! under `sync_backlog_bytes_max`, so live records never queue behind more than that much resync
+//! data.
+//!
+//! **Completion.** `SourceEvent::SyncDone { disk_id }` comes once every extent of the disk's
+//! sync is skipped or appended and the target acknowledged the last appended record durable.
+//! Sync state lives in memory: after a source restart the driver starts the sync again from its
+//! persisted state (initial replication not finished, dirty-extent bitmap). A driver that tracks
+//! dirty extents snapshots them when calling `start_sync` and clears only the extents not
+//! dirtied again since, when `SyncDone` arrives.
+//!
+//! # Driver recipe (daemon shipper or simulator)
+//! 1. `Source::new(config, &journal)`; on each connection `handle_connected(now)`.
+//! 2. Each complete frame from the target: `handle_frame(&bytes, &mut journal, now)`; on `Err`
+//!    send what `poll_transmit` still yields and close.
+//! 3. After any input (frames, journal appends/flushes, timers, extent reads), drain
+//!    `poll_transmit(&journal, now)` to the connection, `poll_release()` into
+//!    `journal.release(seq)`, `poll_event()`, and `poll_sync_read(&journal)` (read the extent,
+//!    then `handle_extent_read(token, seq_floor, &data, &mut journal, now)`).
+//! 4. Arm a timer for `poll_timeout()`; when it passes call `handle_timeout(now)`.
+//! 5. On connection loss `handle_disconnected(now)`, then reconnect with backoff.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::core::journal::{Journal, JournalError, RecordSpec, SegmentStore};
+use crate::core::record::{Record, RecordError, RecordKind, Seq};
+use crate::core::wire::{
+    self, DiskAnnouncement, ErrorCode, Frame, HashRequest, Message, WelcomeDisk, WireError,
+};
+use crate::limits;
+
+/// What the source state machine needs from the cache journal. `Journal` implements it; tests
+/// use simpler stores.
+pub trait ShipJournal {
+    /// A held, verified record (`None` when released or never written).
+    fn record(&self, seq: Seq) -> Option<Record<'_>>;
+    /// Lowest sequence still held, 0 when empty.
+    fn first_seq(&self) -> Seq;
+    /// Highest sequence appended.
+    fn last_seq(&self) -> Seq;
+    /// Highest sequence durable.
+    fn durable_seq(&self) -> Seq;
+    /// Bytes held by unreleased records.
+    fn used_bytes(&self) -> u64;
+    fn append(&mut self, spec: &RecordSpec<'_>) -> Result<Seq, JournalError>;
+    fn flush(&mut self, upto: Seq) -> Result<(), JournalError>;
+}
+
+impl<S: SegmentStore> ShipJournal for Journal<S> {
+    fn record(&self, seq: Seq) -> Option<Record<'_>> {
+        Journal::record(self, seq)
+    }
+    fn first_seq(&self) -> Seq {
+        Journal::first_seq(self)
+    }
+    fn last_seq(&self) -> Seq {
+        Journal::last_seq(self)
+    }
+    fn durable_seq(&self) -> Seq {
+        Journal::durable_seq(self)
+    }
+    fn used_bytes(&self) -> u64 {
+        Journal::usage(self).used_bytes
+    }
+    fn append(&mut self, spec: &RecordSpec<'_>) -> Result<Seq, JournalError> {
+        Journal::append(self, spec)
+    }
+    fn flush(&mut self, upto: Seq) -> Result<(), JournalError> {
+        Journal::flush(self, upto)
+    }
+}
+
+/// Tunables of one source (defaults from `limits`; the simulator shrinks them).
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    pub source_name: String,
+    pub disks: Vec<DiskAnnouncement>,
+    pub window_bytes_max: usize,
+    pub window_records_max: usize,
+    pub frame_bytes_target: usize,
+    pub resend_timeout_ns: u64,
+    pub handshake_timeout_ns: u64,
+    pub sync_extent_bytes: u32,
+    pub sync_reads_in_flight_max: usize,
+    pub sync_hash_requests_in_flight_max: usize,
+    pub sync_hash_extents_per_request: u32,
+    pub sync_backlog_bytes_max: u64,
+}
+
+impl SourceConfig {
+    pub fn new(source_name: impl Into<String>, disks: Vec<DiskAnnouncement>) -> Self {
+        Self {
+            source_name: source_name.into(),
+            disks,
+            window_bytes_max: limits::SHIP_WINDOW_BYTES_MAX,
+            window_records_max: limits::SHIP_WINDOW_RECORDS_MAX,
+            frame_bytes_target: limits::SHIP_FRAME_BYTES_TARGET,
+            resend_timeout_ns: limits::SHIP_RESEND_TIMEOUT_NS,
+            handshake_timeout_ns: limits::SHIP_HANDSHAKE_TIMEOUT_NS,
+            sync_extent_bytes: limits::SYNC_EXTENT_BYTES_DEFAULT as u32,
+            sync_reads_in_flight_max: limits::SYNC_READS_IN_FLIGHT_MAX,
+            sync_hash_requests_in_flight_max: limits::SYNC_HASH_REQUESTS_IN_FLIGHT_MAX,
+            sync_hash_extents_per_request: limits::HASH_EXTENTS_PER_REQUEST_MAX as u32,
+            sync_backlog_bytes_max: limits::SYNC_BACKLOG_BYTES_MAX as u64,
+        }
+    }
+}
+
+/// How a sync decides what to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Ask the target for extent hashes and send only extents that differ (zero extents as
+    /// zero records).
+    CompareHashes,
+    /// The target has no replica (zero-filled): send every non-zero extent without asking.
+    CopyNonZero,
+}
+
+/// A source extent the driver must read: call `handle_extent_read(token, …)` with its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExtentRead {
+    pub token: u64,
+    pub disk_id: u32,
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// Progress of one disk's sync.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncProgress {
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+    /// Extents that matched the target's hash and were not sent.
+    pub extents_skipped: u64,
+    /// Extents sent as zero records.
+    pub extents_zero: u64,
+    /// Extents sent with their data.
+    pub extents_sent: u64,
+    /// Extents read again because a live write raced with the read.
+    pub extents_reread: u64,
+}
+
+/// What the driver hears about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceEvent {
+    /// A session is open; `disks` says what the target holds (decide on initial replication).
+    Welcomed {
+        resume_seq: Seq,
+        durable_seq: Seq,
+        disks: Vec<WelcomeDisk>,
+    },
+    /// Every extent of the disk's sync reached the target durably.
+    SyncDone {
+        disk_id: u32,
+        progress: SyncProgress,
+    },
+}
+
+/// Why the source ended a connection (or refused a call).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("undecodable frame from the target: {0}")]
+    Wire(#[from] WireError),
+    #[error("protocol violation by the target: {0}")]
+    Protocol(String),
+    #[error("the target holds sequence {target_seq} but this source's journal ends at {journal_last_seq}: the journal was lost or belongs to another appliance; a full resync is needed")]
+    TargetAhead {
+        target_seq: Seq,
+        journal_last_seq: Seq,
+    },
+    #[error("the target is durable only up to {target_durable_seq} but acknowledged {acked_seq} before: the target lost acknowledged data; a full resync is needed")]
+    TargetBehind {
+        target_durable_seq: Seq,
+        acked_seq: Seq,
+    },
+    #[error("record {seq} is missing from the journal (held {first_seq}..={last_seq})")]
+    MissingRecord {
+        seq: Seq,
+        first_seq: Seq,
+        last_seq: Seq,
+    },
+    #[error("journal record {seq} could not be framed: {source}")]
+    Record {
+        seq: Seq,
+        #[source]
+        source: RecordError,
+    },
+    #[error("journal {operation} for disk {disk_id} at offset {offset} failed: {source}")]
+    Journal {
+        operation: &'static str,
+        disk_id: u32,
+        offset: u64,
+        #[source]
+        source: JournalError,
+    },
+    #[error("disk {disk_id} is not one this source protects")]
+    UnknownDisk { disk_id: u32 },
+    #[error("extent read for disk {disk_id} at {offset}: expected {expected} bytes, got {got}")]
+    ExtentLength {
+        disk_id: u32,
+        offset: u64,
+        expected: u64,
+        got: usize,
+    },
+    #[error("the target reported an error ({code:?}): {message}")]
+    Peer { code: ErrorCode, message: String },
+}
+
+impl SourceError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::Wire(WireError::Version { .. }) => ErrorCode::Version,
+            Self::Wire(_) => ErrorCode::Malformed,
+            Self::Protocol(_) => ErrorCode::Protocol,
+            Self::TargetAhead { .. } => ErrorCode::TargetAhead,
+            Self::Peer { code, .. } => *code,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Disconnected,
+    Handshaking { hello_due: bool, hello_sent_ns: u64 },
+    Streaming,
+    Closed,
+}
+
+struct OutstandingHash {
+    disk_id: u32,
+    offsets: Vec<u64>,
+    sent_ns: u64,
+}
+
+struct SyncJob {
+    size_bytes: u64,
+    mode: SyncMode,
+    need_hash: BTreeSet<u64>,
+    /// Extent offset → the target's hash, when known.
+    need_read: BTreeMap<u64, Option<u128>>,
+    reading: usize,
+    last_appended_seq: Seq,
+    progress: SyncProgress,
+}
+
+struct PendingRead {
+    disk_id: u32,
+    offset: u64,
+    length: u64,
+    target_hash: Option<u128>,
+}
+
+/// The source's replication state machine (one per source appliance and target).
+pub struct Source {
+    config: SourceConfig,
+    phase: Phase,
+    /// Target durable up to here (released up to here).
+    acked_seq: Seq,
+    released_seq: Seq,
+    /// Target holds everything up to here (maybe not durable yet).
+    received_seq: Seq,
+    next_send_seq: Seq,
+    /// Sent and not yet acknowledged durable: (seq, bytes), for the window.
+    in_flight: VecDeque<(Seq, usize)>,
+    in_flight_bytes: usize,
+    last_progress_ns: u64,
+    gap_rewound_for: Option<Seq>,
+    control: VecDeque<Frame>,
+    events: VecDeque<SourceEvent>,
+    jobs: BTreeMap<u32, SyncJob>,
+    hash_requests: BTreeMap<u64, OutstandingHash>,
+    reads: BTreeMap<u64, PendingRead>,
+    /// Sequences of records this state machine appended (sync extents), so that the race check
+    /// does not mistake them for live writes.
+    own_appends: BTreeSet<Seq>,
+    sync_blocked_on_full: bool,
+    next_request_id: u64,
+    next_token: u64,
+}
+
+fn overlaps(a_offset: u64, a_length: u64, b_offset: u64, b_length: u64) -> bool {
+    a_offset < b_offset.saturating_add(b_length) && b_offset < a_offset.saturating_add(a_length)
+}
+
+impl Source {
+    /// A source over a journal that may already hold records (after a restart): everything
+    /// below the journal's first held record was acknowledged before.
+    pub fn new(config: SourceConfig, journal: &impl ShipJournal) -> Self {
+        let released = if journal.first_seq() == 0 {
+            journal.last_seq()
+        } else {
+            journal.first_seq() - 1
+        };
+        Self {
+            config,
+            phase: Phase::Disconnected,
+            acked_seq: released,
+            released_seq: released,
+            received_seq: released,
+            next_send_seq: released + 1,
+            in_flight: VecDeque::new(),
+            in_flight_bytes: 0,
+            last_progress_ns: 0,
+            gap_rewound_for: None,
+            control: VecDeque::new(),
+            events: VecDeque::new(),
+            jobs: BTreeMap::new(),
+            hash_requests: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            own_appends: BTreeSet::new(),
+            sync_blocked_on_full: false,
+            next_request_id: 1,
+            next_token: 1,
+        }
+    }
+
+    /// Highest sequence the target acknowledged durable.
+    pub fn acked_seq(&self) -> Seq {
+        self.acked_seq
+    }
+
+    /// Next sequence to send.
+    pub fn next_send_seq(&self) -> Seq {
+        self.next_send_seq
+    }
+
+    pub fn is_streaming(&self) -> bool {
+        self.phase == Phase::Streaming
+    }
+
+    /// Progress of a disk's running sync.
+    pub fn sync_progress(&self, disk_id: u32) -> Option<SyncProgress> {
+        self.jobs.get(&disk_id).map(|job| job.progress)
+    }
+
+    /// Disks with a sync running.
+    pub fn syncing_disks(&self) -> impl Iterator<Item = u32> + '_ {
+        self.jobs.keys().copied()
+    }
+
+    pub fn handle_connected(&mut self, now: u64) {
+        self.phase = Phase::Handshaking {
+            hello_due: true,
+            hello_sent_ns: now,
+        };
+        self.control.clear();
+        self.gap_rewound_for = None;
+    }
+
+    pub fn handle_disconnected(&mut self, _now: u64) {
+        self.phase = Phase::Disconnected;
+        self.control.clear();
+        self.in_flight.clear();
+        self.in_flight_bytes = 0;
+        self.requeue_hash_requests(|_| true);
+    }
+
+    fn requeue_hash_requests(&mut self, mut which: impl FnMut(&OutstandingHash) -> bool) {
+        let ids: Vec<u64> = self
+            .hash_requests
+            .iter()
+            .filter(|(_, r)| which(r))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let request = self.hash_requests.remove(&id).expect("listed");
+            if let Some(job) = self.jobs.get_mut(&request.disk_id) {
+                job.need_hash.extend(request.offsets);
+            }
+        }
+    }
+
+    /// Starts (or extends) a sync of `ranges` (offset, length) of a disk. Ranges are widened
+    /// to whole extents and clipped to the disk.
+    pub fn start_sync(
+        &mut self,
+        disk_id: u32,
+        ranges: &[(u64, u64)],
+        mode: SyncMode,
+    ) -> Result<(), SourceError> {
+        let size_bytes = self
+            .config
+            .disks
+            .iter()
+            .find(|disk| disk.disk_id == disk_id)
+            .map(|disk| disk.size_bytes)
+            .ok_or(SourceError::UnknownDisk { disk_id })?;
+        let extent = u64::from(self.config.sync_extent_bytes);
+        let job = self.jobs.entry(disk_id).or_insert_with(|| SyncJob {
+            size_bytes,
+            mode,
+            need_hash: BTreeSet::new(),
+            need_read: BTreeMap::new(),
+            reading: 0,
+            last_appended_seq: 0,
+            progress: SyncProgress::default(),
+        });
+        if mode == SyncMode::CompareHashes {
+            job.mode = SyncMode::CompareHashes;
+        }
+        for &(offset, length) in ranges {
+            if length == 0 || offset >= size_bytes {
+                continue;
+            }
+            let end = offset.saturating_add(length).min(size_bytes);
+            let mut extent_offset = offset / extent * extent;
+            while extent_offset < end {
+                let extent_length = extent.min(size_bytes - extent_offset);
+                let queued = job.need_hash.contains(&extent_offset)
+                    || job.need_read.contains_key(&extent_offset);
+                if !queued {
+                    job.progress.bytes_total += extent_length;
+                    match job.mode {
+                        SyncMode::CompareHashes => {
+                            job.need_hash.insert(extent_offset);
+                        }
+                        SyncMode::CopyNonZero => {
+                            job.need_read.insert(extent_offset, None);
+                        }
+                    }
+                }
+                extent_offset += extent;
+            }
+        }
+        Ok(())
+    }
+
+    /// One complete frame from the target.
+    pub fn handle_frame(
+        &mut self,
+        bytes: &[u8],
+        journal: &mut impl ShipJournal,
+        now: u64,
+    ) -> Result<(), SourceError> {
+        if matches!(self.phase, Phase::Disconnected | Phase::Closed) {
+            return Ok(());
+        }
+        let result = wire::decode_frame(bytes)
+            .map_err(SourceError::from)
+            .and_then(|message| self.handle_message(message, journal, now));
+        if let Err(error) = &result {
+            self.fail(error);
+        }
+        result
+    }
+
+    fn fail(&mut self, error: &SourceError) {
+        self.phase = Phase::Closed;
+        self.control.clear();
+        if !matches!(error, SourceError::Peer { .. }) {
+            self.control
+                .push_back(Frame::error(error.code(), &error.to_string()));
+        }
+    }
+
+    fn handle_message(
+        &mut self,
+        message: Message<'_>,
+        journal: &mut impl ShipJournal,
+        now: u64,
+    ) -> Result<(), SourceError> {
+        match message {
+            Message::Welcome {
+                resume_seq,
+                durable_seq,
+                disks,
+            } => {
+                if !matches!(self.phase, Phase::Handshaking { .. }) {
+                    return Ok(()); // a duplicate
+                }
+                if resume_seq > journal.last_seq() || durable_seq > resume_seq {
+                    return Err(SourceError::TargetAhead {
+                        target_seq: resume_seq.max(durable_seq),
+                        journal_last_seq: journal.last_seq(),
+                    });
+                }
+                if durable_seq < self.acked_seq {
+                    return Err(SourceError::TargetBehind {
+                        target_durable_seq: durable_seq,
+                        acked_seq: self.acked_seq,
+                    });
+                }
+                self.acked_seq = durable_seq;
+                self.received_seq = resume_seq;
+                self.next_send_seq = resume_seq + 1;
+                self.in_flight.clear();
+                self.in_flight_bytes = 0;
+                self.last_progress_ns = now;
+                self.phase = Phase::Streaming;
+                self.events.push_back(SourceEvent::Welcomed {
+                    resume_seq,
+                    durable_seq,
+                    disks,
+                });
+                self.check_sync_done();
+                Ok(())
+            }
+            Message::Ack {
+                durable_seq,
+                received_seq,
+                gap,
+            } => {
+                if self.phase != Phase::Streaming {
+                    return Ok(());
+                }
+                if received_seq > journal.last_seq() || durable_seq > received_seq {
+                    return Err(SourceError::Protocol(format!(
+                        "ack durable {durable_seq} received {received_seq} beyond journal end {}",
+                        journal.last_seq()
+                    )));
+                }
+                if durable_seq > self.acked_seq {
+                    self.acked_seq = durable_seq;
+                    self.last_progress_ns = now;
+                    self.sync_blocked_on_full = false;
+                    while let Some(&(seq, bytes)) = self.in_flight.front() {
+                        if seq > durable_seq {
+                            break;
+                        }
+                        self.in_flight.pop_front();
+                        self.in_flight_bytes -= bytes;
+                    }
+                    self.own_appends = self.own_appends.split_off(&(durable_seq + 1));
+                    self.check_sync_done();
+                }
+                if received_seq > self.received_seq {
+                    self.received_seq = received_seq;
+                    self.last_progress_ns = now;
+                }
+                if self.next_send_seq <= self.received_seq {
+                    self.forget_in_flight_from(self.received_seq + 1);
+                    self.next_send_seq = self.received_seq + 1;
+                }
+                if gap
+                    && received_seq + 1 < self.next_send_seq
+                    && self.gap_rewound_for != Some(received_seq)
+                {
+                    self.gap_rewound_for = Some(received_seq);
+                    self.rewind_to(received_seq.max(self.acked_seq) + 1);
+                    self.last_progress_ns = now;
+                }
+                Ok(())
+            }
+            Message::HashResponse(response) => {
+                let Some(request) = self.hash_requests.remove(&response.request_id) else {
+                    return Ok(()); // a duplicate or an answer to a request given up on
+                };
+                if response.hashes.len() != request.offsets.len()
+                    || response.disk_id != request.disk_id
+                {
+                    return Err(SourceError::Protocol(format!(
+                        "hash response {} has {} hashes for {} extents",
+                        response.request_id,
+                        response.hashes.len(),
+                        request.offsets.len()
+                    )));
+                }
+                if let Some(job) = self.jobs.get_mut(&request.disk_id) {
+                    for (offset, hash) in request.offsets.into_iter().zip(response.hashes) {
+                        job.need_read.insert(offset, Some(hash));
+                    }
+                }
+                Ok(())
+            }
+            Message::Error { code, message } => Err(SourceError::Peer { code, message }),
+            Message::Hello { .. } | Message::Records(_) | Message::HashRequest(_) => Err(
+                SourceError::Protocol("the target sent a frame only a source sends".into()),
+            ),
+        }
+    }
+
+    /// Forgets window entries at or after `seq` (they will be sent again).
+    fn forget_in_flight_from(&mut self, seq: Seq) {
+        while let Some(&(last, bytes)) = self.in_flight.back() {
+            if last < seq {
+                break;
+            }
+            self.in_flight.pop_back();
+            self.in_flight_bytes -= bytes;
+        }
+    }
+
+    fn rewind_to(&mut self, seq: Seq) {
+        if seq < self.next_send_seq {
+            self.forget_in_flight_from(seq);
+            self.next_send_seq = seq;
+        }
+    }
+
+    fn check_sync_done(&mut self) {
+        let acked = self.acked_seq;
+        let done: Vec<u32> = self
+            .jobs
+            .iter()
+            .filter(|(disk_id, job)| {
+                job.need_hash.is_empty()
+                    && job.need_read.is_empty()
+                    && job.reading == 0
+                    && job.last_appended_seq <= acked
+                    && !self
+                        .hash_requests
+                        .values()
+                        .any(|request| request.disk_id == **disk_id)
+            })
+            .map(|(disk_id, _)| *disk_id)
+            .collect();
+        for disk_id in done {
+            let job = self.jobs.remove(&disk_id).expect("listed");
+            self.events.push_back(SourceEvent::SyncDone {
+                disk_id,
+                progress: job.progress,
+            });
+        }
+    }
+
+    /// When `handle_timeout` wants to be called next.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let mut deadline: Option<u64> = None;
+        let mut consider = |at: u64| deadline = Some(deadline.map_or(at, |d| d.min(at)));
+        match self.phase {
+            Phase::Handshaking {
+                hello_due: false,
+                hello_sent_ns,
+            } => consider(hello_sent_ns + self.config.handshake_timeout_ns),
+            Phase::Streaming => {
+                if self.next_send_seq > self.acked_seq + 1 {
+                    consider(self.last_progress_ns + self.config.resend_timeout_ns);
+                }
+                for request in self.hash_requests.values() {
+                    consider(request.sent_ns + self.config.handshake_timeout_ns);
+                }
+            }
+            _ => {}
+        }
+        deadline
+    }
+
+    pub fn handle_timeout(&mut self, now: u64) {
+        match self.phase {
+            Phase::Handshaking {
+                hello_due: false,
+                hello_sent_ns,
+            } if now >= hello_sent_ns + self.config.handshake_timeout_ns => {
+                self.phase = Phase::Handshaking {
+                    hello_due: true,
+                    hello_sent_ns: now,
+                };
+            }
+            Phase::Streaming => {
+                if self.next_send_seq > self.acked_seq + 1
+                    && now >= self.last_progress_ns + self.config.resend_timeout_ns
+                {
+                    // Resend from what the target holds, and at least the last record sent, so
+                    // that a lost acknowledgement is provoked again by a duplicate.
+                    let from = (self.received_seq + 1).min(self.next_send_seq - 1);
+                    self.rewind_to(from.max(self.acked_seq + 1));
+                    self.gap_rewound_for = None;
+                    self.last_progress_ns = now;
+                }
+                let timeout = self.config.handshake_timeout_ns;
+                self.requeue_hash_requests(|request| now >= request.sent_ns + timeout);
+            }
+            _ => {}
+        }
+    }
+
+    /// The next frame to send: control first, then hash requests, then records.
+    pub fn poll_transmit(
+        &mut self,
+        journal: &impl ShipJournal,
+        now: u64,
+    ) -> Result<Option<Frame>, SourceError> {
+        if let Some(frame) = self.control.pop_front() {
+            return Ok(Some(frame));
+        }
+        match self.phase {
+            Phase::Handshaking {
+                hello_due: true, ..
+            } => {
+                self.phase = Phase::Handshaking {
+                    hello_due: false,
+                    hello_sent_ns: now,
+                };
+                return Ok(Some(Frame::hello(
+                    &self.config.source_name,
+                    journal.first_seq(),
+                    journal.last_seq(),
+                    &self.config.disks,
+                )));
+            }
+            Phase::Streaming => {}
+            _ => return Ok(None),
+        }
+        if let Some(frame) = self.next_hash_request(now) {
+            return Ok(Some(frame));
+        }
+        let result = self.next_records_frame(journal, now);
+        if let Err(error) = &result {
+            self.fail(error);
+        }
+        result
+    }
+
+    fn next_hash_request(&mut self, now: u64) -> Option<Frame> {
+        if self.hash_requests.len() >= self.config.sync_hash_requests_in_flight_max {
+            return None;
+        }
+        let extent = u64::from(self.config.sync_extent_bytes);
+        let per_request = self.config.sync_hash_extents_per_request.max(1) as usize;
+        let (disk_id, job) = self
+            .jobs
+            .iter_mut()
+            .find(|(_, job)| !job.need_hash.is_empty())?;
+        let mut offsets = Vec::new();
+        while offsets.len() < per_request {
+            let Some(&offset) = job.need_hash.first() else {
+                break;
+            };
+            if offsets
+                .last()
+                .is_some_and(|&last: &u64| last + extent != offset)
+            {
+                break;
+            }
+            job.need_hash.pop_first();
+            offsets.push(offset);
+        }
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        let request = HashRequest {
+            request_id,
+            disk_id: *disk_id,
+            offset: offsets[0],
+            extent_bytes: self.config.sync_extent_bytes,
+            extent_count: offsets.len() as u32,
+        };
+        self.hash_requests.insert(
+            request_id,
+            OutstandingHash {
+                disk_id: *disk_id,
+                offsets,
+                sent_ns: now,
+            },
+        );
+        Some(Frame::hash_request(&request))
+    }
+
+    fn next_records_frame(
+        &mut self,
+        journal: &impl ShipJournal,
+        now: u64,
+    ) -> Result<Option<Frame>, SourceError> {
+        let durable = journal.durable_seq();
+        let mut seqs = Vec::new();
+        let mut frame_bytes = 0usize;
+        let mut seq = self.next_send_seq;
+        while seq <= durable
+            && self.in_flight.len() + seqs.len() < self.config.window_records_max
+            && frame_bytes < self.config.frame_bytes_target
+        {
+            let record = journal.record(seq).ok_or(SourceError::MissingRecord {
+                seq,
+                first_seq: journal.first_seq(),
+                last_seq: journal.last_seq(),
+            })?;
+            let bytes = record.encoded_len();
+            let window_full =
+                self.in_flight_bytes + frame_bytes + bytes > self.config.window_bytes_max;
+            let frame_full = frame_bytes + bytes > limits::FRAME_BODY_BYTES_MAX - 8;
+            if !seqs.is_empty() && (window_full || frame_full) {
+                break;
+            }
+            if seqs.is_empty() && window_full && !self.in_flight.is_empty() {
+                break;
+            }
+            frame_bytes += bytes;
+            seqs.push((seq, bytes));
+            seq += 1;
+        }
+        if seqs.is_empty() {
+            return Ok(None);
+        }
+        let records = seqs
+            .iter()
+            .map(|&(seq, _)| journal.record(seq).expect("read just above"));
+        let frame = Frame::records_from(records).map_err(|source| SourceError::Record {
+            seq: seqs[0].0,
+            source,
+        })?;
+        if self.in_flight.is_empty() {
+            self.last_progress_ns = now;
+        }
+        for &(seq, bytes) in &seqs {
+            self.in_flight.push_back((seq, bytes));
+            self.in_flight_bytes += bytes;
+        }
+        self.next_send_seq = seq;
+        Ok(Some(frame))
+    }
+
+    /// Journal space the target acknowledged durable: pass to `journal.release`.
+    pub fn poll_release(&mut self) -> Option<Seq> {
+        if self.acked_seq > self.released_seq {
+            self.released_seq = self.acked_seq;
+            Some(self.released_seq)
+        } else {
+            None
+        }
+    }
+
+    pub fn poll_event(&mut self) -> Option<SourceEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next source extent to read for a sync, within the read and backlog bounds.
+    pub fn poll_sync_read(&mut self, journal: &impl ShipJournal) -> Option<ExtentRead> {
+        if self.phase == Phase::Closed
+            || self.sync_blocked_on_full
+            || self.reads.len() >= self.config.sync_reads_in_flight_max
+            || journal.used_bytes() >= self.config.sync_backlog_bytes_max
+        {
+            return None;
+        }
+        let extent = u64::from(self.config.sync_extent_bytes);
+        let (disk_id, job) = self
+            .jobs
+            .iter_mut()
+            .find(|(_, job)| !job.need_read.is_empty())?;
+        let (offset, target_hash) = job.need_read.pop_first().expect("not empty");
+        job.reading += 1;
+        let length = extent.min(job.size_bytes - offset);
+        let token = self.next_token;
+        self.next_token += 1;
+        self.reads.insert(
+            token,
+            PendingRead {
+                disk_id: *disk_id,
+                offset,
+                length,
+                target_hash,
+            },
+        );
+        Some(ExtentRead {
+            token,
+            disk_id: *disk_id,
+            offset,
+            length,
+        })
+    }
+
+    /// The bytes of an `ExtentRead`. `seq_floor`: every journaled write at or below it was on
+    /// the source disk when the read started (see the module doc).
+    pub fn handle_extent_read(
+        &mut self,
+        token: u64,
+        seq_floor: Seq,
+        data: &[u8],
+        journal: &mut impl ShipJournal,
+        now: u64,
+    ) -> Result<(), SourceError> {
+        let Some(read) = self.reads.remove(&token) else {
+            return Ok(());
+        };
+        let Some(job) = self.jobs.get_mut(&read.disk_id) else {
+            return Ok(());
+        };
+        job.reading -= 1;
+        if data.len() as u64 != read.length {
+            job.need_read.insert(read.offset, read.target_hash);
+            return Err(SourceError::ExtentLength {
+                disk_id: read.disk_id,
+                offset: read.offset,
+                expected: read.length,
+                got: data.len(),
+            });
+        }
+        let hash = wire::extent_hash(data);
+        if read.target_hash == Some(hash) {
+            let clean = !self.raced(journal, &read, seq_floor, journal.last_seq() + 1);
+            let job = self.jobs.get_mut(&read.disk_id).expect("looked up above");
+            if clean {
+                job.progress.bytes_done += read.length;
+                job.progress.extents_skipped += 1;
+                self.check_sync_done();
+            } else {
+                job.progress.extents_reread += 1;
+                job.need_read.insert(read.offset, read.target_hash);
+            }
+            return Ok(());
+        }
+        let zero = data.iter().all(|&byte| byte == 0);
+        let spec = RecordSpec {
+            kind: if zero {
+                RecordKind::Zero
+            } else {
+                RecordKind::ResyncExtent
+            },
+            disk_id: read.disk_id,
+            offset: read.offset,
+            length: read.length,
+            timestamp_ns: now,
+            payload: if zero { &[] } else { data },
+        };
+        let seq = match journal.append(&spec) {
+            Ok(seq) => seq,
+            Err(JournalError::Full { .. }) => {
+                // Try again once the target acknowledged (and the journal released) something.
+                self.sync_blocked_on_full = true;
+                let job = self.jobs.get_mut(&read.disk_id).expect("looked up above");
+                job.need_read.insert(read.offset, read.target_hash);
+                return Ok(());
+            }
+            Err(source) => {
+                let job = self.jobs.get_mut(&read.disk_id).expect("looked up above");
+                job.need_read.insert(read.offset, read.target_hash);
+                return Err(SourceError::Journal {
+                    operation: "append",
+                    disk_id: read.disk_id,
+                    offset: read.offset,
+                    source,
+                });
+            }
+        };
+        self.own_appends.insert(seq);
+        journal.flush(seq).map_err(|source| SourceError::Journal {
+            operation: "flush",
+            disk_id: read.disk_id,
+            offset: read.offset,
+            source,
+        })?;
+        let clean = !self.raced(journal, &read, seq_floor, seq);
+        let job = self.jobs.get_mut(&read.disk_id).expect("looked up above");
+        job.last_appended_seq = job.last_appended_seq.max(seq);
+        if clean {
+            job.progress.bytes_done += read.length;
+            if zero {
+                job.progress.extents_zero += 1;
+            } else {
+                job.progress.extents_sent += 1;
+            }
+        } else {
+            job.progress.extents_reread += 1;
+            job.need_read.insert(read.offset, read.target_hash);
+        }
+        Ok(())
+    }
+
+    /// Whether a live write of the read's disk in `(floor, below)` overlaps the extent (or a
+    /// record there can no longer be checked).
+    fn raced(
+        &self,
+        journal: &impl ShipJournal,
+        read: &PendingRead,
+        floor: Seq,
+        below: Seq,
+    ) -> bool {
+        ((floor + 1)..below).any(|seq| {
+            if self.own_appends.contains(&seq) {
+                return false;
+            }
+            match journal.record(seq) {
+                None => true,
+                Some(record) => {
+                    record.kind != RecordKind::Marker
+                        && record.disk_id == read.disk_id
+                        && overlaps(record.offset, record.length, read.offset, read.length)
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::target::{DiskOp, Target, TargetEvent};
+    use crate::core::wire::ReplicaState;
+
+    /// A journal in a Vec: enough to test the state machine without the ring.
+    #[derive(Default)]
+    struct VecJournal {
+        records: Vec<(Seq, Vec<u8>)>,
+        released: Seq,
+        durable: Seq,
+        capacity_bytes: u64,
+    }
+
+    impl VecJournal {
+        fn write(&mut self, offset: u64, data: &[u8]) -> Seq {
+            self.append(&RecordSpec {
+                kind: RecordKind::Write,
+                disk_id: 1,
+                offset,
+                length: data.len() as u64,
+                timestamp_ns: 0,
+                payload: data,
+            })
+            .unwrap()
+        }
+        fn release(&mut self, upto: Seq) {
+            self.records.retain(|(seq, _)| *seq > upto);
+            self.released = upto;
+        }
+    }
+
+    impl ShipJournal for VecJournal {
+        fn record(&self, seq: Seq) -> Option<Record<'_>> {
+            let (_, bytes) = self.records.iter().find(|(s, _)| *s == seq)?;
+            Some(crate::core::record::decode(bytes).unwrap().0)
+        }
+        fn first_seq(&self) -> Seq {
+            self.records.first().map_or(0, |(seq, _)| *seq)
+        }
+        fn last_seq(&self) -> Seq {
+            self.records.last().map_or(self.released, |(seq, _)| *seq)
+        }
+        fn durable_seq(&self) -> Seq {
+            self.durable
+        }
+        fn used_bytes(&self) -> u64 {
+            self.records
+                .iter()
+                .map(|(_, bytes)| bytes.len() as u64)
+                .sum()
+        }
+        fn append(&mut self, spec: &RecordSpec<'_>) -> Result<Seq, JournalError> {
+            let seq = self.last_seq() + 1;
+            let record = Record {
+                kind: spec.kind,
+                disk_id: spec.disk_id,
+                seq,
+                offset: spec.offset,
+                length: spec.length,
+                timestamp_ns: spec.timestamp_ns,
+                payload: spec.payload,
+            };
+            let needed = record.encoded_len();
+            if self.capacity_bytes > 0 && self.used_bytes() + needed as u64 > self.capacity_bytes {
+                return Err(JournalError::Full {
+                    needed_bytes: needed,
+                    free_bytes: 0,
+                });
+            }
+            self.records.push((seq, record.to_vec()?));
+            Ok(seq)
+        }
+        fn flush(&mut self, upto: Seq) -> Result<(), JournalError> {
+            self.durable = self.durable.max(upto.min(self.last_seq()));
+            Ok(())
+        }
+    }
+
+    fn disks() -> Vec<DiskAnnouncement> {
+        vec![DiskAnnouncement {
+            disk_id: 1,
+            size_bytes: 64 << 10,
+            machine: "m".into(),
+            name: "d".into(),
+            group: "g".into(),
+        }]
+    }
+
+    /// Source and target wired back to back, with a replica in memory.
+    struct Pair {
+        source: Source,
+        target: Target,
+        journal: VecJournal,
+        replica: Vec<u8>,
+        source_disk: Vec<u8>,
+        now: u64,
+    }
+
+    impl Pair {
+        fn new() -> Self {
+            let journal = VecJournal::default();
+            let mut config = SourceConfig::new("site-a", disks());
+            config.sync_extent_bytes = 4096;
+            config.window_records_max = 4;
+            Self {
+                source: Source::new(config, &journal),
+                target: Target::new(0),
+                journal,
+                replica: vec![0; 64 << 10],
+                source_disk: vec![0; 64 << 10],
+                now: 0,
+            }
+        }
+
+        fn connect(&mut self) {
+            self.source.handle_connected(self.now);
+            self.target.handle_connected();
+        }
+
+        /// Runs until quiet, optionally dropping source→target frames matching `drop`.
+        fn run(&mut self, mut drop: impl FnMut(&Frame) -> bool) {
+            for _ in 0..10_000 {
+                let mut moved = false;
+                while let Some(frame) = self.source.poll_transmit(&self.journal, self.now).unwrap()
+                {
+                    moved = true;
+                    if !drop(&frame) {
+                        self.target.handle_frame(frame.as_bytes()).unwrap();
+                    }
+                }
+                while let Some(event) = self.target.poll_event() {
+                    let TargetEvent::Hello { .. } = event;
+                    self.target.welcome(vec![WelcomeDisk {
+                        disk_id: 1,
+                        replica: ReplicaState::Present,
+                        size_bytes: 64 << 10,
+                    }]);
+                }
+                while let Some(op) = self.target.poll_disk_op() {
+                    moved = true;
+                    match op {
+                        DiskOp::Write { offset, data, .. } => {
+                            self.replica[offset as usize..][..data.len()].copy_from_slice(&data)
+                        }
+                        DiskOp::Zero { offset, length, .. } => {
+                            self.replica[offset as usize..][..length as usize].fill(0)
+                        }
+                        DiskOp::Flush { seq } => self.target.handle_durable(seq),
+                        DiskOp::Read {
+                            token,
+                            offset,
+                            length,
+                            ..
+                        } => {
+                            let data = self.replica[offset as usize..][..length as usize].to_vec();
+                            self.target.handle_read(token, &data);
+                        }
+                    }
+                }
+                while let Some(frame) = self.target.poll_transmit() {
+                    moved = true;
+                    self.source
+                        .handle_frame(frame.as_bytes(), &mut self.journal, self.now)
+                        .unwrap();
+                }
+                while let Some(seq) = self.source.poll_release() {
+                    self.journal.release(seq);
+                }
+                while let Some(read) = self.source.poll_sync_read(&self.journal) {
+                    moved = true;
+                    let data =
+                        self.source_disk[read.offset as usize..][..read.length as usize].to_vec();
+                    let floor = self.journal.last_seq();
+                    self.source
+                        .handle_extent_read(read.token, floor, &data, &mut self.journal, self.now)
+                        .unwrap();
+                }
+                if !moved {
+                    match self.source.poll_timeout() {
+                        Some(at) => {
+                            self.now = self.now.max(at);
+                            self.source.handle_timeout(self.now);
+                        }
+                        None => return,
+                    }
+                }
+            }
+            panic!("pair did not settle");
+        }
+
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.journal.write(offset, data);
+            self.source_disk[offset as usize..][..data.len()].copy_from_slice(data);
+        }
+    }
+
+    #[test]
+    fn ships_only_durable_records_and_releases_on_ack() {
+        let mut pair = Pair::new();
+        pair.connect();
+        pair.write(0, &[1; 100]);
+        pair.write(200, &[2; 100]);
+        pair.run(|_| false);
+        assert_eq!(
+            pair.target.received_seq(),
+            0,
+            "nothing durable at the source, nothing shipped"
+        );
+        pair.journal.flush(2).unwrap();
+        pair.run(|_| false);
+        assert_eq!(pair.source.acked_seq(), 2);
+        assert_eq!(pair.journal.first_seq(), 0, "released");
+        assert_eq!(pair.replica, pair.source_disk);
+    }
+
+    #[test]
+    fn window_bounds_records_in_flight() {
+        let mut pair = Pair::new();
+        pair.connect();
+        pair.run(|_| false);
+        for index in 0..10u64 {
+            pair.write(index * 10, &[index as u8 + 1; 10]);
+        }
+        pair.journal.flush(10).unwrap();
+        let frame = pair
+            .source
+            .poll_transmit(&pair.journal, 0)
+            .unwrap()
+            .unwrap();
+        match frame.decode().unwrap() {
+            Message::Records(records) => assert_eq!(records.len(), 4),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            pair.source
+                .poll_transmit(&pair.journal, 0)
+                .unwrap()
+                .is_none(),
+            "window full"
+        );
+    }
+
+    #[test]
+    fn lost_frames_are_resent_after_gap_or_timeout() {
+        let mut pair = Pair::new();
+        pair.connect();
+        pair.run(|_| false);
+        for index in 0..12u64 {
+            pair.write(index * 100, &[index as u8 + 1; 100]);
+            pair.journal.flush(index + 1).unwrap();
+        }
+        let mut dropped = 0;
+        pair.run(|frame| {
+            let drop = frame.kind() == wire::FrameKind::Records && dropped < 3;
+            dropped += drop as usize;
+            drop
+        });
+        assert_eq!(pair.source.acked_seq(), 12);
+        assert_eq!(pair.replica, pair.source_disk);
+        assert!(pair.now > 0, "the resend timer had to fire");
+    }
+
+    #[test]
+    fn reconnect_resumes_without_resending_acknowledged_records() {
+        let mut pair = Pair::new();
+        pair.connect();
+        pair.write(0, &[1; 100]);
+        pair.journal.flush(1).unwrap();
+        pair.run(|_| false);
+        pair.source.handle_disconnected(pair.now);
+        pair.target.handle_disconnected();
+        pair.write(100, &[2; 100]);
+        pair.journal.flush(2).unwrap();
+        pair.connect();
+        let mut sent = Vec::new();
+        pair.run(|frame| {
+            if let Ok(Message::Records(records)) = frame.decode() {
+                sent.extend(records.iter().map(|record| record.seq));
+            }
+            false
+        });
+        assert_eq!(sent, vec![2]);
+        assert_eq!(pair.replica, pair.source_disk);
+    }
+
+    #[test]
+    fn sync_skips_matching_extents_and_sends_differences() {
+        let mut pair = Pair::new();
+        // Source: pattern in extents 0..8, zero after. Target: an old copy differing in extent 3
+        // and holding garbage in extent 12 (zero at the source).
+        for (index, byte) in pair.source_disk[..8 * 4096].iter_mut().enumerate() {
+            *byte = (index % 251) as u8;
+        }
+        pair.replica.copy_from_slice(&pair.source_disk);
+        pair.replica[3 * 4096 + 7] ^= 0xff;
+        pair.replica[12 * 4096] = 9;
+        pair.connect();
+        pair.source
+            .start_sync(1, &[(0, 64 << 10)], SyncMode::CompareHashes)
+            .unwrap();
+        pair.run(|_| false);
+        assert_eq!(pair.replica, pair.source_disk);
+        let event = std::iter::from_fn(|| pair.source.poll_event())
+            .find(|event| matches!(event, SourceEvent::SyncDone { .. }))
+            .expect("sync done");
+        let SourceEvent::SyncDone { progress, .. } = event else {
+            unreachable!()
+        };
+        assert_eq!(progress.extents_sent, 1);
+        assert_eq!(progress.extents_zero, 1);
+        assert_eq!(progress.extents_skipped, 14);
+        assert_eq!(progress.bytes_done, 64 << 10);
+    }
+
+    #[test]
+    fn a_write_racing_with_an_extent_read_forces_a_reread() {
+        let mut journal = VecJournal::default();
+        let mut config = SourceConfig::new("s", disks());
+        config.sync_extent_bytes = 4096;
+        let mut source = Source::new(config, &journal);
+        source
+            .start_sync(1, &[(0, 4096)], SyncMode::CopyNonZero)
+            .unwrap();
+        let read = source.poll_sync_read(&journal).unwrap();
+        let floor = journal.last_seq();
+        // A live write is journaled while the read is in flight; the read saw the old bytes.
+        journal.write(100, &[5; 10]);
+        source
+            .handle_extent_read(read.token, floor, &[1; 4096], &mut journal, 0)
+            .unwrap();
+        assert_eq!(source.sync_progress(1).unwrap().extents_reread, 1);
+        let again = source
+            .poll_sync_read(&journal)
+            .expect("extent queued again");
+        let floor = journal.last_seq();
+        source
+            .handle_extent_read(again.token, floor, &[1; 4096], &mut journal, 0)
+            .unwrap();
+        assert_eq!(source.sync_progress(1).unwrap().extents_sent, 1);
+    }
+
+    #[test]
+    fn a_target_ahead_of_the_journal_is_refused() {
+        let mut journal = VecJournal::default();
+        let mut source = Source::new(SourceConfig::new("s", disks()), &journal);
+        source.handle_connected(0);
+        assert!(source.poll_transmit(&journal, 0).unwrap().is_some());
+        let welcome = Frame::welcome(5, 5, &[]);
+        let error = source
+            .handle_frame(welcome.as_bytes(), &mut journal, 0)
+            .unwrap_err();
+        assert!(matches!(
+            error,
+            SourceError::TargetAhead {
+                target_seq: 5,
+                journal_last_seq: 0
+            }
+        ));
+        match source
+            .poll_transmit(&journal, 0)
+            .unwrap()
+            .unwrap()
+            .decode()
+            .unwrap()
+        {
+            Message::Error { code, .. } => assert_eq!(code, ErrorCode::TargetAhead),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -41,15 +41,30 @@ use crate::limits::SYNC_HASH_REQUESTS_IN_FLIGHT_MAX;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DiskOp {
     /// Write `data` at `offset` of the replica of `disk_id` (from record `seq`).
-    Write { seq: Seq, disk_id: u32, offset: u64, data: Vec<u8> },
+    Write {
+        seq: Seq,
+        disk_id: u32,
+        offset: u64,
+        data: Vec<u8>,
+    },
     /// Make `length` bytes at `offset` read as zeroes (zero and trim records).
-    Zero { seq: Seq, disk_id: u32, offset: u64, length: u64 },
+    Zero {
+        seq: Seq,
+        disk_id: u32,
+        offset: u64,
+        length: u64,
+    },
     /// Make every earlier op durable, persist `seq` as the applied sequence, then call
     /// `handle_durable(seq)`. Consecutive flushes may be merged into the last one.
     Flush { seq: Seq },
     /// Read `length` bytes at `offset` (after every earlier write) and call
     /// `handle_read(token, data)`.
-    Read { token: u64, disk_id: u32, offset: u64, length: u64 },
+    Read {
+        token: u64,
+        disk_id: u32,
+        offset: u64,
+        length: u64,
+    },
 }
 
 /// A recovery-point marker that arrived in the stream. It is durable at the target once
@@ -81,10 +96,20 @@ pub enum TargetError {
     Wire(#[from] WireError),
     #[error("protocol violation by the source: {0}")]
     Protocol(String),
-    #[error("record {seq} touches disk {disk_id} at {offset}+{length}, outside any announced disk")]
-    OutOfRange { seq: Seq, disk_id: u32, offset: u64, length: u64 },
+    #[error(
+        "record {seq} touches disk {disk_id} at {offset}+{length}, outside any announced disk"
+    )]
+    OutOfRange {
+        seq: Seq,
+        disk_id: u32,
+        offset: u64,
+        length: u64,
+    },
     #[error("the target holds sequence {durable_seq} but the source's journal ends at {source_last_seq}")]
-    TargetAhead { durable_seq: Seq, source_last_seq: Seq },
+    TargetAhead {
+        durable_seq: Seq,
+        source_last_seq: Seq,
+    },
     #[error("the source reported an error ({code:?}): {message}")]
     Peer { code: ErrorCode, message: String },
 }
@@ -206,7 +231,8 @@ impl Target {
             return;
         }
         self.phase = Phase::Open;
-        self.transmit.push_back(Frame::welcome(self.received_seq, self.durable_seq, &disks));
+        self.transmit
+            .push_back(Frame::welcome(self.received_seq, self.durable_seq, &disks));
     }
 
     /// One complete frame from the source.
@@ -221,7 +247,8 @@ impl Target {
             self.phase = Phase::Closed;
             self.transmit.clear();
             if !matches!(error, TargetError::Peer { .. }) {
-                self.transmit.push_back(Frame::error(error.code(), &error.to_string()));
+                self.transmit
+                    .push_back(Frame::error(error.code(), &error.to_string()));
             }
         }
         result
@@ -229,7 +256,12 @@ impl Target {
 
     fn handle_message(&mut self, message: Message<'_>) -> Result<(), TargetError> {
         match message {
-            Message::Hello { source_name, journal_first_seq, journal_last_seq, disks } => {
+            Message::Hello {
+                source_name,
+                journal_first_seq,
+                journal_last_seq,
+                disks,
+            } => {
                 if self.phase != Phase::AwaitingHello {
                     // A duplicated Hello on an unreliable link; the Welcome is on its way.
                     if self.phase == Phase::Open {
@@ -243,7 +275,10 @@ impl Target {
                         source_last_seq: journal_last_seq,
                     });
                 }
-                self.disks = disks.iter().map(|disk| (disk.disk_id, disk.size_bytes)).collect();
+                self.disks = disks
+                    .iter()
+                    .map(|disk| (disk.disk_id, disk.size_bytes))
+                    .collect();
                 self.phase = Phase::AwaitingWelcome;
                 self.events.push_back(TargetEvent::Hello {
                     source_name,
@@ -316,7 +351,9 @@ impl Target {
                 }
                 if accepted && self.received_seq > self.flush_requested_seq {
                     self.flush_requested_seq = self.received_seq;
-                    self.disk_ops.push_back(DiskOp::Flush { seq: self.received_seq });
+                    self.disk_ops.push_back(DiskOp::Flush {
+                        seq: self.received_seq,
+                    });
                 }
                 Ok(())
             }
@@ -359,7 +396,13 @@ impl Target {
                     });
                     count += 1;
                 }
-                self.jobs.insert(job_id, HashJob { request, hashes: vec![None; count] });
+                self.jobs.insert(
+                    job_id,
+                    HashJob {
+                        request,
+                        hashes: vec![None; count],
+                    },
+                );
                 Ok(())
             }
             Message::Error { code, message } => Err(TargetError::Peer { code, message }),
@@ -371,7 +414,11 @@ impl Target {
 
     /// The driver made every op up to `Flush { seq }` durable and persisted `seq`.
     pub fn handle_durable(&mut self, seq: Seq) {
-        assert!(seq <= self.received_seq, "durable {seq} beyond received {}", self.received_seq);
+        assert!(
+            seq <= self.received_seq,
+            "durable {seq} beyond received {}",
+            self.received_seq
+        );
         if seq > self.durable_seq {
             self.durable_seq = seq;
             self.ack_pending = true;
@@ -389,7 +436,11 @@ impl Target {
         job.hashes[index] = Some(wire::extent_hash(data));
         if job.hashes.iter().all(Option::is_some) {
             let job = self.jobs.remove(&job_id).expect("job present");
-            let hashes = job.hashes.into_iter().map(|hash| hash.unwrap_or(0)).collect();
+            let hashes = job
+                .hashes
+                .into_iter()
+                .map(|hash| hash.unwrap_or(0))
+                .collect();
             if self.phase == Phase::Open {
                 self.transmit.push_back(Frame::hash_response(&HashResponse {
                     request_id: job.request.request_id,
@@ -440,7 +491,11 @@ mod tests {
             disk_id: 1,
             seq,
             offset,
-            length: if kind == RecordKind::Zero { 512 } else { payload.len() as u64 },
+            length: if kind == RecordKind::Zero {
+                512
+            } else {
+                payload.len() as u64
+            },
             timestamp_ns: seq,
             payload,
         }
@@ -458,15 +513,24 @@ mod tests {
             name: "d".into(),
             group: "g".into(),
         }];
-        target.handle_frame(Frame::hello("s", 1, 100, &disks).as_bytes()).unwrap();
-        assert!(matches!(target.poll_event(), Some(TargetEvent::Hello { .. })));
+        target
+            .handle_frame(Frame::hello("s", 1, 100, &disks).as_bytes())
+            .unwrap();
+        assert!(matches!(
+            target.poll_event(),
+            Some(TargetEvent::Hello { .. })
+        ));
         target.welcome(vec![WelcomeDisk {
             disk_id: 1,
             replica: ReplicaState::Present,
             size_bytes: 8192,
         }]);
         match target.poll_transmit().unwrap().decode().unwrap() {
-            Message::Welcome { resume_seq, durable_seq, .. } => {
+            Message::Welcome {
+                resume_seq,
+                durable_seq,
+                ..
+            } => {
                 assert_eq!((resume_seq, durable_seq), (durable, durable))
             }
             other => panic!("{other:?}"),
@@ -480,7 +544,11 @@ mod tests {
 
     fn ack_of(frame: Frame) -> (Seq, Seq, bool) {
         match frame.decode().unwrap() {
-            Message::Ack { durable_seq, received_seq, gap } => (durable_seq, received_seq, gap),
+            Message::Ack {
+                durable_seq,
+                received_seq,
+                gap,
+            } => (durable_seq, received_seq, gap),
             other => panic!("{other:?}"),
         }
     }
@@ -490,13 +558,33 @@ mod tests {
         let mut target = open_target(0);
         let r1 = record(1, RecordKind::Write, 0, &[1; 16]);
         let r2 = record(2, RecordKind::Zero, 512, &[]);
-        target.handle_frame(Frame::records([r1.as_slice(), r2.as_slice()]).as_bytes()).unwrap();
+        target
+            .handle_frame(Frame::records([r1.as_slice(), r2.as_slice()]).as_bytes())
+            .unwrap();
         let ops = drain_ops(&mut target);
         assert_eq!(ops.len(), 3);
-        assert!(matches!(ops[0], DiskOp::Write { seq: 1, offset: 0, .. }));
-        assert!(matches!(ops[1], DiskOp::Zero { seq: 2, offset: 512, length: 512, .. }));
+        assert!(matches!(
+            ops[0],
+            DiskOp::Write {
+                seq: 1,
+                offset: 0,
+                ..
+            }
+        ));
+        assert!(matches!(
+            ops[1],
+            DiskOp::Zero {
+                seq: 2,
+                offset: 512,
+                length: 512,
+                ..
+            }
+        ));
         assert_eq!(ops[2], DiskOp::Flush { seq: 2 });
-        assert!(target.poll_transmit().is_none(), "nothing durable yet, nothing acked");
+        assert!(
+            target.poll_transmit().is_none(),
+            "nothing durable yet, nothing acked"
+        );
         target.handle_durable(2);
         assert_eq!(ack_of(target.poll_transmit().unwrap()), (2, 2, false));
     }
@@ -505,17 +593,25 @@ mod tests {
     fn duplicates_are_reacked_and_gaps_refused_once() {
         let mut target = open_target(3);
         let dup = record(2, RecordKind::Write, 0, &[1; 8]);
-        target.handle_frame(Frame::records([dup.as_slice()]).as_bytes()).unwrap();
+        target
+            .handle_frame(Frame::records([dup.as_slice()]).as_bytes())
+            .unwrap();
         assert!(drain_ops(&mut target).is_empty());
         assert_eq!(ack_of(target.poll_transmit().unwrap()), (3, 3, false));
         let ahead = record(6, RecordKind::Write, 0, &[1; 8]);
-        target.handle_frame(Frame::records([ahead.as_slice()]).as_bytes()).unwrap();
+        target
+            .handle_frame(Frame::records([ahead.as_slice()]).as_bytes())
+            .unwrap();
         assert!(drain_ops(&mut target).is_empty());
         assert_eq!(ack_of(target.poll_transmit().unwrap()), (3, 3, true));
-        target.handle_frame(Frame::records([ahead.as_slice()]).as_bytes()).unwrap();
+        target
+            .handle_frame(Frame::records([ahead.as_slice()]).as_bytes())
+            .unwrap();
         assert!(target.poll_transmit().is_none(), "one gap report per gap");
         let next = record(4, RecordKind::Write, 0, &[1; 8]);
-        target.handle_frame(Frame::records([next.as_slice()]).as_bytes()).unwrap();
+        target
+            .handle_frame(Frame::records([next.as_slice()]).as_bytes())
+            .unwrap();
         assert_eq!(target.received_seq(), 4);
     }
 
@@ -533,7 +629,9 @@ mod tests {
         }
         .to_vec()
         .unwrap();
-        target.handle_frame(Frame::records([marker.as_slice()]).as_bytes()).unwrap();
+        target
+            .handle_frame(Frame::records([marker.as_slice()]).as_bytes())
+            .unwrap();
         let arrival = target.poll_marker().unwrap();
         assert_eq!((arrival.seq, arrival.timestamp_ns), (1, 77));
         assert_eq!(arrival.payload, b"point-1");
@@ -556,12 +654,16 @@ mod tests {
             extent_bytes: 3000,
             extent_count: 3,
         };
-        target.handle_frame(Frame::hash_request(&request).as_bytes()).unwrap();
+        target
+            .handle_frame(Frame::hash_request(&request).as_bytes())
+            .unwrap();
         let ops = drain_ops(&mut target);
         // 8192-byte disk: extents at 4096 (3000 bytes) and 7096 (1096 bytes); the third is past the end.
         assert_eq!(ops.len(), 2);
         for op in &ops {
-            let DiskOp::Read { token, length, .. } = op else { panic!("{op:?}") };
+            let DiskOp::Read { token, length, .. } = op else {
+                panic!("{op:?}")
+            };
             target.handle_read(*token, &vec![0u8; *length as usize]);
         }
         match target.poll_transmit().unwrap().decode().unwrap() {
@@ -569,7 +671,10 @@ mod tests {
                 assert_eq!(response.request_id, 9);
                 assert_eq!(
                     response.hashes,
-                    vec![wire::extent_hash(&[0u8; 3000]), wire::extent_hash(&[0u8; 1096])]
+                    vec![
+                        wire::extent_hash(&[0u8; 3000]),
+                        wire::extent_hash(&[0u8; 1096])
+                    ]
                 );
             }
             other => panic!("{other:?}"),
@@ -580,8 +685,16 @@ mod tests {
     fn a_target_ahead_of_the_source_journal_is_an_error() {
         let mut target = Target::new(50);
         target.handle_connected();
-        let error = target.handle_frame(Frame::hello("s", 1, 10, &[]).as_bytes()).unwrap_err();
-        assert!(matches!(error, TargetError::TargetAhead { durable_seq: 50, source_last_seq: 10 }));
+        let error = target
+            .handle_frame(Frame::hello("s", 1, 10, &[]).as_bytes())
+            .unwrap_err();
+        assert!(matches!(
+            error,
+            TargetError::TargetAhead {
+                durable_seq: 50,
+                source_last_seq: 10
+            }
+        ));
     }
 
     #[test]

@@ -107,7 +107,10 @@ pub enum WireError {
 }
 
 fn malformed(kind: FrameKind, reason: impl Into<String>) -> WireError {
-    WireError::Malformed { kind, reason: reason.into() }
+    WireError::Malformed {
+        kind,
+        reason: reason.into(),
+    }
 }
 
 /// An encoded frame (header and body), ready to be written to a stream.
@@ -330,7 +333,11 @@ impl Builder {
     fn new(kind: FrameKind, body_capacity: usize) -> Self {
         let mut bytes = Vec::with_capacity(FRAME_HEADER_BYTES + body_capacity);
         bytes.resize(FRAME_HEADER_BYTES, 0);
-        Self { kind, flags: 0, bytes }
+        Self {
+            kind,
+            flags: 0,
+            bytes,
+        }
     }
 
     fn put(&mut self, data: &[u8]) {
@@ -340,7 +347,10 @@ impl Builder {
     fn finish(self) -> Frame {
         let body_len = self.bytes.len() - FRAME_HEADER_BYTES;
         // Frames are built by this process from bounded inputs; exceeding the bound is a bug.
-        assert!(body_len <= FRAME_BODY_BYTES_MAX, "frame body {body_len} over the limit");
+        assert!(
+            body_len <= FRAME_BODY_BYTES_MAX,
+            "frame body {body_len} over the limit"
+        );
         let mut header = FrameHeader {
             magic: FRAME_MAGIC.into(),
             version: PROTOCOL_VERSION.into(),
@@ -377,7 +387,10 @@ impl Frame {
         journal_last_seq: Seq,
         disks: &[DiskAnnouncement],
     ) -> Frame {
-        assert!(disks.len() <= HELLO_DISKS_MAX, "too many disks for one Hello");
+        assert!(
+            disks.len() <= HELLO_DISKS_MAX,
+            "too many disks for one Hello"
+        );
         let name = bounded_str(source_name);
         let mut builder = Builder::new(FrameKind::Hello, 64 + disks.len() * 64);
         builder.put(
@@ -415,7 +428,10 @@ impl Frame {
     }
 
     pub fn welcome(resume_seq: Seq, durable_seq: Seq, disks: &[WelcomeDisk]) -> Frame {
-        assert!(disks.len() <= HELLO_DISKS_MAX, "too many disks for one Welcome");
+        assert!(
+            disks.len() <= HELLO_DISKS_MAX,
+            "too many disks for one Welcome"
+        );
         let mut builder = Builder::new(FrameKind::Welcome, 16 + disks.len() * 16);
         builder.put(
             WelcomeFixed {
@@ -444,7 +460,13 @@ impl Frame {
     /// Each slice must hold exactly one encoded record; the receiver verifies each.
     pub fn records<'r>(encoded: impl IntoIterator<Item = &'r [u8]>) -> Frame {
         let mut builder = Builder::new(FrameKind::Records, 64 << 10);
-        builder.put(RecordsFixed { count: 0.into(), reserved: 0.into() }.as_bytes());
+        builder.put(
+            RecordsFixed {
+                count: 0.into(),
+                reserved: 0.into(),
+            }
+            .as_bytes(),
+        );
         let mut count = 0u32;
         for bytes in encoded {
             builder.put(bytes);
@@ -461,7 +483,13 @@ impl Frame {
         records: impl IntoIterator<Item = Record<'r>>,
     ) -> Result<Frame, RecordError> {
         let mut builder = Builder::new(FrameKind::Records, 64 << 10);
-        builder.put(RecordsFixed { count: 0.into(), reserved: 0.into() }.as_bytes());
+        builder.put(
+            RecordsFixed {
+                count: 0.into(),
+                reserved: 0.into(),
+            }
+            .as_bytes(),
+        );
         let mut count = 0u32;
         for record in records {
             let start = builder.bytes.len();
@@ -478,8 +506,11 @@ impl Frame {
         let mut builder = Builder::new(FrameKind::Ack, 16);
         builder.flags = if gap { ACK_FLAG_GAP } else { 0 };
         builder.put(
-            AckWire { durable_seq: durable_seq.into(), received_seq: received_seq.into() }
-                .as_bytes(),
+            AckWire {
+                durable_seq: durable_seq.into(),
+                received_seq: received_seq.into(),
+            }
+            .as_bytes(),
         );
         builder.finish()
     }
@@ -575,10 +606,15 @@ pub fn decode_header(bytes: &[u8]) -> Result<FrameHeader, WireError> {
         available: bytes.len(),
     })?;
     if header.magic.get() != FRAME_MAGIC {
-        return Err(WireError::BadMagic { found: header.magic.get() });
+        return Err(WireError::BadMagic {
+            found: header.magic.get(),
+        });
     }
     if header.version.get() != PROTOCOL_VERSION {
-        return Err(WireError::Version { ours: PROTOCOL_VERSION, theirs: header.version.get() });
+        return Err(WireError::Version {
+            ours: PROTOCOL_VERSION,
+            theirs: header.version.get(),
+        });
     }
     if FrameKind::from_u8(header.kind).is_none() {
         return Err(WireError::UnknownKind { found: header.kind });
@@ -608,7 +644,10 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    fn fixed<T: FromBytes + KnownLayout + Immutable>(&mut self, what: &str) -> Result<T, WireError> {
+    fn fixed<T: FromBytes + KnownLayout + Immutable>(
+        &mut self,
+        what: &str,
+    ) -> Result<T, WireError> {
         let (value, rest) = T::read_from_prefix(self.bytes)
             .map_err(|_| malformed(self.kind, format!("{what} truncated")))?;
         self.bytes = rest;
@@ -629,7 +668,10 @@ impl<'a> Reader<'a> {
 
     fn string(&mut self, len: usize, what: &str) -> Result<String, WireError> {
         if len > NAME_BYTES_MAX {
-            return Err(malformed(self.kind, format!("{what} of {len} bytes is too long")));
+            return Err(malformed(
+                self.kind,
+                format!("{what} of {len} bytes is too long"),
+            ));
         }
         let bytes = self.take(len, what)?;
         String::from_utf8(bytes.to_vec())
@@ -640,7 +682,10 @@ impl<'a> Reader<'a> {
         if self.bytes.is_empty() {
             Ok(())
         } else {
-            Err(malformed(self.kind, format!("{} trailing bytes", self.bytes.len())))
+            Err(malformed(
+                self.kind,
+                format!("{} trailing bytes", self.bytes.len()),
+            ))
         }
     }
 }
@@ -651,16 +696,26 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Message<'_>, WireError> {
     let body_len = header.body_len.get() as usize;
     let total = FRAME_HEADER_BYTES + body_len;
     if bytes.len() < total {
-        return Err(WireError::Truncated { needed: total, available: bytes.len() });
+        return Err(WireError::Truncated {
+            needed: total,
+            available: bytes.len(),
+        });
     }
-    let kind = FrameKind::from_u8(header.kind).ok_or(WireError::UnknownKind { found: header.kind })?;
+    let kind =
+        FrameKind::from_u8(header.kind).ok_or(WireError::UnknownKind { found: header.kind })?;
     if bytes.len() > total {
-        return Err(malformed(kind, format!("{} bytes after the frame body", bytes.len() - total)));
+        return Err(malformed(
+            kind,
+            format!("{} bytes after the frame body", bytes.len() - total),
+        ));
     }
     let body = &bytes[FRAME_HEADER_BYTES..total];
     let computed = frame_checksum(&header, body);
     if computed != header.checksum.get() {
-        return Err(WireError::Checksum { stored: header.checksum.get(), computed });
+        return Err(WireError::Checksum {
+            stored: header.checksum.get(),
+            computed,
+        });
     }
     let mut reader = Reader { kind, bytes: body };
     let message = match kind {
@@ -668,7 +723,10 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Message<'_>, WireError> {
             let fixed: HelloFixed = reader.fixed("hello header")?;
             let disk_count = fixed.disk_count.get() as usize;
             if disk_count > HELLO_DISKS_MAX {
-                return Err(malformed(kind, format!("{disk_count} disks (limit {HELLO_DISKS_MAX})")));
+                return Err(malformed(
+                    kind,
+                    format!("{disk_count} disks (limit {HELLO_DISKS_MAX})"),
+                ));
             }
             let source_name = reader.string(fixed.name_len.get() as usize, "source name")?;
             let mut disks = Vec::with_capacity(disk_count);
@@ -697,7 +755,10 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Message<'_>, WireError> {
             let fixed: WelcomeFixed = reader.fixed("welcome header")?;
             let disk_count = fixed.disk_count.get() as usize;
             if disk_count > HELLO_DISKS_MAX {
-                return Err(malformed(kind, format!("{disk_count} disks (limit {HELLO_DISKS_MAX})")));
+                return Err(malformed(
+                    kind,
+                    format!("{disk_count} disks (limit {HELLO_DISKS_MAX})"),
+                ));
             }
             let mut disks = Vec::with_capacity(disk_count);
             for _ in 0..disk_count {
@@ -729,7 +790,10 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Message<'_>, WireError> {
             // Each record takes at least a header, which bounds `count` by the body size.
             let records_max = reader.bytes.len() / record::encoded_len_for_payload(0);
             if count > records_max {
-                return Err(malformed(kind, format!("{count} records cannot fit in the body")));
+                return Err(malformed(
+                    kind,
+                    format!("{count} records cannot fit in the body"),
+                ));
             }
             let mut records = Vec::with_capacity(count);
             for index in 0..count {
@@ -764,7 +828,10 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                 return Err(malformed(kind, format!("extent of {extent_bytes} bytes")));
             }
             let offset = fixed.offset.get();
-            if offset.checked_add(u64::from(extent_count) * u64::from(extent_bytes)).is_none() {
+            if offset
+                .checked_add(u64::from(extent_count) * u64::from(extent_bytes))
+                .is_none()
+            {
                 return Err(malformed(kind, "extent range overflows"));
             }
             if kind == FrameKind::HashRequest {
@@ -800,7 +867,10 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Message<'_>, WireError> {
             let bytes = reader.take(len.min(NAME_BYTES_MAX), "error message")?;
             let message = String::from_utf8_lossy(bytes).into_owned();
             reader.finish()?;
-            Message::Error { code: ErrorCode::from_u16(fixed.code.get()), message }
+            Message::Error {
+                code: ErrorCode::from_u16(fixed.code.get()),
+                message,
+            }
         }
     };
     Ok(message)
@@ -864,7 +934,11 @@ mod tests {
             Frame::welcome(
                 4,
                 2,
-                &[WelcomeDisk { disk_id: 1, replica: ReplicaState::Present, size_bytes: 1 << 30 }],
+                &[WelcomeDisk {
+                    disk_id: 1,
+                    replica: ReplicaState::Present,
+                    size_bytes: 1 << 30,
+                }],
             ),
             Frame::records([write.as_slice(), zero.as_slice()]),
             Frame::ack(10, 12, true),
@@ -882,7 +956,10 @@ mod tests {
                 extent_bytes: 65536,
                 hashes: vec![1, u128::MAX, 3, 4],
             }),
-            Frame::error(ErrorCode::TargetAhead, "target holds seq 10, source journal ends at 4"),
+            Frame::error(
+                ErrorCode::TargetAhead,
+                "target holds seq 10, source journal ends at 4",
+            ),
         ]
     }
 
@@ -890,7 +967,12 @@ mod tests {
     fn every_kind_round_trips() {
         let frames = all_frames();
         match frames[0].decode().unwrap() {
-            Message::Hello { source_name, journal_first_seq, journal_last_seq, disks } => {
+            Message::Hello {
+                source_name,
+                journal_first_seq,
+                journal_last_seq,
+                disks,
+            } => {
                 assert_eq!(source_name, "site-a");
                 assert_eq!((journal_first_seq, journal_last_seq), (3, 9));
                 assert_eq!(disks, sample_disks());
@@ -898,7 +980,11 @@ mod tests {
             other => panic!("decoded {other:?}"),
         }
         match frames[1].decode().unwrap() {
-            Message::Welcome { resume_seq, durable_seq, disks } => {
+            Message::Welcome {
+                resume_seq,
+                durable_seq,
+                disks,
+            } => {
                 assert_eq!((resume_seq, durable_seq), (4, 2));
                 assert_eq!(disks.len(), 1);
                 assert_eq!(disks[0].replica, ReplicaState::Present);
@@ -916,11 +1002,19 @@ mod tests {
         }
         assert_eq!(
             frames[3].decode().unwrap(),
-            Message::Ack { durable_seq: 10, received_seq: 12, gap: true }
+            Message::Ack {
+                durable_seq: 10,
+                received_seq: 12,
+                gap: true
+            }
         );
-        assert!(matches!(frames[4].decode().unwrap(), Message::HashRequest(r) if r.extent_count == 4));
+        assert!(
+            matches!(frames[4].decode().unwrap(), Message::HashRequest(r) if r.extent_count == 4)
+        );
         match frames[5].decode().unwrap() {
-            Message::HashResponse(response) => assert_eq!(response.hashes, vec![1, u128::MAX, 3, 4]),
+            Message::HashResponse(response) => {
+                assert_eq!(response.hashes, vec![1, u128::MAX, 3, 4])
+            }
             other => panic!("decoded {other:?}"),
         }
         match frames[6].decode().unwrap() {
@@ -937,12 +1031,21 @@ mod tests {
         let mut bytes = Frame::ack(1, 1, false).into_bytes();
         bytes[4..6].copy_from_slice(&7u16.to_le_bytes());
         let error = decode_frame(&bytes).unwrap_err();
-        assert_eq!(error, WireError::Version { ours: PROTOCOL_VERSION, theirs: 7 });
+        assert_eq!(
+            error,
+            WireError::Version {
+                ours: PROTOCOL_VERSION,
+                theirs: 7
+            }
+        );
         assert!(error.to_string().contains("version 7"));
         // The version is judged before the kind or the body, whatever a future version puts there.
         bytes[6] = 200;
         bytes[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert_eq!(decode_header(&bytes).unwrap_err(), WireError::Version { ours: 1, theirs: 7 });
+        assert_eq!(
+            decode_header(&bytes).unwrap_err(),
+            WireError::Version { ours: 1, theirs: 7 }
+        );
     }
 
     #[test]
@@ -950,14 +1053,26 @@ mod tests {
         let good = Frame::ack(1, 1, false).into_bytes();
         let mut unknown = good.clone();
         unknown[6] = 99;
-        assert_eq!(decode_frame(&unknown).unwrap_err(), WireError::UnknownKind { found: 99 });
+        assert_eq!(
+            decode_frame(&unknown).unwrap_err(),
+            WireError::UnknownKind { found: 99 }
+        );
         let mut oversized = good.clone();
         oversized[8..12].copy_from_slice(&((FRAME_BODY_BYTES_MAX + 1) as u32).to_le_bytes());
-        assert!(matches!(decode_frame(&oversized).unwrap_err(), WireError::Oversized { .. }));
-        assert!(matches!(decode_frame(&good[..20]).unwrap_err(), WireError::Truncated { .. }));
+        assert!(matches!(
+            decode_frame(&oversized).unwrap_err(),
+            WireError::Oversized { .. }
+        ));
+        assert!(matches!(
+            decode_frame(&good[..20]).unwrap_err(),
+            WireError::Truncated { .. }
+        ));
         let mut magic = good.clone();
         magic[0] ^= 1;
-        assert!(matches!(decode_frame(&magic).unwrap_err(), WireError::BadMagic { .. }));
+        assert!(matches!(
+            decode_frame(&magic).unwrap_err(),
+            WireError::BadMagic { .. }
+        ));
         assert_eq!(split_frame(&good[..10]).unwrap(), None);
         assert_eq!(split_frame(&good[..20]).unwrap(), None);
         assert_eq!(split_frame(&good).unwrap(), Some(good.len()));
@@ -968,12 +1083,18 @@ mod tests {
         for frame in all_frames() {
             let bytes = frame.as_bytes();
             for len in 0..bytes.len() {
-                assert!(decode_frame(&bytes[..len]).is_err(), "{frame:?} cut at {len} decoded");
+                assert!(
+                    decode_frame(&bytes[..len]).is_err(),
+                    "{frame:?} cut at {len} decoded"
+                );
             }
             for bit in 0..bytes.len() * 8 {
                 let mut flipped = bytes.to_vec();
                 flipped[bit / 8] ^= 1 << (bit % 8);
-                assert!(decode_frame(&flipped).is_err(), "{frame:?} bit {bit} went unnoticed");
+                assert!(
+                    decode_frame(&flipped).is_err(),
+                    "{frame:?} bit {bit} went unnoticed"
+                );
             }
         }
     }
@@ -996,8 +1117,13 @@ mod tests {
         assert!(craft(FrameKind::Hello, hello.as_bytes()).decode().is_err());
         hello.disk_count = 1.into();
         assert!(craft(FrameKind::Hello, hello.as_bytes()).decode().is_err());
-        let records = RecordsFixed { count: u32::MAX.into(), reserved: 0.into() };
-        assert!(craft(FrameKind::Records, records.as_bytes()).decode().is_err());
+        let records = RecordsFixed {
+            count: u32::MAX.into(),
+            reserved: 0.into(),
+        };
+        assert!(craft(FrameKind::Records, records.as_bytes())
+            .decode()
+            .is_err());
         let hash = HashFixed {
             request_id: 0.into(),
             offset: u64::MAX.into(),
@@ -1006,7 +1132,9 @@ mod tests {
             extent_bytes: 4096.into(),
             reserved: 0.into(),
         };
-        assert!(craft(FrameKind::HashRequest, hash.as_bytes()).decode().is_err());
+        assert!(craft(FrameKind::HashRequest, hash.as_bytes())
+            .decode()
+            .is_err());
         assert!(craft(FrameKind::Ack, &[0u8; 15]).decode().is_err());
         assert!(craft(FrameKind::Ack, &[0u8; 17]).decode().is_err());
         let mut bad_name = hello;
