@@ -100,7 +100,8 @@ impl<S: SegmentStore> ShipJournal for Journal<S> {
         Journal::append(self, spec)
     }
     fn flush(&mut self, upto: Seq) -> Result<(), JournalError> {
-        Journal::flush(self, upto)
+        Journal::flush(self, upto)?;
+        Ok(())
     }
 }
 
