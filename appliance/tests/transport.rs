@@ -320,6 +320,8 @@ async fn source_reconnects_after_the_target_endpoint_restarts() {
     let tuning = Tuning {
         idle_timeout: Duration::from_millis(800),
         keep_alive_interval: Duration::from_millis(200),
+        // The handshake timeout is at least three probe timeouts, derived from this.
+        initial_rtt: Duration::from_millis(20),
         ..Tuning::default()
     };
     let mut target = TargetEndpoint::bind(
@@ -367,8 +369,8 @@ async fn source_reconnects_after_the_target_endpoint_restarts() {
         "{loss}"
     );
 
-    // While the target is down, attempts fail.
-    let down = dialer.connect_with_backoff(2).await;
+    // While the target is down, an attempt fails.
+    let down = dialer.connect_with_backoff(1).await;
     assert!(down.is_err());
 
     let mut target = {

@@ -69,6 +69,7 @@ fn transport_config(tuning: &Tuning) -> Result<Arc<quinn::TransportConfig>, Tran
         .receive_window(quinn::VarInt::from_u32(tuning.receive_window_bytes))
         .send_window(tuning.send_window_bytes)
         .initial_mtu(tuning.initial_mtu)
+        .initial_rtt(tuning.initial_rtt)
         .keep_alive_interval(Some(tuning.keep_alive_interval))
         .max_idle_timeout(Some(idle_timeout))
         .enable_segmentation_offload(tuning.segmentation_offload)

@@ -60,6 +60,9 @@ pub struct Tuning {
     pub send_window_bytes: u64,
     /// Cubic's initial congestion window.
     pub initial_congestion_window_bytes: u64,
+    /// RTT assumed before the first measurement; the handshake gives up after about
+    /// three probe timeouts derived from it (and at least `idle_timeout`).
+    pub initial_rtt: Duration,
     /// Keep-alive period: keeps NAT bindings and lets a silent link be noticed.
     pub keep_alive_interval: Duration,
     /// A link silent this long is declared dead and the connection closed.
@@ -85,6 +88,7 @@ impl Default for Tuning {
             receive_window_bytes: 48 << 20,
             send_window_bytes: 48 << 20,
             initial_congestion_window_bytes: 14_720,
+            initial_rtt: Duration::from_millis(333),
             keep_alive_interval: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
