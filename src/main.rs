@@ -16,6 +16,13 @@ struct Cli {
 enum Command {
     /// Print the version and the on-disk/on-wire format versions.
     Version,
+    /// Create this appliance's key pair if there is none yet and print its fingerprint
+    /// (`sha256:…`), the form a peer's config takes. Needs no running appliance.
+    Identity {
+        /// State directory of the appliance; the key pair lives in its `keys/` folder.
+        #[arg(long)]
+        state_dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -28,6 +35,14 @@ fn main() -> anyhow::Result<()> {
                 ferry_appliance::core::record::RECORD_VERSION
             );
         }
+        Command::Identity { state_dir } => print_identity(&state_dir)?,
     }
+    Ok(())
+}
+
+fn print_identity(state_dir: &std::path::Path) -> anyhow::Result<()> {
+    let identity =
+        ferry_appliance::io::transport::Identity::load_or_create(&state_dir.join("keys"))?;
+    println!("{}", identity.fingerprint);
     Ok(())
 }
