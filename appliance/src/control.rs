@@ -168,12 +168,15 @@ pub struct StatusSnapshot {
     pub link: Option<LinkStatus>,
 }
 
-/// What a pause or resume applies to: one disk, or every disk of a consistency group.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Scope {
-    Group { group: String },
-    Disk { machine: String, disk: String },
+/// Which disks a command applies to. With neither field set: every disk of the appliance.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSelector {
+    /// One disk, as `machine/disk`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    /// Every disk of one consistency group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// A command sent to the appliance, one JSON object per line: `{"cmd":"status"}`.
@@ -183,15 +186,17 @@ pub enum Scope {
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
     Status,
-    /// Stop shipping (writes keep being journaled, then tracked in the dirty bitmap).
+    /// Stop shipping the selected disks; their writes keep being journaled.
     Pause {
-        scope: Scope,
+        #[serde(flatten)]
+        selector: DiskSelector,
     },
-    /// Resume shipping after a pause.
+    /// Resume shipping the selected disks.
     Resume {
-        scope: Scope,
+        #[serde(flatten)]
+        selector: DiskSelector,
     },
-    /// Limit the link to the peer; `None` removes the limit.
+    /// Change the link bandwidth limit at run time (`None`: no limit).
     SetBandwidth {
         bytes_per_s: Option<u64>,
     },
@@ -242,18 +247,21 @@ mod tests {
             (Request::Status, r#"{"cmd":"status"}"#),
             (
                 Request::Pause {
-                    scope: Scope::Disk {
-                        machine: "db1".into(),
-                        disk: "vda".into(),
+                    selector: DiskSelector {
+                        disk: Some("db1/vda".into()),
+                        group: None,
                     },
                 },
-                r#"{"cmd":"pause","scope":{"disk":{"machine":"db1","disk":"vda"}}}"#,
+                r#"{"cmd":"pause","disk":"db1/vda"}"#,
             ),
             (
                 Request::Resume {
-                    scope: Scope::Group { group: "db".into() },
+                    selector: DiskSelector {
+                        disk: None,
+                        group: Some("db".into()),
+                    },
                 },
-                r#"{"cmd":"resume","scope":{"group":{"group":"db"}}}"#,
+                r#"{"cmd":"resume","group":"db"}"#,
             ),
             (
                 Request::SetBandwidth {
