@@ -66,7 +66,12 @@ pub struct RecordHeader {
     pub timestamp_ns: U64,
     /// xxh3-64 over the header (with this field zero) and the payload.
     pub checksum: U64,
-    pub reserved: [u8; 8],
+    /// Checksum of the record before this one in the cache journal (0 when unknown). The journal
+    /// chains its records this way so that a record left over from before a crash, or from an
+    /// older lap of a reused segment, can never be mistaken for the continuation of the log even
+    /// when its sequence number happens to fit. Covered by `checksum`; decoders elsewhere may
+    /// ignore it.
+    pub prev_checksum: U64,
 }
 
 const _: () = assert!(core::mem::size_of::<RecordHeader>() == RECORD_HEADER_BYTES);
@@ -146,7 +151,7 @@ impl<'a> Record<'a> {
             length: self.length.into(),
             timestamp_ns: self.timestamp_ns.into(),
             checksum: 0.into(),
-            reserved: [0; 8],
+            prev_checksum: 0.into(),
         }
     }
 
@@ -154,6 +159,17 @@ impl<'a> Record<'a> {
     /// of bytes written (`encoded_len()`). The encoded bytes are decoded again before returning
     /// so that a record is verified right after it is written.
     pub fn encode_into(&self, out: &mut [u8]) -> Result<usize, RecordError> {
+        self.encode_linked_into(0, out).map(|(used, _links)| used)
+    }
+
+    /// Like [`Record::encode_into`], but records `prev_checksum` (the checksum of the record
+    /// before this one) in the header, and also returns this record's own checksum so that the
+    /// caller can link the next record to it.
+    pub fn encode_linked_into(
+        &self,
+        prev_checksum: u64,
+        out: &mut [u8],
+    ) -> Result<(usize, RecordLinks), RecordError> {
         self.validate()?;
         let total = self.encoded_len();
         if out.len() < total {
@@ -163,15 +179,18 @@ impl<'a> Record<'a> {
             });
         }
         let mut header = self.header();
-        header.checksum = checksum(&header, self.payload).into();
+        header.prev_checksum = prev_checksum.into();
+        let record_checksum = checksum(&header, self.payload);
+        header.checksum = record_checksum.into();
         out[..RECORD_HEADER_BYTES].copy_from_slice(header.as_bytes());
         let payload_end = RECORD_HEADER_BYTES + self.payload.len();
         out[RECORD_HEADER_BYTES..payload_end].copy_from_slice(self.payload);
         out[payload_end..total].fill(0);
-        let (decoded, used) = decode(&out[..total])?;
+        let (decoded, links, used) = decode_linked(&out[..total])?;
         assert_eq!(used, total);
         assert_eq!(decoded.seq, self.seq);
-        Ok(total)
+        assert_eq!(links.checksum, record_checksum);
+        Ok((total, links))
     }
 
     /// Encodes into a new vector (wire and tests; the journal encodes in place).
@@ -197,9 +216,22 @@ fn checksum(header: &RecordHeader, payload: &[u8]) -> u64 {
     hasher.digest()
 }
 
+/// A record's own checksum and the checksum of the record it follows (its link in the journal's
+/// chain of records).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordLinks {
+    pub checksum: u64,
+    pub prev_checksum: u64,
+}
+
 /// Decodes one record from the front of `buf`, verifying magic, version, kind, sizes and
 /// checksum. Returns the record and the number of bytes it occupies (padding included).
 pub fn decode(buf: &[u8]) -> Result<(Record<'_>, usize), RecordError> {
+    decode_linked(buf).map(|(record, _links, used)| (record, used))
+}
+
+/// Like [`decode`], and also returns the record's checksum and the checksum it links back to.
+pub fn decode_linked(buf: &[u8]) -> Result<(Record<'_>, RecordLinks, usize), RecordError> {
     let (header, _) = RecordHeader::read_from_prefix(buf).map_err(|_| RecordError::Truncated {
         needed: RECORD_HEADER_BYTES,
         available: buf.len(),
@@ -252,8 +284,12 @@ pub fn decode(buf: &[u8]) -> Result<(Record<'_>, usize), RecordError> {
             payload_len,
         });
     }
+    let links = RecordLinks {
+        checksum: computed,
+        prev_checksum: header.prev_checksum.get(),
+    };
     // Padding may be cut off at the very end of a buffer; the record itself is complete.
-    Ok((record, total.min(buf.len())))
+    Ok((record, links, total.min(buf.len())))
 }
 
 #[cfg(test)]
