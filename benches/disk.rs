@@ -65,8 +65,9 @@ async fn run_engine(disk: &Disk, workload: Workload, plan: &Plan, seed: u64) -> 
                 } else {
                     op
                 };
-                let (result, returned) =
-                    disk.write_at(block * workload.block_bytes as u64, buf).await;
+                let (result, returned) = disk
+                    .write_at(block * workload.block_bytes as u64, buf)
+                    .await;
                 result.expect("bench write");
                 buf = returned;
                 op += workload.queue_depth as u64;
