@@ -23,6 +23,25 @@ enum Command {
         #[arg(long)]
         state_dir: std::path::PathBuf,
     },
+    /// The operator console: status, charts and actions of a running appliance over its control
+    /// socket; made for ssh sessions (keyboard only, `?` for help, `q` quits).
+    Tui(TuiArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TuiArgs {
+    /// The appliance's control socket.
+    #[arg(long, env = "FERRY_SOCKET", default_value = "/run/ferry/ferry.sock")]
+    socket: std::path::PathBuf,
+    /// Hide every action: a console that can only look.
+    #[arg(long)]
+    readonly: bool,
+    /// Colours: auto (honours NO_COLOR), 16, 256, true or never.
+    #[arg(long, default_value = "auto")]
+    color: ferry_tui::ColorChoice,
+    /// Plain ASCII glyphs and borders, whatever the locale says.
+    #[arg(long)]
+    ascii: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +55,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Command::Identity { state_dir } => print_identity(&state_dir)?,
+        Command::Tui(args) => tui(args)?,
     }
     Ok(())
 }
@@ -44,5 +64,27 @@ fn print_identity(state_dir: &std::path::Path) -> anyhow::Result<()> {
     let identity =
         ferry_appliance::io::transport::Identity::load_or_create(&state_dir.join("keys"))?;
     println!("{}", identity.fingerprint);
+    Ok(())
+}
+
+fn tui(args: TuiArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        anyhow::bail!("ferry tui needs a terminal (ssh -t for a remote one)");
+    }
+    let endpoint = args.socket.display().to_string();
+    let appliance =
+        ferry_tui::SocketAppliance::new(&args.socket, std::time::Duration::from_secs(5));
+    let options = ferry_tui::RunOptions {
+        readonly: args.readonly,
+        color: args.color,
+        ascii: args.ascii,
+        refresh: std::time::Duration::from_secs(1),
+        endpoint,
+    };
+    match ferry_tui::run(appliance, options)? {
+        ferry_tui::Exit::InputClosed(reason) => eprintln!("ferry tui: {reason}"),
+        ferry_tui::Exit::Quit | ferry_tui::Exit::Signal(_) => {}
+    }
     Ok(())
 }
