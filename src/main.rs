@@ -1,8 +1,21 @@
 //! The `ferry` binary: one executable for the source appliance, the target appliance, the CLI
 //! and the operator console. Subcommands parse their arguments here and call into the
 //! `ferry-appliance` and `ferry-tui` libraries; `anyhow` is used only at this edge.
+//!
+//! Exit codes: 0 success, 1 failure, 2 usage error (clap's).
 
-use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ferry_appliance::config::Config;
+use ferry_appliance::control::{DiskSelector, Request};
+use ferry_appliance::daemon::{self, Client};
+
+/// Where `ferry status` and friends look for the control socket when told nothing else.
+const CONTROL_SOCKET_DEFAULT: &str = "/run/ferry/ferry.sock";
 
 /// Ferry: disaster-recovery replication for Linux machines' disks.
 #[derive(Debug, Parser)]
@@ -14,6 +27,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the appliance in the foreground (logs on stderr; stops cleanly on SIGTERM/SIGINT).
+    Run(RunArgs),
+    /// Show the status of a running appliance, per disk (and per replica on a target).
+    Status(StatusArgs),
+    /// Pause replication of disks (writes keep being journaled).
+    Pause(SelectArgs),
+    /// Resume replication of paused disks.
+    Resume(SelectArgs),
+    /// Change the link bandwidth limit of a running source appliance.
+    Bandwidth(BandwidthArgs),
     /// Print the version and the on-disk/on-wire format versions.
     Version,
     /// Create this appliance's key pair if there is none yet and print its fingerprint
@@ -44,31 +67,209 @@ struct TuiArgs {
     ascii: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The appliance's TOML config.
+    #[arg(long, env = "FERRY_CONFIG")]
+    config: PathBuf,
+    /// Log line format on stderr (filter with RUST_LOG, default info).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// How to reach a running appliance.
+#[derive(Debug, Args)]
+struct ConnectArgs {
+    /// Read the control socket path from this config.
+    #[arg(long, conflicts_with = "socket")]
+    config: Option<PathBuf>,
+    /// The control socket [default: /run/ferry/ferry.sock].
+    #[arg(long, env = "FERRY_SOCKET")]
+    socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Print the snapshot as JSON (a top-level `disks` array, `replicas` on a target).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct SelectArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// One disk, as MACHINE/DISK.
+    #[arg(long, conflicts_with = "group")]
+    disk: Option<String>,
+    /// Every disk of a consistency group.
+    #[arg(long)]
+    group: Option<String>,
+    /// Every disk of the appliance.
+    #[arg(long, conflicts_with_all = ["disk", "group"], required_unless_present_any = ["disk", "group"])]
+    all: bool,
+}
+
+#[derive(Debug, Args)]
+struct BandwidthArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Bytes per second ("100MiB", "1GB", plain bytes; "/s" optional), or "off".
+    limit: String,
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Version => {
-            println!(
-                "ferry {} (journal record format {})",
-                env!("CARGO_PKG_VERSION"),
-                ferry_appliance::core::record::RECORD_VERSION
-            );
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Status(args) => status(args),
+        Command::Pause(args) => select_command(args, true),
+        Command::Resume(args) => select_command(args, false),
+        Command::Bandwidth(args) => bandwidth(args),
+        Command::Version => version(),
+        Command::Identity { state_dir } => print_identity(&state_dir),
+        Command::Tui(args) => tui(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // A reader that went away (`ferry status | head`) is not a failure.
+            let broken_pipe = error
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|error| error.kind() == std::io::ErrorKind::BrokenPipe);
+            if broken_pipe {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("ferry: error: {}", error_chain(&error));
+            ExitCode::from(1)
         }
-        Command::Identity { state_dir } => print_identity(&state_dir)?,
-        Command::Tui(args) => tui(args)?,
     }
+}
+
+/// The error and its causes, skipping a cause whose text the message already contains (many
+/// error types print their source inline).
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
+}
+
+/// Prints to stdout, reporting a closed pipe as an error instead of panicking like `print!`.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    stdout.flush()?;
     Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let config = Config::load(&args.config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ferry")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(daemon::run_until_signal(config))?;
+    Ok(())
+}
+
+fn control_socket(connect: &ConnectArgs) -> anyhow::Result<PathBuf> {
+    if let Some(socket) = &connect.socket {
+        return Ok(socket.clone());
+    }
+    if let Some(path) = &connect.config {
+        return Ok(Config::load(path)?.control_socket().to_path_buf());
+    }
+    Ok(PathBuf::from(CONTROL_SOCKET_DEFAULT))
+}
+
+fn connect(connect: &ConnectArgs) -> anyhow::Result<Client> {
+    let socket = control_socket(connect)?;
+    Ok(Client::connect(Path::new(&socket))?)
+}
+
+fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let snapshot = connect(&args.connect)?.status()?;
+    if args.json {
+        emit(&format!("{}\n", serde_json::to_string_pretty(&snapshot)?))
+    } else {
+        emit(&daemon::table::format_status(&snapshot))
+    }
+}
+
+fn select_command(args: SelectArgs, pause: bool) -> anyhow::Result<()> {
+    let selector = DiskSelector {
+        disk: args.disk,
+        group: args.group,
+    };
+    let request = if pause {
+        Request::Pause { selector }
+    } else {
+        Request::Resume { selector }
+    };
+    emit(&format!("{}\n", connect(&args.connect)?.command(&request)?))
+}
+
+fn bandwidth(args: BandwidthArgs) -> anyhow::Result<()> {
+    let bytes_per_s = match args.limit.trim() {
+        "off" | "none" | "unlimited" => None,
+        text => {
+            let text = text.strip_suffix("/s").unwrap_or(text);
+            Some(ferry_appliance::config::parse_size(text).map_err(anyhow::Error::msg)?)
+        }
+    };
+    emit(&format!(
+        "{}\n",
+        connect(&args.connect)?.command(&Request::SetBandwidth { bytes_per_s })?
+    ))
+}
+
+fn version() -> anyhow::Result<()> {
+    emit(&format!(
+        "ferry {} (journal record format {})\n",
+        env!("CARGO_PKG_VERSION"),
+        ferry_appliance::core::record::RECORD_VERSION
+    ))
 }
 
 fn print_identity(state_dir: &std::path::Path) -> anyhow::Result<()> {
     let identity =
         ferry_appliance::io::transport::Identity::load_or_create(&state_dir.join("keys"))?;
-    println!("{}", identity.fingerprint);
-    Ok(())
+    emit(&format!("{}\n", identity.fingerprint))
 }
 
 fn tui(args: TuiArgs) -> anyhow::Result<()> {
-    use std::io::IsTerminal;
     if !std::io::stdout().is_terminal() {
         anyhow::bail!("ferry tui needs a terminal (ssh -t for a remote one)");
     }

@@ -1,1 +1,291 @@
 //! The appliance daemon: event loop, control socket, metrics, signals.
+//!
+//! [`Daemon::start`] builds a running appliance from a validated [`Config`]: it lays out the state
+//! dir, opens the protected disks, binds the control socket (owner-only) and the optional
+//! metrics listener, and spawns the event loop. The loop owns the mutable state and handles one
+//! closed [`Event`] enum: control commands, the once-a-second tick, shutdown. Components report
+//! their figures into the shared [`StatusModel`]; the control socket and `/metrics` read it.
+//! [`run_until_signal`] is `ferry run`: start, wait for SIGTERM/SIGINT, shut down cleanly.
+
+pub mod client;
+mod commands;
+mod control_server;
+pub mod layout;
+pub mod metrics;
+mod notify;
+pub mod status;
+pub mod table;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+pub use self::client::{Client, ClientError};
+pub use self::layout::StateLayout;
+pub use self::status::{DiskStats, StatusModel};
+use crate::config::Config;
+use crate::control::{Request, Response};
+
+/// Commands queued for the event loop before senders wait.
+const EVENT_QUEUE_CAPACITY: usize = 64;
+/// How often rates are refreshed.
+pub const TICK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why the appliance could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("state dir {}: {operation} failed: {source}", path.display())]
+    StateDir {
+        path: PathBuf,
+        operation: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("control socket {}: {operation} failed: {source}", path.display())]
+    ControlSocket {
+        path: PathBuf,
+        operation: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("control socket {}: another appliance is running and answering on it", path.display())]
+    AlreadyRunning { path: PathBuf },
+    #[error("control socket {}: the path exists and is not a socket; refusing to replace it", path.display())]
+    NotASocket { path: PathBuf },
+    #[error("metrics listener {address}: bind failed: {source}")]
+    Metrics {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A protected disk cannot be opened; `key` is its config key path.
+    #[error("disk {disk} ({key} = {}): {operation} failed: {source}", path.display())]
+    Disk {
+        disk: String,
+        key: String,
+        path: PathBuf,
+        operation: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+    #[error("the event loop stopped unexpectedly: {0}")]
+    EventLoop(String),
+}
+
+/// What the event loop reacts to. Closed on purpose: a new kind of input is a new variant and
+/// one arm in the loop, never a callback registered from elsewhere.
+pub(crate) enum Event {
+    /// A control command other than `status` (which is served from the status model directly).
+    Command {
+        request: Request,
+        reply: oneshot::Sender<Response>,
+    },
+}
+
+/// A running appliance.
+pub struct Daemon {
+    status: Arc<StatusModel>,
+    layout: StateLayout,
+    control_socket: PathBuf,
+    control_socket_identity: (u64, u64),
+    metrics_address: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    event_loop: JoinHandle<()>,
+    servers: Vec<JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Starts an appliance. Returns once the control socket accepts connections; everything
+    /// else runs on the current tokio runtime.
+    pub async fn start(config: Config) -> Result<Self, DaemonError> {
+        let config = Arc::new(config);
+        let layout = StateLayout::new(&config.appliance.state_dir);
+        layout.create()?;
+        if let Some(target) = &config.target {
+            layout::create_private_dir(&target.storage_dir)?;
+        }
+        let status = Arc::new(StatusModel::from_config(&config));
+        if let Some(source) = &config.source {
+            for (machine_index, machine) in source.machine.iter().enumerate() {
+                for (disk_index, disk) in machine.disks.iter().enumerate() {
+                    let key = format!("source.machine[{machine_index}].disks[{disk_index}].path");
+                    let size_bytes = layout::probe_disk(&machine.name, disk, key)?;
+                    if let Some(stats) = status.disk_by_id(disk.id) {
+                        stats.set_size_bytes(size_bytes);
+                    }
+                }
+            }
+        }
+
+        // The control socket first: it is what tells a second appliance on the same config that
+        // one is already running.
+        let bound = control_server::bind(config.control_socket())?;
+        let control_socket = bound.path.clone();
+        let control_socket_identity = bound.identity();
+        let metrics_listener = match config.appliance.metrics_listen {
+            Some(address) => match TcpListener::bind(address).await {
+                Ok(listener) => Some(listener),
+                Err(source) => {
+                    control_server::BoundSocket::remove_file(
+                        &control_socket,
+                        control_socket_identity,
+                    );
+                    return Err(DaemonError::Metrics { address, source });
+                }
+            },
+            None => None,
+        };
+        let metrics_address = metrics_listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok());
+
+        let (shutdown, shutdown_receiver) = watch::channel(false);
+        let (events, event_receiver) = mpsc::channel(EVENT_QUEUE_CAPACITY);
+        let mut servers = vec![tokio::spawn(control_server::serve(
+            bound.listener,
+            status.clone(),
+            events,
+            shutdown_receiver.clone(),
+        ))];
+        if let Some(listener) = metrics_listener {
+            servers.push(tokio::spawn(metrics::serve(
+                listener,
+                status.clone(),
+                shutdown_receiver.clone(),
+            )));
+        }
+        let event_loop = tokio::spawn(event_loop(
+            config.clone(),
+            status.clone(),
+            event_receiver,
+            shutdown_receiver,
+        ));
+
+        tracing::info!(
+            appliance = %config.appliance.name,
+            control_socket = %control_socket.display(),
+            metrics = ?metrics_address,
+            disks = status.disks().len(),
+            source = config.source.is_some(),
+            target = config.target.is_some(),
+            "appliance started"
+        );
+        if let Some(source) = &config.source {
+            if source.target_fingerprint.is_none() {
+                tracing::warn!(
+                    target_address = %source.target,
+                    "source.target_fingerprint is not set: writes are journaled but nothing is shipped until the target is pinned"
+                );
+            }
+        }
+        Ok(Self {
+            status,
+            layout,
+            control_socket,
+            control_socket_identity,
+            metrics_address,
+            shutdown,
+            event_loop,
+            servers,
+        })
+    }
+
+    /// The shared status model (components update it; snapshots read it).
+    pub fn status(&self) -> &Arc<StatusModel> {
+        &self.status
+    }
+
+    pub fn layout(&self) -> &StateLayout {
+        &self.layout
+    }
+
+    pub fn control_socket(&self) -> &Path {
+        &self.control_socket
+    }
+
+    /// The address the metrics listener actually bound (a configured port 0 is resolved).
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.metrics_address
+    }
+
+    /// Resolves when the event loop stops on its own, which only a bug or a fatal component
+    /// error does.
+    pub async fn stopped(&mut self) -> DaemonError {
+        match (&mut self.event_loop).await {
+            Ok(()) => DaemonError::EventLoop("it returned".to_string()),
+            Err(error) => DaemonError::EventLoop(error.to_string()),
+        }
+    }
+
+    /// Stops accepting commands, lets the event loop finish (flushing what it owns), stops the
+    /// servers and removes the control socket.
+    pub async fn shutdown(self) -> Result<(), DaemonError> {
+        let _ = self.shutdown.send(true);
+        let loop_result = self.event_loop.await;
+        for server in self.servers {
+            let _ = server.await;
+        }
+        control_server::BoundSocket::remove_file(
+            &self.control_socket,
+            self.control_socket_identity,
+        );
+        tracing::info!("appliance stopped");
+        loop_result.map_err(|error| DaemonError::EventLoop(error.to_string()))
+    }
+}
+
+async fn event_loop(
+    config: Arc<Config>,
+    status: Arc<StatusModel>,
+    mut events: mpsc::Receiver<Event>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(TICK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(Event::Command { request, reply }) => {
+                    let response = commands::dispatch(&config, &status, request);
+                    let _ = reply.send(response);
+                }
+                None => break,
+            },
+            _ = tick.tick() => status.tick(Instant::now()),
+            _ = shutdown.changed() => break,
+        }
+    }
+    // Components that own durable state (the journal) flush here, before the process exits.
+}
+
+/// `ferry run`: starts the appliance, tells systemd it is ready, and runs until SIGTERM or
+/// SIGINT, then shuts down cleanly.
+pub async fn run_until_signal(config: Config) -> Result<(), DaemonError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Handlers go in before anything starts, so a signal during start-up is not fatal mid-way.
+    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+    let mut daemon = Daemon::start(config).await?;
+    notify::notify("READY=1");
+    let failure = tokio::select! {
+        _ = terminate.recv() => { tracing::info!("SIGTERM: shutting down"); None }
+        _ = interrupt.recv() => { tracing::info!("SIGINT: shutting down"); None }
+        error = daemon.stopped() => Some(error),
+    };
+    notify::notify("STOPPING=1");
+    if let Some(error) = failure {
+        control_server::BoundSocket::remove_file(
+            &daemon.control_socket,
+            daemon.control_socket_identity,
+        );
+        return Err(error);
+    }
+    daemon.shutdown().await
+}
