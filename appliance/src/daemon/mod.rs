@@ -289,3 +289,6 @@ pub async fn run_until_signal(config: Config) -> Result<(), DaemonError> {
     }
     daemon.shutdown().await
 }
+
+#[cfg(test)]
+mod tests;
