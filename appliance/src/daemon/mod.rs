@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 
 pub use self::client::{Client, ClientError};
 pub use self::layout::StateLayout;
-pub use self::status::{DiskStats, StatusModel};
+pub use self::status::{DiskSample, DiskStats, StatusModel};
 use crate::config::Config;
 use crate::control::{Request, Response};
 

@@ -63,6 +63,15 @@ struct PendingBucket {
     last_sequence: u64,
 }
 
+/// What a component that keeps its own per-disk counters (capture) reports to the sampler.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DiskSample {
+    pub state: DiskState,
+    pub bytes_written: u64,
+    /// Highest journal sequence of this disk.
+    pub last_sequence: u64,
+}
+
 /// Live figures of one protected disk. Cheap to update from any thread.
 #[derive(Debug)]
 pub struct DiskStats {
@@ -156,18 +165,38 @@ impl DiskStats {
     pub fn record_write(&self, sequence: u64, bytes: u64, now: Instant) {
         self.bytes_written.fetch_add(bytes, Ordering::Relaxed);
         self.last_sequence.fetch_max(sequence, Ordering::Relaxed);
+        self.note_pending(sequence, now);
+    }
+
+    /// Records that writes up to `sequence`, the first of them made at `first_time` or later,
+    /// wait for the target's acknowledgement.
+    fn note_pending(&self, sequence: u64, first_time: Instant) {
         let mut pending = lock(&self.pending);
         let full = pending.len() >= RPO_BUCKETS_MAX;
         match pending.back_mut() {
             Some(bucket)
-                if full || now.saturating_duration_since(bucket.first_time) < RPO_BUCKET_SPAN =>
+                if full
+                    || first_time.saturating_duration_since(bucket.first_time) < RPO_BUCKET_SPAN =>
             {
                 bucket.last_sequence = bucket.last_sequence.max(sequence);
             }
             _ => pending.push_back(PendingBucket {
-                first_time: now,
+                first_time,
                 last_sequence: sequence,
             }),
+        }
+    }
+
+    /// Takes the figures of a component that keeps its own counters (capture): called by the
+    /// daemon's sampler with the instant of its previous sample (`since`) and of this one.
+    /// New sequences are timed from `since`, so RPO lag is overestimated by at most one sample
+    /// interval, never underestimated.
+    pub fn observe(&self, sample: &DiskSample, since: Instant) {
+        self.set_state(sample.state);
+        self.bytes_written.fetch_max(sample.bytes_written, Ordering::Relaxed);
+        let previous = self.last_sequence.fetch_max(sample.last_sequence, Ordering::Relaxed);
+        if sample.last_sequence > previous && sample.last_sequence > self.acked_sequence() {
+            self.note_pending(sample.last_sequence, since);
         }
     }
 
@@ -511,6 +540,31 @@ mod tests {
         assert!(disk.rpo_lag_seconds(now) >= true_lag);
         disk.record_ack(writes);
         assert_eq!(disk.rpo_lag_seconds(now), 0.0);
+    }
+
+    #[test]
+    fn observed_samples_time_new_writes_from_the_previous_sample() {
+        let disk = disk();
+        let start = Instant::now();
+        let sample = |bytes_written, last_sequence| DiskSample {
+            state: DiskState::Protected,
+            bytes_written,
+            last_sequence,
+        };
+        // Samples at start, start+1s, start+2s; each passes the previous sample's instant.
+        disk.observe(&sample(0, 0), start);
+        assert_eq!(disk.rpo_lag_seconds(start + Duration::from_secs(1)), 0.0);
+        disk.observe(&sample(4096, 3), start);
+        assert_eq!(disk.state(), DiskState::Protected);
+        assert_eq!(disk.bytes_written(), 4096);
+        assert_eq!(disk.last_sequence(), 3);
+        assert_eq!(disk.rpo_lag_seconds(start + Duration::from_secs(3)), 3.0);
+        // Nothing new: the pending writes keep their age.
+        disk.observe(&sample(4096, 3), start + Duration::from_secs(1));
+        assert_eq!(disk.rpo_lag_seconds(start + Duration::from_secs(3)), 3.0);
+        disk.record_ack(3);
+        assert_eq!(disk.acked_sequence(), 3);
+        assert_eq!(disk.rpo_lag_seconds(start + Duration::from_secs(3)), 0.0);
     }
 
     #[test]
