@@ -24,7 +24,7 @@ pub const CERT_FILE_NAME: &str = "identity.crt";
 
 /// Subject name put into the self-signed certificate. Peers never check it: the fingerprint is
 /// the identity. It only makes the certificate readable with `openssl x509 -text`.
-const CERT_SUBJECT_NAME: &str = "ferry-appliance";
+pub(crate) const CERT_SUBJECT_NAME: &str = "ferry-appliance";
 
 const FINGERPRINT_PREFIX: &str = "sha256:";
 
@@ -194,6 +194,18 @@ impl Identity {
                 source,
             }),
         }
+    }
+
+    /// A fresh identity kept only in memory (benchmarks, tests); never written anywhere.
+    pub fn ephemeral() -> Result<Identity, IdentityError> {
+        let rcgen::CertifiedKey { cert, signing_key } =
+            rcgen::generate_simple_self_signed(vec![CERT_SUBJECT_NAME.to_owned()])?;
+        let cert_der = cert.der().clone();
+        Ok(Identity {
+            fingerprint: Fingerprint::of_certificate(&cert_der),
+            cert_der,
+            key_der: PrivatePkcs8KeyDer::from(signing_key.serialize_der()),
+        })
     }
 
     /// The private key in the form rustls takes.

@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 
-use super::{TransportError, Tuning};
+use super::{TransportError, Tuning, SOCKET_BUFFER_BYTES_ADEQUATE};
 
 /// Binds a UDP socket at `address` and sizes its buffers per `tuning`.
 pub(crate) fn bind_udp(address: SocketAddr, tuning: &Tuning) -> Result<UdpSocket, TransportError> {
@@ -38,7 +38,8 @@ pub(crate) fn bind_udp(address: SocketAddr, tuning: &Tuning) -> Result<UdpSocket
     }
     let recv_bytes = state.recv_buffer_size((&socket).into()).unwrap_or(0) / 2;
     let send_bytes = state.send_buffer_size((&socket).into()).unwrap_or(0) / 2;
-    if recv_bytes < wanted_bytes || send_bytes < wanted_bytes {
+    let adequate_bytes = wanted_bytes.min(SOCKET_BUFFER_BYTES_ADEQUATE);
+    if recv_bytes < adequate_bytes || send_bytes < adequate_bytes {
         tracing::warn!(
             %address,
             wanted_bytes,
@@ -48,7 +49,7 @@ pub(crate) fn bind_udp(address: SocketAddr, tuning: &Tuning) -> Result<UdpSocket
              net.core.wmem_max (see kernel-notes/quic-udp.md) or expect packet loss at high rates"
         );
     } else {
-        tracing::debug!(%address, recv_bytes, send_bytes, gso_segments_max = state.max_gso_segments(), "UDP socket ready");
+        tracing::debug!(%address, wanted_bytes, recv_bytes, send_bytes, gso_segments_max = state.max_gso_segments(), "UDP socket ready");
     }
     Ok(socket)
 }
