@@ -42,9 +42,16 @@ enum Command {
     /// Create this appliance's key pair if there is none yet and print its fingerprint
     /// (`sha256:…`), the form a peer's config takes. Needs no running appliance.
     Identity {
-        /// State directory of the appliance; the key pair lives in its `keys/` folder.
+        /// The appliance's config file; its `appliance.state_dir` holds the key pair.
+        #[arg(
+            long,
+            required_unless_present = "state_dir",
+            conflicts_with = "state_dir"
+        )]
+        config: Option<std::path::PathBuf>,
+        /// State directory of the appliance (instead of --config); keys live in `keys/`.
         #[arg(long)]
-        state_dir: std::path::PathBuf,
+        state_dir: Option<std::path::PathBuf>,
     },
     /// The operator console: status, charts and actions of a running appliance over its control
     /// socket; made for ssh sessions (keyboard only, `?` for help, `q` quits).
@@ -135,7 +142,7 @@ fn main() -> ExitCode {
         Command::Resume(args) => select_command(args, false),
         Command::Bandwidth(args) => bandwidth(args),
         Command::Version => version(),
-        Command::Identity { state_dir } => print_identity(&state_dir),
+        Command::Identity { config, state_dir } => print_identity(config, state_dir),
         Command::Tui(args) => tui(args),
     };
     match result {
@@ -263,9 +270,20 @@ fn version() -> anyhow::Result<()> {
     ))
 }
 
-fn print_identity(state_dir: &std::path::Path) -> anyhow::Result<()> {
-    let identity =
-        ferry_appliance::io::transport::Identity::load_or_create(&state_dir.join("keys"))?;
+fn print_identity(
+    config: Option<std::path::PathBuf>,
+    state_dir: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let state_dir = match (config, state_dir) {
+        (_, Some(state_dir)) => state_dir,
+        (Some(config), None) => ferry_appliance::config::Config::load(&config)?
+            .appliance
+            .state_dir
+            .clone(),
+        (None, None) => anyhow::bail!("ferry identity needs --config FILE or --state-dir DIR"),
+    };
+    let keys_dir = ferry_appliance::daemon::layout::StateLayout::new(&state_dir).keys;
+    let identity = ferry_appliance::io::transport::Identity::load_or_create(&keys_dir)?;
     emit(&format!("{}\n", identity.fingerprint))
 }
 

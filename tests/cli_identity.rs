@@ -45,3 +45,44 @@ fn identity_creates_once_and_prints_a_stable_fingerprint() {
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(message.contains("chmod 600"), "{message}");
 }
+
+#[test]
+fn identity_with_config_uses_the_configured_state_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().display();
+    let config_path = dir.path().join("target.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[appliance]\nname = \"site-b\"\nstate_dir = \"{root}/state\"\n\n\
+             [target]\nlisten = \"127.0.0.1:4433\"\nstorage_dir = \"{root}/replicas\"\n"
+        ),
+    )
+    .unwrap();
+    let by_config = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["identity", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(
+        by_config.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_config.stderr)
+    );
+    let fingerprint = String::from_utf8(by_config.stdout).unwrap();
+    assert!(fingerprint.starts_with("sha256:"), "{fingerprint}");
+    assert!(dir.path().join("state/keys/identity.key").exists());
+    // The same key pair as seen through the state dir directly.
+    let by_state_dir = ferry_identity(&dir.path().join("state"));
+    assert_eq!(String::from_utf8(by_state_dir.stdout).unwrap(), fingerprint);
+
+    std::fs::write(&config_path, "[appliance]\nname = 3\n").unwrap();
+    let broken = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["identity", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(!broken.status.success());
+    let message = String::from_utf8_lossy(&broken.stderr);
+    assert!(message.contains("appliance.name"), "{message}");
+}
