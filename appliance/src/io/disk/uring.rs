@@ -83,23 +83,6 @@ impl UringEngine {
     /// Sets up a ring of `entries` and its thread. Fails if io_uring is unavailable (disabled by
     /// `kernel.io_uring_disabled`, blocked by seccomp, or a kernel without the opcodes we use).
     pub fn new(fds: Fds, entries: u32, name: &str) -> io::Result<UringEngine> {
-        let ring: IoUring = IoUring::builder().build(entries)?;
-        let mut probe = Probe::new();
-        ring.submitter().register_probe(&mut probe)?;
-        for code in [
-            opcode::Read::CODE,
-            opcode::Write::CODE,
-            opcode::Fallocate::CODE,
-            opcode::Fsync::CODE,
-            opcode::PollAdd::CODE,
-        ] {
-            if !probe.is_supported(code) {
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    format!("io_uring opcode {code} not supported by this kernel"),
-                ));
-            }
-        }
         // SAFETY: plain syscall; the returned fd (checked below) becomes owned by `OwnedFd`.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if raw < 0 {
@@ -116,15 +99,68 @@ impl UringEngine {
             wake_pending: AtomicBool::new(false),
             eventfd,
         });
+        // The ring is created on its own thread: with IORING_SETUP_SINGLE_ISSUER the creating
+        // task is the only one allowed to submit.
+        let (setup_sender, setup_receiver) = std::sync::mpsc::sync_channel(1);
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("disk-uring-{name}"))
-            .spawn(move || RingThread::new(ring, fds, thread_shared).run())?;
+            .spawn(move || match build_ring(entries) {
+                Ok(ring) => {
+                    let _ = setup_sender.send(Ok(()));
+                    RingThread::new(ring, fds, thread_shared).run();
+                }
+                Err(error) => {
+                    let _ = setup_sender.send(Err(error));
+                }
+            })?;
+        let setup = setup_receiver
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("io_uring thread exited during set-up")));
+        if let Err(error) = setup {
+            let _ = thread.join();
+            return Err(error);
+        }
         Ok(UringEngine {
             shared,
             thread: Some(thread),
         })
     }
+}
+
+/// Builds the ring and checks that the kernel has every opcode we use. Fails if io_uring is
+/// unavailable (disabled by `kernel.io_uring_disabled`, blocked by seccomp, or too old).
+fn build_ring(entries: u32) -> io::Result<IoUring> {
+    // Only this thread submits and reaps, so tell the kernel: completions are then processed
+    // when we enter the ring to wait (DEFER_TASKRUN) instead of interrupting us (needs 6.1).
+    let ring = match IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(entries)
+    {
+        Ok(ring) => ring,
+        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+            IoUring::builder().build(entries)?
+        }
+        Err(error) => return Err(error),
+    };
+    let mut probe = Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    for code in [
+        opcode::Read::CODE,
+        opcode::Write::CODE,
+        opcode::Fallocate::CODE,
+        opcode::Fsync::CODE,
+        opcode::PollAdd::CODE,
+    ] {
+        if !probe.is_supported(code) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("io_uring opcode {code} not supported by this kernel"),
+            ));
+        }
+    }
+    Ok(ring)
 }
 
 impl Engine for UringEngine {
