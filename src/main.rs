@@ -60,9 +60,8 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct TuiArgs {
-    /// The appliance's control socket.
-    #[arg(long, env = "FERRY_SOCKET", default_value = "/run/ferry/ferry.sock")]
-    socket: std::path::PathBuf,
+    #[command(flatten)]
+    connect: ConnectArgs,
     /// Hide every action: a console that can only look.
     #[arg(long)]
     readonly: bool,
@@ -291,9 +290,9 @@ fn tui(args: TuiArgs) -> anyhow::Result<()> {
     if !std::io::stdout().is_terminal() {
         anyhow::bail!("ferry tui needs a terminal (ssh -t for a remote one)");
     }
-    let endpoint = args.socket.display().to_string();
-    let appliance =
-        ferry_tui::SocketAppliance::new(&args.socket, std::time::Duration::from_secs(5));
+    let socket = control_socket(&args.connect)?;
+    let endpoint = socket.display().to_string();
+    let appliance = ferry_tui::SocketAppliance::new(&socket, std::time::Duration::from_secs(5));
     let options = ferry_tui::RunOptions {
         readonly: args.readonly,
         color: args.color,

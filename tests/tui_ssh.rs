@@ -69,7 +69,10 @@ impl Tmux {
             if check(&screen) {
                 return screen;
             }
-            assert!(start.elapsed() < DEADLINE, "waited {DEADLINE:?} for {what}; screen:\n{screen}");
+            assert!(
+                start.elapsed() < DEADLINE,
+                "waited {DEADLINE:?} for {what}; screen:\n{screen}"
+            );
             std::thread::sleep(POLL);
         }
     }
@@ -77,7 +80,11 @@ impl Tmux {
 
 impl Drop for Tmux {
     fn drop(&mut self) {
-        let _ = self.command().arg("kill-server").stderr(Stdio::null()).status();
+        let _ = self
+            .command()
+            .arg("kill-server")
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -145,7 +152,10 @@ fn start_sshd(dir: &Path, user: &str) -> (Reaped, u16, PathBuf) {
 /// Writes an appliance config (two groups, three small raw disks) and starts `ferry run`.
 fn start_appliance(dir: &Path) -> (Reaped, PathBuf) {
     for name in ["web-1-os", "web-1-data", "db-1-os"] {
-        std::fs::File::create(dir.join(format!("{name}.raw"))).unwrap().set_len(1 << 20).unwrap();
+        std::fs::File::create(dir.join(format!("{name}.raw")))
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
     }
     let root = dir.display();
     let config = dir.join("ferry.toml");
@@ -161,7 +171,7 @@ control_socket = "{root}/run/ferry.sock"
 [source]
 journal_size = "8MiB"
 target = "127.0.0.1:9"
-target_fingerprint = "sha256:{zeros}"
+target_fingerprint = "sha256:..."
 
 [[source.group]]
 name = "app"
@@ -186,7 +196,6 @@ name = "db-1"
 group = "db"
 disks = [{{ name = "os", path = "{root}/db-1-os.raw", export = "{root}/run/db-1-os.sock" }}]
 "#,
-            zeros = "0".repeat(64)
         ),
     )
     .unwrap();
@@ -211,7 +220,11 @@ disks = [{{ name = "os", path = "{root}/db-1-os.raw", export = "{root}/run/db-1-
                 std::fs::read_to_string(dir.join("ferry.log")).unwrap_or_default()
             );
         }
-        assert!(start.elapsed() < DEADLINE, "the appliance did not answer on {}", socket.display());
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the appliance did not answer on {}",
+            socket.display()
+        );
         std::thread::sleep(POLL);
     }
     (appliance, socket)
@@ -227,10 +240,16 @@ fn console_pids(socket: &Path) -> Vec<u32> {
     let needle = socket.to_str().unwrap();
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let args: Vec<String> =
-            cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
         let is_console = args.first().is_some_and(|a| a.ends_with("/ferry"))
             && args.iter().any(|a| a == "tui")
             && args.iter().any(|a| a == needle);
@@ -255,7 +274,9 @@ fn console_over_ssh_in_tmux() {
     let user = current_user();
     let (_appliance, socket) = start_appliance(dir.path());
     let (_sshd, port, key) = start_sshd(dir.path(), &user);
-    let tmux = Tmux { socket: dir.path().join("tmux.sock") };
+    let tmux = Tmux {
+        socket: dir.path().join("tmux.sock"),
+    };
 
     // The shell around ssh reports how ssh ended and keeps the pane open to be read.
     let ssh = |session: &str, extra: &str| {
@@ -267,18 +288,33 @@ fn console_over_ssh_in_tmux() {
             key = key.display(),
             socket = socket.display(),
         );
-        tmux.run(&["new-session", "-d", "-s", session, "-x", "100", "-y", "30", &command]);
+        tmux.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            session,
+            "-x",
+            "100",
+            "-y",
+            "30",
+            &command,
+        ]);
     };
 
     ssh("ops", "");
     let screen = tmux.wait_for("ops", "the overview", |s| {
         s.contains("site-a") && s.contains("web-1/os") && s.contains("db-1/os")
     });
-    assert!(screen.contains("NAME") && screen.contains("JOURNAL"), "{screen}");
+    assert!(
+        screen.contains("NAME") && screen.contains("JOURNAL"),
+        "{screen}"
+    );
 
     // Filter to the db group and open its detail screen.
     tmux.keys("ops", &["/", "db-1", "Enter", "g", "Enter"]);
-    tmux.wait_for("ops", "the db group's detail", |s| s.contains("recovery points of group db"));
+    tmux.wait_for("ops", "the db group's detail", |s| {
+        s.contains("recovery points of group db")
+    });
 
     // Help and back.
     tmux.keys("ops", &["?"]);
@@ -288,8 +324,13 @@ fn console_over_ssh_in_tmux() {
 
     // Cut a recovery point: the dialog states the consequence, focus starts on Cancel.
     tmux.keys("ops", &["g", "r"]);
-    let dialog = tmux.wait_for("ops", "the recovery point dialog", |s| s.contains("Recovery point now"));
-    assert!(dialog.contains("Cuts a crash-consistent recovery point of group db"), "{dialog}");
+    let dialog = tmux.wait_for("ops", "the recovery point dialog", |s| {
+        s.contains("Recovery point now")
+    });
+    assert!(
+        dialog.contains("Cuts a crash-consistent recovery point of group db"),
+        "{dialog}"
+    );
     assert!(dialog.contains("> Cancel <"), "{dialog}");
     tmux.keys("ops", &["Tab", "Enter"]);
     // The console shows the appliance's own answer, whatever it is.
@@ -297,36 +338,55 @@ fn console_over_ssh_in_tmux() {
         s.contains("done: crash-consistent recovery point of group db")
             || s.contains("failed: crash-consistent recovery point of group db")
     });
+    eprintln!("the console after cutting a recovery point:\n{answered}");
     if answered.contains("done:") {
         let mut client = ferry_tui::SocketAppliance::new(&socket, Duration::from_secs(5));
         let start = Instant::now();
         loop {
-            let status = client.fetch_status().expect("status after the recovery point");
-            let db = status.groups.iter().find(|group| group.name == "db").expect("group db");
+            let status = client
+                .fetch_status()
+                .expect("status after the recovery point");
+            let db = status
+                .groups
+                .iter()
+                .find(|group| group.name == "db")
+                .expect("group db");
             if !db.recovery_points.is_empty() {
                 break;
             }
-            assert!(start.elapsed() < DEADLINE, "no recovery point listed for group db: {db:?}");
+            assert!(
+                start.elapsed() < DEADLINE,
+                "no recovery point listed for group db: {db:?}"
+            );
             std::thread::sleep(POLL);
         }
     }
 
     // Resize below 80x20 and back: the console redraws for each size.
     tmux.run(&["resize-window", "-t", "ops", "-x", "70", "-y", "18"]);
-    tmux.wait_for("ops", "the too-small screen", |s| s.contains("terminal too small"));
+    tmux.wait_for("ops", "the too-small screen", |s| {
+        s.contains("terminal too small")
+    });
     tmux.run(&["resize-window", "-t", "ops", "-x", "100", "-y", "30"]);
-    tmux.wait_for("ops", "the overview after resize", |s| s.contains("db-1/os"));
+    tmux.wait_for("ops", "the overview after resize", |s| {
+        s.contains("db-1/os")
+    });
 
     // q quits, ssh ends cleanly, and the alternate screen is gone.
     tmux.keys("ops", &["q"]);
     let after = tmux.wait_for("ops", "ssh to exit", |s| s.contains("ssh-exited-"));
     assert!(after.contains("ssh-exited-0"), "{after}");
-    assert!(!after.contains("JOURNAL"), "the console's screen was left behind:\n{after}");
+    assert!(
+        !after.contains("JOURNAL"),
+        "the console's screen was left behind:\n{after}"
+    );
 
     // A dropped session: kill the tmux session (SIGHUP to ssh), and the console on the far
     // side of sshd must exit, not spin.
     ssh("dropped", "--readonly");
-    tmux.wait_for("dropped", "the read-only overview", |s| s.contains("READ-ONLY") && s.contains("db-1/os"));
+    tmux.wait_for("dropped", "the read-only overview", |s| {
+        s.contains("READ-ONLY") && s.contains("db-1/os")
+    });
     let pids = console_pids(&socket);
     assert_eq!(pids.len(), 1, "one console running: {pids:?}");
     let pid = pids[0];
@@ -342,7 +402,11 @@ fn console_over_ssh_in_tmux() {
         std::thread::sleep(POLL);
         // A zombie waiting for sshd to reap it has exited; stat shows state Z.
         let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if state.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')) {
+        if state
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        {
             break;
         }
     }
