@@ -385,6 +385,20 @@ pub struct Journal<S: SegmentStore> {
     poisoned: Option<String>,
 }
 
+impl<S: SegmentStore> std::fmt::Debug for Journal<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("segment_count", &self.segment_count)
+            .field("segment_bytes", &self.segment_bytes)
+            .field("first_seq", &self.first_seq())
+            .field("last_seq", &self.last_seq())
+            .field("durable_seq", &self.durable_seq)
+            .field("usage", &self.usage())
+            .field("poisoned", &self.poisoned)
+            .finish()
+    }
+}
+
 impl<S: SegmentStore> Journal<S> {
     /// Opens the journal in `store`: recovers the log after a crash (see the module docs),
     /// reports what it kept and dropped, and makes everything kept durable. A blank store opens
