@@ -1,1 +1,129 @@
-fn main() {}
+//! Cache journal append throughput (memory-mapped segment files in a temporary directory on the
+//! local filesystem) for 4 KiB and 64 KiB records: without flushing (segment rollovers still
+//! flush, as they must), with a durable flush per record, and with a flush every 16 records
+//! (group commit), beside a plain memcpy of the same bytes into a buffer as large as the
+//! journal. A second group measures the first lap over freshly created files, with and without
+//! writing zeros over them at creation. Results: benches/RESULTS.md.
+
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ferry_appliance::core::journal::{Journal, JournalError, RecordSpec};
+use ferry_appliance::core::record::RecordKind;
+use ferry_appliance::io::mmap_journal::{open_journal_with, CreateOptions, MmapSegments};
+
+/// 4 segments of 64 MiB: the daemon's default segment size.
+const JOURNAL_BYTES: u64 = 256 << 20;
+/// Records kept unreleased behind the head, like a shipper that is a little behind.
+const HELD_RECORDS_BYTES: usize = 32 << 20;
+
+fn spec(payload: &[u8], timestamp_ns: u64) -> RecordSpec<'_> {
+    RecordSpec {
+        kind: RecordKind::Write,
+        disk_id: 1,
+        offset: timestamp_ns * payload.len() as u64,
+        length: payload.len() as u64,
+        timestamp_ns,
+        payload,
+    }
+}
+
+/// Appends `iters` records, flushing after every `flush_every` records (0: never), releasing
+/// what is more than `HELD_RECORDS_BYTES` behind the head, and returns the time taken.
+fn run(journal: &mut Journal<MmapSegments>, payload: &[u8], iters: u64, flush_every: u64) -> Duration {
+    let held_records = (HELD_RECORDS_BYTES / payload.len()) as u64;
+    let start = Instant::now();
+    for i in 0..iters {
+        let seq = match journal.append(&spec(payload, i)) {
+            Ok(seq) => seq,
+            Err(JournalError::Full { .. }) => {
+                // Only when the shipper-lag window exceeds what is durable: make room.
+                journal.flush(journal.last_seq()).expect("flush");
+                journal.release(journal.last_seq());
+                journal.append(&spec(payload, i)).expect("append after release")
+            }
+            Err(other) => panic!("append: {other}"),
+        };
+        if flush_every > 0 && (i + 1) % flush_every == 0 {
+            journal.flush(seq).expect("flush");
+        }
+        if seq > held_records {
+            journal.release(seq - held_records);
+        }
+    }
+    if flush_every > 0 {
+        journal.flush(journal.last_seq()).expect("flush");
+    }
+    start.elapsed()
+}
+
+fn append(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut journal, _) =
+        open_journal_with(dir.path(), JOURNAL_BYTES, CreateOptions::default()).expect("open journal");
+    // Warm the files: one lap over the whole ring.
+    let warm = vec![0u8; 64 << 10];
+    run(&mut journal, &warm, (JOURNAL_BYTES / (64 << 10)) + 16, 0);
+
+    let mut group = c.benchmark_group("journal_append");
+    for payload_bytes in [4usize << 10, 64 << 10] {
+        let payload: Vec<u8> = (0..payload_bytes).map(|i| (i * 7 + 3) as u8).collect();
+        group.throughput(Throughput::Bytes(payload_bytes as u64));
+        let label = format!("{}KiB", payload_bytes >> 10);
+
+        let mut target = vec![0u8; JOURNAL_BYTES as usize];
+        let slots = target.len() / payload_bytes;
+        let mut slot = 0;
+        group.bench_function(BenchmarkId::new("memcpy", &label), |b| {
+            b.iter(|| {
+                let offset = slot * payload_bytes;
+                target[offset..offset + payload_bytes].copy_from_slice(&payload);
+                slot = (slot + 1) % slots;
+                std::hint::black_box(&target[offset]);
+            })
+        });
+        group.bench_function(BenchmarkId::new("append_no_flush", &label), |b| {
+            b.iter_custom(|iters| run(&mut journal, &payload, iters, 0))
+        });
+        group.bench_function(BenchmarkId::new("append_flush_every_16", &label), |b| {
+            b.iter_custom(|iters| run(&mut journal, &payload, iters, 16))
+        });
+        group.bench_function(BenchmarkId::new("append_flush_each", &label), |b| {
+            b.iter_custom(|iters| run(&mut journal, &payload, iters, 1))
+        });
+    }
+    group.finish();
+}
+
+/// The first lap over new files: appends with a flush every record, on files that were only
+/// fallocated (unwritten extents) versus files that were also written with zeros.
+fn first_lap(c: &mut Criterion) {
+    let mut group = c.benchmark_group("journal_first_lap_flush_each");
+    group.sample_size(10);
+    let payload = vec![0x3cu8; 4 << 10];
+    group.throughput(Throughput::Bytes(payload.len() as u64));
+    for (name, prezero) in [("prezeroed", true), ("fallocate_only", false)] {
+        group.bench_function(BenchmarkId::new(name, "4KiB"), |b| {
+            b.iter_custom(|iters| {
+                // A fresh 8 MiB journal per batch (created outside the timing); batches never
+                // leave its first lap.
+                let mut total = Duration::ZERO;
+                let mut remaining = iters;
+                while remaining > 0 {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    let (mut journal, _) =
+                        open_journal_with(dir.path(), 8 << 20, CreateOptions { prezero })
+                            .expect("open journal");
+                    let batch = remaining.min(1500);
+                    total += run(&mut journal, &payload, batch, 1);
+                    remaining -= batch;
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, append, first_lap);
+criterion_main!(benches);
