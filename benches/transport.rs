@@ -26,6 +26,20 @@ fn main() -> anyhow::Result<()> {
     if let Some(mebibytes) = environment_number("FERRY_BENCH_SOCKET_MIB") {
         options.tuning.socket_buffer_bytes = (mebibytes << 20) as usize;
     }
+    if let Some(mebibytes) = environment_number("FERRY_BENCH_STREAM_WINDOW_MIB") {
+        options.tuning.stream_receive_window_bytes = (mebibytes << 20) as u32;
+    }
+    if let Some(mebibytes) = environment_number("FERRY_BENCH_SEND_WINDOW_MIB") {
+        options.tuning.send_window_bytes = mebibytes << 20;
+    }
+    if let Ok(only) = std::env::var("FERRY_BENCH_ONLY") {
+        options.links = match only.as_str() {
+            "ferry" => vec![Link::Ferry],
+            "quinn" => vec![Link::PlainQuinn],
+            "tcp" => vec![Link::Tcp],
+            other => anyhow::bail!("FERRY_BENCH_ONLY={other}: expected ferry, quinn or tcp"),
+        };
+    }
     if let Some(initial_mtu) = environment_number("FERRY_BENCH_INITIAL_MTU") {
         options.tuning.initial_mtu = initial_mtu as u16;
     }

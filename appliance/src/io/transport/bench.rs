@@ -31,6 +31,8 @@ pub struct BenchOptions {
     pub rounds: u32,
     /// Ferry's tuning for its link.
     pub tuning: Tuning,
+    /// Links to measure (all three by default; profiling runs pick one).
+    pub links: Vec<Link>,
 }
 
 impl Default for BenchOptions {
@@ -40,6 +42,7 @@ impl Default for BenchOptions {
             frame_bytes: 1 << 20,
             rounds: 3,
             tuning: Tuning::default(),
+            links: vec![Link::Ferry, Link::PlainQuinn, Link::Tcp],
         }
     }
 }
@@ -111,9 +114,13 @@ pub fn run(options: &BenchOptions) -> Result<Vec<Run>, BenchError> {
     let frame = Bytes::from(pseudo_random_bytes(options.frame_bytes));
     let mut runs = Vec::new();
     for _ in 0..options.rounds {
-        runs.push(ferry_link(options, &source, &target, frame.clone())?);
-        runs.push(plain_quinn(options, &target, frame.clone())?);
-        runs.push(tcp(options, frame.clone())?);
+        for link in &options.links {
+            runs.push(match link {
+                Link::Ferry => ferry_link(options, &source, &target, frame.clone())?,
+                Link::PlainQuinn => plain_quinn(options, &target, frame.clone())?,
+                Link::Tcp => tcp(options, frame.clone())?,
+            });
+        }
     }
     Ok(runs)
 }
@@ -444,7 +451,7 @@ mod tests {
             total_bytes: 8 << 20,
             frame_bytes: 1 << 20,
             rounds: 1,
-            tuning: Tuning::default(),
+            ..BenchOptions::default()
         };
         let runs = run(&options).unwrap();
         assert_eq!(runs.len(), 3);
