@@ -626,3 +626,56 @@ async fn bandwidth_limit_slows_the_sender_and_can_be_lifted() {
         "unlimited 16 MiB took {unlimited:?}"
     );
 }
+
+#[tokio::test]
+async fn frame_receive_survives_cancellation_mid_frame() {
+    let appliances = appliances();
+    let tuning = Tuning::default();
+    let mut target = TargetEndpoint::bind(
+        loopback(),
+        &appliances.target,
+        peers_of(&appliances.source),
+        &tuning,
+    )
+    .unwrap();
+    let dialer = SourceDialer::new(
+        target.local_address(),
+        &appliances.source,
+        appliances.target.fingerprint,
+        &tuning,
+        None,
+    )
+    .unwrap();
+    let (source_side, target_side) = tokio::join!(dialer.connect_once(), accept(&mut target));
+    let PeerConnection {
+        live: mut source_live,
+        ..
+    } = source_side.unwrap();
+    let mut target_side = target_side;
+    let frames: Vec<Bytes> = (0..8u8).map(|index| pattern(index, 1 << 20)).collect();
+    let sent = frames.clone();
+    let sender = tokio::spawn(async move {
+        for frame in sent {
+            source_live.sender.send(frame).await?;
+        }
+        Ok::<_, TransportError>(source_live)
+    });
+    // Poll with a tiny timeout so that many receive calls are dropped mid-frame; every frame
+    // must still come out whole and in order.
+    let mut cancelled = 0u32;
+    let deadline = Instant::now() + WAIT_MAX;
+    for expected in &frames {
+        loop {
+            assert!(Instant::now() < deadline, "timed out receiving frames");
+            match timeout(Duration::from_micros(200), target_side.live.receiver.recv()).await {
+                Ok(received) => {
+                    assert_eq!(received.unwrap().as_ref(), Some(expected));
+                    break;
+                }
+                Err(_) => cancelled += 1,
+            }
+        }
+    }
+    println!("receive calls cancelled: {cancelled}");
+    timeout(WAIT_MAX, sender).await.unwrap().unwrap().unwrap();
+}

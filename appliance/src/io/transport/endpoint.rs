@@ -212,6 +212,10 @@ impl ConnectionHandle {
 }
 
 /// An authenticated connection between a source and a target, with its three streams.
+///
+/// Move the halves into separate tasks by destructuring:
+/// `let PeerConnection { control, live, resync, handle, .. } = connection;` — each
+/// `FrameStream` has a `sender` and a `receiver` that can also go their own ways.
 #[derive(Debug)]
 pub struct PeerConnection {
     /// On the target: the configured name of the source. On the source: "target".

@@ -116,6 +116,9 @@ impl FrameSender {
 
     /// Sends one frame. Waits for the bandwidth limiter (if any) and for flow control; returns
     /// once quinn has taken the bytes (not once the peer has them: the protocol acknowledges).
+    ///
+    /// Not cancel-safe: dropping the future mid-frame leaves a partial frame on the stream, so
+    /// the connection must then be closed (the ship layer reconnects and resends).
     pub async fn send(&mut self, frame: Bytes) -> Result<(), TransportError> {
         if frame.len() > self.frame_bytes_max {
             return Err(TransportError::FrameTooLarge {
@@ -205,6 +208,9 @@ impl FrameReceiver {
     }
 
     /// The next frame, or `None` once the peer finished the stream at a frame boundary.
+    ///
+    /// Cancel-safe: bytes read from quinn stay buffered until a whole frame is returned, so
+    /// this can sit in a `tokio::select!` beside other events.
     pub async fn recv(&mut self) -> Result<Option<Bytes>, TransportError> {
         if !self.fill(FRAME_LENGTH_PREFIX_BYTES).await? {
             if self.pending_bytes == 0 {
