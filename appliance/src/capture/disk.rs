@@ -1,0 +1,481 @@
+//! One protected disk behind its NBD export: the write path that journals every write, trim and
+//! zeroing in the order it reaches the disk, the fallback to the dirty-extent bitmap when the
+//! journal is full, flushes, and the counters shown in status.
+//!
+//! Ordering rule: a write's journal sequence is assigned first, then the disk is written.
+//! Writes whose byte ranges overlap reach the disk in journal order: each in-flight write is
+//! registered, under the same lock that assigns its sequence, with the writes it overlaps, and
+//! waits for them before its own disk I/O. Writes that do not overlap run concurrently, as many
+//! as the clients keep in flight. Once journaled, a write is carried out even if its client
+//! disconnects (the handler is a task of its own), so the journal never holds a write the disk
+//! did not receive because a socket closed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+
+use crate::capture::bitmap::{BitmapError, DirtyBitmap};
+use crate::capture::journal_handle::SharedJournal;
+use crate::control::DiskState;
+use crate::core::journal::{JournalError, RecordSpec};
+use crate::core::record::{RecordKind, Seq};
+use crate::io::disk::{Disk, DiskError, IoBuf};
+use crate::limits::RECORD_PAYLOAD_BYTES_MAX;
+
+/// What a write-path request changes.
+#[derive(Debug)]
+pub(crate) enum Change {
+    Data(IoBuf),
+    Zeroes,
+    Trim,
+}
+
+impl Change {
+    fn record_kind(&self) -> RecordKind {
+        match self {
+            Change::Data(_) => RecordKind::Write,
+            Change::Zeroes => RecordKind::Zero,
+            Change::Trim => RecordKind::Trim,
+        }
+    }
+}
+
+/// Why a capture I/O failed (the client gets EIO; the log gets this).
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureIoError {
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("journal: {0}")]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Bitmap(#[from] BitmapError),
+    #[error("{operation} task of disk {export} failed: {message}")]
+    Task { operation: &'static str, export: String, message: String },
+}
+
+/// Writes in flight on one disk, in journal order.
+#[derive(Default)]
+struct InFlightWrites {
+    next_ticket: u64,
+    /// (ticket, start, end, completion): the sender is dropped when the write has reached the
+    /// disk, which wakes every later overlapping write subscribed to it.
+    entries: Vec<(u64, u64, u64, watch::Sender<()>)>,
+}
+
+/// Per-second buckets of written bytes over the last few seconds (status: churn rate).
+struct ChurnMeter {
+    origin: Instant,
+    seconds: [u64; CHURN_WINDOW_SECONDS + 1],
+    bytes: [u64; CHURN_WINDOW_SECONDS + 1],
+}
+
+const CHURN_WINDOW_SECONDS: usize = 5;
+
+impl ChurnMeter {
+    fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            seconds: [u64::MAX; CHURN_WINDOW_SECONDS + 1],
+            bytes: [0; CHURN_WINDOW_SECONDS + 1],
+        }
+    }
+
+    fn record(&mut self, bytes: u64) {
+        let second = self.origin.elapsed().as_secs();
+        let slot = (second % self.seconds.len() as u64) as usize;
+        if self.seconds[slot] != second {
+            self.seconds[slot] = second;
+            self.bytes[slot] = 0;
+        }
+        self.bytes[slot] += bytes;
+    }
+
+    /// Bytes per second over the last complete seconds of the window.
+    fn rate(&self) -> f64 {
+        let now = self.origin.elapsed().as_secs();
+        let window = (CHURN_WINDOW_SECONDS as u64).min(now.max(1));
+        let total: u64 = self
+            .seconds
+            .iter()
+            .zip(&self.bytes)
+            .filter(|(second, _)| **second != u64::MAX && **second < now && now - **second <= window)
+            .map(|(_, bytes)| *bytes)
+            .sum();
+        if now == 0 {
+            // Less than a second of history: extrapolate the partial second.
+            let elapsed = self.origin.elapsed().as_secs_f64().max(1e-3);
+            let partial: u64 = self.seconds.iter().zip(&self.bytes).filter(|(s, _)| **s == 0).map(|(_, b)| *b).sum();
+            return partial as f64 / elapsed;
+        }
+        total as f64 / window as f64
+    }
+}
+
+/// Serializes flushes of one disk so that concurrent FLUSH/FUA requests share one fdatasync.
+#[derive(Default)]
+struct GroupFlush {
+    /// Flushes started so far; a flush numbered above the value seen on arrival covers us.
+    started: AtomicU64,
+    /// Number of the last flush that completed, under the gate.
+    completed: tokio::sync::Mutex<u64>,
+}
+
+/// Counters and state of one disk, for status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CaptureStats {
+    pub state: DiskState,
+    /// Bytes of WRITE payload applied (zeroing and trims are not counted: they carry no data).
+    pub bytes_written: u64,
+    pub churn_bytes_per_s: f64,
+    /// Highest journal sequence this disk appended (0: none yet).
+    pub last_sequence: Seq,
+    /// Write-path requests (WRITE, TRIM, WRITE_ZEROES) journaled / tracked in the bitmap only.
+    pub writes_journaled: u64,
+    pub writes_bitmap_only: u64,
+    pub dirty_extents: u64,
+    pub dirty_bytes: u64,
+}
+
+struct Inner {
+    machine: String,
+    name: String,
+    export_name: String,
+    disk_id: u32,
+    disk: Disk,
+    bitmap: DirtyBitmap,
+    journal: SharedJournal,
+    in_flight: Mutex<InFlightWrites>,
+    state: Mutex<DiskState>,
+    bytes_written: AtomicU64,
+    last_seq: AtomicU64,
+    writes_journaled: AtomicU64,
+    writes_bitmap_only: AtomicU64,
+    churn: Mutex<ChurnMeter>,
+    disk_flush: GroupFlush,
+}
+
+/// Handle on one captured disk; cheap to clone. The daemon reads its stats, the resync reads
+/// its disk and bitmap and moves its state.
+#[derive(Clone)]
+pub struct CaptureDisk {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for CaptureDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaptureDisk")
+            .field("export", &self.inner.export_name)
+            .field("disk_id", &self.inner.disk_id)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section here leaves the data consistent at each step.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn unix_time_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|since| since.as_nanos() as u64).unwrap_or(0)
+}
+
+impl CaptureDisk {
+    /// Wraps an open disk. A bitmap that already has dirty extents (an overflow before a
+    /// restart) puts the disk in `resync-needed` whatever `initial_state` says.
+    pub fn new(
+        machine: &str,
+        name: &str,
+        disk_id: u32,
+        disk: Disk,
+        bitmap: DirtyBitmap,
+        journal: SharedJournal,
+        initial_state: DiskState,
+    ) -> Self {
+        let state = if bitmap.is_clean() { initial_state } else { DiskState::ResyncNeeded };
+        Self {
+            inner: Arc::new(Inner {
+                machine: machine.to_owned(),
+                name: name.to_owned(),
+                export_name: format!("{machine}/{name}"),
+                disk_id,
+                disk,
+                bitmap,
+                journal,
+                in_flight: Mutex::new(InFlightWrites::default()),
+                state: Mutex::new(state),
+                bytes_written: AtomicU64::new(0),
+                last_seq: AtomicU64::new(0),
+                writes_journaled: AtomicU64::new(0),
+                writes_bitmap_only: AtomicU64::new(0),
+                churn: Mutex::new(ChurnMeter::new()),
+                disk_flush: GroupFlush::default(),
+            }),
+        }
+    }
+
+    pub fn machine(&self) -> &str {
+        &self.inner.machine
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// `<machine>/<disk>`, the NBD export name.
+    pub fn export_name(&self) -> &str {
+        &self.inner.export_name
+    }
+
+    /// The id stored in this disk's journal records.
+    pub fn disk_id(&self) -> u32 {
+        self.inner.disk_id
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.inner.disk.size()
+    }
+
+    /// The backing disk (the resync reads dirty extents from it).
+    pub fn disk(&self) -> &Disk {
+        &self.inner.disk
+    }
+
+    pub fn bitmap(&self) -> &DirtyBitmap {
+        &self.inner.bitmap
+    }
+
+    pub fn journal(&self) -> &SharedJournal {
+        &self.inner.journal
+    }
+
+    pub fn state(&self) -> DiskState {
+        *lock(&self.inner.state)
+    }
+
+    /// Moves the disk to `state` (the resync and operator commands do this). Writes are
+    /// journaled in every state except `resync-needed`, where they only mark the bitmap.
+    pub fn set_state(&self, state: DiskState) {
+        *lock(&self.inner.state) = state;
+    }
+
+    pub fn stats(&self) -> CaptureStats {
+        let inner = &self.inner;
+        CaptureStats {
+            state: self.state(),
+            bytes_written: inner.bytes_written.load(Ordering::Relaxed),
+            churn_bytes_per_s: lock(&inner.churn).rate(),
+            last_sequence: inner.last_seq.load(Ordering::Relaxed),
+            writes_journaled: inner.writes_journaled.load(Ordering::Relaxed),
+            writes_bitmap_only: inner.writes_bitmap_only.load(Ordering::Relaxed),
+            dirty_extents: inner.bitmap.dirty_extent_count(),
+            dirty_bytes: inner.bitmap.dirty_bytes(),
+        }
+    }
+
+    /// Reads `length` bytes at `offset` into a buffer of at least that capacity.
+    pub(crate) async fn read(&self, offset: u64, mut buf: IoBuf, length: usize) -> (Result<(), CaptureIoError>, IoBuf) {
+        buf.set_len(length);
+        let (result, buf) = self.inner.disk.read_at(offset, buf).await;
+        (result.map_err(CaptureIoError::from), buf)
+    }
+
+    /// Applies one write-path request: journal (or bitmap), then disk, in the order described
+    /// in the module docs; with `fua`, both are durable when it returns. Returns the buffer of
+    /// a data write for reuse.
+    pub(crate) async fn apply(
+        &self,
+        offset: u64,
+        length: u64,
+        change: Change,
+        fua: bool,
+    ) -> (Result<(), CaptureIoError>, Option<IoBuf>) {
+        let inner = &self.inner;
+        let timestamp_ns = unix_time_ns();
+        let (ticket, predecessors, journaled) = {
+            let mut in_flight = lock(&inner.in_flight);
+            let (start, end) = (offset, offset + length);
+            let predecessors: Vec<watch::Receiver<()>> = in_flight
+                .entries
+                .iter()
+                .filter(|(_, other_start, other_end, _)| *other_start < end && start < *other_end)
+                .map(|(_, _, _, sender)| sender.subscribe())
+                .collect();
+            let ticket = in_flight.next_ticket;
+            in_flight.next_ticket += 1;
+            in_flight.entries.push((ticket, start, end, watch::channel(()).0));
+            // The sequence is assigned while the write is registered, so journal order and
+            // the order overlapping writes reach the disk are the same.
+            let journaled = self.journal_append(&change, offset, length, timestamp_ns);
+            (ticket, predecessors, journaled)
+        };
+        // Removes the registration however this function ends, waking overlapping successors.
+        let _registration = Registration { inner, ticket };
+
+        if journaled.is_none() {
+            let bitmap_inner = self.inner.clone();
+            let marked = tokio::task::spawn_blocking(move || bitmap_inner.bitmap.mark_durable(offset, length))
+                .await
+                .unwrap_or_else(|join_error| {
+                    Err(BitmapError::Invalid {
+                        path: self.inner.bitmap.path().to_path_buf(),
+                        reason: join_error.to_string(),
+                    })
+                });
+            if let Err(error) = marked {
+                // The write cannot be tracked, so it must not happen: the client gets EIO.
+                let buf = match change {
+                    Change::Data(buf) => Some(buf),
+                    _ => None,
+                };
+                return (Err(error.into()), buf);
+            }
+        }
+        for mut predecessor in predecessors {
+            // Err means the predecessor's sender is gone: it has reached the disk.
+            while predecessor.changed().await.is_ok() {}
+        }
+
+        let (result, buf) = match change {
+            Change::Data(buf) => {
+                let (result, buf) = inner.disk.write_at(offset, buf).await;
+                (result, Some(buf))
+            }
+            Change::Zeroes => (inner.disk.write_zeroes(offset, length).await, None),
+            Change::Trim => (inner.disk.trim(offset, length).await, None),
+        };
+        drop(_registration);
+        if let Err(error) = result {
+            return (Err(error.into()), buf);
+        }
+        if buf.is_some() {
+            inner.bytes_written.fetch_add(length, Ordering::Relaxed);
+            lock(&inner.churn).record(length);
+        }
+        if fua {
+            if let Err(error) = self.make_durable(journaled).await {
+                return (Err(error), buf);
+            }
+        }
+        (Ok(()), buf)
+    }
+
+    /// Appends the records for one change; `None` when the disk is (or just went) on the
+    /// bitmap. Called with the in-flight lock held.
+    fn journal_append(&self, change: &Change, offset: u64, length: u64, timestamp_ns: u64) -> Option<Seq> {
+        let inner = &self.inner;
+        let mut state = lock(&inner.state);
+        if *state == DiskState::ResyncNeeded {
+            inner.writes_bitmap_only.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let mut journal = inner.journal.lock();
+        let kind = change.record_kind();
+        let mut last = None;
+        let result: Result<(), JournalError> = match change {
+            Change::Data(buf) => {
+                let chunk_bytes = RECORD_PAYLOAD_BYTES_MAX.min(journal.payload_bytes_max()).max(1);
+                let mut chunk_offset = offset;
+                buf.chunks(chunk_bytes).try_for_each(|chunk| {
+                    let spec = RecordSpec {
+                        kind,
+                        disk_id: inner.disk_id,
+                        offset: chunk_offset,
+                        length: chunk.len() as u64,
+                        timestamp_ns,
+                        payload: chunk,
+                    };
+                    last = Some(journal.append(&spec)?);
+                    chunk_offset += chunk.len() as u64;
+                    Ok(())
+                })
+            }
+            Change::Zeroes | Change::Trim => {
+                let spec =
+                    RecordSpec { kind, disk_id: inner.disk_id, offset, length, timestamp_ns, payload: &[] };
+                journal.append(&spec).map(|seq| last = Some(seq))
+            }
+        };
+        drop(journal);
+        if let Some(seq) = last {
+            inner.journal.note_appended(seq);
+            inner.last_seq.fetch_max(seq, Ordering::Relaxed);
+        }
+        match result {
+            Ok(()) => {
+                inner.writes_journaled.fetch_add(1, Ordering::Relaxed);
+                last
+            }
+            Err(error) => {
+                // Records of this change already appended stay (they are true); the bitmap
+                // covers the whole change, and every later write, until a resync.
+                *state = DiskState::ResyncNeeded;
+                inner.writes_bitmap_only.fetch_add(1, Ordering::Relaxed);
+                let full = matches!(error, JournalError::Full { .. });
+                tracing::warn!(
+                    export = %inner.export_name,
+                    %error,
+                    "{}; disk is now resync-needed and tracks writes in its dirty-extent bitmap {}",
+                    if full { "cache journal full" } else { "cache journal append failed" },
+                    inner.bitmap.path().display()
+                );
+                None
+            }
+        }
+    }
+
+    /// Makes the journal records up to `journaled` (or all, for FLUSH) and every completed disk
+    /// write durable, both flushes running at once.
+    async fn make_durable(&self, journaled: Option<Seq>) -> Result<(), CaptureIoError> {
+        let journal = async {
+            match journaled {
+                Some(seq) => self.inner.journal.flush_through(seq).await.map(|_| ()),
+                None => Ok(()),
+            }
+        };
+        let (journal_result, disk_result) = tokio::join!(journal, self.flush_disk());
+        journal_result?;
+        disk_result
+    }
+
+    /// NBD FLUSH: every write completed before it (on any connection) is durable when it
+    /// returns, in the journal and on the disk. Bitmap bits are durable before their writes.
+    pub async fn flush(&self) -> Result<(), CaptureIoError> {
+        let journal = self.inner.journal.clone();
+        let journal_flush = async move { journal.flush_all().await.map(|_| ()) };
+        let (journal_result, disk_result) = tokio::join!(journal_flush, self.flush_disk());
+        journal_result?;
+        disk_result
+    }
+
+    async fn flush_disk(&self) -> Result<(), CaptureIoError> {
+        let group = &self.inner.disk_flush;
+        let wanted = group.started.load(Ordering::Acquire) + 1;
+        let mut completed = group.completed.lock().await;
+        if *completed >= wanted {
+            return Ok(());
+        }
+        let number = group.started.fetch_add(1, Ordering::AcqRel) + 1;
+        self.inner.disk.flush().await?;
+        *completed = number;
+        Ok(())
+    }
+}
+
+/// An in-flight write's registration; dropping it marks the write as on the disk.
+struct Registration<'a> {
+    inner: &'a Inner,
+    ticket: u64,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = lock(&self.inner.in_flight);
+        if let Some(index) = in_flight.entries.iter().position(|entry| entry.0 == self.ticket) {
+            // Order within the vector does not matter: overlap is decided at registration.
+            in_flight.entries.swap_remove(index);
+        }
+    }
+}

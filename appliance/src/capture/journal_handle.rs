@@ -1,0 +1,175 @@
+//! The cache journal as the daemon shares it: many capture connections append, the shipper
+//! reads and releases, and flushes are group-committed so that one store flush makes every
+//! record appended so far durable for all the FLUSH/FUA requests waiting on it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use crate::core::journal::{
+    Journal, JournalError, JournalUsage, RecordSpec, RecoveryReport, SegmentStore, StoreError,
+};
+use crate::core::record::Seq;
+
+/// The store behind the shared journal. Boxed so that neither the capture path nor the shipper
+/// is generic over it: the daemon passes `io::mmap_journal::MmapSegments`, tests may pass the
+/// in-memory store.
+pub type JournalStore = Box<dyn SegmentStore + Send>;
+
+impl SegmentStore for Box<dyn SegmentStore + Send> {
+    fn segment_count(&self) -> usize {
+        (**self).segment_count()
+    }
+    fn segment_bytes(&self) -> usize {
+        (**self).segment_bytes()
+    }
+    fn segment(&self, index: usize) -> &[u8] {
+        (**self).segment(index)
+    }
+    fn segment_mut(&mut self, index: usize) -> &mut [u8] {
+        (**self).segment_mut(index)
+    }
+    fn flush_range(&self, index: usize, offset: usize, len: usize) -> Result<(), StoreError> {
+        (**self).flush_range(index, offset, len)
+    }
+}
+
+struct Inner {
+    journal: Mutex<Journal<JournalStore>>,
+    /// One flush at a time; waiters that find their sequence durable once they get in return
+    /// at once (that is the group commit).
+    flush_gate: tokio::sync::Mutex<()>,
+    /// Mirrors of the journal's counters, readable without the lock (status, fast paths).
+    durable_seq: AtomicU64,
+    last_seq: AtomicU64,
+    /// Woken whenever records are appended (the shipper waits on it).
+    appended: Notify,
+}
+
+/// A cheaply clonable handle on the one cache journal of an appliance.
+#[derive(Clone)]
+pub struct SharedJournal {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SharedJournal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedJournal")
+            .field("last_seq", &self.last_seq())
+            .field("durable_seq", &self.durable_seq())
+            .finish()
+    }
+}
+
+impl SharedJournal {
+    /// Opens (recovers) the journal in `store` and shares it.
+    pub fn open(
+        store: impl SegmentStore + Send + 'static,
+    ) -> Result<(Self, RecoveryReport), JournalError> {
+        let (journal, report) = Journal::open(Box::new(store) as JournalStore)?;
+        Ok((Self::from_journal(journal), report))
+    }
+
+    /// Shares an already opened journal.
+    pub fn from_journal(journal: Journal<JournalStore>) -> Self {
+        let durable_seq = AtomicU64::new(journal.durable_seq());
+        let last_seq = AtomicU64::new(journal.last_seq());
+        Self {
+            inner: Arc::new(Inner {
+                journal: Mutex::new(journal),
+                flush_gate: tokio::sync::Mutex::new(()),
+                durable_seq,
+                last_seq,
+                appended: Notify::new(),
+            }),
+        }
+    }
+
+    /// Locks the journal for reading records, releasing, or appending several records in a
+    /// row. Hold it briefly (no `.await` while held); call [`note_appended`](Self::note_appended)
+    /// after appending through the guard.
+    pub fn lock(&self) -> MutexGuard<'_, Journal<JournalStore>> {
+        // A panic under the lock is an internal bug; the journal itself poisons on store
+        // failures, so the data behind a poisoned mutex is still consistent.
+        self.inner.journal.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Appends one record and wakes readers. Never blocks on I/O (`Full` instead).
+    pub fn append(&self, spec: &RecordSpec<'_>) -> Result<Seq, JournalError> {
+        let seq = self.lock().append(spec)?;
+        self.note_appended(seq);
+        Ok(seq)
+    }
+
+    /// Publishes records appended through [`lock`](Self::lock) up to `last_seq`.
+    pub fn note_appended(&self, last_seq: Seq) {
+        self.inner.last_seq.fetch_max(last_seq, Ordering::Release);
+        self.inner.appended.notify_waiters();
+    }
+
+    /// Highest sequence appended.
+    pub fn last_seq(&self) -> Seq {
+        self.inner.last_seq.load(Ordering::Acquire)
+    }
+
+    /// Highest sequence known durable.
+    pub fn durable_seq(&self) -> Seq {
+        self.inner.durable_seq.load(Ordering::Acquire)
+    }
+
+    pub fn usage(&self) -> JournalUsage {
+        self.lock().usage()
+    }
+
+    /// Releases every record `<= upto` (the target acknowledged them).
+    pub fn release(&self, upto: Seq) {
+        self.lock().release(upto);
+    }
+
+    /// Waits until a record after `seq` has been appended (returns at once if one has).
+    pub async fn wait_for_records_after(&self, seq: Seq) {
+        loop {
+            let notified = self.inner.appended.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.last_seq() > seq {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Makes every record `<= seq` durable, sharing the store flush with every concurrent
+    /// caller: a flush covers everything appended when it starts. Returns the durable sequence.
+    pub async fn flush_through(&self, seq: Seq) -> Result<Seq, JournalError> {
+        if self.durable_seq() >= seq {
+            return Ok(self.durable_seq());
+        }
+        let _gate = self.inner.flush_gate.lock().await;
+        if self.durable_seq() >= seq {
+            return Ok(self.durable_seq());
+        }
+        let inner = self.inner.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut journal = inner.journal.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let target = journal.last_seq();
+            journal.flush(target)
+        })
+        .await
+        .unwrap_or_else(|join_error| {
+            Err(JournalError::Store(StoreError {
+                operation: "flush task",
+                segment: 0,
+                message: join_error.to_string(),
+            }))
+        })?;
+        self.inner.durable_seq.fetch_max(result, Ordering::AcqRel);
+        Ok(result)
+    }
+
+    /// Makes everything appended so far durable (FLUSH, shutdown).
+    pub async fn flush_all(&self) -> Result<Seq, JournalError> {
+        self.flush_through(self.last_seq()).await
+    }
+}

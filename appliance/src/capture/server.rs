@@ -1,0 +1,467 @@
+//! The NBD server of the capture front-end: listeners on unix sockets or TCP ports, one task per
+//! connection driving the `core::nbd` codec, and one task per request so that many requests are
+//! in flight per connection and replies go out in completion order.
+//!
+//! A bad client costs one log line (a `warn` naming the peer, the export and the reason) and at
+//! worst its own connection; the listener and every other connection keep serving.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::capture::disk::{CaptureDisk, Change};
+use crate::core::nbd::{
+    decode_request, encode_simple_reply, Action, ErrorCode, Handshake, HandshakeEvent, Negotiated,
+    ServerConfig, REQUEST_HEADER_BYTES,
+};
+use crate::io::disk::{BufPool, IoBuf};
+
+/// Requests one connection may have in flight; the connection stops reading when it has this
+/// many (back-pressure to the client, bounded memory here). qemu and libnbd keep up to 16–64.
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 128;
+
+/// A client that has not finished its handshake by then is dropped (one log line).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bad requests logged per connection; later ones are counted, not logged, so a looping client
+/// cannot flood the log.
+const REJECTS_LOGGED_MAX: u32 = 16;
+
+/// Read/write buffering of a connection: large enough to batch many small requests per syscall.
+const SOCKET_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Where a listener listens.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl Endpoint {
+    /// Reads a config value: `host:port` (IPv4, or `[v6]:port`) is TCP, anything else is a unix
+    /// socket path.
+    pub fn parse(text: &str) -> Endpoint {
+        match text.parse::<SocketAddr>() {
+            Ok(address) => Endpoint::Tcp(address),
+            Err(_) => Endpoint::Unix(PathBuf::from(text)),
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+            Endpoint::Tcp(address) => write!(f, "tcp:{address}"),
+        }
+    }
+}
+
+/// Buffers for request payloads and read data, by size class, recycled across requests.
+pub(crate) struct Buffers {
+    classes: Vec<BufPool>,
+}
+
+impl Buffers {
+    pub(crate) fn new() -> Self {
+        // (capacity, kept): small random I/O, 1 MiB sequential I/O, up to the 32 MiB maximum.
+        let classes = [(64 * 1024, 256), (1 << 20, 64), (4 << 20, 16), (32 << 20, 4)];
+        Self { classes: classes.iter().map(|(capacity, kept)| BufPool::new(*capacity, *kept)).collect() }
+    }
+
+    /// A buffer with room for `length` bytes, `len() == length`.
+    pub(crate) fn take(&self, length: usize) -> IoBuf {
+        let mut buf = match self.classes.iter().find(|pool| pool.buf_capacity() >= length) {
+            Some(pool) => pool.get(),
+            None => IoBuf::with_capacity(length),
+        };
+        buf.set_len(length);
+        buf
+    }
+}
+
+/// What a listener serves.
+pub(crate) struct ExportSet {
+    pub(crate) config: ServerConfig,
+    pub(crate) disks: Vec<CaptureDisk>,
+    pub(crate) buffers: Arc<Buffers>,
+    pub(crate) endpoint: Endpoint,
+}
+
+static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// A bound listener of either kind.
+pub(crate) enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+/// Accepts connections until `shutdown` turns true, then waits for the connections to finish
+/// their in-flight requests (they stop reading new ones at shutdown).
+pub(crate) async fn run_listener(listener: Listener, exports: Arc<ExportSet>, mut shutdown: watch::Receiver<bool>) {
+    let mut connections = JoinSet::new();
+    loop {
+        // Reap finished connections so the set does not grow with every client ever seen.
+        while connections.try_join_next().is_some() {}
+        let accepted = tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            accepted = accept(&listener) => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let exports = exports.clone();
+                let shutdown = shutdown.clone();
+                connections.spawn(async move {
+                    match stream {
+                        Stream::Unix(stream) => {
+                            let (reader, writer) = stream.into_split();
+                            serve_connection(reader, writer, peer, exports, shutdown).await
+                        }
+                        Stream::Tcp(stream) => {
+                            let _ = stream.set_nodelay(true);
+                            let (reader, writer) = stream.into_split();
+                            serve_connection(reader, writer, peer, exports, shutdown).await
+                        }
+                    }
+                });
+            }
+            Err(error) => {
+                // EMFILE and friends: log, back off briefly, keep the listener alive.
+                tracing::warn!(endpoint = %exports.endpoint, %error, "accept failed");
+                tokio::select! {
+                    _ = shutdown.wait_for(|stop| *stop) => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        }
+    }
+    while connections.join_next().await.is_some() {}
+    if let Endpoint::Unix(path) = &exports.endpoint {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+enum Stream {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+async fn accept(listener: &Listener) -> std::io::Result<(Stream, String)> {
+    let id = CONNECTION_IDS.fetch_add(1, Ordering::Relaxed);
+    match listener {
+        Listener::Unix(listener) => {
+            let (stream, _) = listener.accept().await?;
+            let peer = match stream.peer_cred() {
+                Ok(cred) => format!("unix#{id} (pid {})", cred.pid().unwrap_or(-1)),
+                Err(_) => format!("unix#{id}"),
+            };
+            Ok((Stream::Unix(stream), peer))
+        }
+        Listener::Tcp(listener) => {
+            let (stream, address) = listener.accept().await?;
+            Ok((Stream::Tcp(stream), format!("tcp#{id} {address}")))
+        }
+    }
+}
+
+/// A reply on its way to the writer task.
+enum Reply {
+    Simple([u8; 16]),
+    Read([u8; 16], IoBuf),
+}
+
+/// Serves one connection from handshake to close. Every way it ends is logged once.
+pub(crate) async fn serve_connection<R, W>(
+    reader: R,
+    mut writer: W,
+    peer: String,
+    exports: Arc<ExportSet>,
+    shutdown: watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut reader = reader;
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut reader, &mut writer, &exports)).await;
+    let (negotiated, leftover) = match handshake {
+        Ok(Ok(Some(done))) => done,
+        Ok(Ok(None)) => {
+            tracing::debug!(%peer, endpoint = %exports.endpoint, "client ended the handshake (NBD_OPT_ABORT)");
+            return;
+        }
+        Ok(Err(reason)) => {
+            tracing::warn!(%peer, endpoint = %exports.endpoint, "NBD handshake failed, connection closed: {reason}");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, endpoint = %exports.endpoint, "NBD handshake not finished within {HANDSHAKE_TIMEOUT:?}, connection closed");
+            return;
+        }
+    };
+    let disk = exports.disks[negotiated.export_index].clone();
+    tracing::debug!(%peer, export = disk.export_name(), "NBD client attached");
+    let reader = BufReader::with_capacity(SOCKET_BUFFER_BYTES, std::io::Cursor::new(leftover).chain(reader));
+    transmission(reader, writer, &peer, negotiated, disk, exports.buffers.clone(), shutdown).await;
+}
+
+/// Runs the handshake codec over the socket. `Ok(None)`: the client aborted.
+async fn handshake<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    exports: &ExportSet,
+) -> Result<Option<(Negotiated, Vec<u8>)>, String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut codec = Handshake::new(exports.config.clone());
+    let mut input: Vec<u8> = Vec::with_capacity(1024);
+    writer.write_all(&codec.take_output()).await.map_err(|error| format!("sending greeting: {error}"))?;
+    // Bounded: the codec closes after OPTIONS_PER_CONNECTION_MAX options and each read either
+    // makes progress or ends the loop.
+    loop {
+        let step = codec.handle_input(&input);
+        let output = codec.take_output();
+        if !output.is_empty() {
+            writer.write_all(&output).await.map_err(|error| format!("sending option reply: {error}"))?;
+        }
+        let (used, event) = step.map_err(|error| error.to_string())?;
+        input.drain(..used);
+        match event {
+            HandshakeEvent::Continue => {}
+            HandshakeEvent::Ready(negotiated) => return Ok(Some((negotiated, input))),
+            HandshakeEvent::Aborted => {
+                let _ = writer.shutdown().await;
+                return Ok(None);
+            }
+            HandshakeEvent::NeedMore { bytes_needed } => {
+                input.reserve(bytes_needed.saturating_sub(input.len()));
+                let read = reader.read_buf(&mut input).await.map_err(|error| format!("reading: {error}"))?;
+                if read == 0 {
+                    return Err(format!(
+                        "client closed the connection during the handshake ({} bytes of an unfinished message)",
+                        input.len()
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// The transmission phase: read requests, spawn their handlers, stream the replies.
+async fn transmission<R, W>(
+    mut reader: R,
+    writer: W,
+    peer: &str,
+    negotiated: Negotiated,
+    disk: CaptureDisk,
+    buffers: Arc<Buffers>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let validator = negotiated.validator();
+    let export = disk.export_name().to_owned();
+    let (reply_sender, reply_receiver) = mpsc::channel::<Reply>(REQUESTS_IN_FLIGHT_MAX * 2);
+    let writer_task = tokio::spawn(write_replies(writer, reply_receiver));
+    let permits = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
+    let mut rejects: u32 = 0;
+    let mut header = [0u8; REQUEST_HEADER_BYTES];
+
+    // Each iteration reads one request; the loop ends on DISC, EOF, a fatal error or shutdown.
+    let end: Result<&'static str, String> = loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break Err("internal: request permits closed".into());
+        };
+        let read = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => break Ok("appliance shutting down"),
+            read = read_header(&mut reader, &mut header) => read,
+        };
+        match read {
+            Ok(true) => {}
+            Ok(false) => break Ok("client closed the connection"),
+            Err(error) => break Err(format!("client vanished mid-request: {error}")),
+        }
+        let request = match decode_request(&header) {
+            Ok(Some(request)) => request,
+            Ok(None) => break Err("internal: short request header".into()),
+            Err(error) => break Err(format!("protocol error, connection closed: {error}")),
+        };
+        match validator.decide(&request) {
+            Action::Disconnect => break Ok("client disconnected (NBD_CMD_DISC)"),
+            Action::Reject { cookie, error, discard_payload_bytes, reason } => {
+                rejects += 1;
+                if rejects <= REJECTS_LOGGED_MAX {
+                    tracing::warn!(%peer, %export, command = request.command, "request refused with {}: {reason}", error.name());
+                }
+                if discard_payload_bytes > 0 {
+                    let mut payload = (&mut reader).take(u64::from(discard_payload_bytes));
+                    match tokio::io::copy(&mut payload, &mut tokio::io::sink()).await {
+                        Ok(copied) if copied == u64::from(discard_payload_bytes) => {}
+                        Ok(copied) => {
+                            break Err(format!(
+                                "client vanished mid-write: {copied} of {discard_payload_bytes} payload bytes of a refused write"
+                            ))
+                        }
+                        Err(error) => break Err(format!("client vanished mid-write: {error}")),
+                    }
+                }
+                if reply_sender.send(Reply::Simple(encode_simple_reply(cookie, error))).await.is_err() {
+                    break Err("reply writer stopped".into());
+                }
+            }
+            Action::RejectAndClose { cookie, error, reason } => {
+                let _ = reply_sender.send(Reply::Simple(encode_simple_reply(cookie, error))).await;
+                break Err(format!("request refused with {} and connection closed: {reason}", error.name()));
+            }
+            Action::Read { cookie, offset, length } => {
+                let buf = buffers.take(length as usize);
+                let disk = disk.clone();
+                let replies = reply_sender.clone();
+                let (peer, export) = (peer.to_owned(), export.clone());
+                tokio::spawn(async move {
+                    let (result, buf) = disk.read(offset, buf, length as usize).await;
+                    let reply = match result {
+                        Ok(()) => Reply::Read(encode_simple_reply(cookie, ErrorCode::Ok), buf),
+                        Err(error) => {
+                            tracing::error!(%peer, %export, offset, length, "read failed: {error}");
+                            Reply::Simple(encode_simple_reply(cookie, ErrorCode::Io))
+                        }
+                    };
+                    let _ = replies.send(reply).await;
+                    drop(permit);
+                });
+            }
+            Action::Write { cookie, offset, length, fua } => {
+                let mut buf = buffers.take(length as usize);
+                if let Err(error) = reader.read_exact(&mut buf[..]).await {
+                    // Nothing of a partial write is journaled or applied.
+                    break Err(format!("client vanished mid-write ({length} byte write at {offset}): {error}"));
+                }
+                spawn_change(&disk, &reply_sender, peer, cookie, offset, u64::from(length), Change::Data(buf), fua, permit);
+            }
+            Action::WriteZeroes { cookie, offset, length, fua, no_hole: _ } => {
+                // NO_HOLE or not, the range must read back as zeroes; the disk engine keeps
+                // space allocated for WRITE_ZEROES either way.
+                spawn_change(&disk, &reply_sender, peer, cookie, offset, u64::from(length), Change::Zeroes, fua, permit);
+            }
+            Action::Trim { cookie, offset, length, fua } => {
+                spawn_change(&disk, &reply_sender, peer, cookie, offset, u64::from(length), Change::Trim, fua, permit);
+            }
+            Action::Flush { cookie } => {
+                let disk = disk.clone();
+                let replies = reply_sender.clone();
+                let (peer, export) = (peer.to_owned(), export.clone());
+                tokio::spawn(async move {
+                    let error = match disk.flush().await {
+                        Ok(()) => ErrorCode::Ok,
+                        Err(error) => {
+                            tracing::error!(%peer, %export, "flush failed: {error}");
+                            ErrorCode::Io
+                        }
+                    };
+                    let _ = replies.send(Reply::Simple(encode_simple_reply(cookie, error))).await;
+                    drop(permit);
+                });
+            }
+        }
+    };
+
+    // Let every in-flight request finish (their writes are journaled and must reach the disk;
+    // their replies go out if the client is still there), then close.
+    let _all = permits.acquire_many(REQUESTS_IN_FLIGHT_MAX as u32).await;
+    drop(reply_sender);
+    let _ = writer_task.await;
+    if rejects > REJECTS_LOGGED_MAX {
+        tracing::warn!(%peer, %export, "{rejects} requests refused on this connection in total");
+    }
+    match end {
+        Ok(reason) => tracing::debug!(%peer, %export, "connection ended: {reason}"),
+        Err(reason) => tracing::warn!(%peer, %export, "connection closed: {reason}"),
+    }
+}
+
+/// Reads a whole request header. `Ok(false)` on a clean EOF before its first byte.
+async fn read_header<R: AsyncRead + Unpin>(reader: &mut R, header: &mut [u8; REQUEST_HEADER_BYTES]) -> std::io::Result<bool> {
+    let mut filled = 0;
+    while filled < header.len() {
+        let read = reader.read(&mut header[filled..]).await?;
+        if read == 0 {
+            if filled == 0 {
+                return Ok(false);
+            }
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("EOF after {filled} of {REQUEST_HEADER_BYTES} header bytes"),
+            ));
+        }
+        filled += read;
+    }
+    Ok(true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_change(
+    disk: &CaptureDisk,
+    replies: &mpsc::Sender<Reply>,
+    peer: &str,
+    cookie: u64,
+    offset: u64,
+    length: u64,
+    change: Change,
+    fua: bool,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let disk = disk.clone();
+    let replies = replies.clone();
+    let peer = peer.to_owned();
+    tokio::spawn(async move {
+        let (result, _buf) = disk.apply(offset, length, change, fua).await;
+        let error = match result {
+            Ok(()) => ErrorCode::Ok,
+            Err(error) => {
+                tracing::error!(%peer, export = disk.export_name(), offset, length, "write failed: {error}");
+                ErrorCode::Io
+            }
+        };
+        let _ = replies.send(Reply::Simple(encode_simple_reply(cookie, error))).await;
+        drop(permit);
+    });
+}
+
+/// Writes replies in the order handlers finish; batches whatever is ready into one flush.
+async fn write_replies<W: AsyncWrite + Unpin>(writer: W, mut replies: mpsc::Receiver<Reply>) {
+    let mut writer = BufWriter::with_capacity(SOCKET_BUFFER_BYTES, writer);
+    'outer: while let Some(first) = replies.recv().await {
+        let mut next = Some(first);
+        while let Some(reply) = next.take() {
+            let written = match &reply {
+                Reply::Simple(header) => writer.write_all(header).await,
+                Reply::Read(header, data) => match writer.write_all(header).await {
+                    Ok(()) => writer.write_all(data).await,
+                    Err(error) => Err(error),
+                },
+            };
+            if written.is_err() {
+                break 'outer;
+            }
+            next = replies.try_recv().ok();
+        }
+        if writer.flush().await.is_err() {
+            break;
+        }
+    }
+    // The client is gone or the connection is ending: drain so handlers never block on us.
+    replies.close();
+    while replies.recv().await.is_some() {}
+    let _ = writer.shutdown().await;
+}
