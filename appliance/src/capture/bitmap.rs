@@ -113,18 +113,29 @@ impl std::fmt::Debug for DirtyBitmap {
 impl DirtyBitmap {
     /// `<state_dir>/bitmaps/<machine>__<disk>.bitmap`.
     pub fn path_for(state_dir: &Path, machine: &str, disk: &str) -> PathBuf {
-        state_dir.join("bitmaps").join(format!("{machine}__{disk}.bitmap"))
+        state_dir
+            .join("bitmaps")
+            .join(format!("{machine}__{disk}.bitmap"))
     }
 
     /// Opens the bitmap at `path`, creating it (all clean, durably, parent directory included)
     /// when missing. An existing file must describe the same disk size and extent size.
     pub fn open(path: &Path, disk_size_bytes: u64, extent_bytes: u64) -> Result<Self, BitmapError> {
-        let invalid = |reason: String| BitmapError::Invalid { path: path.to_path_buf(), reason };
+        let invalid = |reason: String| BitmapError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
         let io_error = |operation: &'static str| {
-            move |source: io::Error| BitmapError::Io { operation, path: path.to_path_buf(), source }
+            move |source: io::Error| BitmapError::Io {
+                operation,
+                path: path.to_path_buf(),
+                source,
+            }
         };
         if extent_bytes == 0 || !extent_bytes.is_power_of_two() {
-            return Err(invalid(format!("extent size {extent_bytes} is not a power of two")));
+            return Err(invalid(format!(
+                "extent size {extent_bytes} is not a power of two"
+            )));
         }
         let extent_count = disk_size_bytes.div_ceil(extent_bytes);
         let word_count = usize::try_from(extent_count.div_ceil(64))
@@ -144,7 +155,8 @@ impl DirtyBitmap {
         let file = match OpenOptions::new().read(true).write(true).open(path) {
             Ok(file) => {
                 let mut header_bytes = [0u8; BITMAP_HEADER_BYTES];
-                file.read_exact_at(&mut header_bytes, 0).map_err(io_error("read header"))?;
+                file.read_exact_at(&mut header_bytes, 0)
+                    .map_err(io_error("read header"))?;
                 let Ok(header) = BitmapHeader::read_from_bytes(&header_bytes) else {
                     return Err(invalid("header unreadable".into()));
                 };
@@ -162,10 +174,13 @@ impl DirtyBitmap {
                 }
                 let length = file.metadata().map_err(io_error("stat"))?.len();
                 if length < file_bytes {
-                    return Err(invalid(format!("{length} bytes long, expected {file_bytes}")));
+                    return Err(invalid(format!(
+                        "{length} bytes long, expected {file_bytes}"
+                    )));
                 }
                 let mut raw = vec![0u8; 8 * word_count];
-                file.read_exact_at(&mut raw, BITMAP_HEADER_BYTES as u64).map_err(io_error("read bits"))?;
+                file.read_exact_at(&mut raw, BITMAP_HEADER_BYTES as u64)
+                    .map_err(io_error("read bits"))?;
                 for (word, bytes) in words.iter_mut().zip(raw.chunks_exact(8)) {
                     *word = u64::from_le_bytes(bytes.try_into().expect("chunks of 8"));
                 }
@@ -185,7 +200,8 @@ impl DirtyBitmap {
                     .open(&temporary)
                     .map_err(io_error("create"))?;
                 file.set_len(file_bytes).map_err(io_error("size"))?;
-                file.write_all_at(expected.as_bytes(), 0).map_err(io_error("write header"))?;
+                file.write_all_at(expected.as_bytes(), 0)
+                    .map_err(io_error("write header"))?;
                 file.sync_all().map_err(io_error("fsync"))?;
                 std::fs::rename(&temporary, path).map_err(io_error("rename"))?;
                 File::open(parent)
@@ -241,14 +257,18 @@ impl DirtyBitmap {
 
     fn lock_state(&self) -> std::sync::MutexGuard<'_, BitmapState> {
         // A panic while holding the lock leaves the bits valid (each update is one word).
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Sets the bits of every extent touched by `[offset, offset + length)` in memory. Returns
     /// whether any bit was newly set, i.e. whether [`persist`](Self::persist) must run before
     /// the disk write this mark guards.
     pub fn mark(&self, offset: u64, length: u64) -> bool {
-        let Some((first, last)) = self.extents(offset, length) else { return false };
+        let Some((first, last)) = self.extents(offset, length) else {
+            return false;
+        };
         let mut state = self.lock_state();
         let mut newly_set = 0u64;
         for extent in first..=last {
@@ -272,7 +292,9 @@ impl DirtyBitmap {
     /// Clears the bits of every extent touched by `[offset, offset + length)` in memory; call
     /// `persist` afterwards. See the module docs for when a resync may clear.
     pub fn clear(&self, offset: u64, length: u64) {
-        let Some((first, last)) = self.extents(offset, length) else { return };
+        let Some((first, last)) = self.extents(offset, length) else {
+            return;
+        };
         let mut state = self.lock_state();
         let mut cleared = 0u64;
         for extent in first..=last {
@@ -289,7 +311,10 @@ impl DirtyBitmap {
     /// Writes every word changed since the last persist and fdatasyncs the file. Blocking.
     /// When it returns Ok, every `mark` that returned before this call began is durable.
     pub fn persist(&self) -> Result<(), BitmapError> {
-        let file = self.file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let file = self
+            .file
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let (first_word, bytes) = {
             let mut state = self.lock_state();
             if state.unpersisted_lo >= state.unpersisted_hi {
@@ -300,15 +325,25 @@ impl DirtyBitmap {
             let range = state.unpersisted_lo..state.unpersisted_hi;
             state.unpersisted_lo = usize::MAX;
             state.unpersisted_hi = 0;
-            let bytes: Vec<u8> = state.words[range.clone()].iter().flat_map(|word| word.to_le_bytes()).collect();
+            let bytes: Vec<u8> = state.words[range.clone()]
+                .iter()
+                .flat_map(|word| word.to_le_bytes())
+                .collect();
             (range.start, bytes)
         };
         let result = file
             .write_all_at(&bytes, BITMAP_HEADER_BYTES as u64 + 8 * first_word as u64)
-            .map_err(|source| BitmapError::Io { operation: "write", path: self.path.clone(), source })
+            .map_err(|source| BitmapError::Io {
+                operation: "write",
+                path: self.path.clone(),
+                source,
+            })
             .and_then(|()| {
-                file.sync_data()
-                    .map_err(|source| BitmapError::Io { operation: "fdatasync", path: self.path.clone(), source })
+                file.sync_data().map_err(|source| BitmapError::Io {
+                    operation: "fdatasync",
+                    path: self.path.clone(),
+                    source,
+                })
             });
         if result.is_err() {
             // Not known to be on disk: keep the words pending so the next persist retries.
@@ -335,7 +370,10 @@ impl DirtyBitmap {
 
     /// Bytes of the disk covered by dirty extents (what a resync has to copy at most).
     pub fn dirty_bytes(&self) -> u64 {
-        self.dirty_extents().iter().map(|range| range.end - range.start).sum()
+        self.dirty_extents()
+            .iter()
+            .map(|range| range.end - range.start)
+            .sum()
     }
 
     pub fn is_clean(&self) -> bool {
@@ -344,7 +382,9 @@ impl DirtyBitmap {
 
     /// Whether the extent holding byte `offset` is dirty.
     pub fn is_dirty(&self, offset: u64) -> bool {
-        let Some((extent, _)) = self.extents(offset, 1) else { return false };
+        let Some((extent, _)) = self.extents(offset, 1) else {
+            return false;
+        };
         self.lock_state().words[(extent / 64) as usize] & (1 << (extent % 64)) != 0
     }
 
@@ -390,7 +430,11 @@ mod tests {
         assert!(bitmap.mark(10 * EXTENT, 3 * EXTENT));
         assert!(bitmap.mark(100 * EXTENT + 10, 10));
         bitmap.persist().unwrap();
-        let expected = vec![0..2 * EXTENT, 10 * EXTENT..13 * EXTENT, 100 * EXTENT..disk_size];
+        let expected = vec![
+            0..2 * EXTENT,
+            10 * EXTENT..13 * EXTENT,
+            100 * EXTENT..disk_size,
+        ];
         assert_eq!(bitmap.dirty_extents(), expected);
         assert_eq!(bitmap.dirty_extent_count(), 6);
         assert!(bitmap.is_dirty(11 * EXTENT + 7));
@@ -403,7 +447,14 @@ mod tests {
         reopened.persist().unwrap();
         drop(reopened);
         let again = DirtyBitmap::open(&path, disk_size, EXTENT).unwrap();
-        assert_eq!(again.dirty_extents(), vec![0..2 * EXTENT, 11 * EXTENT..13 * EXTENT, 100 * EXTENT..disk_size]);
+        assert_eq!(
+            again.dirty_extents(),
+            vec![
+                0..2 * EXTENT,
+                11 * EXTENT..13 * EXTENT,
+                100 * EXTENT..disk_size
+            ]
+        );
         again.mark_all();
         again.persist().unwrap();
         assert_eq!(again.dirty_extents(), vec![0..disk_size]);
@@ -420,8 +471,14 @@ mod tests {
         drop(bitmap);
         let reopened = DirtyBitmap::open(&path, 1 << 20, EXTENT).unwrap();
         assert_eq!(reopened.dirty_extents(), vec![0..EXTENT]);
-        assert!(matches!(DirtyBitmap::open(&path, 2 << 20, EXTENT), Err(BitmapError::Invalid { .. })));
-        assert!(matches!(DirtyBitmap::open(&path, 1 << 20, 4096), Err(BitmapError::Invalid { .. })));
+        assert!(matches!(
+            DirtyBitmap::open(&path, 2 << 20, EXTENT),
+            Err(BitmapError::Invalid { .. })
+        ));
+        assert!(matches!(
+            DirtyBitmap::open(&path, 1 << 20, 4096),
+            Err(BitmapError::Invalid { .. })
+        ));
         std::fs::write(&path, b"garbage").unwrap();
         assert!(DirtyBitmap::open(&path, 1 << 20, EXTENT).is_err());
         // Out-of-range marks are ignored rather than panicking.

@@ -52,7 +52,11 @@ pub enum CaptureIoError {
     #[error(transparent)]
     Bitmap(#[from] BitmapError),
     #[error("{operation} task of disk {export} failed: {message}")]
-    Task { operation: &'static str, export: String, message: String },
+    Task {
+        operation: &'static str,
+        export: String,
+        message: String,
+    },
 }
 
 /// Writes in flight on one disk, in journal order.
@@ -100,13 +104,21 @@ impl ChurnMeter {
             .seconds
             .iter()
             .zip(&self.bytes)
-            .filter(|(second, _)| **second != u64::MAX && **second < now && now - **second <= window)
+            .filter(|(second, _)| {
+                **second != u64::MAX && **second < now && now - **second <= window
+            })
             .map(|(_, bytes)| *bytes)
             .sum();
         if now == 0 {
             // Less than a second of history: extrapolate the partial second.
             let elapsed = self.origin.elapsed().as_secs_f64().max(1e-3);
-            let partial: u64 = self.seconds.iter().zip(&self.bytes).filter(|(s, _)| **s == 0).map(|(_, b)| *b).sum();
+            let partial: u64 = self
+                .seconds
+                .iter()
+                .zip(&self.bytes)
+                .filter(|(s, _)| **s == 0)
+                .map(|(_, b)| *b)
+                .sum();
             return partial as f64 / elapsed;
         }
         total as f64 / window as f64
@@ -175,11 +187,16 @@ impl std::fmt::Debug for CaptureDisk {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Every critical section here leaves the data consistent at each step.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn unix_time_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|since| since.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|since| since.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 impl CaptureDisk {
@@ -194,7 +211,11 @@ impl CaptureDisk {
         journal: SharedJournal,
         initial_state: DiskState,
     ) -> Self {
-        let state = if bitmap.is_clean() { initial_state } else { DiskState::ResyncNeeded };
+        let state = if bitmap.is_clean() {
+            initial_state
+        } else {
+            DiskState::ResyncNeeded
+        };
         Self {
             inner: Arc::new(Inner {
                 machine: machine.to_owned(),
@@ -276,7 +297,12 @@ impl CaptureDisk {
     }
 
     /// Reads `length` bytes at `offset` into a buffer of at least that capacity.
-    pub(crate) async fn read(&self, offset: u64, mut buf: IoBuf, length: usize) -> (Result<(), CaptureIoError>, IoBuf) {
+    pub(crate) async fn read(
+        &self,
+        offset: u64,
+        mut buf: IoBuf,
+        length: usize,
+    ) -> (Result<(), CaptureIoError>, IoBuf) {
         buf.set_len(length);
         let (result, buf) = self.inner.disk.read_at(offset, buf).await;
         (result.map_err(CaptureIoError::from), buf)
@@ -305,7 +331,9 @@ impl CaptureDisk {
                 .collect();
             let ticket = in_flight.next_ticket;
             in_flight.next_ticket += 1;
-            in_flight.entries.push((ticket, start, end, watch::channel(()).0));
+            in_flight
+                .entries
+                .push((ticket, start, end, watch::channel(()).0));
             // The sequence is assigned while the write is registered, so journal order and
             // the order overlapping writes reach the disk are the same.
             let journaled = self.journal_append(&change, offset, length, timestamp_ns);
@@ -316,14 +344,16 @@ impl CaptureDisk {
 
         if journaled.is_none() {
             let bitmap_inner = self.inner.clone();
-            let marked = tokio::task::spawn_blocking(move || bitmap_inner.bitmap.mark_durable(offset, length))
-                .await
-                .unwrap_or_else(|join_error| {
-                    Err(BitmapError::Invalid {
-                        path: self.inner.bitmap.path().to_path_buf(),
-                        reason: join_error.to_string(),
-                    })
-                });
+            let marked = tokio::task::spawn_blocking(move || {
+                bitmap_inner.bitmap.mark_durable(offset, length)
+            })
+            .await
+            .unwrap_or_else(|join_error| {
+                Err(BitmapError::Invalid {
+                    path: self.inner.bitmap.path().to_path_buf(),
+                    reason: join_error.to_string(),
+                })
+            });
             if let Err(error) = marked {
                 // The write cannot be tracked, so it must not happen: the client gets EIO.
                 let buf = match change {
@@ -364,7 +394,13 @@ impl CaptureDisk {
 
     /// Appends the records for one change; `None` when the disk is (or just went) on the
     /// bitmap. Called with the in-flight lock held.
-    fn journal_append(&self, change: &Change, offset: u64, length: u64, timestamp_ns: u64) -> Option<Seq> {
+    fn journal_append(
+        &self,
+        change: &Change,
+        offset: u64,
+        length: u64,
+        timestamp_ns: u64,
+    ) -> Option<Seq> {
         let inner = &self.inner;
         let mut state = lock(&inner.state);
         if *state == DiskState::ResyncNeeded {
@@ -376,7 +412,9 @@ impl CaptureDisk {
         let mut last = None;
         let result: Result<(), JournalError> = match change {
             Change::Data(buf) => {
-                let chunk_bytes = RECORD_PAYLOAD_BYTES_MAX.min(journal.payload_bytes_max()).max(1);
+                let chunk_bytes = RECORD_PAYLOAD_BYTES_MAX
+                    .min(journal.payload_bytes_max())
+                    .max(1);
                 let mut chunk_offset = offset;
                 buf.chunks(chunk_bytes).try_for_each(|chunk| {
                     let spec = RecordSpec {
@@ -393,8 +431,14 @@ impl CaptureDisk {
                 })
             }
             Change::Zeroes | Change::Trim => {
-                let spec =
-                    RecordSpec { kind, disk_id: inner.disk_id, offset, length, timestamp_ns, payload: &[] };
+                let spec = RecordSpec {
+                    kind,
+                    disk_id: inner.disk_id,
+                    offset,
+                    length,
+                    timestamp_ns,
+                    payload: &[],
+                };
                 journal.append(&spec).map(|seq| last = Some(seq))
             }
         };
@@ -473,7 +517,11 @@ struct Registration<'a> {
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
         let mut in_flight = lock(&self.inner.in_flight);
-        if let Some(index) = in_flight.entries.iter().position(|entry| entry.0 == self.ticket) {
+        if let Some(index) = in_flight
+            .entries
+            .iter()
+            .position(|entry| entry.0 == self.ticket)
+        {
             // Order within the vector does not matter: overlap is decided at registration.
             in_flight.entries.swap_remove(index);
         }

@@ -92,7 +92,10 @@ impl SharedJournal {
     pub fn lock(&self) -> MutexGuard<'_, Journal<JournalStore>> {
         // A panic under the lock is an internal bug; the journal itself poisons on store
         // failures, so the data behind a poisoned mutex is still consistent.
-        self.inner.journal.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .journal
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Appends one record and wakes readers. Never blocks on I/O (`Full` instead).
@@ -152,7 +155,10 @@ impl SharedJournal {
         }
         let inner = self.inner.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let mut journal = inner.journal.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut journal = inner
+                .journal
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             let target = journal.last_seq();
             journal.flush(target)
         })

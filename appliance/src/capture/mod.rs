@@ -127,7 +127,10 @@ pub struct Capture {
 
 impl std::fmt::Debug for Capture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Capture").field("disks", &self.disks).field("endpoints", &self.endpoints).finish()
+        f.debug_struct("Capture")
+            .field("disks", &self.disks)
+            .field("endpoints", &self.endpoints)
+            .finish()
     }
 }
 
@@ -143,17 +146,28 @@ impl Capture {
         let mut ids = HashSet::new();
         for spec in &config.disks {
             if !names.insert(spec.export_name()) || !ids.insert(spec.disk_id) {
-                return Err(CaptureError::DuplicateDisk { export: spec.export_name(), disk_id: spec.disk_id });
+                return Err(CaptureError::DuplicateDisk {
+                    export: spec.export_name(),
+                    disk_id: spec.disk_id,
+                });
             }
         }
 
         let mut disks = Vec::with_capacity(config.disks.len());
         for spec in &config.disks {
-            let (spec, state_dir, extent_bytes) = (spec.clone(), config.state_dir.clone(), config.bitmap_extent_bytes);
+            let (spec, state_dir, extent_bytes) = (
+                spec.clone(),
+                config.state_dir.clone(),
+                config.bitmap_extent_bytes,
+            );
             let opened = tokio::task::spawn_blocking(move || {
                 let export = spec.export_name();
-                let disk = Disk::open(&spec.path, spec.disk_options)
-                    .map_err(|source| CaptureError::OpenDisk { export: export.clone(), source })?;
+                let disk = Disk::open(&spec.path, spec.disk_options).map_err(|source| {
+                    CaptureError::OpenDisk {
+                        export: export.clone(),
+                        source,
+                    }
+                })?;
                 let path = DirtyBitmap::path_for(&state_dir, &spec.machine, &spec.name);
                 let bitmap = DirtyBitmap::open(&path, disk.size(), extent_bytes)
                     .map_err(|source| CaptureError::Bitmap { export, source })?;
@@ -162,9 +176,18 @@ impl Capture {
             .await
             .map_err(|error| CaptureError::Task(error.to_string()))??;
             let (spec, disk, bitmap) = opened;
-            let capture_disk =
-                CaptureDisk::new(&spec.machine, &spec.name, spec.disk_id, disk, bitmap, journal.clone(), spec.initial_state);
-            if capture_disk.state() == DiskState::ResyncNeeded && spec.initial_state != DiskState::ResyncNeeded {
+            let capture_disk = CaptureDisk::new(
+                &spec.machine,
+                &spec.name,
+                spec.disk_id,
+                disk,
+                bitmap,
+                journal.clone(),
+                spec.initial_state,
+            );
+            if capture_disk.state() == DiskState::ResyncNeeded
+                && spec.initial_state != DiskState::ResyncNeeded
+            {
                 tracing::warn!(
                     export = capture_disk.export_name(),
                     dirty_extents = capture_disk.bitmap().dirty_extent_count(),
@@ -193,12 +216,21 @@ impl Capture {
                 .map(|disk| ExportInfo {
                     name: disk.export_name().to_owned(),
                     size_bytes: disk.size_bytes(),
-                    description: format!("Ferry capture of {} (disk id {})", disk.export_name(), disk.disk_id()),
+                    description: format!(
+                        "Ferry capture of {} (disk id {})",
+                        disk.export_name(),
+                        disk.disk_id()
+                    ),
                 })
                 .collect();
             let mut server_config = ServerConfig::new(exports);
             server_config.block_sizes = config.block_sizes;
-            let export_set = Arc::new(server::ExportSet { config: server_config, disks: served, buffers: buffers.clone(), endpoint: endpoint.clone() });
+            let export_set = Arc::new(server::ExportSet {
+                config: server_config,
+                disks: served,
+                buffers: buffers.clone(),
+                endpoint: endpoint.clone(),
+            });
             bound.push((listener, export_set));
         }
 
@@ -213,7 +245,12 @@ impl Capture {
             );
             listeners.spawn(server::run_listener(listener, export_set, shutdown.clone()));
         }
-        Ok(Capture { disks, endpoints, listeners, journal })
+        Ok(Capture {
+            disks,
+            endpoints,
+            listeners,
+            journal,
+        })
     }
 
     pub fn disks(&self) -> &[CaptureDisk] {
@@ -222,7 +259,9 @@ impl Capture {
 
     /// The disk exported as `<machine>/<name>`.
     pub fn disk(&self, machine: &str, name: &str) -> Option<&CaptureDisk> {
-        self.disks.iter().find(|disk| disk.machine() == machine && disk.name() == name)
+        self.disks
+            .iter()
+            .find(|disk| disk.machine() == machine && disk.name() == name)
     }
 
     /// Where the listeners actually listen (a TCP port 0 in the config is resolved here).
@@ -243,7 +282,10 @@ impl Capture {
 }
 
 async fn bind(endpoint: &Endpoint) -> Result<(server::Listener, Endpoint), CaptureError> {
-    let bind_error = |source| CaptureError::Bind { endpoint: endpoint.clone(), source };
+    let bind_error = |source| CaptureError::Bind {
+        endpoint: endpoint.clone(),
+        source,
+    };
     match endpoint {
         Endpoint::Unix(path) => {
             use std::os::unix::fs::FileTypeExt;
@@ -262,7 +304,9 @@ async fn bind(endpoint: &Endpoint) -> Result<(server::Listener, Endpoint), Captu
             Ok((server::Listener::Unix(listener), endpoint.clone()))
         }
         Endpoint::Tcp(address) => {
-            let listener = tokio::net::TcpListener::bind(address).await.map_err(bind_error)?;
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(bind_error)?;
             let local = listener.local_addr().map_err(bind_error)?;
             Ok((server::Listener::Tcp(listener), Endpoint::Tcp(local)))
         }

@@ -72,13 +72,27 @@ pub(crate) struct Buffers {
 impl Buffers {
     pub(crate) fn new() -> Self {
         // (capacity, kept): small random I/O, 1 MiB sequential I/O, up to the 32 MiB maximum.
-        let classes = [(64 * 1024, 256), (1 << 20, 64), (4 << 20, 16), (32 << 20, 4)];
-        Self { classes: classes.iter().map(|(capacity, kept)| BufPool::new(*capacity, *kept)).collect() }
+        let classes = [
+            (64 * 1024, 256),
+            (1 << 20, 64),
+            (4 << 20, 16),
+            (32 << 20, 4),
+        ];
+        Self {
+            classes: classes
+                .iter()
+                .map(|(capacity, kept)| BufPool::new(*capacity, *kept))
+                .collect(),
+        }
     }
 
     /// A buffer with room for `length` bytes, `len() == length`.
     pub(crate) fn take(&self, length: usize) -> IoBuf {
-        let mut buf = match self.classes.iter().find(|pool| pool.buf_capacity() >= length) {
+        let mut buf = match self
+            .classes
+            .iter()
+            .find(|pool| pool.buf_capacity() >= length)
+        {
             Some(pool) => pool.get(),
             None => IoBuf::with_capacity(length),
         };
@@ -105,7 +119,11 @@ pub(crate) enum Listener {
 
 /// Accepts connections until `shutdown` turns true, then waits for the connections to finish
 /// their in-flight requests (they stop reading new ones at shutdown).
-pub(crate) async fn run_listener(listener: Listener, exports: Arc<ExportSet>, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn run_listener(
+    listener: Listener,
+    exports: Arc<ExportSet>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut connections = JoinSet::new();
     loop {
         // Reap finished connections so the set does not grow with every client ever seen.
@@ -189,7 +207,11 @@ pub(crate) async fn serve_connection<R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut reader = reader;
-    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut reader, &mut writer, &exports)).await;
+    let handshake = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake(&mut reader, &mut writer, &exports),
+    )
+    .await;
     let (negotiated, leftover) = match handshake {
         Ok(Ok(Some(done))) => done,
         Ok(Ok(None)) => {
@@ -207,8 +229,20 @@ pub(crate) async fn serve_connection<R, W>(
     };
     let disk = exports.disks[negotiated.export_index].clone();
     tracing::debug!(%peer, export = disk.export_name(), "NBD client attached");
-    let reader = BufReader::with_capacity(SOCKET_BUFFER_BYTES, std::io::Cursor::new(leftover).chain(reader));
-    transmission(reader, writer, &peer, negotiated, disk, exports.buffers.clone(), shutdown).await;
+    let reader = BufReader::with_capacity(
+        SOCKET_BUFFER_BYTES,
+        std::io::Cursor::new(leftover).chain(reader),
+    );
+    transmission(
+        reader,
+        writer,
+        &peer,
+        negotiated,
+        disk,
+        exports.buffers.clone(),
+        shutdown,
+    )
+    .await;
 }
 
 /// Runs the handshake codec over the socket. `Ok(None)`: the client aborted.
@@ -223,14 +257,20 @@ where
 {
     let mut codec = Handshake::new(exports.config.clone());
     let mut input: Vec<u8> = Vec::with_capacity(1024);
-    writer.write_all(&codec.take_output()).await.map_err(|error| format!("sending greeting: {error}"))?;
+    writer
+        .write_all(&codec.take_output())
+        .await
+        .map_err(|error| format!("sending greeting: {error}"))?;
     // Bounded: the codec closes after OPTIONS_PER_CONNECTION_MAX options and each read either
     // makes progress or ends the loop.
     loop {
         let step = codec.handle_input(&input);
         let output = codec.take_output();
         if !output.is_empty() {
-            writer.write_all(&output).await.map_err(|error| format!("sending option reply: {error}"))?;
+            writer
+                .write_all(&output)
+                .await
+                .map_err(|error| format!("sending option reply: {error}"))?;
         }
         let (used, event) = step.map_err(|error| error.to_string())?;
         input.drain(..used);
@@ -243,7 +283,10 @@ where
             }
             HandshakeEvent::NeedMore { bytes_needed } => {
                 input.reserve(bytes_needed.saturating_sub(input.len()));
-                let read = reader.read_buf(&mut input).await.map_err(|error| format!("reading: {error}"))?;
+                let read = reader
+                    .read_buf(&mut input)
+                    .await
+                    .map_err(|error| format!("reading: {error}"))?;
                 if read == 0 {
                     return Err(format!(
                         "client closed the connection during the handshake ({} bytes of an unfinished message)",
@@ -294,11 +337,16 @@ async fn transmission<R, W>(
         let request = match decode_request(&header) {
             Ok(Some(request)) => request,
             Ok(None) => break Err("internal: short request header".into()),
-            Err(error) => break Err(format!("protocol error, connection closed: {error}")),
+            Err(error) => break Err(format!("protocol error: {error}")),
         };
         match validator.decide(&request) {
             Action::Disconnect => break Ok("client disconnected (NBD_CMD_DISC)"),
-            Action::Reject { cookie, error, discard_payload_bytes, reason } => {
+            Action::Reject {
+                cookie,
+                error,
+                discard_payload_bytes,
+                reason,
+            } => {
                 rejects += 1;
                 if rejects <= REJECTS_LOGGED_MAX {
                     tracing::warn!(%peer, %export, command = request.command, "request refused with {}: {reason}", error.name());
@@ -315,15 +363,29 @@ async fn transmission<R, W>(
                         Err(error) => break Err(format!("client vanished mid-write: {error}")),
                     }
                 }
-                if reply_sender.send(Reply::Simple(encode_simple_reply(cookie, error))).await.is_err() {
+                if reply_sender
+                    .send(Reply::Simple(encode_simple_reply(cookie, error)))
+                    .await
+                    .is_err()
+                {
                     break Err("reply writer stopped".into());
                 }
             }
-            Action::RejectAndClose { cookie, error, reason } => {
-                let _ = reply_sender.send(Reply::Simple(encode_simple_reply(cookie, error))).await;
-                break Err(format!("request refused with {} and connection closed: {reason}", error.name()));
+            Action::RejectAndClose {
+                cookie,
+                error,
+                reason,
+            } => {
+                let _ = reply_sender
+                    .send(Reply::Simple(encode_simple_reply(cookie, error)))
+                    .await;
+                break Err(format!("request refused with {}: {reason}", error.name()));
             }
-            Action::Read { cookie, offset, length } => {
+            Action::Read {
+                cookie,
+                offset,
+                length,
+            } => {
                 let buf = buffers.take(length as usize);
                 let disk = disk.clone();
                 let replies = reply_sender.clone();
@@ -341,21 +403,69 @@ async fn transmission<R, W>(
                     drop(permit);
                 });
             }
-            Action::Write { cookie, offset, length, fua } => {
+            Action::Write {
+                cookie,
+                offset,
+                length,
+                fua,
+            } => {
                 let mut buf = buffers.take(length as usize);
                 if let Err(error) = reader.read_exact(&mut buf[..]).await {
                     // Nothing of a partial write is journaled or applied.
-                    break Err(format!("client vanished mid-write ({length} byte write at {offset}): {error}"));
+                    break Err(format!(
+                        "client vanished mid-write ({length} byte write at {offset}): {error}"
+                    ));
                 }
-                spawn_change(&disk, &reply_sender, peer, cookie, offset, u64::from(length), Change::Data(buf), fua, permit);
+                spawn_change(
+                    &disk,
+                    &reply_sender,
+                    peer,
+                    cookie,
+                    offset,
+                    u64::from(length),
+                    Change::Data(buf),
+                    fua,
+                    permit,
+                );
             }
-            Action::WriteZeroes { cookie, offset, length, fua, no_hole: _ } => {
+            Action::WriteZeroes {
+                cookie,
+                offset,
+                length,
+                fua,
+                no_hole: _,
+            } => {
                 // NO_HOLE or not, the range must read back as zeroes; the disk engine keeps
                 // space allocated for WRITE_ZEROES either way.
-                spawn_change(&disk, &reply_sender, peer, cookie, offset, u64::from(length), Change::Zeroes, fua, permit);
+                spawn_change(
+                    &disk,
+                    &reply_sender,
+                    peer,
+                    cookie,
+                    offset,
+                    u64::from(length),
+                    Change::Zeroes,
+                    fua,
+                    permit,
+                );
             }
-            Action::Trim { cookie, offset, length, fua } => {
-                spawn_change(&disk, &reply_sender, peer, cookie, offset, u64::from(length), Change::Trim, fua, permit);
+            Action::Trim {
+                cookie,
+                offset,
+                length,
+                fua,
+            } => {
+                spawn_change(
+                    &disk,
+                    &reply_sender,
+                    peer,
+                    cookie,
+                    offset,
+                    u64::from(length),
+                    Change::Trim,
+                    fua,
+                    permit,
+                );
             }
             Action::Flush { cookie } => {
                 let disk = disk.clone();
@@ -369,7 +479,9 @@ async fn transmission<R, W>(
                             ErrorCode::Io
                         }
                     };
-                    let _ = replies.send(Reply::Simple(encode_simple_reply(cookie, error))).await;
+                    let _ = replies
+                        .send(Reply::Simple(encode_simple_reply(cookie, error)))
+                        .await;
                     drop(permit);
                 });
             }
@@ -391,7 +503,10 @@ async fn transmission<R, W>(
 }
 
 /// Reads a whole request header. `Ok(false)` on a clean EOF before its first byte.
-async fn read_header<R: AsyncRead + Unpin>(reader: &mut R, header: &mut [u8; REQUEST_HEADER_BYTES]) -> std::io::Result<bool> {
+async fn read_header<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    header: &mut [u8; REQUEST_HEADER_BYTES],
+) -> std::io::Result<bool> {
     let mut filled = 0;
     while filled < header.len() {
         let read = reader.read(&mut header[filled..]).await?;
@@ -433,7 +548,9 @@ fn spawn_change(
                 ErrorCode::Io
             }
         };
-        let _ = replies.send(Reply::Simple(encode_simple_reply(cookie, error))).await;
+        let _ = replies
+            .send(Reply::Simple(encode_simple_reply(cookie, error)))
+            .await;
         drop(permit);
     });
 }
