@@ -207,11 +207,14 @@ pub(crate) async fn serve_connection<R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut reader = reader;
-    let handshake = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        handshake(&mut reader, &mut writer, &exports),
-    )
-    .await;
+    let mut stop = shutdown.clone();
+    let handshake = tokio::select! {
+        handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut reader, &mut writer, &exports)) => handshake,
+        _ = stop.wait_for(|stop| *stop) => {
+            tracing::debug!(%peer, endpoint = %exports.endpoint, "appliance shutting down during a handshake");
+            return;
+        }
+    };
     let (negotiated, leftover) = match handshake {
         Ok(Ok(Some(done))) => done,
         Ok(Ok(None)) => {

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# NBD capture benchmark: fio's nbd engine against a Ferry capture export (every write journaled
+# into the mmap cache journal, then applied to the image through the disk engine) and, in the
+# same run and on the same image file, against `nbdkit file`. Two workloads: 4 KiB random writes
+# at QD32 and 1 MiB sequential writes at QD8. Servers alternate round by round so drift on this
+# shared machine hits both alike; the medians and the Ferry/nbdkit ratio go into the
+# "## NBD capture" section of benches/RESULTS.md (replaced on every run).
+#
+# Usage: benches/nbd_capture.sh [ROUNDS] [SECONDS]      (defaults: 3 rounds of 10 s per job)
+# Env:   FERRY_BENCH_DIR   where the image and journal go (default: a temp dir under /var/tmp)
+#        FERRY_BENCH_IMAGE_MIB  image size (default 2048)
+set -euo pipefail
+
+rounds=${1:-3}
+seconds=${2:-10}
+image_mib=${FERRY_BENCH_IMAGE_MIB:-2048}
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=${FERRY_BENCH_DIR:-$(mktemp -d /var/tmp/ferry-nbd-bench.XXXXXX)}
+mkdir -p "$work"
+image="$work/image.raw"
+results="$root/benches/RESULTS.md"
+
+for tool in fio nbdkit python3; do
+    command -v "$tool" >/dev/null || { echo "nbd_capture: $tool is not installed" >&2; exit 1; }
+done
+
+echo "building capture_serve (release)" >&2
+(cd "$root" && cargo build --release -q -p ferry-appliance --example capture_serve)
+serve="$root/target/release/examples/capture_serve"
+
+server_pid=""
+cleanup() {
+    if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+    if [ -z "${FERRY_BENCH_DIR:-}" ]; then rm -rf "$work"; fi
+}
+trap cleanup EXIT
+
+# The host disk is thin-provisioned: the first pass over a new file is 2-3x slower. Write the
+# whole image once so both servers see allocated blocks.
+echo "warming a ${image_mib} MiB image in $work" >&2
+dd if=/dev/zero of="$image" bs=1M count="$image_mib" oflag=direct conv=fsync status=none
+
+wait_for_socket() {
+    for _ in $(seq 1 500); do
+        [ -S "$1" ] && return 0
+        sleep 0.02
+    done
+    echo "nbd_capture: no socket at $1" >&2
+    exit 1
+}
+
+start_server() { # kind socket
+    rm -f "$2"
+    case "$1" in
+        nbdkit) nbdkit --foreground --exit-with-parent --unix "$2" file "$image" 2>"$work/nbdkit.log" & ;;
+        ferry) "$serve" "$image" "$2" "$work/state" direct=auto journal_mib=1024 2>"$work/ferry.log" & ;;
+        ferry-buffered) "$serve" "$image" "$2" "$work/state" direct=off journal_mib=1024 2>"$work/ferry.log" & ;;
+    esac
+    server_pid=$!
+    wait_for_socket "$2"
+}
+
+stop_server() {
+    kill "$server_pid"
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=""
+}
+
+run_fio() { # socket rw bs iodepth -> "bytes_per_s iops"
+    fio --name=job --ioengine=nbd --uri="nbd+unix:///?socket=$1" --rw="$2" --bs="$3" \
+        --iodepth="$4" --size="${image_mib}M" --time_based --runtime="$seconds" --ramp_time=1 \
+        --output-format=json --output="$work/fio.json" >/dev/null 2>&1
+    python3 -c 'import json,sys; w=json.load(open(sys.argv[1]))["jobs"][0]["write"]; print(int(w["bw_bytes"]), int(w["iops"]))' "$work/fio.json"
+}
+
+declare -A figures
+kinds="nbdkit ferry ferry-buffered"
+for round in $(seq 1 "$rounds"); do
+    for kind in $kinds; do
+        socket="$work/$kind.sock"
+        start_server "$kind" "$socket"
+        figures[$kind,rand,$round]=$(run_fio "$socket" randwrite 4k 32)
+        figures[$kind,seq,$round]=$(run_fio "$socket" write 1M 8)
+        stop_server
+        echo "round $round $kind: rand ${figures[$kind,rand,$round]} seq ${figures[$kind,seq,$round]}" >&2
+    done
+done
+
+# Medians per server and workload.
+summary=$(for kind in $kinds; do for job in rand seq; do
+    for round in $(seq 1 "$rounds"); do echo "$kind $job ${figures[$kind,$job,$round]}"; done
+done; done | python3 -c '
+import sys, statistics, collections
+rows = collections.defaultdict(list)
+for line in sys.stdin:
+    kind, job, bw, iops = line.split()
+    rows[(kind, job)].append((int(bw), int(iops)))
+med = {k: (statistics.median(b for b, _ in v), statistics.median(i for _, i in v)) for k, v in rows.items()}
+def ratio(kind, job): return med[(kind, job)][0] / med[("nbdkit", job)][0]
+print("| server | 4 KiB random write QD32 | ratio | 1 MiB sequential write QD8 | ratio |")
+print("|---|---|---|---|---|")
+for kind, label in [("nbdkit", "nbdkit file (baseline)"), ("ferry", "Ferry capture, O_DIRECT (default)"), ("ferry-buffered", "Ferry capture, page cache")]:
+    r, s = med[(kind, "rand")], med[(kind, "seq")]
+    rr, rs = ratio(kind, "rand"), ratio(kind, "seq")
+    print(f"| {label} | {r[1]/1000:.1f}K IOPS ({r[0]/1e6:.0f} MB/s) | {rr:.2f}x | {s[0]/1e9:.2f} GB/s | {rs:.2f}x |")
+')
+echo "$summary"
+
+section=$(cat <<EOF
+## NBD capture
+
+\`benches/nbd_capture.sh $rounds $seconds\` on $(date -u +%Y-%m-%d) ($(nproc) cores, $(uname -r)): fio
+\`ioengine=nbd\` over a unix socket against a Ferry capture export (release build of
+\`appliance/examples/capture_serve\`: every write journaled into a 1 GiB mmap journal, which a
+stand-in target flushes and releases every 20 ms, then written to the image by the io_uring disk
+engine) and against \`nbdkit file\` on the same warmed ${image_mib} MiB image, alternating server
+by server, $rounds rounds of ${seconds} s per job; medians, GB = 10^9 B. Ratio = Ferry / nbdkit.
+
+$summary
+EOF
+)
+
+python3 - "$results" "$section" <<'PY'
+import re, sys, pathlib
+path, section = pathlib.Path(sys.argv[1]), sys.argv[2].rstrip() + "\n"
+text = path.read_text() if path.exists() else "# Benchmark results\n\nEach section is written by the benchmark named in it.\n"
+pattern = re.compile(r"^## NBD capture\n.*?(?=^## |\Z)", re.S | re.M)
+text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+path.write_text(text)
+PY
+echo "wrote the NBD capture section of $results" >&2
