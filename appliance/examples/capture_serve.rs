@@ -17,7 +17,6 @@ use ferry_appliance::capture::{
 };
 use ferry_appliance::control::DiskState;
 use ferry_appliance::io::disk::{DirectMode, DiskOptions};
-use ferry_appliance::io::mmap_journal::MmapSegments;
 
 fn usage() -> ! {
     eprintln!("usage: capture_serve IMAGE SOCKET STATE_DIR [direct=auto|on|off] [journal_mib=N]");
@@ -52,14 +51,9 @@ async fn main() {
     }
 
     std::fs::create_dir_all(&state_dir).expect("create state dir");
-    let segment_bytes = 64usize << 20;
-    let store = MmapSegments::open(
-        &state_dir.join("journal"),
-        (journal_mib << 20) / segment_bytes,
-        segment_bytes,
-    )
-    .expect("open journal");
-    let (journal, _) = SharedJournal::open(store).expect("recover journal");
+    let (journal, _) =
+        SharedJournal::open_mmap(&state_dir.join("journal"), (journal_mib as u64) << 20)
+            .expect("open journal");
 
     let disk = DiskSpec {
         machine: "bench".into(),

@@ -13,7 +13,6 @@ use ferry_appliance::capture::{
     Capture, CaptureConfig, CaptureDisk, DiskSpec, Endpoint, ListenerSpec, SharedJournal,
 };
 use ferry_appliance::control::DiskState;
-use ferry_appliance::core::journal_mem::MemSegments;
 use ferry_appliance::core::nbd::client::{
     decode_option_reply, decode_simple_reply, encode_go_data, encode_option, encode_request,
 };
@@ -127,8 +126,9 @@ impl Fixture {
             });
         }
         let all_socket = directory.path().join("all.sock");
+        let journal_bytes = (segment_count * segment_bytes) as u64;
         let (journal, _) =
-            SharedJournal::open(MemSegments::new(segment_count, segment_bytes)).unwrap();
+            SharedJournal::open_mmap(&directory.path().join("journal"), journal_bytes).unwrap();
         let specs = test_disks
             .iter()
             .map(|disk| DiskSpec {
@@ -301,39 +301,40 @@ async fn qemu_io_writes_are_journaled_in_order_and_read_back() {
     );
     assert_eq!(fixture.replay(1), std::fs::read(&data.image).unwrap());
 
-    let journal = fixture.journal.lock();
-    let records: Vec<_> = journal.iter_from(0).map(|record| record.unwrap()).collect();
-    let kinds: Vec<_> = records
-        .iter()
-        .filter(|r| r.disk_id == 1)
-        .map(|r| r.kind)
-        .collect();
-    assert!(
-        kinds.contains(&RecordKind::Zero) || kinds.contains(&RecordKind::Trim),
-        "{kinds:?}"
-    );
-    assert!(records.iter().all(|record| record.payload.len() <= 1 << 20));
-    let split: Vec<_> = records
-        .iter()
-        .filter(|r| {
-            r.disk_id == 1
-                && r.offset >= 1 << 20
-                && r.offset < 4 << 20
-                && r.kind == RecordKind::Write
-        })
-        .map(|r| (r.offset, r.length))
-        .collect();
-    assert_eq!(
-        split,
-        vec![(1 << 20, 1 << 20), (2 << 20, 1 << 20), (3 << 20, 1 << 20)]
-    );
-    let last_seq = records
-        .iter()
-        .filter(|r| r.disk_id == 1)
-        .map(|r| r.seq)
-        .max()
-        .unwrap();
-    drop(journal);
+    let last_seq = {
+        let journal = fixture.journal.lock();
+        let records: Vec<_> = journal.iter_from(0).map(|record| record.unwrap()).collect();
+        let kinds: Vec<_> = records
+            .iter()
+            .filter(|r| r.disk_id == 1)
+            .map(|r| r.kind)
+            .collect();
+        assert!(
+            kinds.contains(&RecordKind::Zero) || kinds.contains(&RecordKind::Trim),
+            "{kinds:?}"
+        );
+        assert!(records.iter().all(|record| record.payload.len() <= 1 << 20));
+        let split: Vec<_> = records
+            .iter()
+            .filter(|r| {
+                r.disk_id == 1
+                    && r.offset >= 1 << 20
+                    && r.offset < 4 << 20
+                    && r.kind == RecordKind::Write
+            })
+            .map(|r| (r.offset, r.length))
+            .collect();
+        assert_eq!(
+            split,
+            vec![(1 << 20, 1 << 20), (2 << 20, 1 << 20), (3 << 20, 1 << 20)]
+        );
+        records
+            .iter()
+            .filter(|r| r.disk_id == 1)
+            .map(|r| r.seq)
+            .max()
+            .unwrap()
+    };
     // FLUSH made every record before it durable.
     assert!(
         fixture.journal.durable_seq() >= last_seq,

@@ -11,6 +11,11 @@ use crate::core::journal::{
     Journal, JournalError, JournalUsage, RecordSpec, RecoveryReport, SegmentStore, StoreError,
 };
 use crate::core::record::Seq;
+use crate::io::mmap_journal::{CreateOptions, JournalGeometry, MmapJournalError, MmapSegments};
+
+/// Flushes byte ranges of the store's segments without the journal (and so without its lock):
+/// `(segment, offset, len)`. With one, appends go on while a flush runs.
+pub type RangeFlusher = Arc<dyn Fn(usize, usize, usize) -> Result<(), StoreError> + Send + Sync>;
 
 /// The store behind the shared journal. Boxed so that neither the capture path nor the shipper
 /// is generic over it: the daemon passes `io::mmap_journal::MmapSegments`, tests may pass the
@@ -37,6 +42,8 @@ impl SegmentStore for Box<dyn SegmentStore + Send> {
 
 struct Inner {
     journal: Mutex<Journal<JournalStore>>,
+    /// Set for stores that can flush outside the lock (mapped files); `None`: flush under it.
+    flusher: Option<RangeFlusher>,
     /// One flush at a time; waiters that find their sequence durable once they get in return
     /// at once (that is the group commit).
     flush_gate: tokio::sync::Mutex<()>,
@@ -71,13 +78,52 @@ impl SharedJournal {
         Ok((Self::from_journal(journal), report))
     }
 
-    /// Shares an already opened journal.
+    /// Opens (creating if needed) the memory-mapped journal of `capacity_bytes` in `dir`: the
+    /// daemon's journal. Its flushes run outside the lock (msync does not touch the bytes).
+    pub fn open_mmap(
+        dir: &std::path::Path,
+        capacity_bytes: u64,
+    ) -> Result<(Self, RecoveryReport), MmapJournalError> {
+        let geometry = JournalGeometry::for_capacity(capacity_bytes).map_err(|message| {
+            MmapJournalError::Geometry {
+                dir: dir.to_owned(),
+                message,
+            }
+        })?;
+        let store = MmapSegments::open(dir, geometry, CreateOptions::default())?;
+        let flusher = store.flusher();
+        let (journal, report) =
+            Journal::open(Box::new(store) as JournalStore).map_err(|source| {
+                MmapJournalError::Journal {
+                    dir: dir.to_owned(),
+                    source,
+                }
+            })?;
+        let flusher: RangeFlusher =
+            Arc::new(move |segment, offset, len| flusher.flush_range(segment, offset, len));
+        Ok((Self::build(journal, Some(flusher)), report))
+    }
+
+    /// Shares an already opened journal (flushes run under the lock).
     pub fn from_journal(journal: Journal<JournalStore>) -> Self {
+        Self::build(journal, None)
+    }
+
+    /// Shares an already opened journal whose store `flusher` can flush without the lock.
+    pub fn from_journal_with_flusher(
+        journal: Journal<JournalStore>,
+        flusher: RangeFlusher,
+    ) -> Self {
+        Self::build(journal, Some(flusher))
+    }
+
+    fn build(journal: Journal<JournalStore>, flusher: Option<RangeFlusher>) -> Self {
         let durable_seq = AtomicU64::new(journal.durable_seq());
         let last_seq = AtomicU64::new(journal.last_seq());
         Self {
             inner: Arc::new(Inner {
                 journal: Mutex::new(journal),
+                flusher,
                 flush_gate: tokio::sync::Mutex::new(()),
                 durable_seq,
                 last_seq,
@@ -155,12 +201,29 @@ impl SharedJournal {
         }
         let inner = self.inner.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let mut journal = inner
-                .journal
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let target = journal.last_seq();
-            journal.flush(target)
+            let lock = || {
+                inner
+                    .journal
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+            };
+            match &inner.flusher {
+                None => {
+                    let mut journal = lock();
+                    let target = journal.last_seq();
+                    journal.flush(target)
+                }
+                Some(flusher) => {
+                    // Two-phase: plan under the lock, msync without it, record under it.
+                    let plan = {
+                        let journal = lock();
+                        journal.begin_flush(journal.last_seq())?
+                    };
+                    let outcome =
+                        plan.execute_with(|segment, offset, len| flusher(segment, offset, len));
+                    lock().finish_flush(plan, outcome)
+                }
+            }
         })
         .await
         .unwrap_or_else(|join_error| {
