@@ -42,8 +42,31 @@ const RANDOM: Workload = Workload {
     random: true,
 };
 
-/// Runs `workload` on `disk` with `queue_depth` closed-loop tasks; returns bytes per second.
-async fn run_engine(disk: &Disk, workload: Workload, plan: &Plan, seed: u64) -> f64 {
+/// One contender's result: throughput and CPU time (user + system, all threads) per request.
+#[derive(Clone, Copy)]
+struct Sample {
+    bytes_per_s: f64,
+    cpu_us_per_op: f64,
+}
+
+/// CPU time of this process so far (user + system, all threads, incl. io_uring workers), from
+/// /proc/self/stat in clock ticks (100 Hz).
+fn process_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the ")" that ends the command name: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Runs `workload` on `disk` with `queue_depth` closed-loop tasks.
+async fn run_engine(disk: &Disk, workload: Workload, plan: &Plan, seed: u64) -> Sample {
     let block_count = plan.file_bytes / workload.block_bytes as u64;
     let ops_total = if workload.random {
         plan.random_ops
@@ -51,6 +74,7 @@ async fn run_engine(disk: &Disk, workload: Workload, plan: &Plan, seed: u64) -> 
         block_count
     };
     let started = Instant::now();
+    let cpu_started_s = process_cpu_s();
     let mut tasks = tokio::task::JoinSet::new();
     for task_index in 0..workload.queue_depth as u64 {
         let disk = disk.clone();
@@ -80,11 +104,15 @@ async fn run_engine(disk: &Disk, workload: Workload, plan: &Plan, seed: u64) -> 
     // Timed up to the last completion, like fio's bandwidth figure; the flush is not timed
     // (O_DIRECT completions are already in the device).
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu_s = process_cpu_s() - cpu_started_s;
     disk.flush().await.expect("bench flush");
-    (ops_total * workload.block_bytes as u64) as f64 / elapsed
+    Sample {
+        bytes_per_s: (ops_total * workload.block_bytes as u64) as f64 / elapsed,
+        cpu_us_per_op: cpu_s * 1e6 / ops_total as f64,
+    }
 }
 
-fn run_fio(path: &Path, workload: Workload, plan: &Plan) -> Option<f64> {
+fn run_fio(path: &Path, workload: Workload, plan: &Plan) -> Option<Sample> {
     let mut command = Command::new("fio");
     command.args([
         "--name=ferry-disk-bench",
@@ -111,14 +139,22 @@ fn run_fio(path: &Path, workload: Workload, plan: &Plan) -> Option<f64> {
         return None;
     }
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
-    let job = &report["jobs"][0]["write"];
-    // bw_bytes: bytes/s over the job's I/O run time.
-    job["bw_bytes"].as_f64()
+    let job = &report["jobs"][0];
+    // bw_bytes: bytes/s over the job's I/O run time; usr/sys_cpu: percent of the job's run time.
+    let bytes_per_s = job["write"]["bw_bytes"].as_f64()?;
+    let ops = job["write"]["total_ios"].as_f64()?;
+    let runtime_s = job["job_runtime"].as_f64()? / 1000.0;
+    let cpu_percent = job["usr_cpu"].as_f64()? + job["sys_cpu"].as_f64()?;
+    Some(Sample {
+        bytes_per_s,
+        cpu_us_per_op: cpu_percent / 100.0 * runtime_s * 1e6 / ops.max(1.0),
+    })
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
+/// Median by throughput (the CPU figure travels with its run).
+fn median(samples: &mut [Sample]) -> Sample {
+    samples.sort_by(|a, b| a.bytes_per_s.total_cmp(&b.bytes_per_s));
+    samples[samples.len() / 2]
 }
 
 fn main() {
@@ -178,7 +214,7 @@ fn main() {
 
     // The host disk is thin-provisioned: the first pass over new blocks is 2-3x slower.
     let warm = runtime.block_on(run_engine(&uring, SEQUENTIAL, &plan, seed));
-    println!("warm-up pass: {:.2} GB/s", warm / 1e9);
+    println!("warm-up pass: {:.2} GB/s", warm.bytes_per_s / 1e9);
 
     for workload in [SEQUENTIAL, RANDOM] {
         let mut uring_runs = Vec::new();
@@ -190,20 +226,21 @@ fn main() {
             uring_runs.push(runtime.block_on(run_engine(&uring, workload, &plan, run_seed)));
             sync_runs.push(runtime.block_on(run_engine(&sync, workload, &plan, run_seed)));
             if plan.with_fio {
-                if let Some(bytes_per_s) = run_fio(&path, workload, &plan) {
-                    fio_runs.push(bytes_per_s);
+                if let Some(sample) = run_fio(&path, workload, &plan) {
+                    fio_runs.push(sample);
                 }
             }
         }
         let uring_median = median(&mut uring_runs);
         let sync_median = median(&mut sync_runs);
-        let show = |name: &str, bytes_per_s: f64| {
+        let show = |name: &str, sample: Sample| {
             println!(
-                "{:<24} {:<22} {:>7.3} GB/s {:>9.0} IOPS",
+                "{:<24} {:<22} {:>7.3} GB/s {:>9.0} IOPS {:>7.1} us CPU/op",
                 workload.name,
                 name,
-                bytes_per_s / 1e9,
-                bytes_per_s / workload.block_bytes as f64
+                sample.bytes_per_s / 1e9,
+                sample.bytes_per_s / workload.block_bytes as f64,
+                sample.cpu_us_per_op
             );
         };
         show("ferry io_uring", uring_median);
@@ -214,15 +251,15 @@ fn main() {
             println!(
                 "{:<24} ratios: io_uring/fio {:.2}, thread-pool/fio {:.2}, io_uring/thread-pool {:.2}",
                 workload.name,
-                uring_median / fio_median,
-                sync_median / fio_median,
-                uring_median / sync_median
+                uring_median.bytes_per_s / fio_median.bytes_per_s,
+                sync_median.bytes_per_s / fio_median.bytes_per_s,
+                uring_median.bytes_per_s / sync_median.bytes_per_s
             );
         } else {
             println!(
                 "{:<24} ratio io_uring/thread-pool {:.2}",
                 workload.name,
-                uring_median / sync_median
+                uring_median.bytes_per_s / sync_median.bytes_per_s
             );
         }
     }
