@@ -36,6 +36,10 @@ struct Appliance {
 impl Appliance {
     /// Writes a config with two machines and three 1 MiB disks, then starts `ferry run`.
     fn start(metrics_port: Option<u16>) -> Self {
+        Self::start_with_journal(metrics_port, "8MiB")
+    }
+
+    fn start_with_journal(metrics_port: Option<u16>, journal_size: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         for name in ["web-1-os", "web-1-data", "db-1-os"] {
@@ -55,7 +59,7 @@ state_dir = "{root}/state"
 control_socket = "{root}/run/ferry.sock"
 {metrics}
 [source]
-journal_size = "8MiB"
+journal_size = "{journal_size}"
 target = "127.0.0.1:9"
 target_fingerprint = "sha256:..."
 
@@ -76,7 +80,7 @@ availability_set = "web"
 nics = [{{ network = "prod", subnet = "front", ip = "10.0.0.4" }}]
 disks = [
   {{ name = "os", path = "{root}/web-1-os.raw", export = "{root}/run/web-1-os.sock" }},
-  {{ name = "data", path = "{root}/web-1-data.raw", export = "{root}/run/web-1-data.sock" }},
+  {{ name = "data", path = "{root}/web-1-data.raw", export = "{root}/run/web-1-data.sock", tcp = "127.0.0.1:{data_port}" }},
 ]
 
 [[source.machine]]
@@ -84,7 +88,8 @@ name = "db-1"
 group = "db"
 disks = [{{ name = "os", path = "{root}/db-1-os.raw", export = "{root}/run/db-1-os.sock" }}]
 "#,
-            root = root.display()
+            root = root.display(),
+            data_port = free_port(),
         );
         let config = root.join("ferry.toml");
         std::fs::write(&config, text).unwrap();
@@ -121,6 +126,28 @@ disks = [{{ name = "os", path = "{root}/db-1-os.raw", export = "{root}/run/db-1-
             assert!(
                 start.elapsed() < DEADLINE,
                 "no status within {DEADLINE:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Polls status until `done` holds for the disk `index` (bounded).
+    fn wait_disk(
+        &mut self,
+        index: usize,
+        what: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let status = self.wait_ready();
+            if done(&status["disks"][index]) {
+                return status;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{what}: not within {DEADLINE:?}: {status}\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -420,4 +447,142 @@ fn usage_help_and_version() {
             .code(),
         Some(2)
     );
+}
+
+fn run_tool(program: &str, args: &[&str]) {
+    let output = Command::new(program).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Writes through the exports with real NBD clients (qemu-io on a unix socket, nbdcopy over
+/// TCP), then checks the backing files, the status figures, the journal's records after a clean
+/// stop, and that overflowing the journal turns a disk `resync-needed` with every write on disk.
+#[test]
+fn writes_through_exports_show_in_status_and_journal() {
+    let mut appliance = Appliance::start_with_journal(None, "4MiB");
+    let status = appliance.wait_ready();
+    let root = appliance.dir.path().to_path_buf();
+    let capacity = status["disks"][0]["journal_capacity_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(capacity > 0 && capacity <= 4 << 20, "{status}");
+
+    // 64 KiB of 0xab at offset 128 KiB through the unix socket export of web-1/os.
+    let os_socket = root.join("run/web-1-os.sock");
+    let os_url = format!("nbd+unix:///web-1/os?socket={}", os_socket.display());
+    run_tool(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0xab 128k 64k", &os_url],
+    );
+    // A whole 1 MiB image through the TCP export of web-1/data.
+    let pattern: Vec<u8> = (0..1u32 << 20).map(|index| (index % 251) as u8).collect();
+    let source_image = root.join("pattern.raw");
+    std::fs::write(&source_image, &pattern).unwrap();
+    let config_text = std::fs::read_to_string(&appliance.config).unwrap();
+    let data_port = config_text
+        .split("tcp = \"127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    run_tool(
+        "nbdcopy",
+        &[
+            source_image.to_str().unwrap(),
+            &format!("nbd://127.0.0.1:{data_port}/web-1/data"),
+        ],
+    );
+
+    let status = appliance.wait_disk(0, "web-1/os bytes", |disk| {
+        disk["bytes_written"] == 64 << 10
+    });
+    let os = &status["disks"][0];
+    assert!(os["last_sequence"].as_u64().unwrap() >= 1, "{os}");
+    assert_eq!(os["acked_sequence"], 0, "no target: nothing acknowledged");
+    assert!(
+        os["journal_used_bytes"].as_u64().unwrap() >= 64 << 10,
+        "{os}"
+    );
+    let status = appliance.wait_disk(1, "web-1/data bytes", |disk| {
+        disk["bytes_written"] == 1 << 20
+    });
+    assert!(
+        status["disks"][1]["rpo_lag_seconds"].as_f64().unwrap() > 0.0,
+        "{status}"
+    );
+    assert_eq!(status["disks"][2]["bytes_written"], 0, "db-1/os untouched");
+
+    // The data is on the backing files.
+    let os_bytes = std::fs::read(root.join("web-1-os.raw")).unwrap();
+    assert!(os_bytes[128 << 10..192 << 10]
+        .iter()
+        .all(|&byte| byte == 0xab));
+    assert!(os_bytes[..128 << 10].iter().all(|&byte| byte == 0));
+    assert_eq!(std::fs::read(root.join("web-1-data.raw")).unwrap(), pattern);
+
+    // Overflow the 4 MiB journal with 3 MiB more on db-1/os: the disk drops to its bitmap,
+    // and every write still reaches the disk.
+    let db_url = format!(
+        "nbd+unix:///db-1/os?socket={}",
+        root.join("run/db-1-os.sock").display()
+    );
+    run_tool(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x5c 0 1M", &db_url],
+    );
+    run_tool(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x5d 0 1M", &db_url],
+    );
+    run_tool(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x5e 0 1M", &db_url],
+    );
+    appliance.wait_disk(2, "db-1/os resync-needed", |disk| {
+        disk["state"] == "resync-needed"
+    });
+    assert!(std::fs::read(root.join("db-1-os.raw"))
+        .unwrap()
+        .iter()
+        .all(|&byte| byte == 0x5e));
+
+    appliance.signal("TERM");
+    assert_eq!(appliance.wait_exit().code(), Some(0), "{}", appliance.log());
+
+    // After a clean stop the journal holds the records of both writes, in order, verified.
+    let (journal, report) =
+        ferry_appliance::io::mmap_journal::open_journal(&root.join("state/journal"), 4 << 20)
+            .unwrap();
+    assert_eq!(report.bytes_dropped, 0, "{report:?}");
+    let web_os = ferry_appliance::config::disk_id("web-1", "os");
+    let web_data = ferry_appliance::config::disk_id("web-1", "data");
+    let mut os_written = 0;
+    let mut data_written = 0;
+    let mut previous = 0;
+    for record in journal.iter_from(journal.first_seq()) {
+        let record = record.unwrap();
+        assert!(record.seq > previous, "records in sequence order");
+        previous = record.seq;
+        if record.disk_id == web_os {
+            assert!(record.payload.iter().all(|&byte| byte == 0xab));
+            assert_eq!(record.offset, 128 << 10);
+            os_written += record.length;
+        } else if record.disk_id == web_data {
+            let start = record.offset as usize;
+            assert_eq!(
+                record.payload,
+                &pattern[start..start + record.length as usize]
+            );
+            data_written += record.length;
+        }
+    }
+    assert_eq!(os_written, 64 << 10);
+    assert_eq!(data_written, 1 << 20);
 }

@@ -48,11 +48,6 @@ impl StateLayout {
         }
         Ok(())
     }
-
-    /// The bitmap file of the disk with journal id `disk_id`.
-    pub fn bitmap_path(&self, machine: &str, disk: &str) -> PathBuf {
-        self.bitmaps.join(format!("{machine}--{disk}.bitmap"))
-    }
 }
 
 /// `mkdir -p` with mode 0700 for the directories it creates.

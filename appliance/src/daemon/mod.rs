@@ -13,6 +13,7 @@ mod control_server;
 pub mod layout;
 pub mod metrics;
 mod notify;
+mod source;
 pub mod status;
 pub mod table;
 
@@ -35,6 +36,9 @@ use crate::control::{Request, Response};
 const EVENT_QUEUE_CAPACITY: usize = 64;
 /// How often rates are refreshed.
 pub const TICK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often components' own counters are copied into the status model; RPO lag is
+/// overestimated by at most this much.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Why the appliance could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +77,12 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cache journal: {0}")]
+    Journal(#[source] crate::io::mmap_journal::MmapJournalError),
+    #[error("capture: {0}")]
+    CaptureStart(#[source] crate::capture::CaptureError),
+    #[error("capture: final flush failed: {0}")]
+    CaptureFlush(#[source] crate::capture::CaptureIoError),
     #[error("signal handler: {0}")]
     Signal(#[source] std::io::Error),
     #[error("the event loop stopped unexpectedly: {0}")]
@@ -97,7 +107,7 @@ pub struct Daemon {
     control_socket_identity: (u64, u64),
     metrics_address: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
-    event_loop: JoinHandle<()>,
+    event_loop: JoinHandle<Result<(), DaemonError>>,
     servers: Vec<JoinHandle<()>>,
 }
 
@@ -129,24 +139,39 @@ impl Daemon {
         let bound = control_server::bind(config.control_socket())?;
         let control_socket = bound.path.clone();
         let control_socket_identity = bound.identity();
-        let metrics_listener = match config.appliance.metrics_listen {
-            Some(address) => match TcpListener::bind(address).await {
-                Ok(listener) => Some(listener),
-                Err(source) => {
-                    control_server::BoundSocket::remove_file(
-                        &control_socket,
-                        control_socket_identity,
-                    );
-                    return Err(DaemonError::Metrics { address, source });
-                }
-            },
-            None => None,
+        let (shutdown, shutdown_receiver) = watch::channel(false);
+        // Everything after the bind removes the socket again if it fails.
+        let started = async {
+            let metrics_listener = match config.appliance.metrics_listen {
+                Some(address) => Some(
+                    TcpListener::bind(address)
+                        .await
+                        .map_err(|source| DaemonError::Metrics { address, source })?,
+                ),
+                None => None,
+            };
+            let source_side = match &config.source {
+                Some(source) => Some(
+                    source::SourceSide::start(source, &layout, &status, shutdown_receiver.clone())
+                        .await?,
+                ),
+                None => None,
+            };
+            Ok::<_, DaemonError>((metrics_listener, source_side))
+        }
+        .await;
+        let (metrics_listener, source_side) = match started {
+            Ok(started) => started,
+            Err(error) => {
+                let _ = shutdown.send(true);
+                control_server::BoundSocket::remove_file(&control_socket, control_socket_identity);
+                return Err(error);
+            }
         };
         let metrics_address = metrics_listener
             .as_ref()
             .and_then(|listener| listener.local_addr().ok());
 
-        let (shutdown, shutdown_receiver) = watch::channel(false);
         let (events, event_receiver) = mpsc::channel(EVENT_QUEUE_CAPACITY);
         let mut servers = vec![tokio::spawn(control_server::serve(
             bound.listener,
@@ -164,6 +189,7 @@ impl Daemon {
         let event_loop = tokio::spawn(event_loop(
             config.clone(),
             status.clone(),
+            source_side,
             event_receiver,
             shutdown_receiver,
         ));
@@ -219,7 +245,8 @@ impl Daemon {
     /// error does.
     pub async fn stopped(&mut self) -> DaemonError {
         match (&mut self.event_loop).await {
-            Ok(()) => DaemonError::EventLoop("it returned".to_string()),
+            Ok(Ok(())) => DaemonError::EventLoop("it returned".to_string()),
+            Ok(Err(error)) => error,
             Err(error) => DaemonError::EventLoop(error.to_string()),
         }
     }
@@ -236,19 +263,23 @@ impl Daemon {
             &self.control_socket,
             self.control_socket_identity,
         );
+        let result = loop_result.map_err(|error| DaemonError::EventLoop(error.to_string()))?;
         tracing::info!("appliance stopped");
-        loop_result.map_err(|error| DaemonError::EventLoop(error.to_string()))
+        result
     }
 }
 
 async fn event_loop(
     config: Arc<Config>,
     status: Arc<StatusModel>,
+    source: Option<source::SourceSide>,
     mut events: mpsc::Receiver<Event>,
     mut shutdown: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(TICK_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+) -> Result<(), DaemonError> {
+    let mut sample = tokio::time::interval(SAMPLE_INTERVAL);
+    sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut previous_sample = Instant::now();
+    let mut last_tick = previous_sample;
     loop {
         tokio::select! {
             event = events.recv() => match event {
@@ -258,11 +289,26 @@ async fn event_loop(
                 }
                 None => break,
             },
-            _ = tick.tick() => status.tick(Instant::now()),
+            _ = sample.tick() => {
+                let now = Instant::now();
+                if let Some(source) = &source {
+                    source.sample(&status, previous_sample);
+                }
+                previous_sample = now;
+                if now.saturating_duration_since(last_tick) >= TICK_INTERVAL {
+                    status.tick(now);
+                    last_tick = now;
+                }
+            }
             _ = shutdown.changed() => break,
         }
     }
-    // Components that own durable state (the journal) flush here, before the process exits.
+    // Capture finishes its in-flight requests and makes the journal and the disks durable
+    // before the process exits.
+    if let Some(source) = source {
+        source.stop().await?;
+    }
+    Ok(())
 }
 
 /// `ferry run`: starts the appliance, tells systemd it is ready, and runs until SIGTERM or

@@ -176,7 +176,8 @@ impl DiskStats {
         match pending.back_mut() {
             Some(bucket)
                 if full
-                    || first_time.saturating_duration_since(bucket.first_time) < RPO_BUCKET_SPAN =>
+                    || first_time.saturating_duration_since(bucket.first_time)
+                        < RPO_BUCKET_SPAN =>
             {
                 bucket.last_sequence = bucket.last_sequence.max(sequence);
             }
@@ -193,8 +194,11 @@ impl DiskStats {
     /// interval, never underestimated.
     pub fn observe(&self, sample: &DiskSample, since: Instant) {
         self.set_state(sample.state);
-        self.bytes_written.fetch_max(sample.bytes_written, Ordering::Relaxed);
-        let previous = self.last_sequence.fetch_max(sample.last_sequence, Ordering::Relaxed);
+        self.bytes_written
+            .fetch_max(sample.bytes_written, Ordering::Relaxed);
+        let previous = self
+            .last_sequence
+            .fetch_max(sample.last_sequence, Ordering::Relaxed);
         if sample.last_sequence > previous && sample.last_sequence > self.acked_sequence() {
             self.note_pending(sample.last_sequence, since);
         }
@@ -218,6 +222,14 @@ impl DiskStats {
         let last = self.last_sequence.load(Ordering::Relaxed);
         self.acked_sequence
             .fetch_max(sequence.min(last), Ordering::Relaxed);
+    }
+
+    /// After a restart: the journal still holds this disk's records up to `last_sequence`,
+    /// the oldest of them written at `oldest_write`.
+    pub fn restore_pending(&self, last_sequence: u64, oldest_write: Instant) {
+        self.last_sequence
+            .fetch_max(last_sequence, Ordering::Relaxed);
+        self.note_pending(last_sequence, oldest_write);
     }
 
     /// Restores the sequence figures after a restart (from the journal's recovery scan).
