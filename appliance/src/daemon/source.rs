@@ -19,7 +19,6 @@ use crate::capture::{Capture, CaptureConfig, DiskSpec, Endpoint, ListenerSpec, S
 use crate::config::SourceConfig;
 use crate::control::DiskState;
 use crate::io::disk::DiskOptions;
-use crate::io::mmap_journal::{CreateOptions, JournalGeometry, MmapJournalError, MmapSegments};
 
 /// The running source side.
 pub(crate) struct SourceSide {
@@ -127,25 +126,11 @@ async fn open_journal(
 ) -> Result<SharedJournal, DaemonError> {
     let dir = layout.journal.clone();
     let task_dir = dir.clone();
-    let opened = tokio::task::spawn_blocking(move || {
-        let geometry = JournalGeometry::for_capacity(capacity_bytes).map_err(|message| {
-            DaemonError::Journal(MmapJournalError::Geometry {
-                dir: task_dir.clone(),
-                message,
-            })
-        })?;
-        let store = MmapSegments::open(&task_dir, geometry, CreateOptions::default())
-            .map_err(DaemonError::Journal)?;
-        SharedJournal::open(store).map_err(|source| {
-            DaemonError::Journal(MmapJournalError::Journal {
-                dir: task_dir,
-                source,
-            })
-        })
-    })
-    .await;
+    let opened =
+        tokio::task::spawn_blocking(move || SharedJournal::open_mmap(&task_dir, capacity_bytes))
+            .await;
     let (journal, report) = match opened {
-        Ok(result) => result?,
+        Ok(result) => result.map_err(DaemonError::Journal)?,
         Err(error) => {
             return Err(DaemonError::EventLoop(format!(
                 "journal open task at {}: {error}",
