@@ -28,9 +28,14 @@
 //! the read started. After the extent record is appended at `seq`, any live record of that disk
 //! in `(seq_floor, seq)` overlapping the extent means the read may be torn: the extent is read
 //! again (the record already appended is superseded by the later one). Writes after `seq` are
-//! applied after the extent at the target. A hash match skips the extent under the same check
-//! over `(seq_floor, journal.last_seq()]`; it is sound whichever target sequence the hash was
-//! taken at, because the target applies every later record on top.
+//! applied after the extent at the target.
+//!
+//! **Hash skip.** The target hashes an extent with every record up to its `applied_seq` applied,
+//! and will replay every later record on top. An extent whose source bytes match that hash is
+//! skipped only if no record of that disk in `(min(applied_seq, seq_floor), last_seq]` touches
+//! it: such a record (a live write racing the read, an older resync record, or a write that was
+//! overtaken by one the journal never saw — bitmap mode, a lost journal tail) would make the
+//! target diverge after the match. Otherwise the extent is sent.
 //!
 //! **Bounded share.** Extent reads are issued only while the journal's unreleased bytes stay
 //! under `sync_backlog_bytes_max`, so live records never queue behind more than that much resync
@@ -273,7 +278,7 @@ struct SyncJob {
     mode: SyncMode,
     need_hash: BTreeSet<u64>,
     /// Extent offset → the target's hash, when known.
-    need_read: BTreeMap<u64, Option<u128>>,
+    need_read: BTreeMap<u64, Option<TargetHash>>,
     reading: usize,
     last_appended_seq: Seq,
     progress: SyncProgress,
@@ -283,7 +288,14 @@ struct PendingRead {
     disk_id: u32,
     offset: u64,
     length: u64,
-    target_hash: Option<u128>,
+    target_hash: Option<TargetHash>,
+}
+
+/// An extent's hash at the target, with the target's applied sequence when it was taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TargetHash {
+    hash: u128,
+    applied_seq: Seq,
 }
 
 /// The source's replication state machine (one per source appliance and target).
@@ -309,7 +321,9 @@ pub struct Source {
     /// Sequences of records this state machine appended (sync extents), so that the race check
     /// does not mistake them for live writes.
     own_appends: BTreeSet<Seq>,
-    sync_blocked_on_full: bool,
+    /// Set when a sync append found the journal full: the acknowledged sequence at that time.
+    /// Reads wait until an acknowledgement frees space (or nothing is left to acknowledge).
+    sync_blocked_at_ack: Option<Seq>,
     next_request_id: u64,
     next_token: u64,
 }
@@ -344,7 +358,7 @@ impl Source {
             hash_requests: BTreeMap::new(),
             reads: BTreeMap::new(),
             own_appends: BTreeSet::new(),
-            sync_blocked_on_full: false,
+            sync_blocked_at_ack: None,
             next_request_id: 1,
             next_token: 1,
         }
@@ -548,7 +562,6 @@ impl Source {
                 if durable_seq > self.acked_seq {
                     self.acked_seq = durable_seq;
                     self.last_progress_ns = now;
-                    self.sync_blocked_on_full = false;
                     while let Some(&(seq, bytes)) = self.in_flight.front() {
                         if seq > durable_seq {
                             break;
@@ -593,7 +606,11 @@ impl Source {
                 }
                 if let Some(job) = self.jobs.get_mut(&request.disk_id) {
                     for (offset, hash) in request.offsets.into_iter().zip(response.hashes) {
-                        job.need_read.insert(offset, Some(hash));
+                        let target = TargetHash {
+                            hash,
+                            applied_seq: response.applied_seq,
+                        };
+                        job.need_read.insert(offset, Some(target));
                     }
                 }
                 Ok(())
@@ -850,8 +867,13 @@ impl Source {
 
     /// The next source extent to read for a sync, within the read and backlog bounds.
     pub fn poll_sync_read(&mut self, journal: &impl ShipJournal) -> Option<ExtentRead> {
+        if let Some(acked_then) = self.sync_blocked_at_ack {
+            if self.acked_seq > acked_then || journal.last_seq() <= self.acked_seq {
+                self.sync_blocked_at_ack = None;
+            }
+        }
         if self.phase == Phase::Closed
-            || self.sync_blocked_on_full
+            || self.sync_blocked_at_ack.is_some()
             || self.reads.len() >= self.config.sync_reads_in_flight_max
             || journal.used_bytes() >= self.config.sync_backlog_bytes_max
         {
@@ -911,18 +933,20 @@ impl Source {
             });
         }
         let hash = wire::extent_hash(data);
-        if read.target_hash == Some(hash) {
-            let clean = !self.raced(journal, &read, seq_floor, journal.last_seq() + 1);
-            let job = self.jobs.get_mut(&read.disk_id).expect("looked up above");
-            if clean {
+        if let Some(target) = read.target_hash.filter(|target| target.hash == hash) {
+            // The target will replay every record after `target.applied_seq` over the hashed
+            // bytes: skipping is sound only if none of them touches the extent (a resync record
+            // with older bytes, or a record older than a write the journal never saw —
+            // bitmap mode, a lost journal tail) and no live write raced with the read.
+            let since = target.applied_seq.min(seq_floor);
+            let touched = self.touched(journal, &read, since, journal.last_seq() + 1, true);
+            if !touched {
+                let job = self.jobs.get_mut(&read.disk_id).expect("looked up above");
                 job.progress.bytes_done += read.length;
                 job.progress.extents_skipped += 1;
                 self.check_sync_done();
-            } else {
-                job.progress.extents_reread += 1;
-                job.need_read.insert(read.offset, read.target_hash);
+                return Ok(());
             }
-            return Ok(());
         }
         let zero = data.iter().all(|&byte| byte == 0);
         let spec = RecordSpec {
@@ -941,7 +965,7 @@ impl Source {
             Ok(seq) => seq,
             Err(JournalError::Full { .. }) => {
                 // Try again once the target acknowledged (and the journal released) something.
-                self.sync_blocked_on_full = true;
+                self.sync_blocked_at_ack = Some(self.acked_seq);
                 let job = self.jobs.get_mut(&read.disk_id).expect("looked up above");
                 job.need_read.insert(read.offset, read.target_hash);
                 return Ok(());
@@ -964,7 +988,7 @@ impl Source {
             offset: read.offset,
             source,
         })?;
-        let clean = !self.raced(journal, &read, seq_floor, seq);
+        let clean = !self.touched(journal, &read, seq_floor, seq, false);
         let job = self.jobs.get_mut(&read.disk_id).expect("looked up above");
         job.last_appended_seq = job.last_appended_seq.max(seq);
         if clean {
@@ -981,17 +1005,19 @@ impl Source {
         Ok(())
     }
 
-    /// Whether a live write of the read's disk in `(floor, below)` overlaps the extent (or a
-    /// record there can no longer be checked).
-    fn raced(
+    /// Whether a record of the read's disk in `(floor, below)` overlaps the extent (or a record
+    /// there can no longer be checked). `count_own`: whether this state machine's own sync
+    /// records count (they change the target, not the source disk).
+    fn touched(
         &self,
         journal: &impl ShipJournal,
         read: &PendingRead,
         floor: Seq,
         below: Seq,
+        count_own: bool,
     ) -> bool {
         ((floor + 1)..below).any(|seq| {
-            if self.own_appends.contains(&seq) {
+            if !count_own && self.own_appends.contains(&seq) {
                 return false;
             }
             match journal.record(seq) {

@@ -143,6 +143,8 @@ enum Phase {
 
 struct HashJob {
     request: HashRequest,
+    /// Records applied before the job's reads (reads run after every earlier op).
+    applied_seq: Seq,
     hashes: Vec<Option<u128>>,
 }
 
@@ -151,6 +153,7 @@ pub struct Target {
     phase: Phase,
     /// Disks announced in the current session's Hello, with their sizes.
     disks: BTreeMap<u32, u64>,
+    welcome_disks: Vec<WelcomeDisk>,
     received_seq: Seq,
     durable_seq: Seq,
     flush_requested_seq: Seq,
@@ -174,6 +177,7 @@ impl Target {
         Self {
             phase: Phase::Idle,
             disks: BTreeMap::new(),
+            welcome_disks: Vec::new(),
             received_seq: durable_seq,
             durable_seq,
             flush_requested_seq: durable_seq,
@@ -233,6 +237,7 @@ impl Target {
         self.phase = Phase::Open;
         self.transmit
             .push_back(Frame::welcome(self.received_seq, self.durable_seq, &disks));
+        self.welcome_disks = disks;
     }
 
     /// One complete frame from the source.
@@ -263,9 +268,15 @@ impl Target {
                 disks,
             } => {
                 if self.phase != Phase::AwaitingHello {
-                    // A duplicated Hello on an unreliable link; the Welcome is on its way.
+                    // A resent or duplicated Hello: the Welcome may have been lost, so send it
+                    // again (a source that already streams ignores it).
                     if self.phase == Phase::Open {
-                        self.ack_pending = true;
+                        let welcome = Frame::welcome(
+                            self.received_seq,
+                            self.durable_seq,
+                            &self.welcome_disks,
+                        );
+                        self.transmit.push_back(welcome);
                     }
                     return Ok(());
                 }
@@ -400,6 +411,7 @@ impl Target {
                     job_id,
                     HashJob {
                         request,
+                        applied_seq: self.received_seq,
                         hashes: vec![None; count],
                     },
                 );
@@ -446,6 +458,7 @@ impl Target {
                     request_id: job.request.request_id,
                     disk_id: job.request.disk_id,
                     offset: job.request.offset,
+                    applied_seq: job.applied_seq,
                     extent_bytes: job.request.extent_bytes,
                     hashes,
                 }));

@@ -248,6 +248,8 @@ struct AckWire {
 struct HashFixed {
     request_id: U64,
     offset: U64,
+    /// Response: the target's applied sequence when it read the extents (0 in requests).
+    applied_seq: U64,
     disk_id: U32,
     extent_count: U32,
     extent_bytes: U32,
@@ -273,12 +275,14 @@ pub struct HashRequest {
     pub extent_count: u32,
 }
 
-/// The hashes of a `HashRequest`'s extents, in order (xxh3-128 of each extent's bytes).
+/// The hashes of a `HashRequest`'s extents, in order (xxh3-128 of each extent's bytes), taken
+/// with every record up to `applied_seq` applied (and none after).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HashResponse {
     pub request_id: u64,
     pub disk_id: u32,
     pub offset: u64,
+    pub applied_seq: u64,
     pub extent_bytes: u32,
     pub hashes: Vec<u128>,
 }
@@ -521,6 +525,7 @@ impl Frame {
             HashFixed {
                 request_id: request.request_id.into(),
                 offset: request.offset.into(),
+                applied_seq: 0.into(),
                 disk_id: request.disk_id.into(),
                 extent_count: request.extent_count.into(),
                 extent_bytes: request.extent_bytes.into(),
@@ -537,6 +542,7 @@ impl Frame {
             HashFixed {
                 request_id: response.request_id.into(),
                 offset: response.offset.into(),
+                applied_seq: response.applied_seq.into(),
                 disk_id: response.disk_id.into(),
                 extent_count: (response.hashes.len() as u32).into(),
                 extent_bytes: response.extent_bytes.into(),
@@ -856,6 +862,7 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                     request_id: fixed.request_id.get(),
                     disk_id: fixed.disk_id.get(),
                     offset,
+                    applied_seq: fixed.applied_seq.get(),
                     extent_bytes,
                     hashes,
                 })
@@ -953,6 +960,7 @@ mod tests {
                 request_id: 3,
                 disk_id: 1,
                 offset: 1 << 20,
+                applied_seq: 17,
                 extent_bytes: 65536,
                 hashes: vec![1, u128::MAX, 3, 4],
             }),
@@ -1127,6 +1135,7 @@ mod tests {
         let hash = HashFixed {
             request_id: 0.into(),
             offset: u64::MAX.into(),
+            applied_seq: 0.into(),
             disk_id: 1.into(),
             extent_count: 2.into(),
             extent_bytes: 4096.into(),
