@@ -1,1 +1,1040 @@
-//! Deterministic simulator (being written).
+//! Deterministic simulator: drives the real source and target state machines, the real cache
+//! journal over `MemSegments`, a simulated link, simulated disks and a simulated clock, all from
+//! one seed, with faults — frame drop, duplication, reordering and delay, partitions and heals,
+//! source crash with the journal torn at a random byte, target crash losing unflushed writes,
+//! journal full (dirty-extent bitmap, then resync) — and an initial replication of a pre-filled
+//! source disk against a target seeded with an older copy.
+//!
+//! Invariants checked in every run:
+//! - at sampled durable acknowledgements, the target replica equals the reference model: the
+//!   target's initial content with every record of the stream up to that sequence applied;
+//! - after a source crash the reopened journal holds every record that was flushed, each with
+//!   exactly the bytes appended;
+//! - after the link heals and the journal drains, every replica is byte-identical to its source
+//!   disk, durably (what survives a target crash).
+//!
+//! `FERRY_SIM_SEED=<n>` replays one seed; `FERRY_SIM_SEEDS=<count>` runs that many (default
+//! 1,000). A failing run prints its seed.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+
+use ferry_appliance::core::journal::{Journal, JournalError, RecordSpec};
+use ferry_appliance::core::journal_mem::{CrashMode, MemSegments};
+use ferry_appliance::core::record::{RecordKind, Seq};
+use ferry_appliance::core::source::{Source, SourceConfig, SourceEvent, SyncMode};
+use ferry_appliance::core::target::{DiskOp, Target, TargetEvent};
+use ferry_appliance::core::wire::{DiskAnnouncement, ReplicaState, WelcomeDisk};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const MS: u64 = 1_000_000;
+
+/// Knobs drawn from the seed, so that different seeds explore different regimes.
+#[derive(Clone, Debug)]
+struct Params {
+    disk_count: usize,
+    disk_bytes: usize,
+    extent_bytes: usize,
+    segment_count: usize,
+    segment_bytes: usize,
+    write_bytes_max: usize,
+    steps: usize,
+    drop_p: f64,
+    dup_p: f64,
+    reorder: bool,
+    delay_ns_max: u64,
+    partition_p: f64,
+    source_crash_p: f64,
+    target_crash_p: f64,
+    flush_p: f64,
+    target_present: bool,
+}
+
+impl Params {
+    fn draw(rng: &mut ChaCha8Rng) -> Self {
+        let extent_bytes = [2048usize, 4096, 8192][rng.gen_range(0..3)];
+        let faulty = rng.gen_bool(0.85);
+        let fault =
+            |rng: &mut ChaCha8Rng, p: f64| if faulty && rng.gen_bool(0.7) { p } else { 0.0 };
+        Params {
+            disk_count: rng.gen_range(1..=2),
+            disk_bytes: extent_bytes * rng.gen_range(8..=32),
+            extent_bytes,
+            segment_count: rng.gen_range(2..=6),
+            segment_bytes: [16usize << 10, 32 << 10, 64 << 10][rng.gen_range(0..3)],
+            write_bytes_max: [512usize, 4096, 12_000][rng.gen_range(0..3)],
+            steps: rng.gen_range(300..1500),
+            drop_p: fault(rng, 0.03),
+            dup_p: fault(rng, 0.03),
+            reorder: faulty && rng.gen_bool(0.5),
+            delay_ns_max: rng.gen_range(1..20) * MS,
+            partition_p: fault(rng, 0.004),
+            source_crash_p: fault(rng, 0.002),
+            target_crash_p: fault(rng, 0.002),
+            flush_p: rng.gen_range(0.05..0.5),
+            target_present: rng.gen_bool(0.7),
+        }
+    }
+}
+
+/// A frame in flight on the simulated link.
+struct InFlight {
+    deliver_ns: u64,
+    order: u64,
+    epoch: u64,
+    to_target: bool,
+    bytes: Vec<u8>,
+}
+
+/// A record as appended, kept to build the reference model and to check recovery.
+#[derive(Clone, Debug)]
+struct ShadowRecord {
+    kind: RecordKind,
+    disk_id: u32,
+    offset: u64,
+    length: u64,
+    payload: Vec<u8>,
+}
+
+/// A pre-image of a journaled write that is not yet durable, to model the source disk losing it.
+struct Undo {
+    seq: Seq,
+    disk: usize,
+    offset: usize,
+    before: Vec<u8>,
+}
+
+struct PendingRead {
+    token: u64,
+    disk: usize,
+    offset: usize,
+    length: usize,
+    seq_floor: Seq,
+    complete_ns: u64,
+    /// The extent's bytes when the read started; the read returns a sector-wise mix of these
+    /// and the bytes at completion, as a real read racing with writes may.
+    at_start: Vec<u8>,
+}
+
+/// The source appliance: disks, journal, capture with bitmap fallback, shipper state machine.
+struct SourceSide {
+    disks: Vec<Vec<u8>>,
+    journal: Journal<MemSegments>,
+    core: Source,
+    /// Persistent dirty-extent bitmap: extent index → generation of its last dirtying.
+    dirty: Vec<BTreeMap<usize, u64>>,
+    /// Extents handed to the running sync with their generation at that time.
+    syncing: Vec<BTreeMap<usize, u64>>,
+    bitmap_mode: Vec<bool>,
+    initial_pending: Vec<bool>,
+    initial_started: Vec<bool>,
+    generation: u64,
+    undo: VecDeque<Undo>,
+    reads: Vec<PendingRead>,
+}
+
+struct TargetSide {
+    core: Target,
+    volatile: Vec<Vec<u8>>,
+    durable: Vec<Vec<u8>>,
+    /// Ranges written since the last flush: (disk, offset, length).
+    unflushed: Vec<(usize, usize, usize)>,
+    persisted_seq: Seq,
+    ops: VecDeque<DiskOp>,
+}
+
+struct Sim {
+    seed: u64,
+    rng: ChaCha8Rng,
+    params: Params,
+    config: SourceConfig,
+    now: u64,
+    source: SourceSide,
+    target: TargetSide,
+    link: Vec<InFlight>,
+    link_order: u64,
+    epoch: u64,
+    connected: bool,
+    partitioned_until: u64,
+    reconnect_at: u64,
+    /// Every record of the stream by sequence (from the journal, resync records included).
+    shadow: BTreeMap<Seq, ShadowRecord>,
+    /// The reference model: the target's initial content with records `<= reference_seq` applied.
+    reference: Vec<Vec<u8>>,
+    reference_seq: Seq,
+    last_marker_seq: Seq,
+    target_tainted_until: Seq,
+    stats: Stats,
+}
+
+#[derive(Default, Debug)]
+struct Stats {
+    source_crashes: u64,
+    target_crashes: u64,
+    partitions: u64,
+    journal_full: u64,
+    checks: u64,
+    syncs_done: u64,
+}
+
+fn extent_of(offset: usize, extent_bytes: usize) -> usize {
+    offset / extent_bytes
+}
+
+impl Sim {
+    fn new(seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let params = Params::draw(&mut rng);
+        let disks_announced: Vec<DiskAnnouncement> = (0..params.disk_count)
+            .map(|index| DiskAnnouncement {
+                disk_id: index as u32 + 1,
+                size_bytes: params.disk_bytes as u64,
+                machine: format!("vm-{index}"),
+                name: "root".into(),
+                group: "sim".into(),
+            })
+            .collect();
+        let mut config = SourceConfig::new("sim-source", disks_announced);
+        config.window_bytes_max = params.segment_bytes;
+        config.window_records_max = rng.gen_range(2..64);
+        config.frame_bytes_target = rng.gen_range(1024..16_384);
+        config.resend_timeout_ns = 100 * MS;
+        config.handshake_timeout_ns = 100 * MS;
+        config.sync_extent_bytes = params.extent_bytes as u32;
+        config.sync_reads_in_flight_max = rng.gen_range(1..4);
+        config.sync_hash_requests_in_flight_max = rng.gen_range(1..3);
+        config.sync_hash_extents_per_request = rng.gen_range(1..8);
+        config.sync_backlog_bytes_max = (params.segment_count * params.segment_bytes / 2) as u64;
+
+        // Initial content: the source disk is pre-filled (some extents zero); the target holds an
+        // older copy with differences, or nothing (zero-filled).
+        let mut disks = Vec::new();
+        let mut replicas = Vec::new();
+        for _ in 0..params.disk_count {
+            let mut disk = vec![0u8; params.disk_bytes];
+            for extent in disk.chunks_mut(params.extent_bytes) {
+                match rng.gen_range(0..4) {
+                    0 => {}
+                    1 => extent.fill(rng.gen()),
+                    _ => rng.fill(extent),
+                }
+            }
+            let replica = if params.target_present {
+                let mut copy = disk.clone();
+                for _ in 0..rng.gen_range(0..6) {
+                    let at = rng.gen_range(0..copy.len());
+                    let len = rng.gen_range(1..=params.extent_bytes).min(copy.len() - at);
+                    rng.fill(&mut copy[at..at + len]);
+                }
+                copy
+            } else {
+                vec![0u8; params.disk_bytes]
+            };
+            disks.push(disk);
+            replicas.push(replica);
+        }
+        let store = MemSegments::new(params.segment_count, params.segment_bytes);
+        let (journal, _) = Journal::open(store).expect("a blank journal opens");
+        let core = Source::new(config.clone(), &journal);
+        let disk_count = params.disk_count;
+        Sim {
+            seed,
+            rng,
+            config,
+            now: 0,
+            source: SourceSide {
+                disks,
+                journal,
+                core,
+                dirty: vec![BTreeMap::new(); disk_count],
+                syncing: vec![BTreeMap::new(); disk_count],
+                bitmap_mode: vec![false; disk_count],
+                initial_pending: vec![true; disk_count],
+                initial_started: vec![false; disk_count],
+                generation: 0,
+                undo: VecDeque::new(),
+                reads: Vec::new(),
+            },
+            target: TargetSide {
+                core: Target::new(0),
+                volatile: replicas.clone(),
+                durable: replicas.clone(),
+                unflushed: Vec::new(),
+                persisted_seq: 0,
+                ops: VecDeque::new(),
+            },
+            reference: replicas,
+            reference_seq: 0,
+            params,
+            link: Vec::new(),
+            link_order: 0,
+            epoch: 0,
+            connected: false,
+            partitioned_until: 0,
+            reconnect_at: 0,
+            shadow: BTreeMap::new(),
+            last_marker_seq: 0,
+            target_tainted_until: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    fn run(&mut self) {
+        for _ in 0..self.params.steps {
+            self.step(true);
+        }
+        self.drain();
+    }
+
+    /// One step of simulated time: workload, faults, link, disks, timers.
+    fn step(&mut self, faults: bool) {
+        self.now += self.rng.gen_range(0..2 * MS);
+        if faults {
+            self.workload();
+            self.faults();
+        }
+        self.connect_if_due();
+        self.deliver();
+        self.run_target_disk();
+        self.complete_reads();
+        if let Some(at) = self.source.core.poll_timeout() {
+            if self.now >= at {
+                self.source.core.handle_timeout(self.now);
+            }
+        }
+        self.leave_bitmap_mode_if_room();
+        self.pump();
+    }
+
+    fn workload(&mut self) {
+        let roll: f64 = self.rng.gen();
+        if roll < 0.45 {
+            let disk = self.rng.gen_range(0..self.params.disk_count);
+            let offset = self.rng.gen_range(0..self.params.disk_bytes);
+            let length = self
+                .rng
+                .gen_range(1..=self.params.write_bytes_max)
+                .min(self.params.disk_bytes - offset);
+            let kind = match self.rng.gen_range(0..10) {
+                0 => RecordKind::Zero,
+                1 => RecordKind::Trim,
+                _ => RecordKind::Write,
+            };
+            let data: Vec<u8> = if kind == RecordKind::Write {
+                let mut data = vec![0u8; length];
+                self.rng.fill(&mut data[..]);
+                data
+            } else {
+                vec![0u8; length]
+            };
+            self.capture_write(disk, offset, kind, &data);
+        } else if roll < 0.45 + self.params.flush_p * 0.3 {
+            self.source_flush();
+        } else if roll < 0.46 + self.params.flush_p * 0.3 {
+            // A recovery-point marker travels in the stream like any record.
+            let spec = RecordSpec {
+                kind: RecordKind::Marker,
+                disk_id: 0,
+                offset: 0,
+                length: 0,
+                timestamp_ns: self.now,
+                payload: b"point",
+            };
+            if self.source.journal.append(&spec).is_ok() {
+                self.mirror_journal();
+            }
+        }
+    }
+
+    /// The capture path: journal the write (split to the record limit), apply it to the source
+    /// disk; on `Full`, drop the disk to bitmap mode.
+    fn capture_write(&mut self, disk: usize, offset: usize, kind: RecordKind, data: &[u8]) {
+        let piece_max = self.source.journal.payload_bytes_max().min(8192);
+        let mut done = 0;
+        while done < data.len() {
+            let length = (data.len() - done).min(piece_max);
+            let at = offset + done;
+            let piece = &data[done..done + length];
+            done += length;
+            if !self.source.bitmap_mode[disk] {
+                let spec = RecordSpec {
+                    kind,
+                    disk_id: disk as u32 + 1,
+                    offset: at as u64,
+                    length: length as u64,
+                    timestamp_ns: self.now,
+                    payload: if kind == RecordKind::Write {
+                        piece
+                    } else {
+                        &[]
+                    },
+                };
+                match self.source.journal.append(&spec) {
+                    Ok(seq) => {
+                        let before = self.source.disks[disk][at..at + length].to_vec();
+                        self.source.undo.push_back(Undo {
+                            seq,
+                            disk,
+                            offset: at,
+                            before,
+                        });
+                        self.source.disks[disk][at..at + length].copy_from_slice(piece);
+                        self.mirror_journal();
+                        continue;
+                    }
+                    Err(JournalError::Full { .. }) => {
+                        self.stats.journal_full += 1;
+                        self.source.bitmap_mode[disk] = true;
+                    }
+                    Err(error) => panic!("journal append failed: {error}"),
+                }
+            }
+            self.source.disks[disk][at..at + length].copy_from_slice(piece);
+            self.mark_dirty(disk, at, length);
+        }
+    }
+
+    fn mark_dirty(&mut self, disk: usize, offset: usize, length: usize) {
+        let extent = self.params.extent_bytes;
+        for index in extent_of(offset, extent)..=extent_of(offset + length - 1, extent) {
+            self.source.generation += 1;
+            self.source.dirty[disk].insert(index, self.source.generation);
+        }
+    }
+
+    fn source_flush(&mut self) {
+        let last = self.source.journal.last_seq();
+        self.source
+            .journal
+            .flush(last)
+            .expect("flush of the in-memory journal");
+        let durable = self.source.journal.durable_seq();
+        while self
+            .source
+            .undo
+            .front()
+            .is_some_and(|undo| undo.seq <= durable)
+        {
+            self.source.undo.pop_front();
+        }
+    }
+
+    /// Copies records the journal gained (live and resync) into the shadow stream.
+    fn mirror_journal(&mut self) {
+        let last = self.source.journal.last_seq();
+        let from = self
+            .shadow
+            .keys()
+            .next_back()
+            .map_or(1, |seq| seq + 1)
+            .max(self.reference_seq + 1);
+        for seq in from..=last {
+            if self.shadow.contains_key(&seq) {
+                continue;
+            }
+            let record = self
+                .source
+                .journal
+                .record(seq)
+                .unwrap_or_else(|| panic!("journal lost record {seq} it just appended"));
+            self.shadow.insert(
+                seq,
+                ShadowRecord {
+                    kind: record.kind,
+                    disk_id: record.disk_id,
+                    offset: record.offset,
+                    length: record.length,
+                    payload: record.payload.to_vec(),
+                },
+            );
+        }
+    }
+
+    /// Leaves bitmap mode once the journal has room again, and resyncs what was dirtied.
+    fn leave_bitmap_mode_if_room(&mut self) {
+        let usage = self.source.journal.usage();
+        if usage.free_bytes * 2 < usage.capacity_bytes {
+            return;
+        }
+        for disk in 0..self.params.disk_count {
+            if self.source.bitmap_mode[disk] {
+                self.source.bitmap_mode[disk] = false;
+                self.start_resync(disk);
+            }
+        }
+    }
+
+    fn start_resync(&mut self, disk: usize) {
+        let extent = self.params.extent_bytes;
+        let ranges: Vec<(u64, u64)> = self.source.dirty[disk]
+            .keys()
+            .map(|&index| ((index * extent) as u64, extent as u64))
+            .collect();
+        if ranges.is_empty() {
+            return;
+        }
+        let snapshot = self.source.dirty[disk].clone();
+        self.source.syncing[disk].extend(snapshot);
+        self.source
+            .core
+            .start_sync(disk as u32 + 1, &ranges, SyncMode::CompareHashes)
+            .expect("known disk");
+    }
+
+    fn faults(&mut self) {
+        if self.connected && self.rng.gen_bool(self.params.partition_p) {
+            self.stats.partitions += 1;
+            self.disconnect();
+            self.partitioned_until = self.now + self.rng.gen_range(10..500) * MS;
+        }
+        if self.rng.gen_bool(self.params.source_crash_p) {
+            self.crash_source();
+        }
+        if self.rng.gen_bool(self.params.target_crash_p) {
+            self.crash_target();
+        }
+    }
+
+    fn disconnect(&mut self) {
+        if self.connected {
+            self.connected = false;
+            self.source.core.handle_disconnected(self.now);
+            self.target.core.handle_disconnected();
+        }
+        self.link.clear();
+        self.reconnect_at = self.now + self.rng.gen_range(1..50) * MS;
+    }
+
+    fn connect_if_due(&mut self) {
+        if self.connected || self.now < self.partitioned_until || self.now < self.reconnect_at {
+            return;
+        }
+        self.connected = true;
+        self.epoch += 1;
+        self.source.core.handle_connected(self.now);
+        self.target.core.handle_connected();
+    }
+
+    /// Power loss at the source: the journal keeps what was flushed and tears the rest; the
+    /// disk loses some of the writes whose records were lost; those ranges are resynced.
+    fn crash_source(&mut self) {
+        self.stats.source_crashes += 1;
+        self.disconnect();
+        let durable_before = self.source.journal.durable_seq();
+        let last_before = self.source.journal.last_seq();
+        let mode = match self.rng.gen_range(0..4) {
+            0 => CrashMode::KeepUnflushed,
+            1 => CrashMode::LoseUnflushed,
+            _ => CrashMode::Tear {
+                seed: self.rng.gen(),
+            },
+        };
+        let placeholder = Journal::open(MemSegments::new(2, self.params.segment_bytes))
+            .expect("blank")
+            .0;
+        let journal = std::mem::replace(&mut self.source.journal, placeholder);
+        let store = journal.into_store().crash_with(mode);
+        let (journal, report) = Journal::open(store).expect("the journal reopens after a crash");
+        self.source.journal = journal;
+        let last = self.source.journal.last_seq();
+        assert!(
+            last >= durable_before,
+            "flushed records lost: durable {durable_before} before the crash, {last} after ({report:?})"
+        );
+        assert!(last <= last_before, "the journal grew in a crash");
+        assert!(
+            self.target.core.received_seq() <= last,
+            "the target holds {} beyond the source's recovered journal {last}",
+            self.target.core.received_seq()
+        );
+        // Everything kept is exactly what was appended.
+        for seq in self.source.journal.first_seq().max(1)..=last {
+            let Some(record) = self.source.journal.record(seq) else {
+                assert!(
+                    self.source.journal.first_seq() == 0,
+                    "held record {seq} unreadable"
+                );
+                continue;
+            };
+            if let Some(shadow) = self.shadow.get(&seq) {
+                assert_eq!(
+                    record.payload,
+                    &shadow.payload[..],
+                    "record {seq} changed in a crash"
+                );
+                assert_eq!(
+                    (record.offset, record.disk_id),
+                    (shadow.offset, shadow.disk_id)
+                );
+            }
+        }
+        // Writes whose records were lost: the disk may or may not hold them; resync their ranges
+        // (the capture's activity log marks ranges dirty before writing them).
+        while let Some(undo) = self.source.undo.pop_back() {
+            if undo.seq <= last {
+                self.source.undo.push_back(undo);
+                break;
+            }
+            if self.rng.gen_bool(0.5) {
+                self.source.disks[undo.disk][undo.offset..undo.offset + undo.before.len()]
+                    .copy_from_slice(&undo.before);
+            }
+            self.mark_dirty(undo.disk, undo.offset, undo.before.len());
+        }
+        self.shadow.retain(|&seq, _| seq <= last);
+        self.source.reads.clear();
+        self.source.syncing.iter_mut().for_each(BTreeMap::clear);
+        self.source
+            .initial_started
+            .iter_mut()
+            .for_each(|started| *started = false);
+        self.source.core = Source::new(self.config.clone(), &self.source.journal);
+        for disk in 0..self.params.disk_count {
+            if !self.source.bitmap_mode[disk] {
+                self.start_resync(disk);
+            }
+        }
+    }
+
+    /// Power loss at the target: unflushed writes are each kept or lost; the applier restarts
+    /// from the persisted sequence.
+    fn crash_target(&mut self) {
+        self.stats.target_crashes += 1;
+        self.disconnect();
+        let unflushed = std::mem::take(&mut self.target.unflushed);
+        for (disk, offset, length) in unflushed {
+            if self.rng.gen_bool(0.5) {
+                let kept = self.target.volatile[disk][offset..offset + length].to_vec();
+                self.target.durable[disk][offset..offset + length].copy_from_slice(&kept);
+            }
+        }
+        self.target.volatile = self.target.durable.clone();
+        self.target.ops.clear();
+        self.last_marker_seq = self.target.persisted_seq;
+        // Writes kept from beyond the persisted sequence make the replica hold "future" bytes
+        // until the replay passes them; the reference comparison waits until then.
+        self.target_tainted_until = self
+            .target_tainted_until
+            .max(self.target.core.received_seq());
+        self.target.core = Target::new(self.target.persisted_seq);
+    }
+
+    fn send(&mut self, to_target: bool, bytes: Vec<u8>) {
+        if self.rng.gen_bool(self.params.drop_p) {
+            return;
+        }
+        let copies = if self.rng.gen_bool(self.params.dup_p) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = self.rng.gen_range(0..self.params.delay_ns_max);
+            // Without reordering a direction delivers in send order (delays only stretch it).
+            let floor = if self.params.reorder {
+                0
+            } else {
+                self.link
+                    .iter()
+                    .filter(|frame| frame.to_target == to_target)
+                    .map(|frame| frame.deliver_ns)
+                    .max()
+                    .unwrap_or(0)
+            };
+            self.link_order += 1;
+            self.link.push(InFlight {
+                deliver_ns: (self.now + delay).max(floor),
+                order: self.link_order,
+                epoch: self.epoch,
+                to_target,
+                bytes: bytes.clone(),
+            });
+        }
+    }
+
+    fn deliver(&mut self) {
+        // Bounded: each iteration removes one frame; frames sent meanwhile wait a step.
+        let due_count = self
+            .link
+            .iter()
+            .filter(|frame| frame.deliver_ns <= self.now)
+            .count();
+        for _ in 0..due_count {
+            let Some(index) = self
+                .link
+                .iter()
+                .enumerate()
+                .filter(|(_, frame)| frame.deliver_ns <= self.now)
+                .min_by_key(|(_, frame)| (frame.deliver_ns, frame.order))
+                .map(|(index, _)| index)
+            else {
+                break;
+            };
+            let frame = self.link.swap_remove(index);
+            if frame.epoch != self.epoch || !self.connected {
+                continue;
+            }
+            if frame.to_target {
+                if let Err(error) = self.target.core.handle_frame(&frame.bytes) {
+                    panic!("target refused a frame: {error}");
+                }
+            } else if let Err(error) =
+                self.source
+                    .core
+                    .handle_frame(&frame.bytes, &mut self.source.journal, self.now)
+            {
+                panic!("source refused a frame: {error}");
+            }
+            self.pump();
+        }
+    }
+
+    /// Drains every state machine output: frames onto the link, releases, events, disk ops.
+    fn pump(&mut self) {
+        for _ in 0..1000 {
+            let mut moved = false;
+            while let Some(event) = self.target.core.poll_event() {
+                let TargetEvent::Hello { disks, .. } = event;
+                let welcome = disks
+                    .iter()
+                    .map(|disk| WelcomeDisk {
+                        disk_id: disk.disk_id,
+                        replica: if self.params.target_present {
+                            ReplicaState::Present
+                        } else {
+                            ReplicaState::Absent
+                        },
+                        size_bytes: disk.size_bytes,
+                    })
+                    .collect();
+                self.target.core.welcome(welcome);
+                moved = true;
+            }
+            while let Some(op) = self.target.core.poll_disk_op() {
+                self.target.ops.push_back(op);
+            }
+            while let Some(marker) = self.target.core.poll_marker() {
+                assert!(marker.seq > self.last_marker_seq, "markers out of order");
+                if let Some(shadow) = self.shadow.get(&marker.seq) {
+                    assert_eq!(shadow.kind, RecordKind::Marker);
+                    assert_eq!(marker.payload, shadow.payload);
+                }
+                self.last_marker_seq = marker.seq;
+            }
+            while let Some(frame) = self.target.core.poll_transmit() {
+                if self.connected {
+                    self.send(false, frame.into_bytes());
+                }
+                moved = true;
+            }
+            loop {
+                let frame = self
+                    .source
+                    .core
+                    .poll_transmit(&self.source.journal, self.now)
+                    .unwrap_or_else(|error| panic!("source transmit failed: {error}"));
+                let Some(frame) = frame else { break };
+                if self.connected {
+                    self.send(true, frame.into_bytes());
+                }
+                moved = true;
+            }
+            while let Some(seq) = self.source.core.poll_release() {
+                self.source.journal.release(seq);
+                moved = true;
+            }
+            while let Some(event) = self.source.core.poll_event() {
+                self.source_event(event);
+                moved = true;
+            }
+            while let Some(read) = self.source.core.poll_sync_read(&self.source.journal) {
+                // In this capture model a write is journaled and applied at once, so the disk
+                // holds every journaled write at the moment the read starts.
+                let complete_ns = self.now + self.rng.gen_range(0..5) * MS;
+                let disk = read.disk_id as usize - 1;
+                let range = read.offset as usize..(read.offset + read.length) as usize;
+                let at_start = self.source.disks[disk][range].to_vec();
+                self.source.reads.push(PendingRead {
+                    at_start,
+                    token: read.token,
+                    disk: read.disk_id as usize - 1,
+                    offset: read.offset as usize,
+                    length: read.length as usize,
+                    seq_floor: self.source.journal.last_seq(),
+                    complete_ns,
+                });
+                moved = true;
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("pump did not settle");
+    }
+
+    fn source_event(&mut self, event: SourceEvent) {
+        match event {
+            SourceEvent::Welcomed { .. } => {
+                for disk in 0..self.params.disk_count {
+                    if self.source.initial_pending[disk] && !self.source.initial_started[disk] {
+                        self.source.initial_started[disk] = true;
+                        let mode = if self.params.target_present {
+                            SyncMode::CompareHashes
+                        } else {
+                            SyncMode::CopyNonZero
+                        };
+                        self.source
+                            .core
+                            .start_sync(
+                                disk as u32 + 1,
+                                &[(0, self.params.disk_bytes as u64)],
+                                mode,
+                            )
+                            .expect("known disk");
+                    }
+                }
+            }
+            SourceEvent::SyncDone { disk_id, .. } => {
+                self.stats.syncs_done += 1;
+                let disk = disk_id as usize - 1;
+                if self.source.initial_started[disk] {
+                    self.source.initial_pending[disk] = false;
+                }
+                let synced = std::mem::take(&mut self.source.syncing[disk]);
+                for (index, generation) in synced {
+                    if self.source.dirty[disk].get(&index) == Some(&generation) {
+                        self.source.dirty[disk].remove(&index);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Completes extent reads that are due: writes that happened while the read was in flight
+    /// may or may not be in the bytes, sector by sector (the race under test).
+    fn complete_reads(&mut self) {
+        let now = self.now;
+        let due: Vec<PendingRead> = {
+            let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.source.reads)
+                .into_iter()
+                .partition(|read| read.complete_ns <= now);
+            self.source.reads = waiting;
+            due
+        };
+        for read in due {
+            let mut data =
+                self.source.disks[read.disk][read.offset..read.offset + read.length].to_vec();
+            for (sector, old) in data.chunks_mut(512).zip(read.at_start.chunks(512)) {
+                if self.rng.gen_bool(0.5) {
+                    sector.copy_from_slice(old);
+                }
+            }
+            self.source
+                .core
+                .handle_extent_read(
+                    read.token,
+                    read.seq_floor,
+                    &data,
+                    &mut self.source.journal,
+                    now,
+                )
+                .unwrap_or_else(|error| panic!("extent read failed: {error}"));
+            self.mirror_journal();
+        }
+    }
+
+    /// The target's disk: executes a few ops per step, in order.
+    fn run_target_disk(&mut self) {
+        let budget = self.rng.gen_range(0..16);
+        for _ in 0..budget {
+            let Some(op) = self.target.ops.pop_front() else {
+                break;
+            };
+            match op {
+                DiskOp::Write {
+                    disk_id,
+                    offset,
+                    data,
+                    ..
+                } => {
+                    let disk = disk_id as usize - 1;
+                    let offset = offset as usize;
+                    self.target.volatile[disk][offset..offset + data.len()].copy_from_slice(&data);
+                    self.target.unflushed.push((disk, offset, data.len()));
+                }
+                DiskOp::Zero {
+                    disk_id,
+                    offset,
+                    length,
+                    ..
+                } => {
+                    let disk = disk_id as usize - 1;
+                    let (offset, length) = (offset as usize, length as usize);
+                    self.target.volatile[disk][offset..offset + length].fill(0);
+                    self.target.unflushed.push((disk, offset, length));
+                }
+                DiskOp::Flush { seq } => {
+                    for (disk, offset, length) in std::mem::take(&mut self.target.unflushed) {
+                        let bytes = self.target.volatile[disk][offset..offset + length].to_vec();
+                        self.target.durable[disk][offset..offset + length].copy_from_slice(&bytes);
+                    }
+                    self.target.persisted_seq = seq;
+                    self.check_reference(seq);
+                    self.target.core.handle_durable(seq);
+                }
+                DiskOp::Read {
+                    token,
+                    disk_id,
+                    offset,
+                    length,
+                } => {
+                    let disk = disk_id as usize - 1;
+                    let data =
+                        self.target.volatile[disk][offset as usize..][..length as usize].to_vec();
+                    self.target.core.handle_read(token, &data);
+                }
+            }
+        }
+        self.pump();
+    }
+
+    /// At a flush every op up to `seq` has run and none after: the replica must equal the
+    /// reference model at `seq`. Checked at a sample of flushes to stay fast.
+    fn check_reference(&mut self, seq: Seq) {
+        if seq < self.reference_seq {
+            return;
+        }
+        let sampled = self.rng.gen_bool(0.2);
+        for next in self.reference_seq + 1..=seq {
+            let record = self.shadow.remove(&next).unwrap_or_else(|| {
+                panic!("the target applied {next}, which the source never appended")
+            });
+            if record.kind == RecordKind::Marker {
+                continue;
+            }
+            let disk = record.disk_id as usize - 1;
+            let range = record.offset as usize..(record.offset + record.length) as usize;
+            if record.kind.carries_data() {
+                self.reference[disk][range].copy_from_slice(&record.payload);
+            } else {
+                self.reference[disk][range].fill(0);
+            }
+        }
+        self.reference_seq = seq;
+        if sampled && seq >= self.target_tainted_until {
+            self.stats.checks += 1;
+            for disk in 0..self.params.disk_count {
+                if let Some(at) =
+                    first_difference(&self.target.volatile[disk], &self.reference[disk])
+                {
+                    panic!("at seq {seq} replica {disk} differs from the reference at byte {at}");
+                }
+            }
+        }
+    }
+
+    /// Heals everything and runs until the journal drained and every sync finished.
+    fn drain(&mut self) {
+        self.partitioned_until = 0;
+        self.params.drop_p = 0.0;
+        self.params.dup_p = 0.0;
+        let deadline = self.now + 600_000 * MS;
+        for step in 0.. {
+            self.source_flush();
+            self.step(false);
+            let quiet = self.connected
+                && self.source.core.is_streaming()
+                && !self.source.bitmap_mode.iter().any(|&on| on)
+                && self.source.dirty.iter().all(BTreeMap::is_empty)
+                && !self.source.initial_pending.iter().any(|&pending| pending)
+                && self.source.core.syncing_disks().next().is_none()
+                && self.source.core.acked_seq() == self.source.journal.last_seq()
+                && self.target.ops.is_empty();
+            if quiet {
+                break;
+            }
+            assert!(
+                self.now < deadline && step < 2_000_000,
+                "did not drain: acked {} of {}, syncing {:?}, dirty {:?}, bitmap {:?}, streaming {}",
+                self.source.core.acked_seq(),
+                self.source.journal.last_seq(),
+                self.source.core.syncing_disks().collect::<Vec<_>>(),
+                self.source.dirty.iter().map(BTreeMap::len).collect::<Vec<_>>(),
+                self.source.bitmap_mode,
+                self.source.core.is_streaming(),
+            );
+        }
+        for disk in 0..self.params.disk_count {
+            if let Some(at) = first_difference(&self.target.durable[disk], &self.source.disks[disk])
+            {
+                panic!(
+                    "after the drain replica {disk} differs from its source disk at byte {at} \
+                     (extent {}); {:?}; {:?}",
+                    at / self.params.extent_bytes,
+                    self.params,
+                    self.stats
+                );
+            }
+        }
+        assert_eq!(
+            self.target.core.durable_seq(),
+            self.source.journal.last_seq()
+        );
+    }
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    if a == b {
+        return None;
+    }
+    Some(
+        a.iter()
+            .zip(b)
+            .position(|(x, y)| x != y)
+            .unwrap_or(a.len().min(b.len())),
+    )
+}
+
+fn run_seed(seed: u64) -> Stats {
+    let mut sim = Sim::new(seed);
+    sim.run();
+    let _ = sim.seed;
+    sim.stats
+}
+
+#[test]
+fn simulate_seeds() {
+    let seeds: Vec<u64> = match std::env::var("FERRY_SIM_SEED") {
+        Ok(seed) => vec![seed.parse().expect("FERRY_SIM_SEED is a number")],
+        Err(_) => {
+            let count: u64 = std::env::var("FERRY_SIM_SEEDS")
+                .map(|count| count.parse().expect("FERRY_SIM_SEEDS is a number"))
+                .unwrap_or(1000);
+            (0..count).collect()
+        }
+    };
+    let started = std::time::Instant::now();
+    let mut totals = Stats::default();
+    for &seed in &seeds {
+        match catch_unwind(AssertUnwindSafe(|| run_seed(seed))) {
+            Ok(stats) => {
+                totals.source_crashes += stats.source_crashes;
+                totals.target_crashes += stats.target_crashes;
+                totals.partitions += stats.partitions;
+                totals.journal_full += stats.journal_full;
+                totals.checks += stats.checks;
+                totals.syncs_done += stats.syncs_done;
+            }
+            Err(panic) => {
+                eprintln!("simulation failed at seed {seed}: replay with FERRY_SIM_SEED={seed} cargo test --release --test sim");
+                resume_unwind(panic);
+            }
+        }
+    }
+    eprintln!(
+        "{} seeds in {:.1} s: {totals:?}",
+        seeds.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
