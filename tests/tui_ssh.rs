@@ -199,19 +199,28 @@ disks = [{{ name = "os", path = "{root}/db-1-os.raw", export = "{root}/run/db-1-
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.join("ferry.log")).unwrap();
+    let socket = dir.join("run/ferry.sock");
+    (spawn_appliance(dir, &config, &socket), socket)
+}
+
+/// Starts `ferry run` on a written config and waits until its control socket answers.
+fn spawn_appliance(dir: &Path, config: &Path, socket: &Path) -> Reaped {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("ferry.log"))
+        .unwrap();
     let child = Command::new(FERRY)
         .arg("run")
         .arg("--config")
-        .arg(&config)
+        .arg(config)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .expect("start ferry run");
     let mut appliance = Reaped(child);
-    let socket = dir.join("run/ferry.sock");
-    let mut client = ferry_tui::SocketAppliance::new(&socket, Duration::from_secs(5));
+    let mut client = ferry_tui::SocketAppliance::new(socket, Duration::from_secs(5));
     let start = Instant::now();
     while client.fetch_status().is_err() {
         if let Some(status) = appliance.0.try_wait().unwrap() {
@@ -227,7 +236,7 @@ disks = [{{ name = "os", path = "{root}/db-1-os.raw", export = "{root}/run/db-1-
         );
         std::thread::sleep(POLL);
     }
-    (appliance, socket)
+    appliance
 }
 
 fn current_user() -> String {
@@ -272,7 +281,7 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
 fn console_over_ssh_in_tmux() {
     let dir = tempfile::tempdir().unwrap();
     let user = current_user();
-    let (_appliance, socket) = start_appliance(dir.path());
+    let (appliance, socket) = start_appliance(dir.path());
     let (_sshd, port, key) = start_sshd(dir.path(), &user);
     let tmux = Tmux {
         socket: dir.path().join("tmux.sock"),
@@ -362,6 +371,14 @@ fn console_over_ssh_in_tmux() {
         }
     }
 
+    // The action ledger keeps the exchange with the appliance's full answer.
+    tmux.keys("ops", &["L"]);
+    tmux.wait_for("ops", "the action ledger", |s| {
+        s.contains("actions sent from this console")
+            && s.contains("crash-consistent recovery point of group db: ")
+    });
+    tmux.keys("ops", &["Escape"]);
+
     // Resize below 80x20 and back: the console redraws for each size.
     tmux.run(&["resize-window", "-t", "ops", "-x", "70", "-y", "18"]);
     tmux.wait_for("ops", "the too-small screen", |s| {
@@ -370,6 +387,22 @@ fn console_over_ssh_in_tmux() {
     tmux.run(&["resize-window", "-t", "ops", "-x", "100", "-y", "30"]);
     tmux.wait_for("ops", "the overview after resize", |s| {
         s.contains("db-1/os")
+    });
+
+    // The appliance goes away: the console says so, stays responsive, and reconnects when a
+    // new appliance answers on the same socket.
+    drop(appliance);
+    tmux.wait_for("ops", "the disconnected banner", |s| {
+        s.contains("DISCONNECTED")
+    });
+    tmux.keys("ops", &["?"]);
+    tmux.wait_for("ops", "help while disconnected", |s| {
+        s.contains("FAILOVER (pick a point")
+    });
+    tmux.keys("ops", &["Escape"]);
+    let _appliance = spawn_appliance(dir.path(), &dir.path().join("ferry.toml"), &socket);
+    tmux.wait_for("ops", "the reconnection", |s| {
+        !s.contains("DISCONNECTED") && s.contains("db-1/os")
     });
 
     // q quits, ssh ends cleanly, and the alternate screen is gone.
