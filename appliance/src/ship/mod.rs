@@ -1,1 +1,534 @@
-//! Ship: drives the source replication core over the QUIC transport.
+//! Ship: the source appliance's side of replication. Dials the target (the source only dials;
+//! it never listens), drives the `core::source::Source` state machine over the cache journal,
+//! and runs initial replication and resync of the captured disks.
+//!
+//! One task owns the state machine. It sends every source → target frame on the `live`
+//! stream (one ordered stream: Hello, records, hash requests) and reads the target's answers
+//! from the `control` stream through a reader task. Resync extents are journal records, so the
+//! transport's priorities matter less than the core's bounded sync backlog, which keeps live
+//! writes from queueing behind resync data.
+//!
+//! Durability: the core ships only durable records, so the shipper group-commits the journal
+//! (one msync covering everything appended) whenever records wait to be shipped — production
+//! FLUSH/FUA requests share the same flushes.
+//!
+//! Per-disk sync rounds (initial replication, resync after a journal overflow) follow the
+//! capture state: a disk found `resync-needed` is moved to `resyncing` (its writes are
+//! journaled again from that instant), its dirty extents are snapshot and synced by hash
+//! compare; when the round is done and the disk did not overflow again meanwhile, those
+//! extents are cleared from the bitmap and the disk is `protected`. A disk that overflowed
+//! during the round keeps its bits and gets another round.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::capture::journal_handle::SharedJournal;
+use crate::capture::CaptureDisk;
+use crate::control::{DiskState, SyncProgress as SyncProgressStatus};
+use crate::core::record::Seq;
+use crate::core::source::{
+    ExtentRead, Source, SourceConfig, SourceEvent, SyncMode, SyncProgress,
+};
+use crate::core::wire::{DiskAnnouncement, ReplicaState};
+use crate::io::transport::{PeerConnection, SourceDialer};
+
+/// What the shipper tells the status snapshot.
+#[derive(Debug, Default)]
+pub struct ShipStatus {
+    connected: AtomicBool,
+    acked_seq: AtomicU64,
+    shipped_bytes: AtomicU64,
+    /// Unix time (ns) of the oldest record not yet acknowledged by the target, 0 if none.
+    oldest_unacked_ns: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    sync: Mutex<BTreeMap<u32, SyncStatus>>,
+}
+
+#[derive(Clone, Debug)]
+struct SyncStatus {
+    progress: SyncProgress,
+    started: Instant,
+}
+
+impl ShipStatus {
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+    pub fn acked_seq(&self) -> Seq {
+        self.acked_seq.load(Ordering::Relaxed)
+    }
+    /// Bytes of frames handed to the transport so far.
+    pub fn shipped_bytes(&self) -> u64 {
+        self.shipped_bytes.load(Ordering::Relaxed)
+    }
+    /// Seconds the target is behind: age of the oldest unacknowledged record (0 when caught up).
+    pub fn rpo_lag_seconds(&self, now_unix_ns: u64) -> f64 {
+        match self.oldest_unacked_ns.load(Ordering::Relaxed) {
+            0 => 0.0,
+            oldest => now_unix_ns.saturating_sub(oldest) as f64 / 1e9,
+        }
+    }
+    pub fn last_error(&self) -> Option<String> {
+        lock(&self.last_error).clone()
+    }
+    /// Progress of a running initial replication or resync of a disk.
+    pub fn sync_progress(&self, disk_id: u32) -> Option<SyncProgressStatus> {
+        let sync = lock(&self.sync);
+        let status = sync.get(&disk_id)?;
+        let elapsed_s = status.started.elapsed().as_secs_f64();
+        let rate = if elapsed_s > 0.0 {
+            status.progress.bytes_done as f64 / elapsed_s
+        } else {
+            0.0
+        };
+        let remaining = status
+            .progress
+            .bytes_total
+            .saturating_sub(status.progress.bytes_done);
+        Some(SyncProgressStatus {
+            bytes_done: status.progress.bytes_done,
+            bytes_total: status.progress.bytes_total,
+            bytes_per_s: rate,
+            eta_seconds: (rate > 0.0).then(|| remaining as f64 / rate),
+        })
+    }
+    fn set_error(&self, error: Option<String>) {
+        *lock(&self.last_error) = error;
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Everything the shipper drives.
+pub struct Shipper {
+    pub source_name: String,
+    pub disks: Vec<(CaptureDisk, String)>,
+    pub journal: SharedJournal,
+    pub dialer: SourceDialer,
+    /// `<state_dir>/sync`: a `<machine>__<disk>.synced` file marks a finished initial replication.
+    pub sync_dir: PathBuf,
+    pub status: Arc<ShipStatus>,
+}
+
+/// A sync round of one disk.
+struct Round {
+    initial: bool,
+    /// Bitmap extents snapshot at the start (cleared when the round completes cleanly).
+    extents: Vec<std::ops::Range<u64>>,
+}
+
+/// Fastest cadence of journal group commits driven by the shipper.
+const FLUSH_INTERVAL_MIN: Duration = Duration::from_millis(2);
+/// How often disks are checked for `resync-needed`.
+const RESYNC_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+
+impl Shipper {
+    fn announcements(&self) -> Vec<DiskAnnouncement> {
+        self.disks
+            .iter()
+            .map(|(disk, group)| DiskAnnouncement {
+                disk_id: disk.disk_id(),
+                size_bytes: disk.size_bytes(),
+                machine: disk.machine().to_string(),
+                name: disk.name().to_string(),
+                group: group.clone(),
+            })
+            .collect()
+    }
+
+    fn disk(&self, disk_id: u32) -> Option<&CaptureDisk> {
+        self.disks
+            .iter()
+            .map(|(disk, _)| disk)
+            .find(|disk| disk.disk_id() == disk_id)
+    }
+
+    fn synced_marker(&self, disk: &CaptureDisk) -> PathBuf {
+        self.sync_dir
+            .join(format!("{}__{}.synced", disk.machine(), disk.name()))
+    }
+
+    /// Runs until `shutdown` turns true, reconnecting after every loss of the link.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let epoch = Instant::now();
+        let now = move || epoch.elapsed().as_nanos() as u64;
+        let _ = std::fs::create_dir_all(&self.sync_dir);
+        let mut core = Source::new(
+            SourceConfig::new(self.source_name.clone(), self.announcements()),
+            &*self.journal.lock(),
+        );
+        let mut rounds: BTreeMap<u32, Round> = BTreeMap::new();
+        loop {
+            let connection = tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => break,
+                connection = self.dialer.connect_with_backoff(u32::MAX) => connection,
+            };
+            let connection = match connection {
+                Ok(connection) => connection,
+                Err(error) => {
+                    self.status.set_error(Some(error.to_string()));
+                    continue;
+                }
+            };
+            tracing::info!(target_address = %connection.handle.peer_address(), "connected to the target");
+            self.status.connected.store(true, Ordering::Relaxed);
+            self.status.set_error(None);
+            core.handle_connected(now());
+            let outcome = self
+                .session(&mut core, &mut rounds, connection, &now, &mut shutdown)
+                .await;
+            core.handle_disconnected(now());
+            self.status.connected.store(false, Ordering::Relaxed);
+            // Sync rounds restart from the target's hashes on the next connection: an initial
+            // replication through the Welcome, a resync through the bitmap, whose bits are
+            // still set (only a finished round clears them).
+            for (disk_id, round) in std::mem::take(&mut rounds) {
+                if let Some(disk) = self.disk(disk_id) {
+                    if !round.initial && disk.state() == DiskState::Resyncing {
+                        disk.set_state(DiskState::ResyncNeeded);
+                    }
+                }
+            }
+            lock(&self.status.sync).clear();
+            match outcome {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!("replication link lost: {error}");
+                    self.status.set_error(Some(error));
+                }
+            }
+        }
+        if let Err(error) = self.journal.flush_all().await {
+            tracing::error!("flushing the cache journal at shutdown failed: {error}");
+        }
+        self.dialer.close().await;
+    }
+
+    /// One connection. `Ok` only on shutdown; `Err` says why the link ended.
+    async fn session(
+        &self,
+        core: &mut Source,
+        rounds: &mut BTreeMap<u32, Round>,
+        connection: PeerConnection,
+        now: &impl Fn() -> u64,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        let PeerConnection {
+            control,
+            live,
+            handle,
+            ..
+        } = connection;
+        let mut sender = live.sender;
+        let mut receiver = control.receiver;
+        let (frame_tx, mut frames) = mpsc::channel::<Bytes>(64);
+        let reader = tokio::spawn(async move {
+            loop {
+                match receiver.recv().await {
+                    Ok(Some(frame)) => {
+                        if frame_tx.send(frame).await.is_err() {
+                            return None;
+                        }
+                    }
+                    Ok(None) => return Some("the target closed the stream".to_string()),
+                    Err(error) => return Some(error.to_string()),
+                }
+            }
+        });
+        let mut reads: JoinSet<(u64, Seq, Result<Vec<u8>, String>)> = JoinSet::new();
+        let mut last_flush = Instant::now() - FLUSH_INTERVAL_MIN;
+        let mut resync_check = tokio::time::interval(RESYNC_CHECK_INTERVAL);
+        resync_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let result = loop {
+            // Outputs of the state machine.
+            let mut out = Vec::new();
+            let mut to_read: Vec<ExtentRead> = Vec::new();
+            {
+                let mut journal = self.journal.lock();
+                while let Some(frame) = core.poll_transmit(&*journal, now()) {
+                    out.push(frame);
+                }
+                if let Some(seq) = core.poll_release() {
+                    journal.release(seq);
+                }
+                while let Some(read) = core.poll_sync_read(&*journal) {
+                    to_read.push(read);
+                }
+                let oldest = journal
+                    .record(core.acked_seq() + 1)
+                    .map_or(0, |record| record.timestamp_ns);
+                self.status
+                    .oldest_unacked_ns
+                    .store(oldest, Ordering::Relaxed);
+            }
+            self.status
+                .acked_seq
+                .store(core.acked_seq(), Ordering::Relaxed);
+            let mut send_error = None;
+            for frame in out {
+                let bytes = frame.len() as u64;
+                if let Err(error) = sender.send(Bytes::from(frame.into_bytes())).await {
+                    send_error = Some(error.to_string());
+                    break;
+                }
+                self.status.shipped_bytes.fetch_add(bytes, Ordering::Relaxed);
+            }
+            if let Some(error) = send_error {
+                break Err(error);
+            }
+            for read in to_read {
+                let Some(disk) = self.disk(read.disk_id).cloned() else {
+                    continue;
+                };
+                reads.spawn(async move {
+                    let (seq_floor, data) = disk.read_for_sync(read.offset, read.length).await;
+                    (read.token, seq_floor, data.map_err(|error| error.to_string()))
+                });
+            }
+            let mut events = Vec::new();
+            while let Some(event) = core.poll_event() {
+                events.push(event);
+            }
+            for event in events {
+                self.handle_event(core, rounds, event)?;
+            }
+            if let Some(error) = handle.close_reason() {
+                break Err(error.to_string());
+            }
+
+            let journal_pending = self.journal.last_seq() > self.journal.durable_seq();
+            let timeout = core.poll_timeout();
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => break Ok(()),
+                frame = frames.recv() => match frame {
+                    Some(frame) => {
+                        let mut journal = self.journal.lock();
+                        let before = journal.last_seq();
+                        let handled = core.handle_frame(&frame, &mut *journal, now());
+                        let after = journal.last_seq();
+                        drop(journal);
+                        if after > before {
+                            self.journal.note_appended(after);
+                        }
+                        if let Err(error) = handled {
+                            // Send the Error frame the core queued, then end the session.
+                            let journal = self.journal.lock();
+                            let mut out = Vec::new();
+                            while let Some(frame) = core.poll_transmit(&*journal, now()) {
+                                out.push(frame);
+                            }
+                            drop(journal);
+                            for frame in out {
+                                let _ = sender.send(Bytes::from(frame.into_bytes())).await;
+                            }
+                            tracing::error!("the target's stream was refused: {error}");
+                            break Err(error.to_string());
+                        }
+                    }
+                    None => {
+                        let reason = match reader.await {
+                            Ok(Some(reason)) => reason,
+                            _ => "the target's stream ended".to_string(),
+                        };
+                        return finish(handle, Err(reason));
+                    }
+                },
+                Some(joined) = reads.join_next(), if !reads.is_empty() => {
+                    let Ok((token, seq_floor, data)) = joined else {
+                        break Err("a sync read task failed".to_string());
+                    };
+                    let data = match data {
+                        Ok(data) => data,
+                        Err(error) => break Err(format!("sync read failed: {error}")),
+                    };
+                    let mut journal = self.journal.lock();
+                    let before = journal.last_seq();
+                    let handled = core.handle_extent_read(token, seq_floor, &data, &mut *journal, now());
+                    let after = journal.last_seq();
+                    drop(journal);
+                    if after > before {
+                        self.journal.note_appended(after);
+                    }
+                    if let Err(error) = handled {
+                        break Err(error.to_string());
+                    }
+                }
+                _ = async {
+                    let wait = FLUSH_INTERVAL_MIN.saturating_sub(last_flush.elapsed());
+                    tokio::time::sleep(wait).await;
+                }, if journal_pending => {
+                    if let Err(error) = self.journal.flush_all().await {
+                        break Err(format!("journal flush failed: {error}"));
+                    }
+                    last_flush = Instant::now();
+                }
+                _ = self.journal.wait_for_records_after(self.journal.last_seq()), if !journal_pending => {}
+                _ = async {
+                    match timeout {
+                        Some(deadline) => tokio::time::sleep(Duration::from_nanos(deadline.saturating_sub(now()))).await,
+                        None => std::future::pending().await,
+                    }
+                } => core.handle_timeout(now()),
+                _ = resync_check.tick() => self.start_resyncs(core, rounds)?,
+            }
+        };
+        reader.abort();
+        finish(handle, result)
+    }
+
+    fn handle_event(
+        &self,
+        core: &mut Source,
+        rounds: &mut BTreeMap<u32, Round>,
+        event: SourceEvent,
+    ) -> Result<(), String> {
+        match event {
+            SourceEvent::Welcomed { disks, .. } => {
+                for welcome in disks {
+                    let Some(disk) = self.disk(welcome.disk_id) else {
+                        continue;
+                    };
+                    let marker = self.synced_marker(disk);
+                    let synced = marker.exists();
+                    let mode = match welcome.replica {
+                        ReplicaState::Absent => {
+                            let _ = std::fs::remove_file(&marker);
+                            Some(SyncMode::CopyNonZero)
+                        }
+                        ReplicaState::Present if !synced => Some(SyncMode::CompareHashes),
+                        ReplicaState::Present => None,
+                    };
+                    if let Some(mode) = mode {
+                        tracing::info!(disk = %disk.export_name(), ?mode, "initial replication starts");
+                        disk.set_state(DiskState::InitialSync);
+                        core.start_sync(disk.disk_id(), &[(0, disk.size_bytes())], mode)
+                            .map_err(|error| error.to_string())?;
+                        rounds.insert(
+                            disk.disk_id(),
+                            Round {
+                                initial: true,
+                                extents: vec![0..disk.size_bytes()],
+                            },
+                        );
+                        self.note_sync_started(core, disk.disk_id());
+                    }
+                }
+                self.start_resyncs(core, rounds)
+            }
+            SourceEvent::SyncDone { disk_id, progress } => {
+                let Some(disk) = self.disk(disk_id) else {
+                    return Ok(());
+                };
+                lock(&self.status.sync).remove(&disk_id);
+                let Some(round) = rounds.remove(&disk_id) else {
+                    return Ok(());
+                };
+                tracing::info!(
+                    disk = %disk.export_name(),
+                    bytes = progress.bytes_total,
+                    skipped = progress.extents_skipped,
+                    zero = progress.extents_zero,
+                    sent = progress.extents_sent,
+                    "{} done",
+                    if round.initial { "initial replication" } else { "resync" }
+                );
+                if round.initial {
+                    std::fs::write(self.synced_marker(disk), b"")
+                        .map_err(|error| format!("recording the initial replication: {error}"))?;
+                }
+                if disk.state() == DiskState::ResyncNeeded {
+                    // Overflowed again during the round: keep every bit for the next round.
+                    return Ok(());
+                }
+                for extent in &round.extents {
+                    disk.bitmap().clear(extent.start, extent.end - extent.start);
+                }
+                disk.bitmap()
+                    .persist()
+                    .map_err(|error| format!("persisting the dirty-extent bitmap: {error}"))?;
+                disk.set_state(DiskState::Protected);
+                Ok(())
+            }
+        }
+    }
+
+    fn note_sync_started(&self, core: &Source, disk_id: u32) {
+        if let Some(progress) = core.sync_progress(disk_id) {
+            lock(&self.status.sync).insert(
+                disk_id,
+                SyncStatus {
+                    progress,
+                    started: Instant::now(),
+                },
+            );
+        }
+    }
+
+    /// Starts a resync round for every `resync-needed` disk without one.
+    fn start_resyncs(
+        &self,
+        core: &mut Source,
+        rounds: &mut BTreeMap<u32, Round>,
+    ) -> Result<(), String> {
+        if !core.is_streaming() {
+            return Ok(());
+        }
+        // Refresh progress figures of running rounds.
+        {
+            let mut sync = lock(&self.status.sync);
+            for (disk_id, status) in sync.iter_mut() {
+                if let Some(progress) = core.sync_progress(*disk_id) {
+                    status.progress = progress;
+                }
+            }
+        }
+        for (disk, _) in &self.disks {
+            if disk.state() != DiskState::ResyncNeeded || rounds.contains_key(&disk.disk_id()) {
+                continue;
+            }
+            // From here on the disk's writes are journaled again; the bitmap as it is now is
+            // what the journal missed.
+            disk.set_state(DiskState::Resyncing);
+            let extents = disk.bitmap().dirty_extents();
+            let ranges: Vec<(u64, u64)> = extents
+                .iter()
+                .map(|extent| (extent.start, extent.end - extent.start))
+                .collect();
+            tracing::info!(disk = %disk.export_name(), extents = ranges.len(), "resync starts");
+            core.start_sync(disk.disk_id(), &ranges, SyncMode::CompareHashes)
+                .map_err(|error| error.to_string())?;
+            rounds.insert(
+                disk.disk_id(),
+                Round {
+                    initial: false,
+                    extents,
+                },
+            );
+            self.note_sync_started(core, disk.disk_id());
+        }
+        Ok(())
+    }
+}
+
+fn finish(
+    handle: crate::io::transport::ConnectionHandle,
+    result: Result<(), String>,
+) -> Result<(), String> {
+    handle.close(if result.is_ok() {
+        "source shutting down"
+    } else {
+        "source session ended"
+    });
+    result
+}
+
