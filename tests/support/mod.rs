@@ -1,0 +1,237 @@
+//! Shared harness of the end-to-end tests: a source and a target `ferry run` process on
+//! loopback, each with its own config, state dir and control socket in a temporary directory,
+//! plus bounded polling of `ferry status --json` and helpers for real NBD clients (qemu-io).
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+/// Bound on every wait (start-up, replication of the small test disks, shutdown).
+pub const DEADLINE: Duration = Duration::from_secs(90);
+
+pub fn ferry(args: &[&str]) -> Output {
+    Command::new(FERRY)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ferry")
+}
+
+/// A free UDP port on loopback (bound, read, released).
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The fingerprint of the identity in `state_dir` (created if missing).
+pub fn identity(state_dir: &Path) -> String {
+    let output = ferry(&["identity", "--state-dir", state_dir.to_str().unwrap()]);
+    assert!(
+        output.status.success(),
+        "ferry identity failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    let fingerprint = text.trim().to_string();
+    assert!(fingerprint.starts_with("sha256:"), "{fingerprint}");
+    fingerprint
+}
+
+/// Polls `check` until it returns `Some`, at most until `DEADLINE`; panics with `what`.
+pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(20);
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(250));
+    }
+}
+
+/// A file of `size` bytes: the first `random_bytes` pseudo-random (seeded), the rest zero.
+pub fn make_disk(path: &Path, size: u64, random_bytes: u64, seed: u64) {
+    let mut file = std::fs::File::create(path).unwrap();
+    let mut state = seed | 1;
+    let mut block = vec![0u8; 1 << 20];
+    let mut written = 0u64;
+    while written < random_bytes {
+        for chunk in block.chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+        }
+        let take = (random_bytes - written).min(block.len() as u64) as usize;
+        file.write_all(&block[..take]).unwrap();
+        written += take as u64;
+    }
+    file.set_len(size).unwrap();
+}
+
+/// One `ferry run` process with its directory, config and log.
+pub struct Appliance {
+    pub name: String,
+    pub root: PathBuf,
+    pub config: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl Appliance {
+    pub fn new(root: &Path, name: &str) -> Self {
+        let root = root.join(name);
+        std::fs::create_dir_all(root.join("state")).unwrap();
+        Self {
+            name: name.to_string(),
+            config: root.join("ferry.toml"),
+            root,
+            child: None,
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join("state")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.root.join("ferry.sock")
+    }
+
+    pub fn fingerprint(&self) -> String {
+        identity(&self.state_dir())
+    }
+
+    /// `[appliance]` section for this appliance.
+    pub fn appliance_section(&self) -> String {
+        format!(
+            "[appliance]\nname = \"{}\"\nstate_dir = \"{}\"\ncontrol_socket = \"{}\"\n\n",
+            self.name,
+            self.state_dir().display(),
+            self.socket().display()
+        )
+    }
+
+    pub fn write_config(&self, body: &str) {
+        std::fs::write(&self.config, format!("{}{body}", self.appliance_section())).unwrap();
+    }
+
+    /// Starts `ferry run` and waits until its control socket answers.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} already running", self.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join("ferry.log"))
+            .unwrap();
+        let child = Command::new(FERRY)
+            .args(["run", "--config", self.config.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn ferry run");
+        self.child = Some(child);
+        let name = self.name.clone();
+        wait_for(&format!("{name}'s control socket"), || {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("{name} exited at start ({status}): {}", self.log());
+            }
+            self.try_status().map(|_| ())
+        });
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let status = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+            let start = Instant::now();
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    assert!(status.success(), "{} exited with {status}: {}", self.name, self.log());
+                    break;
+                }
+                assert!(start.elapsed() < DEADLINE, "{} did not stop", self.name);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.root.join("ferry.log")).unwrap_or_default()
+    }
+
+    pub fn try_status(&self) -> Option<serde_json::Value> {
+        let output = ferry(&[
+            "status",
+            "--socket",
+            self.socket().to_str().unwrap(),
+            "--json",
+        ]);
+        if !output.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&output.stdout).ok()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        self.try_status()
+            .unwrap_or_else(|| panic!("{} does not answer status: {}", self.name, self.log()))
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs qemu-io commands against an NBD export on a unix socket.
+pub fn qemu_io(socket: &Path, export: &str, commands: &[String]) {
+    let mut args = vec![
+        "-f".to_string(),
+        "raw".to_string(),
+        format!("nbd+unix:///{export}?socket={}", socket.display()),
+    ];
+    for command in commands {
+        args.push("-c".into());
+        args.push(command.clone());
+    }
+    let output = Command::new("qemu-io").args(&args).output().expect("qemu-io");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && !stdout.contains("failed") && !stdout.contains("Pattern verification"),
+        "qemu-io {commands:?}: {stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Whether two files have the same bytes.
+pub fn same_bytes(a: &Path, b: &Path) -> bool {
+    let status = Command::new("cmp")
+        .args(["-s", a.to_str().unwrap(), b.to_str().unwrap()])
+        .status()
+        .unwrap();
+    status.success()
+}
