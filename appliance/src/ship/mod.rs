@@ -108,6 +108,34 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Commands from the daemon to the shipper.
+#[derive(Debug)]
+pub enum ShipCommand {
+    /// Drain, then compare every extent of `disk_ids` with the target by hash; extents that
+    /// differ are reported and repaired (sent again).
+    Verify {
+        disk_ids: Vec<u32>,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<VerifyResult>, String>>,
+    },
+}
+
+/// The outcome of verifying one disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyResult {
+    pub disk_id: u32,
+    pub extents_compared: u64,
+    /// Extents whose hash differed from the target's (sent again, so now repaired).
+    pub extents_differing: u64,
+    pub bytes_compared: u64,
+}
+
+struct PendingVerify {
+    disk_ids: Vec<u32>,
+    started: bool,
+    results: Vec<VerifyResult>,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<VerifyResult>, String>>,
+}
+
 /// Everything the shipper drives.
 pub struct Shipper {
     pub source_name: String,
@@ -117,11 +145,14 @@ pub struct Shipper {
     /// `<state_dir>/sync`: a `<machine>__<disk>.synced` file marks a finished initial replication.
     pub sync_dir: PathBuf,
     pub status: Arc<ShipStatus>,
+    pub commands: mpsc::Receiver<ShipCommand>,
 }
 
 /// A sync round of one disk.
 struct Round {
     initial: bool,
+    /// Started by `ferry verify`: report, do not touch the bitmap or the state.
+    verify: bool,
     /// Bitmap extents snapshot at the start (cleared when the round completes cleanly).
     extents: Vec<std::ops::Range<u64>>,
 }
@@ -167,10 +198,24 @@ impl Shipper {
             &*self.journal.lock(),
         );
         let mut rounds: BTreeMap<u32, Round> = BTreeMap::new();
+        let (_, placeholder) = mpsc::channel(1);
+        let mut commands = std::mem::replace(&mut self.commands, placeholder);
+        let mut verify: Option<PendingVerify> = None;
         loop {
             let connection = tokio::select! {
                 _ = shutdown.wait_for(|stop| *stop) => break,
                 connection = self.dialer.connect_with_backoff(u32::MAX) => connection,
+                Some(command) = commands.recv() => {
+                    match command {
+                        ShipCommand::Verify { reply, .. } => {
+                            let _ = reply.send(Err(format!(
+                                "not connected to the target: {}",
+                                self.status.last_error().unwrap_or_else(|| "connecting".into())
+                            )));
+                        }
+                    }
+                    continue;
+                }
             };
             let connection = match connection {
                 Ok(connection) => connection,
@@ -184,8 +229,21 @@ impl Shipper {
             self.status.set_error(None);
             core.handle_connected(now());
             let outcome = self
-                .session(&mut core, &mut rounds, connection, &now, &mut shutdown)
+                .session(
+                    &mut core,
+                    &mut rounds,
+                    &mut commands,
+                    &mut verify,
+                    connection,
+                    &now,
+                    &mut shutdown,
+                )
                 .await;
+            if let Some(pending) = verify.take() {
+                let _ = pending
+                    .reply
+                    .send(Err("the link to the target was lost during verify".into()));
+            }
             core.handle_disconnected(now());
             self.status.connected.store(false, Ordering::Relaxed);
             // Sync rounds restart from the target's hashes on the next connection: an initial
@@ -218,6 +276,8 @@ impl Shipper {
         &self,
         core: &mut Source,
         rounds: &mut BTreeMap<u32, Round>,
+        commands: &mut mpsc::Receiver<ShipCommand>,
+        verify: &mut Option<PendingVerify>,
         connection: PeerConnection,
         now: &impl Fn() -> u64,
         shutdown: &mut watch::Receiver<bool>,
@@ -252,10 +312,18 @@ impl Shipper {
             // Outputs of the state machine.
             let mut out = Vec::new();
             let mut to_read: Vec<ExtentRead> = Vec::new();
+            let mut transmit_error = None;
             {
                 let mut journal = self.journal.lock();
-                while let Some(frame) = core.poll_transmit(&*journal, now()) {
-                    out.push(frame);
+                loop {
+                    match core.poll_transmit(&*journal, now()) {
+                        Ok(Some(frame)) => out.push(frame),
+                        Ok(None) => break,
+                        Err(error) => {
+                            transmit_error = Some(error.to_string());
+                            break;
+                        }
+                    }
                 }
                 if let Some(seq) = core.poll_release() {
                     journal.release(seq);
@@ -273,6 +341,10 @@ impl Shipper {
             self.status
                 .acked_seq
                 .store(core.acked_seq(), Ordering::Relaxed);
+            if let Some(error) = transmit_error {
+                tracing::error!("the journal cannot be shipped: {error}");
+                break Err(error);
+            }
             let mut send_error = None;
             for frame in out {
                 let bytes = frame.len() as u64;
@@ -299,8 +371,9 @@ impl Shipper {
                 events.push(event);
             }
             for event in events {
-                self.handle_event(core, rounds, event)?;
+                self.handle_event(core, rounds, verify, event)?;
             }
+            self.start_verify(core, rounds, verify)?;
             if let Some(error) = handle.close_reason() {
                 break Err(error.to_string());
             }
@@ -324,7 +397,7 @@ impl Shipper {
                             // Send the Error frame the core queued, then end the session.
                             let journal = self.journal.lock();
                             let mut out = Vec::new();
-                            while let Some(frame) = core.poll_transmit(&*journal, now()) {
+                            while let Ok(Some(frame)) = core.poll_transmit(&*journal, now()) {
                                 out.push(frame);
                             }
                             drop(journal);
@@ -380,6 +453,15 @@ impl Shipper {
                     }
                 } => core.handle_timeout(now()),
                 _ = resync_check.tick() => self.start_resyncs(core, rounds)?,
+                Some(command) = commands.recv() => match command {
+                    ShipCommand::Verify { disk_ids, reply } => {
+                        if verify.is_some() {
+                            let _ = reply.send(Err("a verify is already running".into()));
+                        } else {
+                            *verify = Some(PendingVerify { disk_ids, started: false, results: Vec::new(), reply });
+                        }
+                    }
+                },
             }
         };
         reader.abort();
@@ -390,6 +472,7 @@ impl Shipper {
         &self,
         core: &mut Source,
         rounds: &mut BTreeMap<u32, Round>,
+        verify: &mut Option<PendingVerify>,
         event: SourceEvent,
     ) -> Result<(), String> {
         match event {
@@ -417,6 +500,7 @@ impl Shipper {
                             disk.disk_id(),
                             Round {
                                 initial: true,
+                                verify: false,
                                 extents: vec![0..disk.size_bytes()],
                             },
                         );
@@ -433,6 +517,23 @@ impl Shipper {
                 let Some(round) = rounds.remove(&disk_id) else {
                     return Ok(());
                 };
+                if round.verify {
+                    if let Some(pending) = verify.as_mut() {
+                        pending.results.push(VerifyResult {
+                            disk_id,
+                            extents_compared: progress.extents_skipped
+                                + progress.extents_zero
+                                + progress.extents_sent,
+                            extents_differing: progress.extents_zero + progress.extents_sent,
+                            bytes_compared: progress.bytes_done,
+                        });
+                        if pending.results.len() == pending.disk_ids.len() {
+                            let done = verify.take().expect("checked above");
+                            let _ = done.reply.send(Ok(done.results));
+                        }
+                    }
+                    return Ok(());
+                }
                 tracing::info!(
                     disk = %disk.export_name(),
                     bytes = progress.bytes_total,
@@ -474,6 +575,51 @@ impl Shipper {
         }
     }
 
+    /// Starts the pending verify once the target has acknowledged everything journaled and no
+    /// other round runs on its disks.
+    fn start_verify(
+        &self,
+        core: &mut Source,
+        rounds: &mut BTreeMap<u32, Round>,
+        verify: &mut Option<PendingVerify>,
+    ) -> Result<(), String> {
+        let Some(pending) = verify.as_mut() else {
+            return Ok(());
+        };
+        if pending.started || !core.is_streaming() {
+            return Ok(());
+        }
+        let drained = core.acked_seq() >= self.journal.last_seq();
+        let busy = pending.disk_ids.iter().any(|id| rounds.contains_key(id));
+        if !drained || busy {
+            return Ok(());
+        }
+        pending.started = true;
+        if pending.disk_ids.is_empty() {
+            let done = verify.take().expect("checked above");
+            let _ = done.reply.send(Ok(Vec::new()));
+            return Ok(());
+        }
+        for &disk_id in &pending.disk_ids {
+            let Some(disk) = self.disk(disk_id) else {
+                let done = verify.take().expect("checked above");
+                let _ = done.reply.send(Err(format!("disk {disk_id} is not protected here")));
+                return Ok(());
+            };
+            core.start_sync(disk_id, &[(0, disk.size_bytes())], SyncMode::CompareHashes)
+                .map_err(|error| error.to_string())?;
+            rounds.insert(
+                disk_id,
+                Round {
+                    initial: false,
+                    verify: true,
+                    extents: Vec::new(),
+                },
+            );
+        }
+        Ok(())
+    }
+
     /// Starts a resync round for every `resync-needed` disk without one.
     fn start_resyncs(
         &self,
@@ -511,6 +657,7 @@ impl Shipper {
                 disk.disk_id(),
                 Round {
                     initial: false,
+                    verify: false,
                     extents,
                 },
             );
