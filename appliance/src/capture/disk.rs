@@ -308,6 +308,49 @@ impl CaptureDisk {
         (result.map_err(CaptureIoError::from), buf)
     }
 
+    /// Reads an extent for initial replication, resync or verify, and returns it with its
+    /// `seq_floor`: every journaled write at or below that sequence was on the disk when the
+    /// read ran. The read registers as in flight like a write: it waits for every overlapping
+    /// write registered before it, and overlapping writes registered after it wait for the read,
+    /// so the bytes are never torn, and the floor is the journal's last sequence at registration.
+    pub async fn read_for_sync(&self, offset: u64, length: u64) -> (Seq, Result<Vec<u8>, CaptureIoError>) {
+        let inner = &self.inner;
+        let (ticket, predecessors, seq_floor) = {
+            let mut in_flight = lock(&inner.in_flight);
+            let (start, end) = (offset, offset.saturating_add(length));
+            let predecessors: Vec<watch::Receiver<()>> = in_flight
+                .entries
+                .iter()
+                .filter(|(_, other_start, other_end, _)| *other_start < end && start < *other_end)
+                .map(|(_, _, _, sender)| sender.subscribe())
+                .collect();
+            let ticket = in_flight.next_ticket;
+            in_flight.next_ticket += 1;
+            in_flight
+                .entries
+                .push((ticket, start, end, watch::channel(()).0));
+            (ticket, predecessors, inner.journal.last_seq())
+        };
+        let _registration = Registration { inner, ticket };
+        for mut predecessor in predecessors {
+            while predecessor.changed().await.is_ok() {}
+        }
+        let Ok(length) = usize::try_from(length) else {
+            return (
+                seq_floor,
+                Err(CaptureIoError::from(DiskError {
+                    op: crate::io::disk::DiskOp::Read,
+                    path: inner.disk.path().to_path_buf(),
+                    offset,
+                    len: length,
+                    source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+                })),
+            );
+        };
+        let (result, buf) = inner.disk.read_at(offset, IoBuf::zeroed(length)).await;
+        (seq_floor, result.map(|()| buf.to_vec()).map_err(CaptureIoError::from))
+    }
+
     /// Applies one write-path request: journal (or bitmap), then disk, in the order described
     /// in the module docs; with `fua`, both are durable when it returns. Returns the buffer of
     /// a data write for reuse.
