@@ -112,7 +112,10 @@ disks = [{{ name = "os", path = "{disk}", export = "{export}" }}]
             self.source.log(),
             self.target.log()
         );
-        assert!(same_bytes(&self.disk, &self.replica()), "cmp found a difference");
+        assert!(
+            same_bytes(&self.disk, &self.replica()),
+            "cmp found a difference"
+        );
     }
 }
 
@@ -193,14 +196,19 @@ fn a_wrongly_pinned_target_is_refused_and_receives_nothing() {
         let log = pair.source.log();
         log.contains("fingerprint").then_some(log)
     });
-    assert!(log.contains(&wrong[..20]) || log.contains("mismatch"), "{log}");
+    assert!(
+        log.contains(&wrong[..20]) || log.contains("mismatch"),
+        "{log}"
+    );
     let status = pair.target.status();
     assert!(
-        status["replicas"].as_array().is_none_or(|replicas| replicas.is_empty()),
+        status["replicas"]
+            .as_array()
+            .is_none_or(|replicas| replicas.is_empty()),
         "the target received something: {status}"
     );
     let storage = pair.target.root.join("storage");
-    let received = Path::new(&storage).exists()
-        && std::fs::read_dir(&storage).unwrap().next().is_some();
+    let received =
+        Path::new(&storage).exists() && std::fs::read_dir(&storage).unwrap().next().is_some();
     assert!(!received, "the target created replicas");
 }

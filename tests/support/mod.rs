@@ -169,7 +169,12 @@ impl Appliance {
             let start = Instant::now();
             loop {
                 if let Some(status) = child.try_wait().unwrap() {
-                    assert!(status.success(), "{} exited with {status}: {}", self.name, self.log());
+                    assert!(
+                        status.success(),
+                        "{} exited with {status}: {}",
+                        self.name,
+                        self.log()
+                    );
                     break;
                 }
                 assert!(start.elapsed() < DEADLINE, "{} did not stop", self.name);
@@ -218,10 +223,15 @@ pub fn qemu_io(socket: &Path, export: &str, commands: &[String]) {
         args.push("-c".into());
         args.push(command.clone());
     }
-    let output = Command::new("qemu-io").args(&args).output().expect("qemu-io");
+    let output = Command::new("qemu-io")
+        .args(&args)
+        .output()
+        .expect("qemu-io");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
-        output.status.success() && !stdout.contains("failed") && !stdout.contains("Pattern verification"),
+        output.status.success()
+            && !stdout.contains("failed")
+            && !stdout.contains("Pattern verification"),
         "qemu-io {commands:?}: {stdout} {}",
         String::from_utf8_lossy(&output.stderr)
     );

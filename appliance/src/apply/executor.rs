@@ -55,11 +55,7 @@ impl Executor {
         let (ops, op_receiver) = mpsc::channel(super::DISK_OP_QUEUE_LENGTH);
         let (output_sender, outputs) = mpsc::unbounded_channel();
         let task = tokio::spawn(run(source, replicas, applied, op_receiver, output_sender));
-        Executor {
-            ops,
-            outputs,
-            task,
-        }
+        Executor { ops, outputs, task }
     }
 
     /// Queues an op; false if the executor has stopped.
@@ -178,9 +174,18 @@ async fn run(
                 let length = data.len() as u64;
                 bytes_since_flush += length;
                 touched.insert(disk_id);
-                submit(&mut in_flight, &replicas, disk_id, offset, length, move |disk| {
-                    Box::pin(async move { disk.write_at(offset, IoBuf::from_slice(&data)).await.0 })
-                })
+                submit(
+                    &mut in_flight,
+                    &replicas,
+                    disk_id,
+                    offset,
+                    length,
+                    move |disk| {
+                        Box::pin(
+                            async move { disk.write_at(offset, IoBuf::from_slice(&data)).await.0 },
+                        )
+                    },
+                )
                 .await
             }
             DiskOp::Zero {
@@ -190,9 +195,14 @@ async fn run(
                 ..
             } => {
                 touched.insert(disk_id);
-                submit(&mut in_flight, &replicas, disk_id, offset, length, move |disk| {
-                    Box::pin(async move { disk.write_zeroes(offset, length).await })
-                })
+                submit(
+                    &mut in_flight,
+                    &replicas,
+                    disk_id,
+                    offset,
+                    length,
+                    move |disk| Box::pin(async move { disk.write_zeroes(offset, length).await }),
+                )
                 .await
             }
             DiskOp::Flush { seq } => {
@@ -222,7 +232,8 @@ async fn run(
     }
 }
 
-type WriteFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), DiskError>> + Send>>;
+type WriteFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), DiskError>> + Send>>;
 
 async fn submit(
     in_flight: &mut InFlight,
@@ -237,8 +248,7 @@ async fn submit(
         .ok_or_else(|| format!("no replica for disk {disk_id}"))?
         .clone();
     let end = offset.saturating_add(length);
-    if in_flight.overlaps(disk_id, offset, end) || in_flight.writes.len() >= WRITES_IN_FLIGHT_MAX
-    {
+    if in_flight.overlaps(disk_id, offset, end) || in_flight.writes.len() >= WRITES_IN_FLIGHT_MAX {
         in_flight.drain().await?;
     }
     in_flight.ranges.push((disk_id, offset, end));

@@ -123,7 +123,7 @@ pub async fn serve(
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         let connection = tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
             connection = endpoint.accept() => match connection {
                 Some(connection) => connection,
                 None => break,
@@ -177,7 +177,10 @@ async fn run_session(
 ) -> Result<(), ApplyError> {
     let source = connection.peer_name.clone();
     let PeerConnection {
-        control, live, handle, ..
+        control,
+        live,
+        handle,
+        ..
     } = connection;
     let mut sender = control.sender;
     let mut live_receiver = live.receiver;
@@ -210,7 +213,7 @@ async fn run_session(
     'session: loop {
         tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop) => break 'session,
+            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break 'session,
             output = recv_output(&mut executor) => match output {
                 Some(ExecutorOutput::Durable(seq)) => {
                     status.set_applied(&source, &disk_ids, seq);
@@ -249,7 +252,8 @@ async fn run_session(
                     source_name, disks, ..
                 } => {
                     tracing::info!(source = %source, announced_name = %source_name, disks = disks.len(), "source hello");
-                    let records: Vec<ReplicaRecord> = disks.iter().map(ReplicaRecord::from).collect();
+                    let records: Vec<ReplicaRecord> =
+                        disks.iter().map(ReplicaRecord::from).collect();
                     let (replicas, welcome) = open_replicas(store, &source, &records).await?;
                     store.save_disks(&source, &records)?;
                     {

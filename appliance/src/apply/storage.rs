@@ -276,7 +276,10 @@ mod tests {
         let store = ReplicaStore::new("/srv/ferry");
         let path = store.replica_path("site-a", "../../etc", "passwd/..");
         assert!(path.starts_with("/srv/ferry/site-a"), "{path:?}");
-        assert!(!path.components().any(|c| c.as_os_str() == ".."), "{path:?}");
+        assert!(
+            !path.components().any(|c| c.as_os_str() == ".."),
+            "{path:?}"
+        );
     }
 
     #[test]

@@ -313,7 +313,11 @@ impl CaptureDisk {
     /// read ran. The read registers as in flight like a write: it waits for every overlapping
     /// write registered before it, and overlapping writes registered after it wait for the read,
     /// so the bytes are never torn, and the floor is the journal's last sequence at registration.
-    pub async fn read_for_sync(&self, offset: u64, length: u64) -> (Seq, Result<Vec<u8>, CaptureIoError>) {
+    pub async fn read_for_sync(
+        &self,
+        offset: u64,
+        length: u64,
+    ) -> (Seq, Result<Vec<u8>, CaptureIoError>) {
         let inner = &self.inner;
         let (ticket, predecessors, seq_floor) = {
             let mut in_flight = lock(&inner.in_flight);
@@ -348,7 +352,10 @@ impl CaptureDisk {
             );
         };
         let (result, buf) = inner.disk.read_at(offset, IoBuf::zeroed(length)).await;
-        (seq_floor, result.map(|()| buf.to_vec()).map_err(CaptureIoError::from))
+        (
+            seq_floor,
+            result.map(|()| buf.to_vec()).map_err(CaptureIoError::from),
+        )
     }
 
     /// Applies one write-path request: journal (or bitmap), then disk, in the order described

@@ -33,9 +33,7 @@ use crate::capture::journal_handle::SharedJournal;
 use crate::capture::CaptureDisk;
 use crate::control::{DiskState, SyncProgress as SyncProgressStatus};
 use crate::core::record::Seq;
-use crate::core::source::{
-    ExtentRead, Source, SourceConfig, SourceEvent, SyncMode, SyncProgress,
-};
+use crate::core::source::{ExtentRead, Source, SourceConfig, SourceEvent, SyncMode, SyncProgress};
 use crate::core::wire::{DiskAnnouncement, ReplicaState};
 use crate::io::transport::{PeerConnection, SourceDialer};
 
@@ -105,7 +103,9 @@ impl ShipStatus {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Commands from the daemon to the shipper.
@@ -203,7 +203,7 @@ impl Shipper {
         let mut verify: Option<PendingVerify> = None;
         loop {
             let connection = tokio::select! {
-                _ = shutdown.wait_for(|stop| *stop) => break,
+                _ = wait_shutdown(&mut shutdown) => break,
                 connection = self.dialer.connect_with_backoff(u32::MAX) => connection,
                 Some(command) = commands.recv() => {
                     match command {
@@ -352,7 +352,9 @@ impl Shipper {
                     send_error = Some(error.to_string());
                     break;
                 }
-                self.status.shipped_bytes.fetch_add(bytes, Ordering::Relaxed);
+                self.status
+                    .shipped_bytes
+                    .fetch_add(bytes, Ordering::Relaxed);
             }
             if let Some(error) = send_error {
                 break Err(error);
@@ -363,7 +365,11 @@ impl Shipper {
                 };
                 reads.spawn(async move {
                     let (seq_floor, data) = disk.read_for_sync(read.offset, read.length).await;
-                    (read.token, seq_floor, data.map_err(|error| error.to_string()))
+                    (
+                        read.token,
+                        seq_floor,
+                        data.map_err(|error| error.to_string()),
+                    )
                 });
             }
             let mut events = Vec::new();
@@ -382,25 +388,28 @@ impl Shipper {
             let timeout = core.poll_timeout();
             tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|stop| *stop) => break Ok(()),
+                _ = wait_shutdown(shutdown) => break Ok(()),
                 frame = frames.recv() => match frame {
                     Some(frame) => {
-                        let mut journal = self.journal.lock();
-                        let before = journal.last_seq();
-                        let handled = core.handle_frame(&frame, &mut *journal, now());
-                        let after = journal.last_seq();
-                        drop(journal);
+                        let handled = {
+                            let mut journal = self.journal.lock();
+                            let before = journal.last_seq();
+                            let handled = core.handle_frame(&frame, &mut *journal, now());
+                            (handled, before, journal.last_seq())
+                        };
+                        let (handled, before, after) = handled;
                         if after > before {
                             self.journal.note_appended(after);
                         }
                         if let Err(error) = handled {
                             // Send the Error frame the core queued, then end the session.
-                            let journal = self.journal.lock();
                             let mut out = Vec::new();
-                            while let Ok(Some(frame)) = core.poll_transmit(&*journal, now()) {
-                                out.push(frame);
+                            {
+                                let journal = self.journal.lock();
+                                while let Ok(Some(frame)) = core.poll_transmit(&*journal, now()) {
+                                    out.push(frame);
+                                }
                             }
-                            drop(journal);
                             for frame in out {
                                 let _ = sender.send(Bytes::from(frame.into_bytes())).await;
                             }
@@ -424,11 +433,12 @@ impl Shipper {
                         Ok(data) => data,
                         Err(error) => break Err(format!("sync read failed: {error}")),
                     };
-                    let mut journal = self.journal.lock();
-                    let before = journal.last_seq();
-                    let handled = core.handle_extent_read(token, seq_floor, &data, &mut *journal, now());
-                    let after = journal.last_seq();
-                    drop(journal);
+                    let (handled, before, after) = {
+                        let mut journal = self.journal.lock();
+                        let before = journal.last_seq();
+                        let handled = core.handle_extent_read(token, seq_floor, &data, &mut *journal, now());
+                        (handled, before, journal.last_seq())
+                    };
                     if after > before {
                         self.journal.note_appended(after);
                     }
@@ -603,7 +613,9 @@ impl Shipper {
         for &disk_id in &pending.disk_ids {
             let Some(disk) = self.disk(disk_id) else {
                 let done = verify.take().expect("checked above");
-                let _ = done.reply.send(Err(format!("disk {disk_id} is not protected here")));
+                let _ = done
+                    .reply
+                    .send(Err(format!("disk {disk_id} is not protected here")));
                 return Ok(());
             };
             core.start_sync(disk_id, &[(0, disk.size_bytes())], SyncMode::CompareHashes)
@@ -667,6 +679,11 @@ impl Shipper {
     }
 }
 
+/// Resolves once `shutdown` is true (or its sender is gone).
+async fn wait_shutdown(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
 fn finish(
     handle: crate::io::transport::ConnectionHandle,
     result: Result<(), String>,
@@ -678,4 +695,3 @@ fn finish(
     });
     result
 }
-
