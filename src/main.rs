@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferry_appliance::config::Config;
-use ferry_appliance::control::{DiskSelector, Request};
+use ferry_appliance::control::{DiskSelector, Request, Response};
 use ferry_appliance::daemon::{self, Client};
 
 /// Where `ferry status` and friends look for the control socket when told nothing else.
@@ -37,6 +37,9 @@ enum Command {
     Resume(SelectArgs),
     /// Change the link bandwidth limit of a running source appliance.
     Bandwidth(BandwidthArgs),
+    /// Drain replication, then compare source disks and replicas by extent hashes: exit 0 when
+    /// identical, 1 with the differing extents (which are sent again).
+    Verify(VerifyArgs),
     /// Print the version and the on-disk/on-wire format versions.
     Version,
     /// Create this appliance's key pair if there is none yet and print its fingerprint
@@ -125,6 +128,18 @@ struct SelectArgs {
 }
 
 #[derive(Debug, Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    select: SelectArgs,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Give up after this long ("10m", "90s").
+    #[arg(long, default_value = "30m")]
+    timeout: String,
+}
+
+#[derive(Debug, Args)]
 struct BandwidthArgs {
     #[command(flatten)]
     connect: ConnectArgs,
@@ -140,6 +155,7 @@ fn main() -> ExitCode {
         Command::Pause(args) => select_command(args, true),
         Command::Resume(args) => select_command(args, false),
         Command::Bandwidth(args) => bandwidth(args),
+        Command::Verify(args) => verify(args),
         Command::Version => version(),
         Command::Identity { config, state_dir } => print_identity(config, state_dir),
         Command::Tui(args) => tui(args),
@@ -245,6 +261,46 @@ fn select_command(args: SelectArgs, pause: bool) -> anyhow::Result<()> {
         Request::Resume { selector }
     };
     emit(&format!("{}\n", connect(&args.connect)?.command(&request)?))
+}
+
+fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    let timeout = ferry_appliance::config::parse_duration(&args.timeout)
+        .map_err(anyhow::Error::msg)?;
+    let socket = control_socket(&args.select.connect)?;
+    let mut client = Client::connect_with_timeout(&socket, timeout)?;
+    let request = Request::Verify {
+        selector: DiskSelector {
+            disk: args.select.disk,
+            group: args.select.group,
+        },
+    };
+    let disks = match client.request(&request)? {
+        Response::Verify { disks } => disks,
+        Response::Error { message } => anyhow::bail!("verify refused: {message}"),
+        other => anyhow::bail!("unexpected answer to verify: {other:?}"),
+    };
+    if args.json {
+        emit(&format!("{}\n", serde_json::to_string_pretty(&serde_json::json!({ "disks": disks }))?))?;
+    } else {
+        let mut text = String::new();
+        for disk in &disks {
+            text.push_str(&format!(
+                "{}/{}: {} ({} extents, {} bytes compared, {} differing)\n",
+                disk.machine,
+                disk.name,
+                if disk.identical { "identical" } else { "DIFFERS" },
+                disk.extents_compared,
+                disk.bytes_compared,
+                disk.extents_differing
+            ));
+        }
+        emit(&text)?;
+    }
+    let differing: u64 = disks.iter().map(|disk| disk.extents_differing).sum();
+    if differing > 0 {
+        anyhow::bail!("{differing} extents differed between source and replica (they were sent again)");
+    }
+    Ok(())
 }
 
 fn bandwidth(args: BandwidthArgs) -> anyhow::Result<()> {

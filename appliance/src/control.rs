@@ -224,6 +224,24 @@ pub enum Request {
     Failback {
         group: String,
     },
+    /// Drain, then compare the selected disks with their replicas extent by extent (hashes);
+    /// differing extents are reported and sent again.
+    Verify {
+        #[serde(default)]
+        selector: DiskSelector,
+    },
+}
+
+/// The outcome of verifying one disk against its replica.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyDisk {
+    pub machine: String,
+    pub name: String,
+    pub identical: bool,
+    pub extents_compared: u64,
+    /// Extents whose hash differed from the replica's (they were sent again).
+    pub extents_differing: u64,
+    pub bytes_compared: u64,
 }
 
 /// The appliance's answer, one JSON object per line.
@@ -231,6 +249,7 @@ pub enum Request {
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum Response {
     Status(StatusSnapshot),
+    Verify { disks: Vec<VerifyDisk> },
     Ok { message: String },
     Error { message: String },
 }

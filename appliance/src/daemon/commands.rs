@@ -21,6 +21,8 @@ pub(crate) fn dispatch(config: &Config, status: &StatusModel, request: Request) 
         Request::FailoverCleanup { .. } => not_yet("failover cleanup"),
         Request::Reprotect { .. } => not_yet("reprotect"),
         Request::Failback { .. } => not_yet("failback"),
+        // The event loop runs verify itself (it needs the shipper and takes a while).
+        Request::Verify { .. } => error("verify needs the replication components"),
     }
 }
 
@@ -37,7 +39,7 @@ fn not_yet(what: &str) -> Response {
 }
 
 /// The disks a selector names (neither field: every disk), or why it names none.
-fn select<'a>(
+pub(crate) fn select<'a>(
     status: &'a StatusModel,
     selector: &DiskSelector,
 ) -> Result<Vec<&'a Arc<DiskStats>>, String> {
