@@ -264,8 +264,8 @@ fn select_command(args: SelectArgs, pause: bool) -> anyhow::Result<()> {
 }
 
 fn verify(args: VerifyArgs) -> anyhow::Result<()> {
-    let timeout = ferry_appliance::config::parse_duration(&args.timeout)
-        .map_err(anyhow::Error::msg)?;
+    let timeout =
+        ferry_appliance::config::parse_duration(&args.timeout).map_err(anyhow::Error::msg)?;
     let socket = control_socket(&args.select.connect)?;
     let mut client = Client::connect_with_timeout(&socket, timeout)?;
     let request = Request::Verify {
@@ -280,7 +280,10 @@ fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         other => anyhow::bail!("unexpected answer to verify: {other:?}"),
     };
     if args.json {
-        emit(&format!("{}\n", serde_json::to_string_pretty(&serde_json::json!({ "disks": disks }))?))?;
+        emit(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&serde_json::json!({ "disks": disks }))?
+        ))?;
     } else {
         let mut text = String::new();
         for disk in &disks {
@@ -288,7 +291,11 @@ fn verify(args: VerifyArgs) -> anyhow::Result<()> {
                 "{}/{}: {} ({} extents, {} bytes compared, {} differing)\n",
                 disk.machine,
                 disk.name,
-                if disk.identical { "identical" } else { "DIFFERS" },
+                if disk.identical {
+                    "identical"
+                } else {
+                    "DIFFERS"
+                },
                 disk.extents_compared,
                 disk.bytes_compared,
                 disk.extents_differing
@@ -298,7 +305,9 @@ fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     }
     let differing: u64 = disks.iter().map(|disk| disk.extents_differing).sum();
     if differing > 0 {
-        anyhow::bail!("{differing} extents differed between source and replica (they were sent again)");
+        anyhow::bail!(
+            "{differing} extents differed between source and replica (they were sent again)"
+        );
     }
     Ok(())
 }

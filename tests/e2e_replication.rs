@@ -208,7 +208,26 @@ fn a_wrongly_pinned_target_is_refused_and_receives_nothing() {
         "the target received something: {status}"
     );
     let storage = pair.target.root.join("storage");
-    let received =
-        Path::new(&storage).exists() && std::fs::read_dir(&storage).unwrap().next().is_some();
-    assert!(!received, "the target created replicas");
+    let replicas = raw_files(&storage);
+    assert!(
+        replicas.is_empty(),
+        "the target created replicas: {replicas:?}"
+    );
+}
+
+/// Every `.raw` file under `dir`.
+fn raw_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(raw_files(&path));
+        } else if path.extension().is_some_and(|extension| extension == "raw") {
+            found.push(path);
+        }
+    }
+    found
 }
