@@ -30,7 +30,12 @@ fn spec(payload: &[u8], timestamp_ns: u64) -> RecordSpec<'_> {
 
 /// Appends `iters` records, flushing after every `flush_every` records (0: never), releasing
 /// what is more than `HELD_RECORDS_BYTES` behind the head, and returns the time taken.
-fn run(journal: &mut Journal<MmapSegments>, payload: &[u8], iters: u64, flush_every: u64) -> Duration {
+fn run(
+    journal: &mut Journal<MmapSegments>,
+    payload: &[u8],
+    iters: u64,
+    flush_every: u64,
+) -> Duration {
     let held_records = (HELD_RECORDS_BYTES / payload.len()) as u64;
     let start = Instant::now();
     for i in 0..iters {
@@ -40,7 +45,9 @@ fn run(journal: &mut Journal<MmapSegments>, payload: &[u8], iters: u64, flush_ev
                 // Only when the shipper-lag window exceeds what is durable: make room.
                 journal.flush(journal.last_seq()).expect("flush");
                 journal.release(journal.last_seq());
-                journal.append(&spec(payload, i)).expect("append after release")
+                journal
+                    .append(&spec(payload, i))
+                    .expect("append after release")
             }
             Err(other) => panic!("append: {other}"),
         };
@@ -59,8 +66,8 @@ fn run(journal: &mut Journal<MmapSegments>, payload: &[u8], iters: u64, flush_ev
 
 fn append(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut journal, _) =
-        open_journal_with(dir.path(), JOURNAL_BYTES, CreateOptions::default()).expect("open journal");
+    let (mut journal, _) = open_journal_with(dir.path(), JOURNAL_BYTES, CreateOptions::default())
+        .expect("open journal");
     // Warm the files: one lap over the whole ring.
     let warm = vec![0u8; 64 << 10];
     run(&mut journal, &warm, (JOURNAL_BYTES / (64 << 10)) + 16, 0);

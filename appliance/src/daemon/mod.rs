@@ -16,6 +16,7 @@ mod notify;
 mod source;
 pub mod status;
 pub mod table;
+mod target;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -61,6 +62,11 @@ pub enum DaemonError {
     AlreadyRunning { path: PathBuf },
     #[error("control socket {}: the path exists and is not a socket; refusing to replace it", path.display())]
     NotASocket { path: PathBuf },
+    #[error("{component}: {message}")]
+    Component {
+        component: &'static str,
+        message: String,
+    },
     #[error("metrics listener {address}: bind failed: {source}")]
     Metrics {
         address: SocketAddr,
@@ -152,15 +158,29 @@ impl Daemon {
             };
             let source_side = match &config.source {
                 Some(source) => Some(
-                    source::SourceSide::start(source, &layout, &status, shutdown_receiver.clone())
-                        .await?,
+                    source::SourceSide::start(
+                        &config.appliance.name,
+                        source,
+                        &layout,
+                        &status,
+                        shutdown_receiver.clone(),
+                    )
+                    .await?,
                 ),
                 None => None,
             };
-            Ok::<_, DaemonError>((metrics_listener, source_side))
+            let target_side = match &config.target {
+                Some(target) => Some(target::TargetSide::start(
+                    target,
+                    &layout,
+                    shutdown_receiver.clone(),
+                )?),
+                None => None,
+            };
+            Ok::<_, DaemonError>((metrics_listener, source_side, target_side))
         }
         .await;
-        let (metrics_listener, source_side) = match started {
+        let (metrics_listener, source_side, target_side) = match started {
             Ok(started) => started,
             Err(error) => {
                 let _ = shutdown.send(true);
@@ -190,6 +210,7 @@ impl Daemon {
             config.clone(),
             status.clone(),
             source_side,
+            target_side,
             event_receiver,
             shutdown_receiver,
         ));
@@ -273,6 +294,7 @@ async fn event_loop(
     config: Arc<Config>,
     status: Arc<StatusModel>,
     source: Option<source::SourceSide>,
+    target: Option<target::TargetSide>,
     mut events: mpsc::Receiver<Event>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), DaemonError> {
@@ -283,6 +305,9 @@ async fn event_loop(
     loop {
         tokio::select! {
             event = events.recv() => match event {
+                Some(Event::Command { request: Request::Verify { selector }, reply }) => {
+                    start_verify(&status, source.as_ref(), &selector, reply);
+                }
                 Some(Event::Command { request, reply }) => {
                     let response = commands::dispatch(&config, &status, request);
                     let _ = reply.send(response);
@@ -293,6 +318,9 @@ async fn event_loop(
                 let now = Instant::now();
                 if let Some(source) = &source {
                     source.sample(&status, previous_sample);
+                }
+                if let Some(target) = &target {
+                    target.sample(&status);
                 }
                 previous_sample = now;
                 if now.saturating_duration_since(last_tick) >= TICK_INTERVAL {
@@ -305,10 +333,63 @@ async fn event_loop(
     }
     // Capture finishes its in-flight requests and makes the journal and the disks durable
     // before the process exits.
+    if let Some(target) = target {
+        target.stop().await;
+    }
     if let Some(source) = source {
         source.stop().await?;
     }
     Ok(())
+}
+
+/// Verify drains and reads whole disks: it runs beside the event loop and answers when done.
+fn start_verify(
+    status: &Arc<StatusModel>,
+    source: Option<&source::SourceSide>,
+    selector: &crate::control::DiskSelector,
+    reply: oneshot::Sender<Response>,
+) {
+    let answer = commands::select(status, selector).and_then(|disks| {
+        let disk_ids = disks.iter().map(|disk| disk.id).collect();
+        source
+            .ok_or_else(|| {
+                "verify runs on a source appliance; this one has no [source]".to_string()
+            })?
+            .verify(disk_ids)
+    });
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(message) => {
+            let _ = reply.send(Response::Error { message });
+            return;
+        }
+    };
+    let status = status.clone();
+    tokio::spawn(async move {
+        let response = match answer.await {
+            Ok(Ok(results)) => Response::Verify {
+                disks: results
+                    .into_iter()
+                    .filter_map(|result| {
+                        let disk = status.disk_by_id(result.disk_id)?;
+                        Some(crate::control::VerifyDisk {
+                            machine: disk.machine.clone(),
+                            name: disk.name.clone(),
+                            identical: result.extents_differing == 0,
+                            extents_compared: result.extents_compared,
+                            extents_differing: result.extents_differing,
+                            bytes_compared: result.bytes_compared,
+                        })
+                    })
+                    .collect(),
+            },
+            Ok(Err(message)) => Response::Error { message },
+            Err(_) => Response::Error {
+                message: "the shipper stopped during verify".to_string(),
+            },
+        };
+        let _ = reply.send(response);
+    });
 }
 
 /// `ferry run`: starts the appliance, tells systemd it is ready, and runs until SIGTERM or

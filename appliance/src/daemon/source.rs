@@ -3,14 +3,17 @@
 //! capture's and the journal's own counters, and on shutdown lets capture finish its in-flight
 //! requests and make the journal and every disk durable.
 //!
-//! Before the shipper exists, nothing releases journal space: a source whose target is
-//! unreachable keeps journaling until the journal is full, then capture drops each disk to its
-//! dirty-extent bitmap (`resync-needed`). Production never blocks on the network.
+//! When `source.target_fingerprint` pins a target, the shipper (`crate::ship`) dials it and
+//! releases journal space behind its acknowledgements. A source whose target is unreachable
+//! (or not yet pinned) keeps journaling until the journal is full, then capture drops each disk
+//! to its dirty-extent bitmap (`resync-needed`). Production never blocks on the network.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 
 use super::layout::StateLayout;
 use super::status::{DiskSample, StatusModel};
@@ -19,15 +22,27 @@ use crate::capture::{Capture, CaptureConfig, DiskSpec, Endpoint, ListenerSpec, S
 use crate::config::SourceConfig;
 use crate::control::DiskState;
 use crate::io::disk::DiskOptions;
+use crate::io::transport::{Identity, RateLimiter, SourceDialer, Tuning};
+use crate::ship::{ShipCommand, ShipStatus, Shipper, VerifyResult};
 
 /// The running source side.
 pub(crate) struct SourceSide {
     journal: SharedJournal,
     capture: Capture,
+    ship: Option<ShipSide>,
+}
+
+/// The shipper task and its handles.
+struct ShipSide {
+    task: Mutex<Option<JoinHandle<()>>>,
+    status: Arc<ShipStatus>,
+    commands: mpsc::Sender<ShipCommand>,
+    limiter: Arc<RateLimiter>,
 }
 
 impl SourceSide {
     pub async fn start(
+        appliance_name: &str,
         source: &SourceConfig,
         layout: &StateLayout,
         status: &StatusModel,
@@ -67,10 +82,27 @@ impl SourceSide {
             }
         }
         let capture_config = CaptureConfig::new(layout.root.clone(), disks, listeners);
-        let capture = Capture::start(capture_config, journal.clone(), shutdown)
+        let capture = Capture::start(capture_config, journal.clone(), shutdown.clone())
             .await
             .map_err(DaemonError::CaptureStart)?;
-        let side = Self { journal, capture };
+        let ship = match source.target_fingerprint {
+            Some(fingerprint) => Some(start_shipper(
+                appliance_name,
+                source,
+                layout,
+                status,
+                &journal,
+                &capture,
+                fingerprint,
+                shutdown,
+            )?),
+            None => None,
+        };
+        let side = Self {
+            journal,
+            capture,
+            ship,
+        };
         let now = Instant::now();
         side.sample(status, now);
         for capture_disk in side.capture.disks() {
@@ -100,11 +132,58 @@ impl SourceSide {
         }
         let usage = self.journal.usage();
         status.set_journal_usage(usage.used_bytes, usage.capacity_bytes);
+        if let Some(ship) = &self.ship {
+            status.record_ack(ship.status.acked_seq());
+            status.set_link(ship.status.connected(), ship.status.last_error());
+            for capture_disk in self.capture.disks() {
+                if let Some(stats) = status.disk_by_id(capture_disk.disk_id()) {
+                    stats.set_sync(ship.status.sync_progress(capture_disk.disk_id()));
+                }
+            }
+            ship.limiter
+                .set_rate(status.bandwidth_limit_bytes_per_s().unwrap_or(0));
+        }
+    }
+
+    /// Drains, then compares the named disks (all when empty) with the target by hashes.
+    pub fn verify(
+        &self,
+        disk_ids: Vec<u32>,
+    ) -> Result<oneshot::Receiver<Result<Vec<VerifyResult>, String>>, String> {
+        let Some(ship) = &self.ship else {
+            return Err(
+                "this source ships nowhere: source.target_fingerprint is not set".to_string(),
+            );
+        };
+        let disk_ids = if disk_ids.is_empty() {
+            self.capture
+                .disks()
+                .iter()
+                .map(|disk| disk.disk_id())
+                .collect()
+        } else {
+            disk_ids
+        };
+        let (reply, answer) = oneshot::channel();
+        ship.commands
+            .try_send(ShipCommand::Verify { disk_ids, reply })
+            .map_err(|_| "the shipper is busy or stopped; try again".to_string())?;
+        Ok(answer)
     }
 
     /// After the shutdown signal: capture stops accepting, finishes in-flight requests, and makes
     /// the journal and every disk durable.
     pub async fn stop(self) -> Result<(), DaemonError> {
+        if let Some(ship) = &self.ship {
+            let task = ship
+                .task
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take();
+            if let Some(task) = task {
+                let _ = task.await;
+            }
+        }
         let journal = self.journal.clone();
         self.capture
             .wait()
@@ -116,6 +195,81 @@ impl SourceSide {
         );
         Ok(())
     }
+}
+
+/// Starts the shipper: this appliance's identity, a dialer pinned to the target's fingerprint,
+/// and the bandwidth limiter the control socket adjusts.
+#[allow(clippy::too_many_arguments)]
+fn start_shipper(
+    appliance_name: &str,
+    source: &SourceConfig,
+    layout: &StateLayout,
+    status: &StatusModel,
+    journal: &SharedJournal,
+    capture: &Capture,
+    fingerprint: crate::io::transport::Fingerprint,
+    shutdown: watch::Receiver<bool>,
+) -> Result<ShipSide, DaemonError> {
+    let component = |error: String| DaemonError::Component {
+        component: "shipper",
+        message: error,
+    };
+    let identity = Identity::load_or_create(&layout.keys).map_err(|e| component(e.to_string()))?;
+    let address = {
+        use std::net::ToSocketAddrs;
+        source
+            .target
+            .to_socket_addrs()
+            .map_err(|error| component(format!("source.target {}: {error}", source.target)))?
+            .next()
+            .ok_or_else(|| component(format!("source.target {}: no address", source.target)))?
+    };
+    let limiter = Arc::new(RateLimiter::new(
+        status.bandwidth_limit_bytes_per_s().unwrap_or(0),
+    ));
+    let dialer = SourceDialer::new(
+        address,
+        &identity,
+        fingerprint,
+        &Tuning::default(),
+        Some(limiter.clone()),
+    )
+    .map_err(|e| component(e.to_string()))?;
+    let groups: HashMap<u32, String> = source
+        .machine
+        .iter()
+        .flat_map(|machine| {
+            machine
+                .disks
+                .iter()
+                .map(move |disk| (disk.id, machine.group.clone()))
+        })
+        .collect();
+    let ship_status = Arc::new(ShipStatus::default());
+    let (commands, command_receiver) = mpsc::channel(8);
+    let shipper = Shipper {
+        source_name: appliance_name.to_string(),
+        disks: capture
+            .disks()
+            .iter()
+            .map(|disk| {
+                let group = groups.get(&disk.disk_id()).cloned().unwrap_or_default();
+                (disk.clone(), group)
+            })
+            .collect(),
+        journal: journal.clone(),
+        dialer,
+        sync_dir: layout.root.join("sync"),
+        status: ship_status.clone(),
+        commands: command_receiver,
+    };
+    let task = tokio::spawn(shipper.run(shutdown));
+    Ok(ShipSide {
+        task: Mutex::new(Some(task)),
+        status: ship_status,
+        commands,
+        limiter,
+    })
 }
 
 /// Opens (creating and preallocating on first start) the memory-mapped cache journal. Off the

@@ -501,6 +501,10 @@ impl Shipper {
                         ReplicaState::Present if !synced => Some(SyncMode::CompareHashes),
                         ReplicaState::Present => None,
                     };
+                    if mode.is_none() && disk.state() == DiskState::InitialSync {
+                        // Replicated before this process started: nothing to copy again.
+                        disk.set_state(DiskState::Protected);
+                    }
                     if let Some(mode) = mode {
                         tracing::info!(disk = %disk.export_name(), ?mode, "initial replication starts");
                         disk.set_state(DiskState::InitialSync);
