@@ -39,7 +39,10 @@ impl Appliance {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         for name in ["web-1-os", "web-1-data", "db-1-os"] {
-            std::fs::File::create(root.join(format!("{name}.raw"))).unwrap().set_len(DISK_BYTES).unwrap();
+            std::fs::File::create(root.join(format!("{name}.raw")))
+                .unwrap()
+                .set_len(DISK_BYTES)
+                .unwrap();
         }
         let text = format!(
             r#"[appliance]
@@ -74,7 +77,12 @@ disks = [{{ name = "os", path = "{root}/db-1-os.raw", export = "{root}/run/db-1-
         let config = root.join("ferry.toml");
         std::fs::write(&config, text).unwrap();
         let log = root.join("ferry.log");
-        Appliance { dir, config, child: None, log }
+        Appliance {
+            dir,
+            config,
+            child: None,
+            log,
+        }
     }
 
     fn root(&self) -> &Path {
@@ -82,7 +90,11 @@ disks = [{{ name = "os", path = "{root}/db-1-os.raw", export = "{root}/run/db-1-
     }
 
     fn start(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
             .args(["run", "--config", self.config.to_str().unwrap()])
             .env("RUST_LOG", "info")
@@ -100,7 +112,11 @@ disks = [{{ name = "os", path = "{root}/db-1-os.raw", export = "{root}/run/db-1-
             if sockets_up && self.try_status().is_some() {
                 return;
             }
-            assert!(start.elapsed() < DEADLINE, "ferry run did not come up:\n{}", self.log_text());
+            assert!(
+                start.elapsed() < DEADLINE,
+                "ferry run did not come up:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -110,7 +126,10 @@ disks = [{{ name = "os", path = "{root}/db-1-os.raw", export = "{root}/run/db-1-
     }
 
     fn uri(&self, machine: &str, disk: &str) -> String {
-        format!("nbd+unix:///{machine}/{disk}?socket={}", self.socket(&format!("{machine}-{disk}")).display())
+        format!(
+            "nbd+unix:///{machine}/{disk}?socket={}",
+            self.socket(&format!("{machine}-{disk}")).display()
+        )
     }
 
     fn log_text(&self) -> String {
@@ -119,7 +138,12 @@ disks = [{{ name = "os", path = "{root}/db-1-os.raw", export = "{root}/run/db-1-
 
     fn try_status(&self) -> Option<serde_json::Value> {
         let output = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["status", "--config", self.config.to_str().unwrap(), "--json"])
+            .args([
+                "status",
+                "--config",
+                self.config.to_str().unwrap(),
+                "--json",
+            ])
             .output()
             .ok()?;
         if !output.status.success() {
@@ -129,13 +153,23 @@ disks = [{{ name = "os", path = "{root}/db-1-os.raw", export = "{root}/run/db-1-
     }
 
     /// The status of disk `machine/name`, once `done` holds for it (bounded poll).
-    fn wait_disk(&self, machine: &str, name: &str, what: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    fn wait_disk(
+        &self,
+        machine: &str,
+        name: &str,
+        what: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let start = Instant::now();
         loop {
             if let Some(status) = self.try_status() {
                 let disk = status["disks"]
                     .as_array()
-                    .and_then(|disks| disks.iter().find(|disk| disk["machine"] == machine && disk["name"] == name))
+                    .and_then(|disks| {
+                        disks
+                            .iter()
+                            .find(|disk| disk["machine"] == machine && disk["name"] == name)
+                    })
                     .cloned();
                 if let Some(disk) = disk {
                     if done(&disk) {
@@ -143,22 +177,39 @@ disks = [{{ name = "os", path = "{root}/db-1-os.raw", export = "{root}/run/db-1-
                     }
                 }
             }
-            assert!(start.elapsed() < DEADLINE, "{what}: not within {DEADLINE:?}\n{}", self.log_text());
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{what}: not within {DEADLINE:?}\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     fn stop(&mut self) {
         let child = self.child.as_mut().unwrap();
-        assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+        assert!(Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
         let start = Instant::now();
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                assert_eq!(status.code(), Some(0), "ferry run exit:\n{}", self.log_text());
+                assert_eq!(
+                    status.code(),
+                    Some(0),
+                    "ferry run exit:\n{}",
+                    self.log_text()
+                );
                 self.child = None;
                 return;
             }
-            assert!(start.elapsed() < DEADLINE, "ferry run did not stop on SIGTERM:\n{}", self.log_text());
+            assert!(
+                start.elapsed() < DEADLINE,
+                "ferry run did not stop on SIGTERM:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -174,11 +225,21 @@ impl Drop for Appliance {
 }
 
 fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program).args(args).output().unwrap_or_else(|error| panic!("{program}: {error}"));
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| panic!("{program}: {error}"));
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{program} {args:?}: {}\n{stdout}\n{stderr}", output.status);
-    assert!(!stdout.contains("failed") && !stderr.contains("failed"), "{program} {args:?}:\n{stdout}\n{stderr}");
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}\n{stdout}\n{stderr}",
+        output.status
+    );
+    assert!(
+        !stdout.contains("failed") && !stderr.contains("failed"),
+        "{program} {args:?}:\n{stdout}\n{stderr}"
+    );
     stdout
 }
 
@@ -199,7 +260,9 @@ struct RawClient {
 impl RawClient {
     fn connect(socket: &Path) -> RawClient {
         let mut stream = UnixStream::connect(socket).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         let mut greeting = [0u8; 18];
         stream.read_exact(&mut greeting).unwrap();
         assert_eq!(&greeting[..8], b"NBDMAGIC");
@@ -216,12 +279,17 @@ impl RawClient {
         let length = u32::from_be_bytes(header[16..20].try_into().unwrap()) as usize;
         let mut all = header.to_vec();
         all.resize(OPTION_REPLY_HEADER_BYTES + length, 0);
-        self.stream.read_exact(&mut all[OPTION_REPLY_HEADER_BYTES..]).unwrap();
+        self.stream
+            .read_exact(&mut all[OPTION_REPLY_HEADER_BYTES..])
+            .unwrap();
         decode_option_reply(&all).unwrap().1
     }
 
     fn go(&mut self, export: &str) {
-        self.send(&encode_option(OPT_GO, &encode_go_data(export, &[INFO_BLOCK_SIZE])));
+        self.send(&encode_option(
+            OPT_GO,
+            &encode_go_data(export, &[INFO_BLOCK_SIZE]),
+        ));
         for _ in 0..8 {
             match self.option_reply_type() {
                 REP_ACK => return,
@@ -233,7 +301,13 @@ impl RawClient {
     }
 
     fn request(&mut self, command: u16, cookie: u64, offset: u64, length: u32, payload: &[u8]) {
-        self.send(&encode_request(&Request { cookie, command, flags: 0, offset, length }));
+        self.send(&encode_request(&Request {
+            cookie,
+            command,
+            flags: 0,
+            offset,
+            length,
+        }));
         self.send(payload);
     }
 
@@ -262,16 +336,42 @@ fn source_appliance_captures_two_machines_three_disks() {
     // 1. qemu-io writes through web-1/os and reads back through the export.
     qemu_io(
         &appliance.uri("web-1", "os"),
-        &["write -P 0xa1 0 256k", "write -f -P 0xa2 1M 64k", "write -z 64k 64k", "flush", "read -P 0xa1 0 64k", "read -P 0 64k 64k", "read -P 0xa2 1M 64k"],
+        &[
+            "write -P 0xa1 0 256k",
+            "write -f -P 0xa2 1M 64k",
+            "write -z 64k 64k",
+            "flush",
+            "read -P 0xa1 0 64k",
+            "read -P 0 64k 64k",
+            "read -P 0xa2 1M 64k",
+        ],
     );
     let os_image = std::fs::read(root.join("web-1-os.raw")).unwrap();
     assert!(os_image[..64 << 10].iter().all(|&byte| byte == 0xa1));
     assert!(os_image[64 << 10..128 << 10].iter().all(|&byte| byte == 0));
-    assert!(os_image[1 << 20..(1 << 20) + (64 << 10)].iter().all(|&byte| byte == 0xa2));
-    let os = appliance.wait_disk("web-1", "os", "web-1/os counted", |disk| disk["bytes_written"] == (256 + 64) << 10);
+    assert!(os_image[1 << 20..(1 << 20) + (64 << 10)]
+        .iter()
+        .all(|&byte| byte == 0xa2));
+    let os = appliance.wait_disk("web-1", "os", "web-1/os counted", |disk| {
+        disk["bytes_written"] == (256 + 64) << 10
+    });
     assert!(os["last_sequence"].as_u64().unwrap() >= 3, "{os}");
-    assert!(os["journal_used_bytes"].as_u64().unwrap() >= (256 + 64) << 10, "{os}");
-    for key in ["machine", "name", "state", "bytes_written", "journal_used_bytes", "journal_capacity_bytes", "churn_bytes_per_s", "last_sequence", "acked_sequence", "rpo_lag_seconds"] {
+    assert!(
+        os["journal_used_bytes"].as_u64().unwrap() >= (256 + 64) << 10,
+        "{os}"
+    );
+    for key in [
+        "machine",
+        "name",
+        "state",
+        "bytes_written",
+        "journal_used_bytes",
+        "journal_capacity_bytes",
+        "churn_bytes_per_s",
+        "last_sequence",
+        "acked_sequence",
+        "rpo_lag_seconds",
+    ] {
         assert!(os.get(key).is_some(), "status lacks {key}: {os}");
     }
 
@@ -288,9 +388,21 @@ fn source_appliance_captures_two_machines_three_disks() {
     let copied_back = root.join("copied-back.raw");
     run("nbdcopy", &[&data_uri, copied_back.to_str().unwrap()]);
     let back = std::fs::read(&copied_back).unwrap();
-    assert!(back[..2 << 20] == pattern[..], "read back through the export differs");
+    assert!(
+        back[..2 << 20] == pattern[..],
+        "read back through the export differs"
+    );
     assert!(std::fs::read(root.join("web-1-data.raw")).unwrap()[..2 << 20] == pattern[..]);
-    let listing = run("nbdinfo", &["--list", &format!("nbd+unix://?socket={}", appliance.socket("web-1-data").display())]);
+    let listing = run(
+        "nbdinfo",
+        &[
+            "--list",
+            &format!(
+                "nbd+unix://?socket={}",
+                appliance.socket("web-1-data").display()
+            ),
+        ],
+    );
     assert!(listing.contains("web-1/data"), "{listing}");
 
     // 3. Bad NBD input on web-1/data: error replies or closed connections, one log line each.
@@ -304,9 +416,17 @@ fn source_appliance_captures_two_machines_three_disks() {
     assert_eq!(client.option_reply_type(), REP_ERR_UNSUP);
     client.go("web-1/data");
     client.request(CMD_READ, 1, DISK_BYTES, 4096, &[]);
-    assert_eq!(client.reply(), (ErrorCode::Inval.as_u32(), 1), "read past the end");
+    assert_eq!(
+        client.reply(),
+        (ErrorCode::Inval.as_u32(), 1),
+        "read past the end"
+    );
     client.request(CMD_WRITE, 2, 0, 1 << 30, &[]);
-    assert_eq!(client.reply(), (ErrorCode::Overflow.as_u32(), 2), "oversized write");
+    assert_eq!(
+        client.reply(),
+        (ErrorCode::Overflow.as_u32(), 2),
+        "oversized write"
+    );
     assert!(client.closed());
     let mut vanishing = RawClient::connect(&data_socket);
     vanishing.send(&3u32.to_be_bytes());
@@ -314,13 +434,32 @@ fn source_appliance_captures_two_machines_three_disks() {
     vanishing.request(CMD_WRITE, 3, 0, 1 << 20, &[0xee; 4096]);
     drop(vanishing);
     // Everything keeps serving, and the vanished write left nothing behind.
-    qemu_io(&data_uri, &["read -P 0 2M 64k", "write -P 0xd1 4M 4k", "read -P 0xd1 4M 4k"]);
+    qemu_io(
+        &data_uri,
+        &[
+            "read -P 0 2M 64k",
+            "write -P 0xd1 4M 4k",
+            "read -P 0xd1 4M 4k",
+        ],
+    );
     assert!(std::fs::read(root.join("web-1-data.raw")).unwrap()[..2 << 20] == pattern[..]);
     qemu_io(&appliance.uri("web-1", "os"), &["read -P 0xa1 128k 128k"]);
     let start = Instant::now();
-    let wanted = ["client flags", "ends past the export", "EOVERFLOW", "client vanished mid-write"];
-    while !wanted.iter().all(|line| appliance.log_text().contains(line)) {
-        assert!(start.elapsed() < DEADLINE, "bad input not logged:\n{}", appliance.log_text());
+    let wanted = [
+        "client flags",
+        "ends past the export",
+        "EOVERFLOW",
+        "client vanished mid-write",
+    ];
+    while !wanted
+        .iter()
+        .all(|line| appliance.log_text().contains(line))
+    {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "bad input not logged:\n{}",
+            appliance.log_text()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
@@ -330,14 +469,34 @@ fn source_appliance_captures_two_machines_three_disks() {
     rand_chacha::ChaCha8Rng::seed_from_u64(seed + 1).fill_bytes(&mut db);
     let db_path = root.join("db.raw");
     std::fs::write(&db_path, &db).unwrap();
-    run("nbdcopy", &[db_path.to_str().unwrap(), &appliance.uri("db-1", "os")]);
-    qemu_io(&appliance.uri("db-1", "os"), &["write -P 0xdb 7M 64k", "flush", "read -P 0xdb 7M 64k"]);
+    run(
+        "nbdcopy",
+        &[db_path.to_str().unwrap(), &appliance.uri("db-1", "os")],
+    );
+    qemu_io(
+        &appliance.uri("db-1", "os"),
+        &["write -P 0xdb 7M 64k", "flush", "read -P 0xdb 7M 64k"],
+    );
     db[7 << 20..(7 << 20) + (64 << 10)].fill(0xdb);
-    assert!(std::fs::read(root.join("db-1-os.raw")).unwrap() == db, "a write was lost");
-    appliance.wait_disk("db-1", "os", "db-1/os resync-needed", |disk| disk["state"] == "resync-needed");
-    assert!(appliance.log_text().contains("cache journal full"), "{}", appliance.log_text());
+    assert!(
+        std::fs::read(root.join("db-1-os.raw")).unwrap() == db,
+        "a write was lost"
+    );
+    appliance.wait_disk("db-1", "os", "db-1/os resync-needed", |disk| {
+        disk["state"] == "resync-needed"
+    });
+    assert!(
+        appliance.log_text().contains("cache journal full"),
+        "{}",
+        appliance.log_text()
+    );
     let bitmap_path = DirtyBitmap::path_for(&root.join("state"), "db-1", "os");
-    let dirty = DirtyBitmap::open(&bitmap_path, DISK_BYTES, ferry_appliance::capture::EXTENT_BYTES_DEFAULT).unwrap();
+    let dirty = DirtyBitmap::open(
+        &bitmap_path,
+        DISK_BYTES,
+        ferry_appliance::capture::EXTENT_BYTES_DEFAULT,
+    )
+    .unwrap();
     assert!(dirty.is_dirty(7 << 20) && dirty.dirty_extent_count() > 0);
     drop(dirty);
 
@@ -345,9 +504,16 @@ fn source_appliance_captures_two_machines_three_disks() {
     //    resync-needed because its bitmap was persisted.
     appliance.stop();
     appliance.start();
-    appliance.wait_disk("db-1", "os", "db-1/os still resync-needed", |disk| disk["state"] == "resync-needed");
-    assert!(appliance.log_text().contains("dirty-extent bitmap has extents from before the restart"));
-    qemu_io(&appliance.uri("web-1", "os"), &["read -P 0xa1 0 64k", "read -P 0xa2 1M 64k"]);
+    appliance.wait_disk("db-1", "os", "db-1/os still resync-needed", |disk| {
+        disk["state"] == "resync-needed"
+    });
+    assert!(appliance
+        .log_text()
+        .contains("dirty-extent bitmap has extents from before the restart"));
+    qemu_io(
+        &appliance.uri("web-1", "os"),
+        &["read -P 0xa1 0 64k", "read -P 0xa2 1M 64k"],
+    );
     qemu_io(&appliance.uri("db-1", "os"), &["read -P 0xdb 7M 64k"]);
     appliance.stop();
 }
