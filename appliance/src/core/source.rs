@@ -62,7 +62,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::core::journal::{Journal, JournalError, RecordSpec, SegmentStore};
-use crate::core::record::{Record, RecordError, RecordKind, Seq};
+use crate::core::record::{Record, RecordKind, Seq};
 use crate::core::wire::{
     self, DiskAnnouncement, ErrorCode, Frame, HashRequest, Message, WelcomeDisk, WireError,
 };
@@ -73,6 +73,8 @@ use crate::limits;
 pub trait ShipJournal {
     /// A held, verified record (`None` when released or never written).
     fn record(&self, seq: Seq) -> Option<Record<'_>>;
+    /// A held record's encoded bytes exactly as stored (header, payload, padding), verified.
+    fn record_bytes(&self, seq: Seq) -> Option<&[u8]>;
     /// Lowest sequence still held, 0 when empty.
     fn first_seq(&self) -> Seq;
     /// Highest sequence appended.
@@ -88,6 +90,12 @@ pub trait ShipJournal {
 impl<S: SegmentStore> ShipJournal for Journal<S> {
     fn record(&self, seq: Seq) -> Option<Record<'_>> {
         Journal::record(self, seq)
+    }
+    fn record_bytes(&self, seq: Seq) -> Option<&[u8]> {
+        Journal::read_bytes(self, seq)
+            .ok()
+            .flatten()
+            .map(|(_, bytes)| bytes)
     }
     fn first_seq(&self) -> Seq {
         Journal::first_seq(self)
@@ -152,7 +160,8 @@ pub enum SyncMode {
     /// Ask the target for extent hashes and send only extents that differ (zero extents as
     /// zero records).
     CompareHashes,
-    /// The target has no replica (zero-filled): send every non-zero extent without asking.
+    /// The target has no replica worth comparing (a new, zero-filled one): send every extent
+    /// without asking for hashes — zero extents as zero records, which carry no payload.
     CopyNonZero,
 }
 
@@ -218,12 +227,6 @@ pub enum SourceError {
         seq: Seq,
         first_seq: Seq,
         last_seq: Seq,
-    },
-    #[error("journal record {seq} could not be framed: {source}")]
-    Record {
-        seq: Seq,
-        #[source]
-        source: RecordError,
     },
     #[error("journal {operation} for disk {disk_id} at offset {offset} failed: {source}")]
     Journal {
@@ -811,12 +814,14 @@ impl Source {
             && self.in_flight.len() + seqs.len() < self.config.window_records_max
             && frame_bytes < self.config.frame_bytes_target
         {
-            let record = journal.record(seq).ok_or(SourceError::MissingRecord {
-                seq,
-                first_seq: journal.first_seq(),
-                last_seq: journal.last_seq(),
-            })?;
-            let bytes = record.encoded_len();
+            let bytes = journal
+                .record_bytes(seq)
+                .ok_or(SourceError::MissingRecord {
+                    seq,
+                    first_seq: journal.first_seq(),
+                    last_seq: journal.last_seq(),
+                })?
+                .len();
             let window_full =
                 self.in_flight_bytes + frame_bytes + bytes > self.config.window_bytes_max;
             let frame_full = frame_bytes + bytes > limits::FRAME_BODY_BYTES_MAX - 8;
@@ -833,13 +838,11 @@ impl Source {
         if seqs.is_empty() {
             return Ok(None);
         }
-        let records = seqs
-            .iter()
-            .map(|&(seq, _)| journal.record(seq).expect("read just above"));
-        let frame = Frame::records_from(records).map_err(|source| SourceError::Record {
-            seq: seqs[0].0,
-            source,
-        })?;
+        // The exact journal bytes go on the wire; the target verifies each record again.
+        let frame = Frame::records(
+            seqs.iter()
+                .map(|&(seq, _)| journal.record_bytes(seq).expect("read just above")),
+        );
         if self.in_flight.is_empty() {
             self.last_progress_ns = now;
         }
@@ -1069,6 +1072,10 @@ mod tests {
         fn record(&self, seq: Seq) -> Option<Record<'_>> {
             let (_, bytes) = self.records.iter().find(|(s, _)| *s == seq)?;
             Some(crate::core::record::decode(bytes).unwrap().0)
+        }
+        fn record_bytes(&self, seq: Seq) -> Option<&[u8]> {
+            let (_, bytes) = self.records.iter().find(|(s, _)| *s == seq)?;
+            Some(bytes)
         }
         fn first_seq(&self) -> Seq {
             self.records.first().map_or(0, |(seq, _)| *seq)
