@@ -2,7 +2,9 @@
 //! local filesystem) for 4 KiB and 64 KiB records: without flushing (segment rollovers still
 //! flush, as they must), with a durable flush per record, and with a flush every 16 records
 //! (group commit), beside a plain memcpy of the same bytes into a buffer as large as the
-//! journal. A second group measures the first lap over freshly created files, with and without
+//! journal and, for the durable variants, `pwrite` + `fdatasync` of the same bytes into a plain
+//! file. `append_between_rollovers` times only appends that did not start a new segment (whose
+//! flush of the previous segment is disk-bound): the CPU cost of an append. A second group measures the first lap over freshly created files, with and without
 //! writing zeros over them at creation. Results: benches/RESULTS.md.
 
 use std::time::{Duration, Instant};
@@ -64,6 +66,48 @@ fn run(
     start.elapsed()
 }
 
+/// Like `run` without flushes, but times only appends that did not start a new segment (the
+/// rollover flush moves `durable_seq`): the CPU cost of an append into the mapping.
+fn run_between_rollovers(
+    journal: &mut Journal<MmapSegments>,
+    payload: &[u8],
+    iters: u64,
+) -> Duration {
+    let held_records = (HELD_RECORDS_BYTES / payload.len()) as u64;
+    let mut timed = Duration::ZERO;
+    let mut counted = 0;
+    // Bounded: at most one rollover per few hundred appends.
+    while counted < iters {
+        let durable_before = journal.durable_seq();
+        let start = Instant::now();
+        let seq = journal.append(&spec(payload, counted)).expect("append");
+        let took = start.elapsed();
+        if journal.durable_seq() == durable_before {
+            timed += took;
+            counted += 1;
+        }
+        if seq > held_records {
+            journal.release(seq - held_records);
+        }
+    }
+    timed
+}
+
+/// The baseline for a durable flush: `pwrite` of the same bytes into a preallocated, zeroed file
+/// followed by `fdatasync`, at rolling offsets.
+fn pwrite_fdatasync(file: &std::fs::File, payload: &[u8], iters: u64, slot: &mut u64) -> Duration {
+    use std::os::unix::fs::FileExt;
+    let slots = (64u64 << 20) / payload.len() as u64;
+    let start = Instant::now();
+    for _ in 0..iters {
+        file.write_all_at(payload, *slot * payload.len() as u64)
+            .expect("pwrite");
+        file.sync_data().expect("fdatasync");
+        *slot = (*slot + 1) % slots;
+    }
+    start.elapsed()
+}
+
 fn append(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut journal, _) = open_journal_with(dir.path(), JOURNAL_BYTES, CreateOptions::default())
@@ -71,6 +115,25 @@ fn append(c: &mut Criterion) {
     // Warm the files: one lap over the whole ring.
     let warm = vec![0u8; 64 << 10];
     run(&mut journal, &warm, (JOURNAL_BYTES / (64 << 10)) + 16, 0);
+
+    let baseline_path = dir.path().join("baseline");
+    let baseline = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&baseline_path)
+        .expect("create baseline file");
+    {
+        use std::os::unix::fs::FileExt;
+        let zeros = vec![0u8; 1 << 20];
+        for mib in 0..64u64 {
+            baseline
+                .write_all_at(&zeros, mib << 20)
+                .expect("zero baseline file");
+        }
+        baseline.sync_all().expect("fsync baseline file");
+    }
 
     let mut group = c.benchmark_group("journal_append");
     for payload_bytes in [4usize << 10, 64 << 10] {
@@ -89,6 +152,9 @@ fn append(c: &mut Criterion) {
                 std::hint::black_box(&target[offset]);
             })
         });
+        group.bench_function(BenchmarkId::new("append_between_rollovers", &label), |b| {
+            b.iter_custom(|iters| run_between_rollovers(&mut journal, &payload, iters))
+        });
         group.bench_function(BenchmarkId::new("append_no_flush", &label), |b| {
             b.iter_custom(|iters| run(&mut journal, &payload, iters, 0))
         });
@@ -97,6 +163,10 @@ fn append(c: &mut Criterion) {
         });
         group.bench_function(BenchmarkId::new("append_flush_each", &label), |b| {
             b.iter_custom(|iters| run(&mut journal, &payload, iters, 1))
+        });
+        let mut slot = 0;
+        group.bench_function(BenchmarkId::new("pwrite_fdatasync", &label), |b| {
+            b.iter_custom(|iters| pwrite_fdatasync(&baseline, &payload, iters, &mut slot))
         });
     }
     group.finish();
