@@ -7,7 +7,7 @@
 //! So the run pays for journaling every write (copy into the mapping, msync) but never fills
 //! the journal.
 //!
-//! Usage: capture_serve IMAGE SOCKET STATE_DIR [direct=auto|on|off] [journal_mib=N]
+//! Usage: capture_serve IMAGE SOCKET STATE_DIR [direct=auto|on|off] [journal_mib=N] [journal=mmap|mem]
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,10 +16,11 @@ use ferry_appliance::capture::{
     Capture, CaptureConfig, DiskSpec, Endpoint, ListenerSpec, SharedJournal,
 };
 use ferry_appliance::control::DiskState;
+use ferry_appliance::core::journal_mem::MemSegments;
 use ferry_appliance::io::disk::{DirectMode, DiskOptions};
 
 fn usage() -> ! {
-    eprintln!("usage: capture_serve IMAGE SOCKET STATE_DIR [direct=auto|on|off] [journal_mib=N]");
+    eprintln!("usage: capture_serve IMAGE SOCKET STATE_DIR [direct=auto|on|off] [journal_mib=N] [journal=mmap|mem]");
     std::process::exit(2)
 }
 
@@ -40,20 +41,33 @@ async fn main() {
     );
     let mut direct = DirectMode::Auto;
     let mut journal_mib: usize = 1024;
+    let mut journal_in_memory = false;
     for option in &args[3..] {
         match option.split_once('=') {
             Some(("direct", "auto")) => direct = DirectMode::Auto,
             Some(("direct", "on")) => direct = DirectMode::On,
             Some(("direct", "off")) => direct = DirectMode::Off,
             Some(("journal_mib", value)) => journal_mib = value.parse().unwrap_or_else(|_| usage()),
+            Some(("journal", "mmap")) => journal_in_memory = false,
+            Some(("journal", "mem")) => journal_in_memory = true,
             _ => usage(),
         }
     }
 
     std::fs::create_dir_all(&state_dir).expect("create state dir");
-    let (journal, _) =
+    let (journal, _) = if journal_in_memory {
+        // The simulator's in-memory store: isolates the capture path from the journal's disk
+        // traffic (a comparison figure only; nothing survives a crash).
+        let segment_bytes = 64usize << 20;
+        SharedJournal::open(MemSegments::new(
+            (journal_mib << 20) / segment_bytes,
+            segment_bytes,
+        ))
+        .expect("open journal")
+    } else {
         SharedJournal::open_mmap(&state_dir.join("journal"), (journal_mib as u64) << 20)
-            .expect("open journal");
+            .expect("open journal")
+    };
 
     let disk = DiskSpec {
         machine: "bench".into(),
