@@ -17,6 +17,7 @@
 # Env:   FERRY_BENCH_DIR        where disk, copy and replica go (default: temp dir under /var/tmp)
 #        FERRY_BENCH_DISK_MIB   disk size (default 2048)
 #        FERRY_BENCH_SEED       seed of the changed-block choice (default: from $RANDOM, printed)
+#        FERRY_BIN              a release ferry binary to use instead of building one
 set -euo pipefail
 
 disk_mib=${FERRY_BENCH_DISK_MIB:-2048}
@@ -37,9 +38,11 @@ avail_kib=$(df -Pk "$work" | awk 'NR==2 {print $4}')
 [ "$avail_kib" -ge "$need_kib" ] || { echo "replication: need $need_kib KiB free in $work, have $avail_kib" >&2; exit 1; }
 
 echo "seed $seed" >&2
-echo "building ferry (release)" >&2
-(cd "$root" && cargo build --release -q -p ferry --bin ferry)
-ferry="$root/target/release/ferry"
+if [ -z "${FERRY_BIN:-}" ]; then
+    echo "building ferry (release)" >&2
+    (cd "$root" && cargo build --release -q -p ferry --bin ferry)
+fi
+ferry=${FERRY_BIN:-$root/target/release/ferry}
 
 source_pid=""
 target_pid=""
