@@ -9,7 +9,7 @@
 #      with the target stopped and a small journal that overflows to the dirty bitmap, so the
 #      changes travel as a resync when the target comes back.
 # Both appliances run in a private network namespace of their own; its loopback carries only
-# their QUIC traffic, so the `lo` byte counters of that namespace are the link bytes (both
+# their QUIC traffic, so the `lo` tx byte counter of that namespace is the link bytes (both
 # directions, IP and UDP headers included: an upper bound on what the source sends).
 # Results go to the "## Replication (issue 4)" section of benches/RESULTS.md (replaced per run).
 #
@@ -68,8 +68,8 @@ trap cleanup EXIT
 
 ip netns add "$netns"
 ip netns exec "$netns" ip link set lo up
-lo_bytes() { # rx + tx of the namespace's loopback (each packet counted once each way)
-    ip netns exec "$netns" cat /proc/net/dev | awk '$1 == "lo:" {print $2 + $10}'
+lo_bytes() { # tx bytes of the namespace's loopback: every packet, either direction, once
+    ip netns exec "$netns" cat /proc/net/dev | awk '$1 == "lo:" {print $10}'
 }
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 now_ns() { date +%s%N; }
@@ -77,8 +77,12 @@ now_ns() { date +%s%N; }
 disk="$work/disk.raw"
 copy="$work/copy.raw"
 echo "writing ${disk_mib} MiB of random data" >&2
+# head closes the pipe early: openssl's SIGPIPE is expected, the size is checked instead.
+set +o pipefail
 openssl enc -aes-128-ctr -nosalt -pass "pass:ferry-$seed" -in /dev/zero 2>/dev/null \
     | head -c "$((disk_mib << 20))" > "$disk"
+set -o pipefail
+[ "$(stat -c %s "$disk")" = "$((disk_mib << 20))" ] || { echo "replication: short disk file" >&2; exit 1; }
 sync
 disk_bytes=$(stat -c %s "$disk")
 
@@ -275,12 +279,12 @@ copy ran twice, onto a new file (cold) and again onto the same, now allocated, f
 | qemu-img convert -n + sync, new file (cold) | {qc / 1000:.1f} s | {gb(disk_bytes, qc):.3f} | **{qc / ferry_ms:.2f}x** |
 | qemu-img convert -n + sync, allocated file (warm) | {qw / 1000:.1f} s | {gb(disk_bytes, qw):.3f} | **{qw / ferry_ms:.2f}x** |
 
-Link bytes of the initial replication (loopback rx+tx, both directions, headers included):
+Link bytes of the initial replication (both directions, IP/UDP/QUIC headers included):
 {$initial_link_bytes / 1e9:.3f} GB for {disk_bytes / 1e9:.3f} GB of disk ({$initial_link_bytes / disk_bytes:.3f}x).
 
 (b) 1% of the 4 KiB blocks ({changed // 4096} distinct random blocks, {changed / 1e6:.1f} MB)
 written through the source's NBD export with one qemu-io invocation; link bytes counted on the
-namespace's loopback (rx+tx: both directions, IP/UDP/QUIC headers, acks and, in b2, the
+namespace's loopback (its tx counter sees every packet of either direction once: IP/UDP/QUIC headers, acks and, in b2, the
 reconnection handshake included — an upper bound on the data the source sends). Journal 16 MiB.
 
 | case | link bytes | link / changed bytes |
