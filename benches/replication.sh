@@ -284,8 +284,9 @@ Link bytes of the initial replication (both directions, IP/UDP/QUIC headers incl
 
 (b) 1% of the 4 KiB blocks ({changed // 4096} distinct random blocks, {changed / 1e6:.1f} MB)
 written through the source's NBD export with one qemu-io invocation; link bytes counted on the
-namespace's loopback (its tx counter sees every packet of either direction once: IP/UDP/QUIC headers, acks and, in b2, the
-reconnection handshake included — an upper bound on the data the source sends). Journal 16 MiB.
+namespace's loopback (its tx counter: every packet of either direction once, with IP/UDP/QUIC
+headers, acks and, in b2, the reconnection handshake — an upper bound on what the source sends).
+Journal 16 MiB.
 
 | case | link bytes | link / changed bytes |
 |---|---|---|
