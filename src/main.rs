@@ -14,6 +14,8 @@ use ferry_appliance::config::Config;
 use ferry_appliance::control::{DiskSelector, Request, Response};
 use ferry_appliance::daemon::{self, Client};
 
+mod demo;
+
 /// Where `ferry status` and friends look for the control socket when told nothing else.
 const CONTROL_SOCKET_DEFAULT: &str = "/run/ferry/ferry.sock";
 
@@ -59,6 +61,32 @@ enum Command {
     /// The operator console: status, charts and actions of a running appliance over its control
     /// socket; made for ssh sessions (keyboard only, `?` for help, `q` quits).
     Tui(TuiArgs),
+    /// A source and a target appliance on loopback in this process, sample disks with a write
+    /// workload through their NBD exports, and the console on the source (`q` ends the demo).
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    /// Where to put configs, state, disks and replicas (must be empty or missing) [default: a
+    /// fresh /tmp/ferry-demo-<pid>, removed at the end].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// No console: run the workload, then print a summary (bytes, RPO, verify).
+    #[arg(long)]
+    headless: bool,
+    /// How long the workload runs ("30s", "2m") [default: 30s headless, until `q` otherwise].
+    #[arg(long)]
+    duration: Option<String>,
+    /// Size of the largest sample disks ("64MiB", "1GiB"); sparse, ~10% written at start.
+    #[arg(long, default_value = "64MiB")]
+    disk_size: String,
+    /// Console colours: auto (honours NO_COLOR), 16, 256, true or never.
+    #[arg(long, default_value = "auto")]
+    color: ferry_tui::ColorChoice,
+    /// Plain ASCII glyphs and borders in the console.
+    #[arg(long)]
+    ascii: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -159,6 +187,7 @@ fn main() -> ExitCode {
         Command::Version => version(),
         Command::Identity { config, state_dir } => print_identity(config, state_dir),
         Command::Tui(args) => tui(args),
+        Command::Demo(args) => run_demo(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -370,4 +399,32 @@ fn tui(args: TuiArgs) -> anyhow::Result<()> {
         ferry_tui::Exit::Quit | ferry_tui::Exit::Signal(_) => {}
     }
     Ok(())
+}
+
+fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+    let duration = args
+        .duration
+        .as_deref()
+        .map(ferry_appliance::config::parse_duration)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let console = (!args.headless).then(|| ferry_tui::RunOptions {
+        readonly: false,
+        color: args.color,
+        ascii: args.ascii,
+        refresh: std::time::Duration::from_secs(1),
+        endpoint: String::new(),
+    });
+    let disk_size_bytes =
+        ferry_appliance::config::parse_size(&args.disk_size).map_err(anyhow::Error::msg)?;
+    if disk_size_bytes < 16 << 20 {
+        anyhow::bail!("--disk-size must be at least 16MiB");
+    }
+    demo::run(demo::DemoOptions {
+        dir: args.dir,
+        disk_size_bytes,
+        headless: args.headless,
+        duration,
+        console,
+    })
 }
