@@ -348,11 +348,21 @@ impl TargetConfig {
     /// Derives a machine's target settings from its source settings: the per-machine override
     /// first, then `[target.mapping]`, then the source value unchanged.
     pub fn target_settings(&self, source: &MachineSettings) -> MachineSettings {
-        let mapping = &self.mapping;
-        let overrides = self
-            .machine
-            .iter()
-            .find(|machine| machine.name == source.name);
+        self.mapping.target_settings(&self.machine, source)
+    }
+}
+
+impl MappingConfig {
+    /// Derives a machine's target settings with these mapping rules and the per-machine
+    /// `overrides` (`[[target.machine]]`); the target's apply sessions call this with the
+    /// settings a source announced.
+    pub fn target_settings(
+        &self,
+        overrides: &[TargetMachineConfig],
+        source: &MachineSettings,
+    ) -> MachineSettings {
+        let mapping = self;
+        let overrides = overrides.iter().find(|machine| machine.name == source.name);
         let resource_group = overrides
             .and_then(|o| o.resource_group.clone())
             .or_else(|| mapping.resource_group.clone())

@@ -61,6 +61,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use crate::config::MachineSettings;
 use crate::core::journal::{Journal, JournalError, RecordSpec, SegmentStore};
 use crate::core::record::{Record, RecordKind, Seq};
 use crate::core::wire::{
@@ -123,6 +124,9 @@ impl<S: SegmentStore> ShipJournal for Journal<S> {
 pub struct SourceConfig {
     pub source_name: String,
     pub disks: Vec<DiskAnnouncement>,
+    /// The protected machines' settings, sent in every Hello for the target to derive its own
+    /// from; must pass `wire::encode_machine_settings` (empty: none sent).
+    pub machines: Vec<MachineSettings>,
     pub window_bytes_max: usize,
     pub window_records_max: usize,
     pub frame_bytes_target: usize,
@@ -140,6 +144,7 @@ impl SourceConfig {
         Self {
             source_name: source_name.into(),
             disks,
+            machines: Vec::new(),
             window_bytes_max: limits::SHIP_WINDOW_BYTES_MAX,
             window_records_max: limits::SHIP_WINDOW_RECORDS_MAX,
             frame_bytes_target: limits::SHIP_FRAME_BYTES_TARGET,
@@ -742,6 +747,7 @@ impl Source {
                     journal.first_seq(),
                     journal.last_seq(),
                     &self.config.disks,
+                    &self.config.machines,
                 )));
             }
             Phase::Streaming => {}

@@ -30,6 +30,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use crate::config::MachineSettings;
 use crate::core::record::{RecordKind, Seq};
 use crate::core::wire::{
     self, DiskAnnouncement, ErrorCode, Frame, HashRequest, HashResponse, Message, WelcomeDisk,
@@ -86,6 +87,9 @@ pub enum TargetEvent {
         journal_first_seq: Seq,
         journal_last_seq: Seq,
         disks: Vec<DiskAnnouncement>,
+        /// The source machines' settings (resource group, availability set, NICs), from which
+        /// the driver derives and stores the target settings; empty if the source sent none.
+        machines: Vec<MachineSettings>,
     },
 }
 
@@ -266,6 +270,7 @@ impl Target {
                 journal_first_seq,
                 journal_last_seq,
                 disks,
+                machines,
             } => {
                 if self.phase != Phase::AwaitingHello {
                     // A resent or duplicated Hello: the Welcome may have been lost, so send it
@@ -296,6 +301,7 @@ impl Target {
                     journal_first_seq,
                     journal_last_seq,
                     disks,
+                    machines,
                 });
                 Ok(())
             }
@@ -527,7 +533,7 @@ mod tests {
             group: "g".into(),
         }];
         target
-            .handle_frame(Frame::hello("s", 1, 100, &disks).as_bytes())
+            .handle_frame(Frame::hello("s", 1, 100, &disks, &[]).as_bytes())
             .unwrap();
         assert!(matches!(
             target.poll_event(),
@@ -695,11 +701,31 @@ mod tests {
     }
 
     #[test]
+    fn hello_hands_the_source_machines_settings_to_the_driver() {
+        let mut target = Target::new(0);
+        target.handle_connected();
+        let machines = vec![MachineSettings {
+            name: "m".into(),
+            resource_group: Some("rg".into()),
+            availability_set: None,
+            nics: Vec::new(),
+            test_network: None,
+        }];
+        target
+            .handle_frame(Frame::hello("s", 1, 1, &[], &machines).as_bytes())
+            .unwrap();
+        match target.poll_event() {
+            Some(TargetEvent::Hello { machines: got, .. }) => assert_eq!(got, machines),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn a_target_ahead_of_the_source_journal_is_an_error() {
         let mut target = Target::new(50);
         target.handle_connected();
         let error = target
-            .handle_frame(Frame::hello("s", 1, 10, &[]).as_bytes())
+            .handle_frame(Frame::hello("s", 1, 10, &[], &[]).as_bytes())
             .unwrap_err();
         assert!(matches!(
             error,
@@ -714,7 +740,7 @@ mod tests {
     fn another_protocol_version_is_answered_with_an_error() {
         let mut target = Target::new(0);
         target.handle_connected();
-        let mut bytes = Frame::hello("s", 0, 0, &[]).into_bytes();
+        let mut bytes = Frame::hello("s", 0, 0, &[], &[]).into_bytes();
         bytes[4..6].copy_from_slice(&2u16.to_le_bytes());
         let error = target.handle_frame(&bytes).unwrap_err();
         assert!(error.to_string().contains("version 2"), "{error}");

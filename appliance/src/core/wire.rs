@@ -12,10 +12,17 @@
 //! Building frames: the `Frame::*` constructors encode straight into one buffer. Reading frames:
 //! read `FRAME_HEADER_BYTES`, call [`decode_header`] (which bounds the body length), read the body,
 //! then [`decode_frame`] over header and body (or [`split_frame`] over a byte stream).
+//!
+//! Hello extension: after its disk list a Hello may carry the protected machines' settings
+//! (`MachineSettings`: resource group, availability set, NICs) as a tagged, versioned JSON blob
+//! of at most [`HELLO_SETTINGS_BYTES_MAX`] bytes, from which the target derives its settings. A
+//! Hello without machines carries no extension and is byte-identical to one from before it, so
+//! a source that omits it still works with a target that knows it.
 
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+use crate::config::MachineSettings;
 use crate::core::record::{self, Record, RecordError, Seq};
 use crate::limits::{
     FRAME_BODY_BYTES_MAX, FRAME_HEADER_BYTES, HASH_EXTENTS_PER_REQUEST_MAX, HELLO_DISKS_MAX,
@@ -26,6 +33,14 @@ use crate::limits::{
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FRYW");
 /// The replication protocol version this build speaks. Peers must match exactly.
 pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Tag of the Hello's machine-settings extension ("MSET" little-endian).
+const SETTINGS_TAG: u32 = u32::from_le_bytes(*b"MSET");
+/// Version of the machine-settings extension this build writes and reads.
+pub const SETTINGS_VERSION: u16 = 1;
+/// Bound of the machine-settings JSON in a Hello (the disk list takes at most ~800 KiB of the
+/// frame body, so both fit under `FRAME_BODY_BYTES_MAX`).
+pub const HELLO_SETTINGS_BYTES_MAX: usize = 1 << 20;
 
 /// Ack flag: the target saw a record beyond the next one it expects (a gap) and asks the source
 /// to resend from `received_seq + 1`.
@@ -213,6 +228,15 @@ struct DiskFixed {
 
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
+struct SettingsFixed {
+    tag: U32,
+    version: U16,
+    reserved: U16,
+    json_len: U32,
+}
+
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
 struct WelcomeFixed {
     resume_seq: U64,
     durable_seq: U64,
@@ -295,6 +319,8 @@ pub enum Message<'a> {
         journal_first_seq: Seq,
         journal_last_seq: Seq,
         disks: Vec<DiskAnnouncement>,
+        /// The protected machines' source settings (empty from a source that sends none).
+        machines: Vec<MachineSettings>,
     },
     /// `resume_seq`: the target holds every record up to here (send `resume_seq + 1` next);
     /// `durable_seq`: of those, durable up to here (the source may release up to it).
@@ -382,19 +408,55 @@ fn bounded_str(value: &str) -> &str {
     &value[..end]
 }
 
+/// Why machine settings cannot travel in a Hello.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{count} machines' settings for one Hello (limit {HELLO_DISKS_MAX})")]
+    TooMany { count: usize },
+    #[error("machine settings encode to {bytes} bytes (limit {HELLO_SETTINGS_BYTES_MAX})")]
+    TooLarge { bytes: usize },
+    #[error("machine settings cannot be encoded: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// Encodes the machines' settings as the Hello extension carries them, checking the bounds.
+/// Run it on the configured machines before starting a source: [`Frame::hello`] asserts them.
+pub fn encode_machine_settings(machines: &[MachineSettings]) -> Result<Vec<u8>, SettingsError> {
+    if machines.len() > HELLO_DISKS_MAX {
+        return Err(SettingsError::TooMany {
+            count: machines.len(),
+        });
+    }
+    let json = serde_json::to_vec(machines)?;
+    if json.len() > HELLO_SETTINGS_BYTES_MAX {
+        return Err(SettingsError::TooLarge { bytes: json.len() });
+    }
+    Ok(json)
+}
+
 impl Frame {
     /// Hello. Names longer than `NAME_BYTES_MAX` are cut (config validation should refuse them
-    /// earlier); at most `HELLO_DISKS_MAX` disks are allowed.
+    /// earlier); at most `HELLO_DISKS_MAX` disks are allowed; `machines` must pass
+    /// [`encode_machine_settings`] (none: no extension).
     pub fn hello(
         source_name: &str,
         journal_first_seq: Seq,
         journal_last_seq: Seq,
         disks: &[DiskAnnouncement],
+        machines: &[MachineSettings],
     ) -> Frame {
         assert!(
             disks.len() <= HELLO_DISKS_MAX,
             "too many disks for one Hello"
         );
+        let settings = if machines.is_empty() {
+            None
+        } else {
+            match encode_machine_settings(machines) {
+                Ok(json) => Some(json),
+                Err(error) => panic!("machine settings not checked before Hello: {error}"),
+            }
+        };
         let name = bounded_str(source_name);
         let mut builder = Builder::new(FrameKind::Hello, 64 + disks.len() * 64);
         builder.put(
@@ -427,6 +489,18 @@ impl Frame {
             builder.put(machine.as_bytes());
             builder.put(disk_name.as_bytes());
             builder.put(group.as_bytes());
+        }
+        if let Some(json) = settings {
+            builder.put(
+                SettingsFixed {
+                    tag: SETTINGS_TAG.into(),
+                    version: SETTINGS_VERSION.into(),
+                    reserved: 0.into(),
+                    json_len: (json.len() as u32).into(),
+                }
+                .as_bytes(),
+            );
+            builder.put(&json);
         }
         builder.finish()
     }
@@ -749,12 +823,18 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                     group,
                 });
             }
+            let machines = if reader.bytes.is_empty() {
+                Vec::new()
+            } else {
+                decode_machine_settings(&mut reader)?
+            };
             reader.finish()?;
             Message::Hello {
                 source_name,
                 journal_first_seq: fixed.journal_first_seq.get(),
                 journal_last_seq: fixed.journal_last_seq.get(),
                 disks,
+                machines,
             }
         }
         FrameKind::Welcome => {
@@ -883,6 +963,44 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Message<'_>, WireError> {
     Ok(message)
 }
 
+/// Decodes the Hello's machine-settings extension (tag, version, bounded JSON).
+fn decode_machine_settings(reader: &mut Reader<'_>) -> Result<Vec<MachineSettings>, WireError> {
+    let kind = reader.kind;
+    let fixed: SettingsFixed = reader.fixed("machine settings header")?;
+    if fixed.tag.get() != SETTINGS_TAG {
+        return Err(malformed(
+            kind,
+            format!("unknown extension tag {:#010x}", fixed.tag.get()),
+        ));
+    }
+    if fixed.version.get() != SETTINGS_VERSION {
+        return Err(malformed(
+            kind,
+            format!(
+                "machine settings version {}, this build reads {SETTINGS_VERSION}",
+                fixed.version.get()
+            ),
+        ));
+    }
+    let len = fixed.json_len.get() as usize;
+    if len > HELLO_SETTINGS_BYTES_MAX {
+        return Err(malformed(
+            kind,
+            format!("machine settings of {len} bytes (limit {HELLO_SETTINGS_BYTES_MAX})"),
+        ));
+    }
+    let json = reader.take(len, "machine settings")?;
+    let machines: Vec<MachineSettings> = serde_json::from_slice(json)
+        .map_err(|error| malformed(kind, format!("machine settings: {error}")))?;
+    if machines.len() > HELLO_DISKS_MAX {
+        return Err(malformed(
+            kind,
+            format!("{} machines (limit {HELLO_DISKS_MAX})", machines.len()),
+        ));
+    }
+    Ok(machines)
+}
+
 /// The hash of an extent's bytes as used by initial replication, resync and verify.
 pub fn extent_hash(data: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(data)
@@ -912,6 +1030,20 @@ mod tests {
         ]
     }
 
+    fn sample_machines() -> Vec<MachineSettings> {
+        vec![MachineSettings {
+            name: "web-1".into(),
+            resource_group: Some("rg-prod".into()),
+            availability_set: Some("web".into()),
+            nics: vec![crate::config::NicConfig {
+                network: "prod".into(),
+                subnet: "front".into(),
+                ip: Some("10.0.0.5".parse().unwrap()),
+            }],
+            test_network: None,
+        }]
+    }
+
     fn all_frames() -> Vec<Frame> {
         let payload = vec![7u8; 100];
         let write = Record {
@@ -937,7 +1069,8 @@ mod tests {
         .to_vec()
         .unwrap();
         vec![
-            Frame::hello("site-a", 3, 9, &sample_disks()),
+            Frame::hello("site-a", 3, 9, &sample_disks(), &sample_machines()),
+            Frame::hello("site-a", 3, 9, &sample_disks(), &[]),
             Frame::welcome(
                 4,
                 2,
@@ -980,10 +1113,22 @@ mod tests {
                 journal_first_seq,
                 journal_last_seq,
                 disks,
+                machines,
             } => {
                 assert_eq!(source_name, "site-a");
                 assert_eq!((journal_first_seq, journal_last_seq), (3, 9));
                 assert_eq!(disks, sample_disks());
+                assert_eq!(machines, sample_machines());
+            }
+            other => panic!("decoded {other:?}"),
+        }
+        let frames = &frames[1..];
+        match frames[0].decode().unwrap() {
+            Message::Hello {
+                disks, machines, ..
+            } => {
+                assert_eq!(disks, sample_disks());
+                assert!(machines.is_empty());
             }
             other => panic!("decoded {other:?}"),
         }
@@ -1032,6 +1177,85 @@ mod tests {
             }
             other => panic!("decoded {other:?}"),
         }
+    }
+
+    #[test]
+    fn bad_machine_settings_extensions_are_refused() {
+        // A Hello with no disks, then an extension as a peer might craft it.
+        let hello_with = |extension: &[u8]| {
+            let mut builder = Builder::new(FrameKind::Hello, 64);
+            builder.put(
+                HelloFixed {
+                    journal_first_seq: 0.into(),
+                    journal_last_seq: 0.into(),
+                    disk_count: 0.into(),
+                    name_len: 0.into(),
+                    reserved: 0.into(),
+                }
+                .as_bytes(),
+            );
+            builder.put(extension);
+            builder.finish()
+        };
+        let extension = |tag: u32, version: u16, json_len: u32, json: &[u8]| {
+            let mut bytes = SettingsFixed {
+                tag: tag.into(),
+                version: version.into(),
+                reserved: 0.into(),
+                json_len: json_len.into(),
+            }
+            .as_bytes()
+            .to_vec();
+            bytes.extend_from_slice(json);
+            bytes
+        };
+        let good = serde_json::to_vec(&sample_machines()).unwrap();
+        let len = good.len() as u32;
+        match hello_with(&extension(SETTINGS_TAG, SETTINGS_VERSION, len, &good))
+            .decode()
+            .unwrap()
+        {
+            Message::Hello { machines, .. } => assert_eq!(machines, sample_machines()),
+            other => panic!("decoded {other:?}"),
+        }
+        let reason = |result: Result<Message<'_>, WireError>| match result {
+            Err(WireError::Malformed { kind, reason }) => {
+                assert_eq!(kind, FrameKind::Hello);
+                reason
+            }
+            other => panic!("expected a malformed Hello, got {other:?}"),
+        };
+        assert!(
+            reason(hello_with(&extension(0, SETTINGS_VERSION, len, &good)).decode())
+                .contains("tag")
+        );
+        assert!(
+            reason(hello_with(&extension(SETTINGS_TAG, 9, len, &good)).decode())
+                .contains("version 9")
+        );
+        let huge = (HELLO_SETTINGS_BYTES_MAX + 1) as u32;
+        assert!(
+            reason(hello_with(&extension(SETTINGS_TAG, 1, huge, &good)).decode()).contains("limit")
+        );
+        assert!(
+            reason(hello_with(&extension(SETTINGS_TAG, 1, len + 1, &good)).decode())
+                .contains("need")
+        );
+        assert!(
+            reason(hello_with(&extension(SETTINGS_TAG, 1, 5, b"[{]}x")).decode())
+                .contains("settings")
+        );
+        let mut trailing = extension(SETTINGS_TAG, 1, len, &good);
+        trailing.push(0);
+        assert!(reason(hello_with(&trailing).decode()).contains("trailing"));
+        assert!(reason(hello_with(&[1, 2, 3]).decode()).contains("truncated"));
+        // Too much to send is refused before a Hello is built.
+        let mut many = sample_machines();
+        many[0].name = "x".repeat(HELLO_SETTINGS_BYTES_MAX);
+        assert!(matches!(
+            encode_machine_settings(&many),
+            Err(SettingsError::TooLarge { .. })
+        ));
     }
 
     #[test]
