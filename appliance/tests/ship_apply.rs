@@ -127,6 +127,7 @@ async fn writes_through_the_export_reach_an_identical_replica() {
     let ship_status = Arc::new(ShipStatus::default());
     let (commands_tx, commands) = mpsc::channel(4);
     let shipper = Shipper {
+        machines: Vec::new(),
         source_name: "site-a".into(),
         disks: capture
             .disks()

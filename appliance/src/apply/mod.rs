@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
+use crate::config::{MachineSettings, MappingConfig, TargetConfig, TargetMachineConfig};
 use crate::control::ReplicaStatus;
 use crate::core::target::{Target, TargetEvent};
 use crate::core::wire::{ReplicaState, WelcomeDisk};
@@ -25,7 +26,32 @@ use crate::io::disk::{Disk, DiskOptions};
 use crate::io::transport::{ConnectionHandle, PeerConnection, TargetEndpoint};
 
 pub use executor::ExecutorOutput;
-pub use storage::{ReplicaRecord, ReplicaStore, StorageError};
+pub use storage::{ReplicaRecord, ReplicaStore, StorageError, StoredSettings};
+
+/// How this target derives each machine's settings from its source's: `[target.mapping]` and
+/// the `[[target.machine]]` overrides. The default keeps every source setting unchanged.
+#[derive(Clone, Debug, Default)]
+pub struct SettingsMapping {
+    pub mapping: MappingConfig,
+    pub overrides: Vec<TargetMachineConfig>,
+}
+
+impl SettingsMapping {
+    pub fn from_config(target: &TargetConfig) -> Self {
+        Self {
+            mapping: target.mapping.clone(),
+            overrides: target.machine.clone(),
+        }
+    }
+
+    /// The source settings with the target settings derived from them, as stored.
+    pub fn derive(&self, source: &MachineSettings) -> StoredSettings {
+        StoredSettings {
+            source: source.clone(),
+            target: self.mapping.target_settings(&self.overrides, source),
+        }
+    }
+}
 
 /// Replica status shared with the daemon's status snapshot, keyed by (source, disk id).
 #[derive(Clone, Debug, Default)]
@@ -112,13 +138,33 @@ pub enum ApplyError {
     },
 }
 
-/// Serves sources until `shutdown` turns true: one session task per connection.
+/// Serves sources until `shutdown` turns true, keeping machine settings unmapped.
 pub async fn serve(
+    endpoint: TargetEndpoint,
+    store: ReplicaStore,
+    status: ApplyStatus,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve_mapped(
+        endpoint,
+        store,
+        status,
+        SettingsMapping::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// Serves sources until `shutdown` turns true: one session task per connection. Each source's
+/// machine settings are mapped with `mapping` and stored with the replicas.
+pub async fn serve_mapped(
     mut endpoint: TargetEndpoint,
     store: ReplicaStore,
     status: ApplyStatus,
+    mapping: SettingsMapping,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mapping = Arc::new(mapping);
     let sessions: Arc<Mutex<BTreeMap<String, SessionSlot>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     loop {
@@ -141,11 +187,12 @@ pub async fn serve(
         };
         let store = store.clone();
         let status = status.clone();
+        let mapping = mapping.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
             let _turn = gate.lock().await;
             let peer_address = connection.handle.peer_address();
-            match run_session(connection, &store, &status, shutdown).await {
+            match run_session(connection, &store, &status, &mapping, shutdown).await {
                 Ok(()) => tracing::info!(source = %source, %peer_address, "source session ended"),
                 Err(error) => {
                     tracing::warn!(source = %source, %peer_address, "source session ended: {error}")
@@ -173,6 +220,7 @@ async fn run_session(
     connection: PeerConnection,
     store: &ReplicaStore,
     status: &ApplyStatus,
+    mapping: &SettingsMapping,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ApplyError> {
     let source = connection.peer_name.clone();
@@ -249,13 +297,21 @@ async fn run_session(
         while let Some(event) = target.poll_event() {
             match event {
                 TargetEvent::Hello {
-                    source_name, disks, ..
+                    source_name,
+                    disks,
+                    machines,
+                    ..
                 } => {
                     tracing::info!(source = %source, announced_name = %source_name, disks = disks.len(), "source hello");
                     let records: Vec<ReplicaRecord> =
                         disks.iter().map(ReplicaRecord::from).collect();
                     let (replicas, welcome) = open_replicas(store, &source, &records).await?;
                     store.save_disks(&source, &records)?;
+                    for machine in &machines {
+                        let settings = mapping.derive(machine);
+                        tracing::debug!(source = %source, machine = %machine.name, target_settings = ?settings.target, "machine settings mapped");
+                        store.save_settings(&source, &settings)?;
+                    }
                     {
                         let mut map = status.lock();
                         for disk in &records {

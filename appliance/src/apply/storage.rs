@@ -6,6 +6,8 @@
 //! <source>/disks.json             the disks the source announced (id, machine, name, size, group)
 //! <source>/applied.seq            the applied (durable) sequence, two checksummed 4 KiB slots
 //! <source>/<machine>/<disk>.raw   the replica, a raw image of the source disk's size
+//! <source>/<machine>/settings.json the machine's source settings and the target settings
+//!                                  derived through `[target.mapping]` (failover uses them)
 //! ```
 //! `applied.seq` is written in place, alternating slots, each slot in its own 4 KiB block with
 //! a checksum, then fdatasync'd: a torn write damages at most the slot being written, and the
@@ -19,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::MachineSettings;
 use crate::core::record::Seq;
 use crate::core::wire::DiskAnnouncement;
 
@@ -61,6 +64,14 @@ impl From<&DiskAnnouncement> for ReplicaRecord {
             size_bytes: disk.size_bytes,
         }
     }
+}
+
+/// One machine's `settings.json`: what the source declared and what the target derived from
+/// it through its mapping rules (resource group, availability set, NICs, test network).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSettings {
+    pub source: MachineSettings,
+    pub target: MachineSettings,
 }
 
 /// The replicas of every source under one storage directory.
@@ -113,21 +124,47 @@ impl ReplicaStore {
 
     /// Records the announced disks (temp file, fsync, rename, directory fsync).
     pub fn save_disks(&self, source: &str, disks: &[ReplicaRecord]) -> Result<(), StorageError> {
-        let dir = self.source_dir(source);
-        fs::create_dir_all(&dir).map_err(storage_error("create directory", &dir))?;
-        let path = dir.join("disks.json");
-        let temp = dir.join("disks.json.tmp");
-        let bytes = serde_json::to_vec_pretty(disks).map_err(|error| StorageError {
-            operation: "encode",
-            path: path.clone(),
-            source: io::Error::other(error),
-        })?;
-        let mut file = File::create(&temp).map_err(storage_error("create", &temp))?;
-        file.write_all(&bytes)
-            .and_then(|()| file.sync_all())
-            .map_err(storage_error("write", &temp))?;
-        fs::rename(&temp, &path).map_err(storage_error("rename", &path))?;
-        sync_dir(&dir)
+        write_json_atomic(&self.source_dir(source), "disks.json", disks)
+    }
+
+    /// Path of one machine's `settings.json` (the machine name is sanitised like a replica's).
+    pub fn settings_path(&self, source: &str, machine: &str) -> PathBuf {
+        self.source_dir(source)
+            .join(sanitize(machine))
+            .join("settings.json")
+    }
+
+    /// Records one machine's settings beside its replicas (temp file, fsync, rename, directory
+    /// fsync), so a failover reads either the previous or the new settings, never a torn file.
+    pub fn save_settings(
+        &self,
+        source: &str,
+        settings: &StoredSettings,
+    ) -> Result<(), StorageError> {
+        let dir = self
+            .source_dir(source)
+            .join(sanitize(&settings.source.name));
+        write_json_atomic(&dir, "settings.json", settings)
+    }
+
+    /// One machine's stored settings, if its source ever sent them.
+    pub fn load_settings(
+        &self,
+        source: &str,
+        machine: &str,
+    ) -> Result<Option<StoredSettings>, StorageError> {
+        let path = self.settings_path(source, machine);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|error| StorageError {
+                    operation: "parse",
+                    path,
+                    source: io::Error::new(io::ErrorKind::InvalidData, error),
+                }),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(storage_error("read", &path)(error)),
+        }
     }
 
     /// Opens (creating if needed) the applied-sequence file of a source.
@@ -154,6 +191,28 @@ fn sanitize(name: &str) -> String {
         "" | "." | ".." => format!("_{cleaned}"),
         _ => cleaned,
     }
+}
+
+/// Writes `value` as `dir/name` crash-safely: temp file, fsync, rename, directory fsync.
+fn write_json_atomic<T: Serialize + ?Sized>(
+    dir: &Path,
+    name: &str,
+    value: &T,
+) -> Result<(), StorageError> {
+    fs::create_dir_all(dir).map_err(storage_error("create directory", dir))?;
+    let path = dir.join(name);
+    let temp = dir.join(format!("{name}.tmp"));
+    let bytes = serde_json::to_vec_pretty(value).map_err(|error| StorageError {
+        operation: "encode",
+        path: path.clone(),
+        source: io::Error::other(error),
+    })?;
+    let mut file = File::create(&temp).map_err(storage_error("create", &temp))?;
+    file.write_all(&bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(storage_error("write", &temp))?;
+    fs::rename(&temp, &path).map_err(storage_error("rename", &path))?;
+    sync_dir(dir)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StorageError> {
@@ -269,6 +328,42 @@ mod tests {
         let mut file = AppliedSeqFile::open(&path).unwrap();
         file.store(11).unwrap();
         assert_eq!(AppliedSeqFile::open(&path).unwrap().seq(), 11);
+    }
+
+    #[test]
+    fn settings_round_trip_beside_the_replicas() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ReplicaStore::new(dir.path());
+        assert_eq!(store.load_settings("site-a", "web-1").unwrap(), None);
+        let source = MachineSettings {
+            name: "web-1".into(),
+            resource_group: Some("rg".into()),
+            availability_set: None,
+            nics: Vec::new(),
+            test_network: None,
+        };
+        let mut settings = StoredSettings {
+            target: MachineSettings {
+                test_network: Some("dr-test".into()),
+                ..source.clone()
+            },
+            source,
+        };
+        store.save_settings("site-a", &settings).unwrap();
+        settings.target.resource_group = Some("rg-dr".into());
+        store.save_settings("site-a", &settings).unwrap();
+        assert_eq!(
+            store.load_settings("site-a", "web-1").unwrap(),
+            Some(settings)
+        );
+        assert_eq!(
+            store.settings_path("site-a", "web-1"),
+            dir.path().join("site-a/web-1/settings.json")
+        );
+        assert!(!dir.path().join("site-a/web-1/settings.json.tmp").exists());
+        assert!(store
+            .settings_path("site-a", "../x")
+            .starts_with(dir.path().join("site-a")));
     }
 
     #[test]

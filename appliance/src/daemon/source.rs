@@ -245,6 +245,13 @@ fn start_shipper(
                 .map(move |disk| (disk.id, machine.group.clone()))
         })
         .collect();
+    let machines: Vec<_> = source
+        .machine
+        .iter()
+        .map(|machine| machine.settings())
+        .collect();
+    crate::core::wire::encode_machine_settings(&machines)
+        .map_err(|error| component(format!("source.machine settings: {error}")))?;
     let ship_status = Arc::new(ShipStatus::default());
     let (commands, command_receiver) = mpsc::channel(8);
     let shipper = Shipper {
@@ -257,6 +264,7 @@ fn start_shipper(
                 (disk.clone(), group)
             })
             .collect(),
+        machines,
         journal: journal.clone(),
         dialer,
         sync_dir: layout.root.join("sync"),

@@ -46,7 +46,13 @@ impl TargetSide {
         let status = ApplyStatus::default();
         let sources: Vec<String> = target.peers.iter().map(|peer| peer.name.clone()).collect();
         status.load_from(&store, &sources);
-        let task = tokio::spawn(apply::serve(endpoint, store, status.clone(), shutdown));
+        let task = tokio::spawn(apply::serve_mapped(
+            endpoint,
+            store,
+            status.clone(),
+            apply::SettingsMapping::from_config(target),
+            shutdown,
+        ));
         Ok(Self {
             task: Mutex::new(Some(task)),
             status,

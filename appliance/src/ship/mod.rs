@@ -31,6 +31,7 @@ use tokio::task::JoinSet;
 
 use crate::capture::journal_handle::SharedJournal;
 use crate::capture::CaptureDisk;
+use crate::config::MachineSettings;
 use crate::control::{DiskState, SyncProgress as SyncProgressStatus};
 use crate::core::record::Seq;
 use crate::core::source::{ExtentRead, Source, SourceConfig, SourceEvent, SyncMode, SyncProgress};
@@ -140,6 +141,9 @@ struct PendingVerify {
 pub struct Shipper {
     pub source_name: String,
     pub disks: Vec<(CaptureDisk, String)>,
+    /// The protected machines' settings, sent in every Hello (checked with
+    /// `wire::encode_machine_settings` before the shipper starts).
+    pub machines: Vec<MachineSettings>,
     pub journal: SharedJournal,
     pub dialer: SourceDialer,
     /// `<state_dir>/sync`: a `<machine>__<disk>.synced` file marks a finished initial replication.
@@ -193,10 +197,9 @@ impl Shipper {
         let epoch = Instant::now();
         let now = move || epoch.elapsed().as_nanos() as u64;
         let _ = std::fs::create_dir_all(&self.sync_dir);
-        let mut core = Source::new(
-            SourceConfig::new(self.source_name.clone(), self.announcements()),
-            &*self.journal.lock(),
-        );
+        let mut config = SourceConfig::new(self.source_name.clone(), self.announcements());
+        config.machines = self.machines.clone();
+        let mut core = Source::new(config, &*self.journal.lock());
         let mut rounds: BTreeMap<u32, Round> = BTreeMap::new();
         let (_, placeholder) = mpsc::channel(1);
         let mut commands = std::mem::replace(&mut self.commands, placeholder);
