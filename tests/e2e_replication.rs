@@ -37,6 +37,16 @@ impl Pair {
 listen = "127.0.0.1:{port}"
 storage_dir = "{storage}"
 peers = [{{ name = "site-a", fingerprint = "{source_fingerprint}" }}]
+
+[target.mapping]
+resource_group = "rg-dr"
+networks = {{ prod = "dr-prod" }}
+availability_sets = {{ web = "web-dr" }}
+test_network = "dr-test"
+
+[[target.machine]]
+name = "web-1"
+resource_group = "rg-web-dr"
 "#,
             storage = target.root.join("storage").display(),
         ));
@@ -52,6 +62,9 @@ name = "app"
 [[source.machine]]
 name = "web-1"
 group = "app"
+resource_group = "rg-prod"
+availability_set = "web"
+nics = [{{ network = "prod", subnet = "front", ip = "10.0.0.5" }}]
 disks = [{{ name = "os", path = "{disk}", export = "{export}" }}]
 "#,
             fingerprint = target_fingerprint.unwrap_or(&real_target_fingerprint),
@@ -119,6 +132,28 @@ disks = [{{ name = "os", path = "{disk}", export = "{export}" }}]
     }
 }
 
+/// The target stored web-1's source settings and the settings derived through
+/// `[target.mapping]` and its `[[target.machine]]` override beside the replica.
+fn assert_mapped_settings(pair: &Pair) {
+    let path = pair.target.root.join("storage/site-a/web-1/settings.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|error| panic!("read {}: {error}", path.display()));
+    let settings: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let (source, target) = (&settings["source"], &settings["target"]);
+    assert_eq!(source["name"], "web-1", "{text}");
+    assert_eq!(source["resource_group"], "rg-prod", "{text}");
+    assert_eq!(source["availability_set"], "web", "{text}");
+    assert_eq!(source["nics"][0]["network"], "prod", "{text}");
+    assert_eq!(target["name"], "web-1", "{text}");
+    // The per-machine override wins over `[target.mapping] resource_group`.
+    assert_eq!(target["resource_group"], "rg-web-dr", "{text}");
+    assert_eq!(target["availability_set"], "web-dr", "{text}");
+    assert_eq!(target["nics"][0]["network"], "dr-prod", "{text}");
+    assert_eq!(target["nics"][0]["subnet"], "front", "{text}");
+    assert_eq!(target["nics"][0]["ip"], "10.0.0.5", "{text}");
+    assert_eq!(target["test_network"], "dr-test", "{text}");
+}
+
 fn pattern_writes(round: u64) -> Vec<String> {
     (0..16u64)
         .map(|index| {
@@ -138,6 +173,7 @@ fn writes_during_initial_replication_reach_an_identical_replica() {
     pair.assert_identical();
     pair.write(&pattern_writes(1));
     pair.assert_identical();
+    assert_mapped_settings(&pair);
 }
 
 #[test]
