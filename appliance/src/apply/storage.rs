@@ -20,6 +20,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use zerocopy::little_endian::U64;
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::config::MachineSettings;
 use crate::core::record::Seq;
@@ -231,26 +233,40 @@ pub struct AppliedSeqFile {
     generation: u64,
 }
 
-fn encode_slot(generation: u64, seq: Seq) -> [u8; 32] {
-    let mut slot = [0u8; 32];
-    slot[0..8].copy_from_slice(&SLOT_MAGIC.to_le_bytes());
-    slot[8..16].copy_from_slice(&generation.to_le_bytes());
-    slot[16..24].copy_from_slice(&seq.to_le_bytes());
-    let checksum = xxhash_rust::xxh3::xxh3_64(&slot[0..24]);
-    slot[24..32].copy_from_slice(&checksum.to_le_bytes());
+/// One slot of `applied.seq`: a zerocopy header, little-endian and unaligned.
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct AppliedSlot {
+    magic: U64,
+    generation: U64,
+    seq: U64,
+    /// xxh3-64 over the three fields above.
+    checksum: U64,
+}
+
+const SLOT_ENCODED_BYTES: usize = std::mem::size_of::<AppliedSlot>();
+
+fn slot_checksum(slot: &AppliedSlot) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(&slot.as_bytes()[..SLOT_ENCODED_BYTES - 8])
+}
+
+fn encode_slot(generation: u64, seq: Seq) -> AppliedSlot {
+    let mut slot = AppliedSlot {
+        magic: SLOT_MAGIC.into(),
+        generation: generation.into(),
+        seq: seq.into(),
+        checksum: 0.into(),
+    };
+    slot.checksum = slot_checksum(&slot).into();
     slot
 }
 
-fn decode_slot(slot: &[u8; 32]) -> Option<(u64, Seq)> {
-    let word = |index: usize| {
-        let mut bytes = [0u8; 8];
-        bytes.copy_from_slice(&slot[index..index + 8]);
-        u64::from_le_bytes(bytes)
-    };
-    if word(0) != SLOT_MAGIC || word(24) != xxhash_rust::xxh3::xxh3_64(&slot[0..24]) {
+fn decode_slot(bytes: &[u8]) -> Option<(u64, Seq)> {
+    let (slot, _) = AppliedSlot::read_from_prefix(bytes).ok()?;
+    if slot.magic.get() != SLOT_MAGIC || slot.checksum.get() != slot_checksum(&slot) {
         return None;
     }
-    Some((word(8), word(16)))
+    Some((slot.generation.get(), slot.seq.get()))
 }
 
 impl AppliedSeqFile {
@@ -264,7 +280,7 @@ impl AppliedSeqFile {
             .map_err(storage_error("open", path))?;
         let mut best: Option<(u64, Seq)> = None;
         for slot_index in 0..2u64 {
-            let mut slot = [0u8; 32];
+            let mut slot = [0u8; SLOT_ENCODED_BYTES];
             match file.read_exact_at(&mut slot, slot_index * SLOT_BYTES) {
                 Ok(()) => {}
                 Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => continue,
@@ -298,7 +314,7 @@ impl AppliedSeqFile {
         let generation = self.generation + 1;
         let slot_offset = (generation % 2) * SLOT_BYTES;
         self.file
-            .write_all_at(&encode_slot(generation, seq), slot_offset)
+            .write_all_at(encode_slot(generation, seq).as_bytes(), slot_offset)
             .and_then(|()| self.file.sync_data())
             .map_err(storage_error("write", &self.path))?;
         self.generation = generation;
