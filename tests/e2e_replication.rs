@@ -99,7 +99,16 @@ disks = [{{ name = "os", path = "{disk}", export = "{export}" }}]
 
     /// Waits until the disk is protected and the target acknowledged everything journaled.
     fn wait_caught_up(&self) {
+        let start = std::time::Instant::now();
         wait_for("the source to be protected and caught up", || {
+            if start.elapsed() > DEADLINE - std::time::Duration::from_secs(2) {
+                eprintln!(
+                    "source status: {:?}\nsource log:\n{}\ntarget log:\n{}",
+                    self.source.try_status(),
+                    self.source.log(),
+                    self.target.log()
+                );
+            }
             let status = self.source.try_status()?;
             let disk = status["disks"].as_array()?.first()?.clone();
             let caught_up = disk["state"] == "protected"

@@ -577,8 +577,14 @@ impl Source {
                         self.in_flight.pop_front();
                         self.in_flight_bytes -= bytes;
                     }
-                    self.own_appends = self.own_appends.split_off(&(durable_seq + 1));
                     self.check_sync_done();
+                    // Own sync records are remembered for as long as a sync runs, even once
+                    // acknowledged and released: a read whose window spans a released record must
+                    // still know it was ours, or it would be read again forever (a released
+                    // record cannot be inspected, so it counts as a racing write).
+                    if self.jobs.is_empty() {
+                        self.own_appends.clear();
+                    }
                 }
                 if received_seq > self.received_seq {
                     self.received_seq = received_seq;

@@ -152,6 +152,9 @@ pub struct Shipper {
     pub commands: mpsc::Receiver<ShipCommand>,
 }
 
+/// Extent reads in flight for the core's sync: (token, sequence floor, bytes).
+type SyncReads = JoinSet<(u64, Seq, Result<Vec<u8>, String>)>;
+
 /// A sync round of one disk.
 struct Round {
     initial: bool,
@@ -204,6 +207,9 @@ impl Shipper {
         let (_, placeholder) = mpsc::channel(1);
         let mut commands = std::mem::replace(&mut self.commands, placeholder);
         let mut verify: Option<PendingVerify> = None;
+        // Sync reads outlive a connection: the core counts them until their bytes come back,
+        // so a read started before a disconnect is still handed to it after the reconnect.
+        let mut reads: SyncReads = JoinSet::new();
         loop {
             let connection = tokio::select! {
                 _ = wait_shutdown(&mut shutdown) => break,
@@ -237,6 +243,7 @@ impl Shipper {
                     &mut rounds,
                     &mut commands,
                     &mut verify,
+                    &mut reads,
                     connection,
                     &now,
                     &mut shutdown,
@@ -281,6 +288,7 @@ impl Shipper {
         rounds: &mut BTreeMap<u32, Round>,
         commands: &mut mpsc::Receiver<ShipCommand>,
         verify: &mut Option<PendingVerify>,
+        reads: &mut SyncReads,
         connection: PeerConnection,
         now: &impl Fn() -> u64,
         shutdown: &mut watch::Receiver<bool>,
@@ -307,7 +315,6 @@ impl Shipper {
                 }
             }
         });
-        let mut reads: JoinSet<(u64, Seq, Result<Vec<u8>, String>)> = JoinSet::new();
         let mut last_flush = Instant::now() - FLUSH_INTERVAL_MIN;
         let mut resync_check = tokio::time::interval(RESYNC_CHECK_INTERVAL);
         resync_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
