@@ -887,6 +887,7 @@ impl Sim {
                     self.check_reference(seq);
                     self.target.core.handle_durable(seq);
                 }
+                DiskOp::Marker { .. } => {}
                 DiskOp::Read {
                     token,
                     disk_id,

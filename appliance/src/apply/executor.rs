@@ -205,6 +205,9 @@ async fn run(
                 )
                 .await
             }
+            // Before-image intervals are not kept yet (undo log: apply/undo.rs); the marker
+            // still reaches the catalog through the session's `poll_marker`.
+            DiskOp::Marker { .. } => Ok(()),
             DiskOp::Flush { seq } => {
                 if pending_flush.is_none() {
                     flush_requested_at = Instant::now();

@@ -19,4 +19,6 @@ pub mod source;
 
 pub mod target;
 
+pub mod recovery;
+
 pub mod nbd;

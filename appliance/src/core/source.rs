@@ -1201,6 +1201,7 @@ mod tests {
                             self.replica[offset as usize..][..length as usize].fill(0)
                         }
                         DiskOp::Flush { seq } => self.target.handle_durable(seq),
+                        DiskOp::Marker { .. } => {}
                         DiskOp::Read {
                             token,
                             offset,

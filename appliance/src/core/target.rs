@@ -24,7 +24,8 @@
 //!    `poll_transmit` still yields (an Error frame) and close the connection.
 //! 3. After each input, drain: `poll_event()` (on `TargetEvent::Hello` prepare the replicas and
 //!    call `welcome(disks)`), `poll_disk_op()` (execute in order; `Read` → `handle_read`,
-//!    `Flush` → persist then `handle_durable`), `poll_marker()` (to the recovery-point catalog),
+//!    `Flush` → persist then `handle_durable`, `Marker` → new before-image interval),
+//!    `poll_marker()` (to the recovery-point catalog once durable),
 //!    `poll_transmit()` (send to the source).
 //! 4. On connection loss `handle_disconnected()`; queued disk ops stay valid and must still run.
 
@@ -58,6 +59,12 @@ pub enum DiskOp {
     /// Make every earlier op durable, persist `seq` as the applied sequence, then call
     /// `handle_durable(seq)`. Consecutive flushes may be merged into the last one.
     Flush { seq: Seq },
+    /// A recovery-point marker (`core::recovery::PointMarker` JSON in `payload`), in stream
+    /// order: writes polled before it belong to the point, writes after it do not. The executor
+    /// starts a new before-image interval here (`SavedBlocks::reset`) for every disk of this
+    /// source; it writes nothing. The same marker also comes out of `poll_marker` for the
+    /// catalog, to be recorded once `durable_seq() >= seq`.
+    Marker { seq: Seq, payload: Vec<u8> },
     /// Read `length` bytes at `offset` (after every earlier write) and call
     /// `handle_read(token, data)`.
     Read {
@@ -355,12 +362,18 @@ impl Target {
                                 })
                             }
                         }
-                        RecordKind::Marker => self.markers.push_back(MarkerArrival {
-                            seq: record.seq,
-                            disk_id: record.disk_id,
-                            timestamp_ns: record.timestamp_ns,
-                            payload: record.payload.to_vec(),
-                        }),
+                        RecordKind::Marker => {
+                            self.disk_ops.push_back(DiskOp::Marker {
+                                seq: record.seq,
+                                payload: record.payload.to_vec(),
+                            });
+                            self.markers.push_back(MarkerArrival {
+                                seq: record.seq,
+                                disk_id: record.disk_id,
+                                timestamp_ns: record.timestamp_ns,
+                                payload: record.payload.to_vec(),
+                            })
+                        }
                     }
                     self.received_seq = record.seq;
                     self.gap_reported_at = None;
@@ -654,6 +667,17 @@ mod tests {
         let arrival = target.poll_marker().unwrap();
         assert_eq!((arrival.seq, arrival.timestamp_ns), (1, 77));
         assert_eq!(arrival.payload, b"point-1");
+        assert_eq!(
+            drain_ops(&mut target),
+            vec![
+                DiskOp::Marker {
+                    seq: 1,
+                    payload: b"point-1".to_vec()
+                },
+                DiskOp::Flush { seq: 1 }
+            ],
+            "the marker is an ordered op, flushed like any record"
+        );
         let beyond = record(2, RecordKind::Write, 8190, &[1; 8]);
         let error = target.handle_frame(Frame::records([beyond.as_slice()]).as_bytes());
         assert!(matches!(error, Err(TargetError::OutOfRange { seq: 2, .. })));
