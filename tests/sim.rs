@@ -3,7 +3,10 @@
 //! one seed, with faults — frame drop, duplication, reordering and delay, partitions and heals,
 //! source crash with the journal torn at a random byte, target crash losing unflushed writes,
 //! journal full (dirty-extent bitmap, then resync) — and an initial replication of a pre-filled
-//! source disk against a target seeded with an older copy.
+//! source disk against a target seeded with an older copy. The source cuts recovery points at
+//! random moments; the target keeps an undo log (before-images) per replica disk exactly as the
+//! apply executor does, a catalog of points, pins some points as a failover would and prunes with
+//! a short retention.
 //!
 //! Invariants checked in every run:
 //! - at sampled durable acknowledgements, the target replica equals the reference model: the
@@ -11,17 +14,26 @@
 //! - after a source crash the reopened journal holds every record that was flushed, each with
 //!   exactly the bytes appended;
 //! - after the link heals and the journal drains, every replica is byte-identical to its source
-//!   disk, durably (what survives a target crash).
+//!   disk, durably (what survives a target crash);
+//! - at sampled moments and at the end, every retained point read through `UndoIndex::view` and
+//!   the undo log equals the reference model at its marker, and — when the point is consistent —
+//!   the source disks at the instant of the cut; live (pinned) views extended with `extend_view`
+//!   equal fresh ones; only usable points resolve; pruned points never resolve again;
+//! - after the drain a final point is consistent, usable, newest, and equals the source disks.
 //!
 //! `FERRY_SIM_SEED=<n>` replays one seed; `FERRY_SIM_SEEDS=<count>` runs that many (default
 //! 1,000 with `--release`). A failing run prints its seed.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
 use ferry_appliance::core::journal::{Journal, JournalError, RecordSpec};
 use ferry_appliance::core::journal_mem::{CrashMode, MemSegments};
 use ferry_appliance::core::record::{RecordKind, Seq};
+use ferry_appliance::core::recovery::{
+    Catalog, Piece, PointError, PointKind, PointMap, PointMarker, PointSelector, SavedBlocks,
+    UndoEntry, UndoIndex,
+};
 use ferry_appliance::core::source::{Source, SourceConfig, SourceEvent, SyncMode};
 use ferry_appliance::core::target::{DiskOp, Target, TargetEvent};
 use ferry_appliance::core::wire::{DiskAnnouncement, ReplicaState, WelcomeDisk};
@@ -29,6 +41,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const MS: u64 = 1_000_000;
+
+const SOURCE_NAME: &str = "sim-source";
+const GROUP: &str = "sim";
 
 /// Seeds run by default: 1,000 in release builds (~10-15 s on this machine), fewer in
 /// unoptimised builds, where one seed costs about ten times as much.
@@ -53,6 +68,15 @@ struct Params {
     target_crash_p: f64,
     flush_p: f64,
     target_present: bool,
+    /// Per step: cut a recovery point, prune, pin or unpin a point, check every point.
+    cut_p: f64,
+    prune_p: f64,
+    pin_p: f64,
+    point_check_p: f64,
+    retention_ms: u64,
+    /// Chance that a write's before-images are appended but not yet synced when the step ends
+    /// (a target crash then loses them, and the write).
+    stage_p: f64,
 }
 
 impl Params {
@@ -78,6 +102,12 @@ impl Params {
             target_crash_p: fault(rng, 0.002),
             flush_p: rng.gen_range(0.05..0.5),
             target_present: rng.gen_bool(0.7),
+            cut_p: rng.gen_range(0.003..0.03),
+            prune_p: rng.gen_range(0.002..0.02),
+            pin_p: 0.004,
+            point_check_p: 0.01,
+            retention_ms: rng.gen_range(20..400),
+            stage_p: rng.gen_range(0.0..0.5),
         }
     }
 }
@@ -136,6 +166,45 @@ struct SourceSide {
     generation: u64,
     undo: VecDeque<Undo>,
     reads: Vec<PendingRead>,
+    /// The coordinator's last point id (ids are `max(previous + 1, now_ms)`).
+    last_point_id: u64,
+    /// The source disks at the instant of each consistent cut, by point id.
+    cuts: BTreeMap<u64, Vec<Vec<u8>>>,
+}
+
+/// One replica disk's undo log as the apply executor keeps it.
+struct UndoDisk {
+    index: UndoIndex,
+    saved: SavedBlocks,
+    /// A marker of this disk was applied: writes save before-images from now on. Kept across
+    /// target crashes (saving more than needed is harmless: the earliest entry wins).
+    saving: bool,
+    /// Durable entries by location (append order).
+    store: BTreeMap<u64, (UndoEntry, Vec<u8>)>,
+    /// Appended, not yet synced: lost in a target crash.
+    unsynced: Vec<(UndoEntry, Vec<u8>)>,
+    next_location: u64,
+}
+
+impl UndoDisk {
+    fn new(disk_bytes: usize) -> Self {
+        Self {
+            index: UndoIndex::new(),
+            saved: SavedBlocks::new(disk_bytes as u64),
+            saving: false,
+            store: BTreeMap::new(),
+            unsynced: Vec::new(),
+            next_location: 0,
+        }
+    }
+
+    /// Makes appended entries durable and visible to views (before the replica write).
+    fn sync(&mut self) {
+        for (entry, data) in self.unsynced.drain(..) {
+            self.index.push(entry);
+            self.store.insert(entry.location, (entry, data));
+        }
+    }
 }
 
 struct TargetSide {
@@ -146,6 +215,17 @@ struct TargetSide {
     unflushed: Vec<(usize, usize, usize)>,
     persisted_seq: Seq,
     ops: VecDeque<DiskOp>,
+    undo: Vec<UndoDisk>,
+    /// A write whose before-images are appended but not synced, so not yet issued.
+    staged: Option<DiskOp>,
+    /// Persisted; survives a target crash.
+    catalog: Catalog,
+    /// Markers received, recorded in the catalog once durable.
+    pending_markers: VecDeque<(Seq, Vec<u8>)>,
+    /// Every marker up to this sequence is recorded in the catalog.
+    recorded_through: Seq,
+    /// Points in use by a (simulated) failover, with a live view per disk.
+    pinned: BTreeMap<u64, Vec<PointMap>>,
 }
 
 struct Sim {
@@ -169,6 +249,9 @@ struct Sim {
     reference_seq: Seq,
     last_marker_seq: Seq,
     target_tainted_until: Seq,
+    /// The reference model at each point's marker: (marker seq, disks).
+    point_references: BTreeMap<u64, (Seq, Vec<Vec<u8>>)>,
+    pruned: BTreeSet<u64>,
     stats: Stats,
 }
 
@@ -180,6 +263,31 @@ struct Stats {
     journal_full: u64,
     checks: u64,
     syncs_done: u64,
+    points_cut: u64,
+    points_inconsistent: u64,
+    points_pruned: u64,
+    point_checks: u64,
+    points_read: u64,
+    undo_entries: u64,
+    undo_entries_lost: u64,
+}
+
+impl Stats {
+    fn add(&mut self, other: &Stats) {
+        self.source_crashes += other.source_crashes;
+        self.target_crashes += other.target_crashes;
+        self.partitions += other.partitions;
+        self.journal_full += other.journal_full;
+        self.checks += other.checks;
+        self.syncs_done += other.syncs_done;
+        self.points_cut += other.points_cut;
+        self.points_inconsistent += other.points_inconsistent;
+        self.points_pruned += other.points_pruned;
+        self.point_checks += other.point_checks;
+        self.points_read += other.points_read;
+        self.undo_entries += other.undo_entries;
+        self.undo_entries_lost += other.undo_entries_lost;
+    }
 }
 
 fn extent_of(offset: usize, extent_bytes: usize) -> usize {
@@ -259,6 +367,8 @@ impl Sim {
                 generation: 0,
                 undo: VecDeque::new(),
                 reads: Vec::new(),
+                last_point_id: 0,
+                cuts: BTreeMap::new(),
             },
             target: TargetSide {
                 core: Target::new(0),
@@ -267,6 +377,14 @@ impl Sim {
                 unflushed: Vec::new(),
                 persisted_seq: 0,
                 ops: VecDeque::new(),
+                undo: (0..disk_count)
+                    .map(|_| UndoDisk::new(params.disk_bytes))
+                    .collect(),
+                staged: None,
+                catalog: Catalog::new(),
+                pending_markers: VecDeque::new(),
+                recorded_through: 0,
+                pinned: BTreeMap::new(),
             },
             reference: replicas,
             reference_seq: 0,
@@ -280,6 +398,8 @@ impl Sim {
             shadow: BTreeMap::new(),
             last_marker_seq: 0,
             target_tainted_until: 0,
+            point_references: BTreeMap::new(),
+            pruned: BTreeSet::new(),
             stats: Stats::default(),
         }
     }
@@ -289,6 +409,31 @@ impl Sim {
             self.step(true);
         }
         self.drain();
+        self.check_points();
+        // Everything is replicated and quiet: a point cut now is consistent, becomes the newest
+        // usable point once applied, and holds exactly the source disks (a planned failover).
+        let id = self.cut_point().expect("a drained journal takes a marker");
+        assert!(
+            self.source.cuts.contains_key(&id),
+            "a point cut after the drain is inconsistent"
+        );
+        self.drain();
+        self.check_points();
+        let latest = self
+            .target
+            .catalog
+            .resolve(GROUP, PointSelector::Latest)
+            .unwrap_or_else(|error| panic!("no latest point after the drain: {error}"));
+        assert_eq!(latest.id, id, "the final point is not the latest");
+        for disk in 0..self.params.disk_count {
+            let map = self.target.undo[disk]
+                .index
+                .view(latest.positions[SOURCE_NAME]);
+            let data = self.read_at_point(disk, &map);
+            if let Some(at) = first_difference(&data, &self.source.disks[disk]) {
+                panic!("the final point differs from source disk {disk} at byte {at}");
+            }
+        }
     }
 
     /// One step of simulated time: workload, faults, link, disks, timers.
@@ -297,6 +442,7 @@ impl Sim {
         if faults {
             self.workload();
             self.faults();
+            self.point_activity();
         }
         self.connect_if_due();
         self.deliver();
@@ -335,18 +481,255 @@ impl Sim {
             self.capture_write(disk, offset, kind, &data);
         } else if roll < 0.45 + self.params.flush_p * 0.3 {
             self.source_flush();
-        } else if roll < 0.46 + self.params.flush_p * 0.3 {
-            // A recovery-point marker travels in the stream like any record.
-            let spec = RecordSpec {
-                kind: RecordKind::Marker,
-                disk_id: 0,
-                offset: 0,
-                length: 0,
-                timestamp_ns: self.now,
-                payload: b"point",
-            };
-            if self.source.journal.append(&spec).is_ok() {
-                self.mirror_journal();
+        } else if roll < 0.45 + self.params.flush_p * 0.3 + self.params.cut_p {
+            self.cut_point();
+        }
+    }
+
+    /// Whether a disk's replica follows the journal alone: initial sync done, no dirty extents,
+    /// no resync running, not in bitmap mode.
+    fn disk_protected(&self, disk: usize) -> bool {
+        !self.source.initial_pending[disk]
+            && !self.source.bitmap_mode[disk]
+            && self.source.dirty[disk].is_empty()
+            && self.source.syncing[disk].is_empty()
+            && !self
+                .source
+                .core
+                .syncing_disks()
+                .any(|disk_id| disk_id == disk as u32 + 1)
+    }
+
+    /// The group's coordinator cuts a point: a marker record in the journal, consistent only
+    /// when every disk is protected. Returns the point id if the journal took the marker.
+    fn cut_point(&mut self) -> Option<u64> {
+        let now_ms = self.now / MS;
+        let point_id = (self.source.last_point_id + 1).max(now_ms);
+        let consistent = (0..self.params.disk_count).all(|disk| self.disk_protected(disk));
+        let marker = PointMarker {
+            group: GROUP.into(),
+            point_id,
+            time_unix_ms: now_ms,
+            kind: if self.rng.gen_bool(0.2) {
+                PointKind::App
+            } else {
+                PointKind::Crash
+            },
+            consistent,
+            members: vec![SOURCE_NAME.into()],
+            disk_ids: (1..=self.params.disk_count as u32).collect(),
+            retention_ms: self.params.retention_ms,
+        };
+        let payload = marker.encode();
+        // A recovery-point marker travels in the stream like any record.
+        let spec = RecordSpec {
+            kind: RecordKind::Marker,
+            disk_id: 0,
+            offset: 0,
+            length: 0,
+            timestamp_ns: self.now,
+            payload: &payload,
+        };
+        self.source.journal.append(&spec).ok()?;
+        self.source.last_point_id = point_id;
+        self.stats.points_cut += 1;
+        if consistent {
+            self.source.cuts.insert(point_id, self.source.disks.clone());
+        } else {
+            self.stats.points_inconsistent += 1;
+        }
+        self.mirror_journal();
+        Some(point_id)
+    }
+
+    /// Target-side recovery-point work at random moments: prune with the short retention,
+    /// pin or unpin a point as a failover would, check every point.
+    fn point_activity(&mut self) {
+        if self.rng.gen_bool(self.params.prune_p) {
+            self.prune_points();
+        }
+        if self.rng.gen_bool(self.params.pin_p) {
+            let usable: Vec<_> = self
+                .target
+                .catalog
+                .points(GROUP)
+                .into_iter()
+                .filter(|point| point.usable())
+                .collect();
+            if !usable.is_empty() {
+                let point = &usable[self.rng.gen_range(0..usable.len())];
+                let seq = point.positions[SOURCE_NAME];
+                let maps = self
+                    .target
+                    .undo
+                    .iter()
+                    .map(|undo| undo.index.view(seq))
+                    .collect();
+                self.target.pinned.insert(point.id, maps);
+            }
+        }
+        if self.rng.gen_bool(self.params.pin_p) {
+            if let Some(&id) = self.target.pinned.keys().next() {
+                self.target.pinned.remove(&id);
+            }
+        }
+        if self.rng.gen_bool(self.params.point_check_p) {
+            self.check_points();
+        }
+    }
+
+    /// Prunes the catalog, then drops the before-images no retained point needs.
+    fn prune_points(&mut self) {
+        let pinned: BTreeSet<u64> = self.target.pinned.keys().copied().collect();
+        let removed =
+            self.target
+                .catalog
+                .prune(GROUP, self.now / MS, self.params.retention_ms, &pinned);
+        for point in removed {
+            assert!(!pinned.contains(&point.id), "a pinned point was pruned");
+            self.stats.points_pruned += 1;
+            self.point_references.remove(&point.id);
+            self.source.cuts.remove(&point.id);
+            self.pruned.insert(point.id);
+        }
+        // Without a retained point, entries are unneeded only up to what the catalog has
+        // recorded: a marker applied but not yet durable needs the entries after it.
+        let floor = self
+            .target
+            .catalog
+            .floor_seq(SOURCE_NAME)
+            .unwrap_or(self.target.recorded_through);
+        for undo in &mut self.target.undo {
+            for entry in undo.index.drop_through(floor) {
+                undo.store
+                    .remove(&entry.location)
+                    .expect("a dropped entry was stored");
+            }
+        }
+    }
+
+    /// Reads a whole replica disk at a point: replica bytes overlaid with before-images.
+    fn read_at_point(&self, disk: usize, map: &PointMap) -> Vec<u8> {
+        let undo = &self.target.undo[disk];
+        let replica = &self.target.volatile[disk];
+        let mut data = Vec::with_capacity(replica.len());
+        for piece in map.pieces(0, replica.len() as u64) {
+            match piece {
+                Piece::Replica { offset, length } => {
+                    data.extend_from_slice(&replica[offset as usize..(offset + length) as usize])
+                }
+                Piece::Undo { location, length } => {
+                    let (&start, (_, bytes)) = undo
+                        .store
+                        .range(..=location)
+                        .next_back()
+                        .unwrap_or_else(|| panic!("undo location {location} not stored"));
+                    let at = (location - start) as usize;
+                    assert!(
+                        at + length as usize <= bytes.len(),
+                        "piece at undo location {location} runs past its entry"
+                    );
+                    data.extend_from_slice(&bytes[at..at + length as usize]);
+                }
+            }
+        }
+        assert_eq!(data.len(), replica.len(), "pieces do not cover the disk");
+        data
+    }
+
+    /// Every retained point reads as the model at its marker (and as the source disks at the
+    /// cut when consistent); only usable points resolve; pruned ones never do.
+    fn check_points(&mut self) {
+        self.stats.point_checks += 1;
+        for point in self.target.catalog.points(GROUP) {
+            let seq = point.positions[SOURCE_NAME];
+            let (reference_seq, reference) = self
+                .point_references
+                .get(&point.id)
+                .unwrap_or_else(|| panic!("point {} recorded without passing the model", point.id));
+            assert_eq!(*reference_seq, seq, "point {} marker sequence", point.id);
+            let cut = self.source.cuts.get(&point.id);
+            assert_eq!(
+                cut.is_some(),
+                point.consistent,
+                "point {} consistency differs from the cut",
+                point.id
+            );
+            for disk in 0..self.params.disk_count {
+                let map = self.target.undo[disk].index.view(seq);
+                let data = self.read_at_point(disk, &map);
+                self.stats.points_read += 1;
+                if let Some(at) = first_difference(&data, &reference[disk]) {
+                    panic!(
+                        "point {} (marker seq {seq}) disk {disk} differs from the model at byte {at}",
+                        point.id
+                    );
+                }
+                if let Some(cut) = cut {
+                    if let Some(at) = first_difference(&data, &cut[disk]) {
+                        panic!(
+                            "consistent point {} disk {disk} differs from the source at the cut, byte {at}",
+                            point.id
+                        );
+                    }
+                }
+            }
+            match self
+                .target
+                .catalog
+                .resolve(GROUP, PointSelector::Id(point.id))
+            {
+                Ok(resolved) => {
+                    assert!(point.usable(), "unusable point {} resolved", point.id);
+                    assert_eq!(resolved, point);
+                }
+                Err(PointError::NotUsable { .. }) => {
+                    assert!(!point.usable(), "usable point {} did not resolve", point.id)
+                }
+                Err(error) => panic!("point {} listed but not found: {error}", point.id),
+            }
+        }
+        let points = self.target.catalog.points(GROUP);
+        let latest = points.iter().rev().find(|point| point.usable());
+        match self.target.catalog.resolve(GROUP, PointSelector::Latest) {
+            Ok(point) => assert_eq!(Some(&point), latest),
+            Err(_) => assert!(latest.is_none(), "a usable point exists but Latest fails"),
+        }
+        if let Some(first) = points.first() {
+            let time_unix_ms =
+                first.time_unix_ms + self.rng.gen_range(0..=self.params.retention_ms * 2);
+            let expected = points
+                .iter()
+                .rev()
+                .find(|point| point.usable() && point.time_unix_ms <= time_unix_ms);
+            let resolved = self
+                .target
+                .catalog
+                .resolve(GROUP, PointSelector::AtOrBefore { time_unix_ms })
+                .ok();
+            assert_eq!(resolved.as_ref(), expected, "AtOrBefore {time_unix_ms}");
+        }
+        for &id in &self.pruned {
+            match self.target.catalog.resolve(GROUP, PointSelector::Id(id)) {
+                Err(PointError::NoSuchPoint { .. }) => {}
+                other => panic!("pruned point {id} resolves: {other:?}"),
+            }
+        }
+        // Live views of pinned points, extended as the apply went on, equal fresh ones.
+        let pinned: Vec<u64> = self.target.pinned.keys().copied().collect();
+        for id in pinned {
+            let (seq, reference) = self.point_references[&id].clone();
+            for (disk, reference) in reference.iter().enumerate() {
+                let mut map = self.target.pinned[&id][disk].clone();
+                self.target.undo[disk].index.extend_view(&mut map);
+                assert_eq!(
+                    map,
+                    self.target.undo[disk].index.view(seq),
+                    "live view of point {id} disk {disk} differs from a fresh one"
+                );
+                let data = self.read_at_point(disk, &map);
+                assert!(data == *reference, "pinned point {id} disk {disk} changed");
+                self.target.pinned.get_mut(&id).expect("pinned")[disk] = map;
             }
         }
     }
@@ -615,6 +998,31 @@ impl Sim {
         }
         self.target.volatile = self.target.durable.clone();
         self.target.ops.clear();
+        // The undo log loses what was not synced (never what a replica write relied on, as
+        // writes wait for the sync); the index is rebuilt by scanning it, the interval's saved
+        // blocks are forgotten (saving them again is harmless: the earliest entry wins).
+        self.target.staged = None;
+        self.target.pending_markers.clear();
+        for undo in &mut self.target.undo {
+            self.stats.undo_entries_lost += undo.unsynced.len() as u64;
+            undo.unsynced.clear();
+            undo.saved = SavedBlocks::new(self.params.disk_bytes as u64);
+            undo.index = UndoIndex::new();
+            for (entry, _) in undo.store.values() {
+                undo.index.push(*entry);
+            }
+        }
+        let pinned: Vec<u64> = self.target.pinned.keys().copied().collect();
+        for id in pinned {
+            let seq = self.point_references[&id].0;
+            let maps = self
+                .target
+                .undo
+                .iter()
+                .map(|undo| undo.index.view(seq))
+                .collect();
+            self.target.pinned.insert(id, maps);
+        }
         self.last_marker_seq = self.target.persisted_seq;
         // Writes kept from beyond the persisted sequence make the replica hold "future" bytes
         // until the replay passes them; the reference comparison waits until then.
@@ -725,6 +1133,9 @@ impl Sim {
                     assert_eq!(marker.payload, shadow.payload);
                 }
                 self.last_marker_seq = marker.seq;
+                self.target
+                    .pending_markers
+                    .push_back((marker.seq, marker.payload));
             }
             while let Some(frame) = self.target.core.poll_transmit() {
                 if self.connected {
@@ -848,8 +1259,68 @@ impl Sim {
         }
     }
 
+    /// Saves the before-images a write at `offset..offset + length` of `disk_id` needs (4 KiB
+    /// blocks not yet saved since the last marker); they are appended, not yet synced. Returns
+    /// whether anything was appended.
+    fn save_before_images(&mut self, seq: Seq, disk_id: u32, offset: u64, length: u64) -> bool {
+        let disk = disk_id as usize - 1;
+        let undo = &mut self.target.undo[disk];
+        if !undo.saving {
+            return false;
+        }
+        let runs = undo.saved.take_unsaved(offset, length);
+        for &(run_offset, run_length) in &runs {
+            let range = run_offset as usize..(run_offset + run_length) as usize;
+            let before = self.target.volatile[disk][range].to_vec();
+            let entry = UndoEntry {
+                seq,
+                offset: run_offset,
+                length: run_length,
+                location: undo.next_location,
+            };
+            undo.next_location += run_length;
+            undo.unsynced.push((entry, before));
+            self.stats.undo_entries += 1;
+        }
+        !runs.is_empty()
+    }
+
+    /// Issues a write to the replica once the before-images protecting it are durable.
+    fn write_replica(&mut self, op: DiskOp) {
+        match op {
+            DiskOp::Write {
+                disk_id,
+                offset,
+                data,
+                ..
+            } => {
+                let disk = disk_id as usize - 1;
+                self.target.undo[disk].sync();
+                let offset = offset as usize;
+                self.target.volatile[disk][offset..offset + data.len()].copy_from_slice(&data);
+                self.target.unflushed.push((disk, offset, data.len()));
+            }
+            DiskOp::Zero {
+                disk_id,
+                offset,
+                length,
+                ..
+            } => {
+                let disk = disk_id as usize - 1;
+                self.target.undo[disk].sync();
+                let (offset, length) = (offset as usize, length as usize);
+                self.target.volatile[disk][offset..offset + length].fill(0);
+                self.target.unflushed.push((disk, offset, length));
+            }
+            other => unreachable!("not a replica write: {other:?}"),
+        }
+    }
+
     /// The target's disk: executes a few ops per step, in order.
     fn run_target_disk(&mut self) {
+        if let Some(op) = self.target.staged.take() {
+            self.write_replica(op);
+        }
         let budget = self.rng.gen_range(0..16);
         for _ in 0..budget {
             let Some(op) = self.target.ops.pop_front() else {
@@ -857,26 +1328,39 @@ impl Sim {
             };
             match op {
                 DiskOp::Write {
+                    seq,
                     disk_id,
                     offset,
-                    data,
-                    ..
+                    ref data,
                 } => {
-                    let disk = disk_id as usize - 1;
-                    let offset = offset as usize;
-                    self.target.volatile[disk][offset..offset + data.len()].copy_from_slice(&data);
-                    self.target.unflushed.push((disk, offset, data.len()));
+                    let saved = self.save_before_images(seq, disk_id, offset, data.len() as u64);
+                    if saved && self.rng.gen_bool(self.params.stage_p) {
+                        self.target.staged = Some(op);
+                        break;
+                    }
+                    self.write_replica(op);
                 }
                 DiskOp::Zero {
+                    seq,
                     disk_id,
                     offset,
                     length,
-                    ..
                 } => {
-                    let disk = disk_id as usize - 1;
-                    let (offset, length) = (offset as usize, length as usize);
-                    self.target.volatile[disk][offset..offset + length].fill(0);
-                    self.target.unflushed.push((disk, offset, length));
+                    let saved = self.save_before_images(seq, disk_id, offset, length);
+                    if saved && self.rng.gen_bool(self.params.stage_p) {
+                        self.target.staged = Some(op);
+                        break;
+                    }
+                    self.write_replica(op);
+                }
+                DiskOp::Marker { payload, .. } => {
+                    let marker = PointMarker::decode(&payload)
+                        .unwrap_or_else(|error| panic!("marker payload: {error}"));
+                    for disk_id in marker.disk_ids {
+                        let undo = &mut self.target.undo[disk_id as usize - 1];
+                        undo.saved.reset();
+                        undo.saving = true;
+                    }
                 }
                 DiskOp::Flush { seq } => {
                     for (disk, offset, length) in std::mem::take(&mut self.target.unflushed) {
@@ -886,8 +1370,8 @@ impl Sim {
                     self.target.persisted_seq = seq;
                     self.check_reference(seq);
                     self.target.core.handle_durable(seq);
+                    self.record_durable_markers(seq);
                 }
-                DiskOp::Marker { .. } => {}
                 DiskOp::Read {
                     token,
                     disk_id,
@@ -904,6 +1388,22 @@ impl Sim {
         self.pump();
     }
 
+    /// Records in the catalog the markers made durable by the flush of `seq`.
+    fn record_durable_markers(&mut self, seq: Seq) {
+        while let Some(&(marker_seq, _)) = self.target.pending_markers.front() {
+            if marker_seq > seq {
+                break;
+            }
+            let (_, payload) = self.target.pending_markers.pop_front().expect("front");
+            let marker = PointMarker::decode(&payload)
+                .unwrap_or_else(|error| panic!("marker payload: {error}"));
+            self.target
+                .catalog
+                .record_marker(SOURCE_NAME, &marker, marker_seq);
+        }
+        self.target.recorded_through = self.target.recorded_through.max(seq);
+    }
+
     /// At a flush every op up to `seq` has run and none after: the replica must equal the
     /// reference model at `seq`. Checked at a sample of flushes to stay fast.
     fn check_reference(&mut self, seq: Seq) {
@@ -916,6 +1416,10 @@ impl Sim {
                 panic!("the target applied {next}, which the source never appended")
             });
             if record.kind == RecordKind::Marker {
+                let marker = PointMarker::decode(&record.payload)
+                    .unwrap_or_else(|error| panic!("marker payload: {error}"));
+                self.point_references
+                    .insert(marker.point_id, (next, self.reference.clone()));
                 continue;
             }
             let disk = record.disk_id as usize - 1;
@@ -955,7 +1459,8 @@ impl Sim {
                 && !self.source.initial_pending.iter().any(|&pending| pending)
                 && self.source.core.syncing_disks().next().is_none()
                 && self.source.core.acked_seq() == self.source.journal.last_seq()
-                && self.target.ops.is_empty();
+                && self.target.ops.is_empty()
+                && self.target.staged.is_none();
             if quiet {
                 break;
             }
@@ -1023,14 +1528,7 @@ fn simulate_seeds() {
     let mut totals = Stats::default();
     for &seed in &seeds {
         match catch_unwind(AssertUnwindSafe(|| run_seed(seed))) {
-            Ok(stats) => {
-                totals.source_crashes += stats.source_crashes;
-                totals.target_crashes += stats.target_crashes;
-                totals.partitions += stats.partitions;
-                totals.journal_full += stats.journal_full;
-                totals.checks += stats.checks;
-                totals.syncs_done += stats.syncs_done;
-            }
+            Ok(stats) => totals.add(&stats),
             Err(panic) => {
                 eprintln!("simulation failed at seed {seed}: replay with FERRY_SIM_SEED={seed} cargo test --release --test sim");
                 resume_unwind(panic);

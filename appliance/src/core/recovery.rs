@@ -538,7 +538,8 @@ impl PointMap {
     }
 
     /// How to read `length` bytes at `offset` at this point, in order, covering the range
-    /// exactly. Adjacent pieces that continue each other are merged.
+    /// exactly. An `Undo` piece always lies within one undo entry; adjacent `Replica` pieces are
+    /// merged.
     pub fn pieces(&self, offset: u64, length: u64) -> Vec<Piece> {
         let end = offset.saturating_add(length);
         let mut pieces = Vec::new();
@@ -551,16 +552,6 @@ impl PointMap {
                     }),
                     Piece::Replica { offset, length },
                 ) if *last_offset + *last_length == offset => {
-                    *last_length += length;
-                    return;
-                }
-                (
-                    Some(Piece::Undo {
-                        location: last_location,
-                        length: last_length,
-                    }),
-                    Piece::Undo { location, length },
-                ) if *last_location + *last_length == location => {
                     *last_length += length;
                     return;
                 }
