@@ -214,6 +214,9 @@ struct GroupEntry {
     /// Highest pruned point id: a late marker of a pruned point must not bring it back, since
     /// the before-images it would need may already be gone.
     pruned_through_id: Option<u64>,
+    /// The retention the newest marker carried (0: none carried).
+    #[serde(default)]
+    retention_ms: u64,
 }
 
 /// The target's recovery points per consistency group (persisted as JSON by the target).
@@ -234,6 +237,9 @@ impl Catalog {
         let group = self.groups.entry(marker.group.clone()).or_default();
         for &disk_id in &marker.disk_ids {
             group.disks.insert((source.to_owned(), disk_id));
+        }
+        if marker.retention_ms > 0 {
+            group.retention_ms = marker.retention_ms;
         }
         if group
             .pruned_through_id
@@ -267,6 +273,15 @@ impl Catalog {
             .get(group)
             .map(|entry| entry.disks.iter().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// The retention the group's source sent in its newest marker (`PointMarker::retention_ms`),
+    /// for a target without its own setting; `None` when no marker carried one.
+    pub fn group_retention_ms(&self, group: &str) -> Option<u64> {
+        self.groups
+            .get(group)
+            .map(|entry| entry.retention_ms)
+            .filter(|&retention_ms| retention_ms > 0)
     }
 
     /// The group's retained points, oldest first (empty for an unknown group).
@@ -455,7 +470,9 @@ impl UndoIndex {
     }
 
     /// Adds to `map` the entries appended since it was built or last extended. Later entries
-    /// never displace earlier ones, so a live view stays exact as the apply goes on.
+    /// never displace earlier ones, so a live view stays exact as the apply goes on. A map
+    /// belongs to the index it was built from: after rebuilding an index (a scan on open),
+    /// rebuild its views with `view`.
     pub fn extend_view(&self, map: &mut PointMap) {
         for (_, entry) in self.entries.range(map.next_position..) {
             if entry.seq > map.point_seq && entry.length > 0 {
@@ -750,6 +767,12 @@ mod tests {
             vec![("s1".to_string(), 1), ("s2".to_string(), 1)]
         );
         assert_eq!(catalog.groups(), vec!["g".to_string()]);
+        assert_eq!(catalog.group_retention_ms("g"), None);
+        let mut with_retention = marker("g", 30, &["s1"], true);
+        with_retention.retention_ms = 60_000;
+        catalog.record_marker("s1", &with_retention, 300);
+        assert_eq!(catalog.group_retention_ms("g"), Some(60_000));
+        assert_eq!(catalog.group_retention_ms("nope"), None);
     }
 
     #[test]

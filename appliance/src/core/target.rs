@@ -61,9 +61,10 @@ pub enum DiskOp {
     Flush { seq: Seq },
     /// A recovery-point marker (`core::recovery::PointMarker` JSON in `payload`), in stream
     /// order: writes polled before it belong to the point, writes after it do not. The executor
-    /// starts a new before-image interval here (`SavedBlocks::reset`) for every disk of this
-    /// source; it writes nothing. The same marker also comes out of `poll_marker` for the
-    /// catalog, to be recorded once `durable_seq() >= seq`.
+    /// starts a new before-image interval here (`SavedBlocks::reset`) for each disk in the
+    /// marker's `disk_ids` and from then on saves before-images for them; it writes nothing.
+    /// The same marker also comes out of `poll_marker` for the catalog, to be recorded once
+    /// `durable_seq() >= seq`.
     Marker { seq: Seq, payload: Vec<u8> },
     /// Read `length` bytes at `offset` (after every earlier write) and call
     /// `handle_read(token, data)`.
