@@ -14,6 +14,7 @@ use ferry_appliance::config::Config;
 use ferry_appliance::control::{DiskSelector, Request, Response};
 use ferry_appliance::daemon::{self, Client};
 
+mod bench;
 mod demo;
 
 /// Where `ferry status` and friends look for the control socket when told nothing else.
@@ -64,6 +65,10 @@ enum Command {
     /// A source and a target appliance on loopback in this process, sample disks with a write
     /// workload through their NBD exports, and the console on the source (`q` ends the demo).
     Demo(DemoArgs),
+    /// Measure this machine's Ferry beside the physical limit and peer tools (issue 7): source
+    /// and target appliances on loopback, qemu-img, fio, nbdkit, rsync; writes
+    /// benches/RESULTS.md and benches/results.svg.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -188,6 +193,7 @@ fn main() -> ExitCode {
         Command::Identity { config, state_dir } => print_identity(config, state_dir),
         Command::Tui(args) => tui(args),
         Command::Demo(args) => run_demo(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,222 @@
+//! Scenarios 1 and 2: initial replication of a random-data disk (beside `qemu-img convert -n`
+//! to a local file and fio's sequential read of the source, the physical limit) and of an
+//! all-zero sparse disk (beside `qemu-img convert -n` of the same sparse file and the aim of 5 s).
+//! Both are timed from the source appliance's start until every disk is `protected` and the
+//! target acknowledged everything (it acknowledges only durable data); `ferry verify` then checks
+//! the replica.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::figure::{Better, Figure};
+use super::pair::{DiskSpec, Pair, PairOptions};
+use super::tools::{self, Tool};
+use super::{Env, Scenario, Size};
+
+pub const RANDOM_STEPS: u64 = 4;
+pub const SPARSE_STEPS: u64 = 2;
+
+fn gib(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{} GiB", bytes >> 30)
+    } else {
+        format!("{} MiB", bytes >> 20)
+    }
+}
+
+/// Scenario 1.
+pub fn random(env: &Env) -> anyhow::Result<Vec<Figure>> {
+    let bytes: u64 = env.size.pick(8 << 20, 512 << 20, 4 << 30);
+    let dir = env.scenario_dir(Scenario::Initial)?;
+    // The disk, the baseline's copy and the replica.
+    tools::need_free(&dir, bytes * 3 + (1 << 30))?;
+    let disk = dir.join("disk.raw");
+    env.progress
+        .step(&format!("writing a {} random disk", gib(bytes)));
+    tools::random_image(&disk, bytes, 0x5eed_0001)?;
+
+    // Physical limit: fio reads the source sequentially, O_DIRECT.
+    env.progress.step("fio sequential read of the source");
+    let fio = if let Some(why) = env.tools.missing_reason(Tool::Fio) {
+        Err(why)
+    } else {
+        tools::fio(
+            &[
+                "--name=seqread".into(),
+                format!("--filename={}", disk.display()),
+                "--readonly".into(),
+                "--rw=read".into(),
+                "--bs=1M".into(),
+                "--iodepth=32".into(),
+                "--ioengine=io_uring".into(),
+                "--direct=1".into(),
+                format!("--size={bytes}"),
+            ],
+            "read",
+        )
+        .map(|result| result.bytes_per_s / 1e9)
+        .map_err(|error| format!("fio failed: {error:#}"))
+    };
+
+    // qemu-img convert -n onto a new local file, + fsync, page cache dropped first.
+    env.progress.step("qemu-img convert -n to a local file");
+    let qemu = if let Some(why) = env.tools.missing_reason(Tool::QemuImg) {
+        Err(why)
+    } else {
+        qemu_convert(&disk, &dir.join("copy.raw"), bytes)
+            .map(|took| bytes as f64 / took.as_secs_f64() / 1e9)
+            .map_err(|error| format!("qemu-img failed: {error:#}"))
+    };
+    let _ = std::fs::remove_file(dir.join("copy.raw"));
+
+    env.progress.step("Ferry initial replication");
+    let (took, identical) = replicate(env, &dir, &disk)?;
+    let ferry = bytes as f64 / took.as_secs_f64() / 1e9;
+    env.log(&format!(
+        "  initial replication of {}: {:.1} s, {ferry:.3} GB/s; qemu-img {}; fio read {}",
+        gib(bytes),
+        took.as_secs_f64(),
+        shown(&qemu, "GB/s"),
+        shown(&fio, "GB/s")
+    ));
+    let name = format!("initial replication, {} random data", gib(bytes));
+    let verified = verified_note(identical);
+    Ok(vec![
+        with_baseline(
+            Figure::new(&name, ferry, "GB/s", Better::Higher),
+            "qemu-img convert -n to a local file (+ fsync)",
+            &qemu,
+        )
+        .aim("≥ 1.0x qemu-img", 1.0)
+        .note(verified.clone()),
+        with_baseline(
+            Figure::new(&name, ferry, "GB/s", Better::Higher),
+            "fio sequential read of the source, 1 MiB QD32 O_DIRECT (physical limit)",
+            &fio,
+        ),
+    ])
+}
+
+/// Scenario 2.
+pub fn sparse(env: &Env) -> anyhow::Result<Vec<Figure>> {
+    let bytes: u64 = env.size.pick(256 << 20, 8 << 30, 64 << 30);
+    let dir = env.scenario_dir(Scenario::Sparse)?;
+    tools::need_free(&dir, 2 << 30)?;
+    let disk = dir.join("disk.raw");
+    tools::sparse_image(&disk, bytes)?;
+
+    env.progress.step("qemu-img convert -n of the sparse disk");
+    let qemu = if let Some(why) = env.tools.missing_reason(Tool::QemuImg) {
+        Err(why)
+    } else {
+        qemu_convert(&disk, &dir.join("copy.raw"), bytes)
+            .map(|took| took.as_secs_f64())
+            .map_err(|error| format!("qemu-img failed: {error:#}"))
+    };
+    let _ = std::fs::remove_file(dir.join("copy.raw"));
+
+    env.progress
+        .step("Ferry initial replication of the sparse disk");
+    let (took, identical) = replicate(env, &dir, &disk)?;
+    let seconds = took.as_secs_f64();
+    env.log(&format!(
+        "  initial replication of a {} sparse disk: {seconds:.2} s; qemu-img {}",
+        gib(bytes),
+        shown(&qemu, "s")
+    ));
+    let name = format!("initial replication, {} all-zero sparse disk", gib(bytes));
+    let verified = verified_note(identical);
+    let aim_s = if env.size == Size::Full {
+        5.0
+    } else {
+        // The aim is for 64 GiB; smaller runs scale it.
+        5.0 * bytes as f64 / (64u64 << 30) as f64
+    };
+    Ok(vec![
+        Figure::new(&name, seconds, "s", Better::Lower)
+            .against(format!("aim: {aim_s:.2} s"), Some(aim_s))
+            .aim(&format!("under {aim_s:.2} s"), 1.0)
+            .note(verified),
+        with_baseline(
+            Figure::new(&name, seconds, "s", Better::Lower),
+            "qemu-img convert -n of the same sparse file (+ fsync)",
+            &qemu,
+        ),
+    ])
+}
+
+/// Starts a pair protecting `disk`, times the initial replication, verifies, stops the pair.
+fn replicate(env: &Env, dir: &Path, disk: &Path) -> anyhow::Result<(Duration, bool)> {
+    let mut pair = Pair::prepare(
+        &env.exe,
+        &dir.join("pair"),
+        &PairOptions {
+            disks: vec![DiskSpec {
+                name: "os".into(),
+                path: disk.to_path_buf(),
+            }],
+            journal_size: "256MiB".into(),
+            relay: false,
+        },
+    )?;
+    pair.start_target()?;
+    tools::drop_caches();
+    let start = Instant::now();
+    pair.start_source()?;
+    pair.wait_replicated(replication_deadline(env.size), &|what| {
+        env.progress
+            .detail(&format!("Ferry initial replication: {what}"))
+    })?;
+    let took = start.elapsed();
+    let identical = pair.verify()?;
+    pair.stop_source()?;
+    pair.stop_target()?;
+    Ok((took, identical))
+}
+
+/// `qemu-img convert -n -f raw -O raw` onto a new file of the same size, then fsync; the page
+/// cache is dropped first.
+fn qemu_convert(from: &Path, to: &Path, bytes: u64) -> anyhow::Result<Duration> {
+    tools::sparse_image(to, bytes)?;
+    tools::drop_caches();
+    let start = Instant::now();
+    tools::output(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(from)
+            .arg(to),
+    )?;
+    tools::sync_file(to)?;
+    Ok(start.elapsed())
+}
+
+/// The longest a replication may take before a scenario gives up.
+pub fn replication_deadline(size: Size) -> Duration {
+    Duration::from_secs(size.pick(120, 300, 900))
+}
+
+pub fn verified_note(identical: bool) -> String {
+    if identical {
+        "ferry verify: replica identical".to_owned()
+    } else {
+        "ferry verify: REPLICA DIFFERS".to_owned()
+    }
+}
+
+/// Attaches a baseline that may have been skipped (`Err(why)`).
+pub fn with_baseline(figure: Figure, baseline: &str, value: &Result<f64, String>) -> Figure {
+    match value {
+        Ok(value) => figure.against(baseline, Some(*value)),
+        Err(why) => figure
+            .against(baseline, None)
+            .note(format!("baseline skipped: {why}")),
+    }
+}
+
+pub fn shown(value: &Result<f64, String>, unit: &str) -> String {
+    match value {
+        Ok(value) => format!("{value:.3} {unit}"),
+        Err(why) => format!("skipped ({why})"),
+    }
+}
