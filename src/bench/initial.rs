@@ -17,6 +17,13 @@ use super::{Env, Scenario, Size};
 pub const RANDOM_STEPS: u64 = 4;
 pub const SPARSE_STEPS: u64 = 2;
 
+/// The source's journal in scenario 1. 64 MiB (16 MiB segments), not more: on main as of
+/// 2026-11-26 17:30 UTC a sync stops reading while the journal's used bytes, counted in whole
+/// segments, are at or above `SYNC_BACKLOG_BYTES_MAX` (16 MiB), so with 64 MiB segments (a
+/// journal of 256 MiB or more) the head segment never fills nor frees and the initial
+/// replication stalls at ~23 MiB. See benches/RESULTS.md.
+const RANDOM_JOURNAL: &str = "64MiB";
+
 fn gib(bytes: u64) -> String {
     if bytes >= 1 << 30 {
         format!("{} GiB", bytes >> 30)
@@ -71,7 +78,7 @@ pub fn random(env: &Env) -> anyhow::Result<Vec<Figure>> {
     let _ = std::fs::remove_file(dir.join("copy.raw"));
 
     env.progress.step("Ferry initial replication");
-    let (took, identical) = replicate(env, &dir, &disk)?;
+    let (took, identical) = replicate(env, &dir, &disk, RANDOM_JOURNAL)?;
     let ferry = bytes as f64 / took.as_secs_f64() / 1e9;
     env.log(&format!(
         "  initial replication of {}: {:.1} s, {ferry:.3} GB/s; qemu-img {}; fio read {}",
@@ -89,7 +96,8 @@ pub fn random(env: &Env) -> anyhow::Result<Vec<Figure>> {
             &qemu,
         )
         .aim("≥ 1.0x qemu-img", 1.0)
-        .note(verified.clone()),
+        .note(verified)
+        .note(format!("source journal {RANDOM_JOURNAL}")),
         with_baseline(
             Figure::new(&name, ferry, "GB/s", Better::Higher),
             "fio sequential read of the source, 1 MiB QD32 O_DIRECT (physical limit)",
@@ -100,9 +108,27 @@ pub fn random(env: &Env) -> anyhow::Result<Vec<Figure>> {
 
 /// Scenario 2.
 pub fn sparse(env: &Env) -> anyhow::Result<Vec<Figure>> {
-    let bytes: u64 = env.size.pick(256 << 20, 8 << 30, 64 << 30);
+    let wanted: u64 = env.size.pick(256 << 20, 8 << 30, 64 << 30);
     let dir = env.scenario_dir(Scenario::Sparse)?;
-    tools::need_free(&dir, 2 << 30)?;
+    // The target may allocate the zero ranges of the replica (fallocate ZERO_RANGE makes
+    // unwritten extents, which take space): never let the bench fill a shared disk. With too
+    // little room for the full size, measure 8 GiB and say so.
+    let margin = 8u64 << 30;
+    let free = tools::free_bytes(&dir).unwrap_or(u64::MAX);
+    let bytes = if free >= wanted + margin {
+        wanted
+    } else {
+        wanted.min(8 << 30)
+    };
+    tools::need_free(&dir, bytes + margin)?;
+    let reduced = (bytes < wanted).then(|| {
+        format!(
+            "ran at {} instead of {} ({:.0} GiB free, and the replica's zero ranges may take space)",
+            gib(bytes),
+            gib(wanted),
+            free as f64 / (1u64 << 30) as f64
+        )
+    });
     let disk = dir.join("disk.raw");
     tools::sparse_image(&disk, bytes)?;
 
@@ -118,7 +144,7 @@ pub fn sparse(env: &Env) -> anyhow::Result<Vec<Figure>> {
 
     env.progress
         .step("Ferry initial replication of the sparse disk");
-    let (took, identical) = replicate(env, &dir, &disk)?;
+    let (took, identical) = replicate(env, &dir, &disk, "256MiB")?;
     let seconds = took.as_secs_f64();
     env.log(&format!(
         "  initial replication of a {} sparse disk: {seconds:.2} s; qemu-img {}",
@@ -127,17 +153,17 @@ pub fn sparse(env: &Env) -> anyhow::Result<Vec<Figure>> {
     ));
     let name = format!("initial replication, {} all-zero sparse disk", gib(bytes));
     let verified = verified_note(identical);
-    let aim_s = if env.size == Size::Full {
-        5.0
-    } else {
-        // The aim is for 64 GiB; smaller runs scale it.
-        5.0 * bytes as f64 / (64u64 << 30) as f64
-    };
+    // The aim is 5 s for 64 GiB; smaller runs scale it.
+    let aim_s = 5.0 * bytes as f64 / (64u64 << 30) as f64;
+    let mut first = Figure::new(&name, seconds, "s", Better::Lower)
+        .against(format!("aim: {aim_s:.2} s"), Some(aim_s))
+        .aim(&format!("under {aim_s:.2} s"), 1.0)
+        .note(verified);
+    if let Some(reduced) = reduced {
+        first = first.note(reduced);
+    }
     Ok(vec![
-        Figure::new(&name, seconds, "s", Better::Lower)
-            .against(format!("aim: {aim_s:.2} s"), Some(aim_s))
-            .aim(&format!("under {aim_s:.2} s"), 1.0)
-            .note(verified),
+        first,
         with_baseline(
             Figure::new(&name, seconds, "s", Better::Lower),
             "qemu-img convert -n of the same sparse file (+ fsync)",
@@ -147,7 +173,12 @@ pub fn sparse(env: &Env) -> anyhow::Result<Vec<Figure>> {
 }
 
 /// Starts a pair protecting `disk`, times the initial replication, verifies, stops the pair.
-fn replicate(env: &Env, dir: &Path, disk: &Path) -> anyhow::Result<(Duration, bool)> {
+fn replicate(
+    env: &Env,
+    dir: &Path,
+    disk: &Path,
+    journal_size: &str,
+) -> anyhow::Result<(Duration, anyhow::Result<bool>)> {
     let mut pair = Pair::prepare(
         &env.exe,
         &dir.join("pair"),
@@ -156,7 +187,7 @@ fn replicate(env: &Env, dir: &Path, disk: &Path) -> anyhow::Result<(Duration, bo
                 name: "os".into(),
                 path: disk.to_path_buf(),
             }],
-            journal_size: "256MiB".into(),
+            journal_size: journal_size.into(),
             relay: false,
         },
     )?;
@@ -169,7 +200,7 @@ fn replicate(env: &Env, dir: &Path, disk: &Path) -> anyhow::Result<(Duration, bo
             .detail(&format!("Ferry initial replication: {what}"))
     })?;
     let took = start.elapsed();
-    let identical = pair.verify()?;
+    let identical = pair.verify();
     pair.stop_source()?;
     pair.stop_target()?;
     Ok((took, identical))
@@ -196,11 +227,13 @@ pub fn replication_deadline(size: Size) -> Duration {
     Duration::from_secs(size.pick(120, 300, 900))
 }
 
-pub fn verified_note(identical: bool) -> String {
-    if identical {
-        "ferry verify: replica identical".to_owned()
-    } else {
-        "ferry verify: REPLICA DIFFERS".to_owned()
+/// What `ferry verify` said, for a figure's note (an error is reported, not fatal: the figures
+/// were measured before it).
+pub fn verified_note(identical: anyhow::Result<bool>) -> String {
+    match identical {
+        Ok(true) => "ferry verify: replica identical".to_owned(),
+        Ok(false) => "ferry verify: REPLICA DIFFERS".to_owned(),
+        Err(error) => format!("ferry verify failed: {error:#}"),
     }
 }
 
