@@ -165,10 +165,11 @@ impl Report {
         self.plot(&out.join(PLOT_FILE))
     }
 
-    /// A horizontal bar per figure from 1 to its ratio, log scale; green where the aim (or, with
-    /// no aim, parity) is met, red where not.
+    /// A horizontal bar per figure from 1 to its ratio, log scale; green where the aim is met,
+    /// red where not, blue for figures without an aim.
     fn plot(&self, path: &Path) -> anyhow::Result<()> {
-        let rows: Vec<(String, Option<f64>, Option<bool>)> = self
+        // (label, ratio, aim met, measured)
+        let rows: Vec<(String, Option<f64>, Option<bool>, bool)> = self
             .figures
             .iter()
             .map(|figure| {
@@ -178,10 +179,12 @@ impl Report {
                     short(&figure.name, 52),
                     short(figure.baseline.as_deref().unwrap_or("—"), 34)
                 );
-                let met = figure
-                    .aim_met()
-                    .or_else(|| figure.ratio().map(|ratio| ratio >= 1.0));
-                (label, figure.ratio(), met)
+                (
+                    label,
+                    figure.ratio(),
+                    figure.aim_met(),
+                    figure.value.is_some(),
+                )
             })
             .collect();
         let ratios: Vec<f64> = rows.iter().filter_map(|row| row.1).collect();
@@ -207,12 +210,12 @@ impl Report {
             result.map_err(|error| anyhow::anyhow!("plot {}: {error:?}", path.display()))
         };
         draw(root.fill(&WHITE))?;
-        let title = TextStyle::from(("sans-serif", 20).into_font()).color(&BLACK);
+        let title = TextStyle::from(("sans-serif", 17).into_font()).color(&BLACK);
         let label = TextStyle::from(("sans-serif", 15).into_font()).color(&BLACK);
         let small = TextStyle::from(("sans-serif", 14).into_font()).color(&RGBColor(90, 90, 90));
         draw(root.draw(&Text::new(
             format!(
-                "ferry bench, {}: Ferry / baseline (log scale; right of 1 = Ferry better)",
+                "ferry bench, {}: Ferry / baseline, log scale, right of 1 = Ferry better (green: aim met, red: aim not met, blue: no aim)",
                 self.machine.date_utc
             ),
             (10, 12),
@@ -237,12 +240,16 @@ impl Report {
                 small.clone(),
             )))?;
         }
-        for (index, (text, ratio, met)) in rows.iter().enumerate() {
+        for (index, (text, ratio, met, measured)) in rows.iter().enumerate() {
             let y = (top_px + row_px * index as u32) as i32;
             draw(root.draw(&Text::new(text.clone(), (10, y + 4), label.clone())))?;
             let Some(ratio) = ratio else {
                 draw(root.draw(&Text::new(
-                    "not measured",
+                    if *measured {
+                        "no baseline"
+                    } else {
+                        "not measured"
+                    },
                     (x_of(1.0) + 6, y + 4),
                     small.clone(),
                 )))?;
@@ -255,18 +262,19 @@ impl Report {
             let color = match met {
                 Some(true) => RGBColor(60, 150, 80),
                 Some(false) => RGBColor(200, 60, 50),
-                None => RGBColor(150, 150, 150),
+                None => RGBColor(90, 130, 190),
             };
             draw(root.draw(&Rectangle::new(
                 [(from, y + 3), (to, y + row_px as i32 - 5)],
                 color.filled(),
             )))?;
-            let text_x = if *ratio >= 1.0 { to + 4 } else { from - 52 };
-            draw(root.draw(&Text::new(
-                ratio_text(*ratio),
-                (text_x, y + 4),
-                small.clone(),
-            )))?;
+            let shown = ratio_text(*ratio);
+            let text_x = if *ratio >= 1.0 {
+                to + 4
+            } else {
+                from - 4 - 8 * shown.len() as i32
+            };
+            draw(root.draw(&Text::new(shown, (text_x, y + 4), small.clone())))?;
         }
         draw(root.present())?;
         Ok(())
