@@ -104,6 +104,62 @@ pub struct GroupStatus {
     /// lives: the target appliance, or a source that hears it back from its target).
     #[serde(default)]
     pub recovery_points: Vec<RecoveryPointStatus>,
+    /// Where the group stands in the failover life cycle.
+    #[serde(default)]
+    pub state: GroupState,
+    /// The NBD exports of a running failover or test failover of this group.
+    #[serde(default)]
+    pub exports: Vec<FailoverExport>,
+}
+
+/// A consistency group's place in the failover life cycle. Commands that make no sense in a
+/// state (failback of a protected group, a second failover) are refused with an error naming it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupState {
+    /// Replicating from its source site; no failover running.
+    #[default]
+    Protected,
+    /// A test failover runs beside replication (exports in the test network).
+    TestFailover,
+    /// Failed over: the exports at the target are production now.
+    FailedOver,
+    /// Failed over, and the failed-over disks replicate back to the original site.
+    Reprotecting,
+    /// Returning to the original site (planned failover back in progress).
+    FailingBack,
+}
+
+impl GroupState {
+    /// The word shown to operators (also the JSON value).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Protected => "protected",
+            Self::TestFailover => "test-failover",
+            Self::FailedOver => "failed-over",
+            Self::Reprotecting => "reprotecting",
+            Self::FailingBack => "failing-back",
+        }
+    }
+}
+
+/// One disk of a failover, served as an NBD export at the target.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverExport {
+    pub machine: String,
+    pub disk: String,
+    /// The export name (`<machine>/<disk>`).
+    pub export_name: String,
+    /// The unix socket serving the export.
+    pub socket: String,
+    /// The NBD URI a client opens, e.g. `nbd+unix:///web-1/os?socket=/…/web-1-os.sock`.
+    pub uri: String,
+    /// The recovery point the export shows.
+    pub point_id: u64,
+    pub test: bool,
+    /// The materialised image, when `--materialize` was given.
+    #[serde(default)]
+    pub materialized_path: Option<String>,
 }
 
 /// How consistent a recovery point is.
@@ -137,6 +193,17 @@ pub struct RecoveryPointStatus {
     /// Milliseconds since the Unix epoch when the point was cut on the source.
     pub time_unix_ms: u64,
     pub consistency: PointConsistency,
+    /// Whether failover may use this point: every member's marker arrived and no member disk
+    /// was resyncing when it was cut.
+    #[serde(default = "usable_default")]
+    pub usable: bool,
+    /// Why the point is not usable (e.g. "cut during a resync", "waiting for site-b's marker").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unusable_reason: Option<String>,
+}
+
+fn usable_default() -> bool {
+    true
 }
 
 /// The state of this appliance's link to its peer.
@@ -205,12 +272,25 @@ pub enum Request {
         group: String,
         app_consistent: bool,
     },
-    /// Fail a group over to a recovery point (`None`: the latest). A test failover brings up
-    /// copies beside the replicas and leaves replication running.
+    /// List a group's retained recovery points.
+    ListRecoveryPoints {
+        group: String,
+    },
+    /// Fail a group over to a recovery point: `point` by id, else the newest usable point at or
+    /// before `at_unix_ms`, else the latest. A test failover brings up copies beside the replicas
+    /// and leaves replication running. `planned` first makes the source read-only, drains it and
+    /// cuts a final point (no data loss). `materialize_dir` also writes each disk's image to
+    /// `<dir>/<machine>/<disk>.raw`.
     Failover {
         group: String,
         point: Option<u64>,
         test: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at_unix_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        planned: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        materialize_dir: Option<String>,
     },
     /// Tear down a test failover's copies.
     FailoverCleanup {
@@ -249,9 +329,35 @@ pub struct VerifyDisk {
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum Response {
     Status(StatusSnapshot),
-    Verify { disks: Vec<VerifyDisk> },
-    Ok { message: String },
-    Error { message: String },
+    Verify {
+        disks: Vec<VerifyDisk>,
+    },
+    /// A group's retained recovery points, oldest first.
+    RecoveryPoints {
+        group: String,
+        points: Vec<RecoveryPointStatus>,
+    },
+    /// The point `create-recovery-point` cut.
+    PointCreated {
+        group: String,
+        point: RecoveryPointStatus,
+    },
+    /// A failover (or test failover) is up: one export per disk.
+    Failover {
+        group: String,
+        point: RecoveryPointStatus,
+        test: bool,
+        exports: Vec<FailoverExport>,
+        /// Machine definitions written (JSON and libvirt XML), one pair per machine.
+        #[serde(default)]
+        definitions: Vec<String>,
+    },
+    Ok {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[cfg(test)]
@@ -300,6 +406,9 @@ mod tests {
                     group: "db".into(),
                     point: Some(7),
                     test: true,
+                    at_unix_ms: None,
+                    planned: false,
+                    materialize_dir: None,
                 },
                 r#"{"cmd":"failover","group":"db","point":7,"test":true}"#,
             ),

@@ -135,6 +135,9 @@ mod tests {
             group: "db".into(),
             point: Some(3),
             test: false,
+            at_unix_ms: None,
+            planned: false,
+            materialize_dir: None,
         };
         let error = client.send(&request).unwrap_err();
         assert!(matches!(error, ClientError::Refused { .. }), "{error:?}");

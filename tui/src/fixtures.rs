@@ -2,8 +2,8 @@
 //! docs. They are deterministic (fixed clock, no randomness) so rendered screens are stable.
 
 use ferry_appliance::control::{
-    DiskState, DiskStatus, GroupStatus, LinkStatus, PointConsistency, RecoveryPointStatus,
-    StatusSnapshot, SyncProgress,
+    DiskState, DiskStatus, GroupState, GroupStatus, LinkStatus, PointConsistency,
+    RecoveryPointStatus, StatusSnapshot, SyncProgress,
 };
 
 /// 2026-11-26 14:05:03 UTC, the fixtures' "now".
@@ -44,6 +44,8 @@ fn points(count: u64, interval_s: u64, newest_age_s: u64) -> Vec<RecoveryPointSt
                 } else {
                     PointConsistency::Crash
                 },
+                usable: true,
+                unusable_reason: None,
             }
         })
         .collect()
@@ -83,6 +85,8 @@ pub fn healthy() -> StatusSnapshot {
                 recovery_point_interval_seconds: 300.0,
                 latest_point_age_seconds: Some(42.0),
                 recovery_points: points(5, 300, 42),
+                state: GroupState::Protected,
+                exports: Vec::new(),
             },
             GroupStatus {
                 name: "web".to_string(),
@@ -90,6 +94,8 @@ pub fn healthy() -> StatusSnapshot {
                 recovery_point_interval_seconds: 300.0,
                 latest_point_age_seconds: Some(131.0),
                 recovery_points: points(2, 300, 131),
+                state: GroupState::Protected,
+                exports: Vec::new(),
             },
         ],
         link: Some(LinkStatus {
@@ -151,6 +157,8 @@ pub fn large(disk_count: usize, step: u64) -> StatusSnapshot {
             recovery_point_interval_seconds: 300.0,
             latest_point_age_seconds: Some(((index as u64 * 37 + step) % 300) as f64),
             recovery_points: points(12, 300, (index as u64 * 37 + step) % 300),
+            state: GroupState::Protected,
+            exports: Vec::new(),
         })
         .collect();
     let disks = (0..disk_count)

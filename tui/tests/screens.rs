@@ -266,7 +266,10 @@ fn failover_needs_the_typed_group_name() {
             request: Request::Failover {
                 group: "db".into(),
                 point: Some(104),
-                test: false
+                test: false,
+                at_unix_ms: None,
+                planned: false,
+                materialize_dir: None
             }
         }]
     );
@@ -290,7 +293,10 @@ fn failover_picker_chooses_an_older_point() {
             request: Request::Failover {
                 group: "db".into(),
                 point: Some(102),
-                test: false
+                test: false,
+                at_unix_ms: None,
+                planned: false,
+                materialize_dir: None
             }
         }]
     );

@@ -17,6 +17,7 @@ pub(crate) fn dispatch(config: &Config, status: &StatusModel, request: Request) 
         // Recovery points and failover arrive with the target side; until then the appliance
         // says so instead of pretending (the console shows this answer as it is).
         Request::CreateRecoveryPoint { .. } => not_yet("recovery points"),
+        Request::ListRecoveryPoints { .. } => not_yet("recovery points"),
         Request::Failover { .. } => not_yet("failover"),
         Request::FailoverCleanup { .. } => not_yet("failover cleanup"),
         Request::Reprotect { .. } => not_yet("reprotect"),

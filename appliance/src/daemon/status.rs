@@ -13,7 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::control::{
-    DiskState, DiskStatus, GroupStatus, LinkStatus, ReplicaStatus, StatusSnapshot, SyncProgress,
+    DiskState, DiskStatus, GroupState, GroupStatus, LinkStatus, ReplicaStatus, StatusSnapshot,
+    SyncProgress,
 };
 
 /// How far back churn is averaged.
@@ -353,6 +354,8 @@ impl StatusModel {
                     recovery_point_interval_seconds: group.recovery_point_interval.as_secs_f64(),
                     latest_point_age_seconds: None,
                     recovery_points: Vec::new(),
+                    state: GroupState::Protected,
+                    exports: Vec::new(),
                 });
             }
             for machine in &source.machine {
