@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use super::figure::{quantile, Better, Figure};
-use super::initial::{replication_deadline, verified_note};
+use super::initial::{replication_deadline, verified_note, verify_timeout};
 use super::pair::{DiskSpec, Pair, PairOptions};
 use super::tools::{self, FioResult, Tool};
 use super::{Env, Scenario};
@@ -245,7 +245,7 @@ pub fn run(env: &Env) -> anyhow::Result<Vec<Figure>> {
             p99_figure
         });
     }
-    let identical = pair.verify();
+    let identical = pair.verify(verify_timeout(env.size));
     pair.stop_source()?;
     pair.stop_target()?;
     if let Some(first) = figures.first_mut() {

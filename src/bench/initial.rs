@@ -108,7 +108,7 @@ pub fn random(env: &Env) -> anyhow::Result<Vec<Figure>> {
 
 /// Scenario 2.
 pub fn sparse(env: &Env) -> anyhow::Result<Vec<Figure>> {
-    let wanted: u64 = env.size.pick(256 << 20, 8 << 30, 64 << 30);
+    let wanted: u64 = env.size.pick(256 << 20, 2 << 30, 64 << 30);
     let dir = env.scenario_dir(Scenario::Sparse)?;
     // The target may allocate the zero ranges of the replica (fallocate ZERO_RANGE makes
     // unwritten extents, which take space): never let the bench fill a shared disk. With too
@@ -200,7 +200,7 @@ fn replicate(
             .detail(&format!("Ferry initial replication: {what}"))
     })?;
     let took = start.elapsed();
-    let identical = pair.verify();
+    let identical = pair.verify(verify_timeout(env.size));
     pair.stop_source()?;
     pair.stop_target()?;
     Ok((took, identical))
@@ -225,6 +225,11 @@ fn qemu_convert(from: &Path, to: &Path, bytes: u64) -> anyhow::Result<Duration> 
 /// The longest a replication may take before a scenario gives up.
 pub fn replication_deadline(size: Size) -> Duration {
     Duration::from_secs(size.pick(120, 300, 900))
+}
+
+/// How long `ferry verify` may take at the end of a scenario.
+pub fn verify_timeout(size: Size) -> Duration {
+    Duration::from_secs(size.pick(10, 10, 300))
 }
 
 /// What `ferry verify` said, for a figure's note (an error is reported, not fatal: the figures

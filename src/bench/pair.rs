@@ -324,12 +324,15 @@ disks = [
         }
     }
 
-    /// `ferry verify --all` on the source: Ok(true) when every replica is identical.
-    pub fn verify(&self) -> anyhow::Result<bool> {
+    /// `ferry verify --all` on the source: Ok(true) when every replica is identical. Gives up
+    /// after `timeout` (an error).
+    pub fn verify(&self, timeout: Duration) -> anyhow::Result<bool> {
         let output = Command::new(&self.exe)
             .arg("verify")
             .arg("--all")
             .arg("--json")
+            .arg("--timeout")
+            .arg(format!("{}s", timeout.as_secs().max(1)))
             .arg("--socket")
             .arg(self.socket("source"))
             .stdin(Stdio::null())

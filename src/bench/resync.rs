@@ -20,7 +20,7 @@ use anyhow::{bail, Context};
 use ferry_appliance::control::DiskState;
 
 use super::figure::{Better, Figure};
-use super::initial::{replication_deadline, verified_note};
+use super::initial::{replication_deadline, verified_note, verify_timeout};
 use super::pair::{DiskSpec, Pair, PairOptions, MACHINE};
 use super::tools::{self, Tool};
 use super::{Env, Scenario};
@@ -293,7 +293,7 @@ pub fn run(env: &Env) -> anyhow::Result<Vec<Figure>> {
             Err(why) => format!("skipped ({why})"),
         }
     ));
-    let identical = pair.verify();
+    let identical = pair.verify(verify_timeout(env.size));
     pair.stop_source()?;
     pair.stop_target()?;
 
