@@ -156,7 +156,8 @@ disks = [
         self.relay.as_ref()
     }
 
-    fn socket(&self, side: &str) -> PathBuf {
+    /// The control socket of a side ("source" or "target").
+    pub fn socket_path(&self, side: &str) -> PathBuf {
         self.dir.join(side).join("ferry.sock")
     }
 
@@ -251,7 +252,7 @@ disks = [
             Command::new(&self.exe)
                 .arg("status")
                 .arg("--socket")
-                .arg(self.socket(side))
+                .arg(self.socket_path(side))
                 .arg("--json"),
         )?;
         serde_json::from_str(&text).with_context(|| format!("malformed status of the {side}"))
@@ -334,7 +335,7 @@ disks = [
             .arg("--timeout")
             .arg(format!("{}s", timeout.as_secs().max(1)))
             .arg("--socket")
-            .arg(self.socket("source"))
+            .arg(self.socket_path("source"))
             .stdin(Stdio::null())
             .output()
             .context("cannot run ferry verify")?;
