@@ -60,7 +60,7 @@ pub fn run(env: &Env) -> anyhow::Result<Vec<Figure>> {
     let size_bytes: u64 = env.size.pick(64 << 20, 256 << 20, 1 << 30);
     let runtime = env.size.pick(
         Duration::from_secs(2),
-        Duration::from_secs(4),
+        Duration::from_secs(3),
         Duration::from_secs(15),
     );
     let dir = env.scenario_dir(Scenario::Churn)?;

@@ -116,7 +116,7 @@ pub fn run(env: &Env) -> anyhow::Result<Vec<Figure>> {
     let journal_bytes: u64 = env.size.pick(16 << 20, 256 << 20, 256 << 20);
     let duration = env.size.pick(
         Duration::from_millis(200),
-        Duration::from_millis(1000),
+        Duration::from_millis(500),
         Duration::from_secs(3),
     );
     let dir = env.scenario_dir(Scenario::Journal)?;

@@ -12,7 +12,7 @@ pub const STEPS: u64 = 1;
 
 pub fn run(env: &Env) -> anyhow::Result<Vec<Figure>> {
     let options = BenchOptions {
-        total_bytes: env.size.pick(16 << 20, 128 << 20, 1 << 30),
+        total_bytes: env.size.pick(16 << 20, 64 << 20, 1 << 30),
         rounds: env.size.pick(1, 1, 3),
         ..BenchOptions::default()
     };
