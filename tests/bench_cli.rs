@@ -1,5 +1,6 @@
-//! Smoke test of `ferry bench`: runs a small subset at its smallest size (FERRY_BENCH_TINY=1)
-//! and checks only that it ends, prints well-formed JSON with the keys issue 7 names, and writes
+//! Smoke test of `ferry bench`: runs a small subset at its smallest size (FERRY_BENCH_TINY=1:
+//! an 8 MiB initial replication between two appliances, 16 MiB over each transport link, a short
+//! journal run, the failover check) and checks only that it ends, prints well-formed JSON with the keys issue 7 names, and writes
 //! the RESULTS.md section and the plot. It never judges a speed.
 
 use std::process::{Command, Stdio};
@@ -13,7 +14,16 @@ fn bench_quick_json_is_well_formed() {
     let work = tempfile::tempdir().expect("tempdir");
     let out = tempfile::tempdir().expect("tempdir");
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["bench", "transport", "6", "7", "--quick", "--json", "--out"])
+        .args([
+            "bench",
+            "1",
+            "transport",
+            "6",
+            "7",
+            "--quick",
+            "--json",
+            "--out",
+        ])
         .arg(out.path())
         .arg("--dir")
         .arg(work.path())
@@ -89,6 +99,16 @@ fn bench_quick_json_is_well_formed() {
                 "{entry}"
             );
         }
+    }
+
+    // Scenario 1 started real appliances and timed an initial replication (8 MiB at this size).
+    let initial: Vec<_> = scenarios
+        .iter()
+        .filter(|entry| entry["scenario"] == 1)
+        .collect();
+    assert!(!initial.is_empty(), "no entry of scenario 1");
+    for entry in initial {
+        assert!(entry["value"].as_f64().is_some(), "{entry}");
     }
 
     let results = std::fs::read_to_string(out.path().join("RESULTS.md")).expect("RESULTS.md");
