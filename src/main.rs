@@ -43,6 +43,9 @@ enum Command {
     /// Drain replication, then compare source disks and replicas by extent hashes: exit 0 when
     /// identical, 1 with the differing extents (which are sent again).
     Verify(VerifyArgs),
+    /// Recovery points of a consistency group: cut one now, or list the retained ones.
+    #[command(subcommand)]
+    RecoveryPoint(RecoveryPointCommand),
     /// Print the version and the on-disk/on-wire format versions.
     Version,
     /// Create this appliance's key pair if there is none yet and print its fingerprint
@@ -172,6 +175,39 @@ struct VerifyArgs {
     timeout: String,
 }
 
+#[derive(Debug, Subcommand)]
+enum RecoveryPointCommand {
+    /// Cut a recovery point of a group now (on the source appliance that coordinates it) and
+    /// print its id.
+    Create(CreatePointArgs),
+    /// List a group's recovery points: on a target its catalog, on a source the points it cut.
+    List(ListPointsArgs),
+}
+
+#[derive(Debug, Args)]
+struct CreatePointArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// The consistency group.
+    #[arg(long)]
+    group: String,
+    /// Run the group's freeze hook before the cut and its thaw hook after.
+    #[arg(long)]
+    app_consistent: bool,
+}
+
+#[derive(Debug, Args)]
+struct ListPointsArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// The consistency group.
+    #[arg(long)]
+    group: String,
+    /// Print the points as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Debug, Args)]
 struct BandwidthArgs {
     #[command(flatten)]
@@ -189,6 +225,8 @@ fn main() -> ExitCode {
         Command::Resume(args) => select_command(args, false),
         Command::Bandwidth(args) => bandwidth(args),
         Command::Verify(args) => verify(args),
+        Command::RecoveryPoint(RecoveryPointCommand::Create(args)) => create_point(args),
+        Command::RecoveryPoint(RecoveryPointCommand::List(args)) => list_points(args),
         Command::Version => version(),
         Command::Identity { config, state_dir } => print_identity(config, state_dir),
         Command::Tui(args) => tui(args),
@@ -359,6 +397,64 @@ fn bandwidth(args: BandwidthArgs) -> anyhow::Result<()> {
         "{}\n",
         connect(&args.connect)?.command(&Request::SetBandwidth { bytes_per_s })?
     ))
+}
+
+/// How long a cut may take: the freeze and thaw hooks (30 s each at most) and the barrier.
+const CREATE_POINT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+
+fn create_point(args: CreatePointArgs) -> anyhow::Result<()> {
+    let socket = control_socket(&args.connect)?;
+    let mut client = Client::connect_with_timeout(&socket, CREATE_POINT_TIMEOUT)?;
+    let request = Request::CreateRecoveryPoint {
+        group: args.group.clone(),
+        app_consistent: args.app_consistent,
+    };
+    match client.request(&request)? {
+        Response::PointCreated { point, .. } => emit(&format!("{}\n", point.id)),
+        Response::Error { message } => {
+            anyhow::bail!("recovery point of group {:?} not created: {message}", args.group)
+        }
+        other => anyhow::bail!("unexpected answer to recovery-point create: {other:?}"),
+    }
+}
+
+fn list_points(args: ListPointsArgs) -> anyhow::Result<()> {
+    let request = Request::ListRecoveryPoints {
+        group: args.group.clone(),
+    };
+    let (group, points) = match connect(&args.connect)?.request(&request)? {
+        Response::RecoveryPoints { group, points } => (group, points),
+        Response::Error { message } => {
+            anyhow::bail!("recovery points of group {:?}: {message}", args.group)
+        }
+        other => anyhow::bail!("unexpected answer to recovery-point list: {other:?}"),
+    };
+    if args.json {
+        return emit(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&serde_json::json!({ "group": group, "points": points }))?
+        ));
+    }
+    let mut text = format!("{:<15} {:<24} {:<6} {}\n", "ID", "TIME (UTC)", "KIND", "USABLE");
+    for point in &points {
+        let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(point.time_unix_ms);
+        let usable = match (&point.usable, &point.unusable_reason) {
+            (true, _) => "yes".to_string(),
+            (false, Some(reason)) => format!("no ({reason})"),
+            (false, None) => "no".to_string(),
+        };
+        text.push_str(&format!(
+            "{:<15} {:<24} {:<6} {}\n",
+            point.id,
+            humantime::format_rfc3339_millis(time).to_string(),
+            point.consistency.as_str(),
+            usable
+        ));
+    }
+    if points.is_empty() {
+        text.push_str(&format!("(no recovery points of group {group})\n"));
+    }
+    emit(&text)
 }
 
 fn version() -> anyhow::Result<()> {

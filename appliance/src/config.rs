@@ -199,6 +199,43 @@ pub struct GroupConfig {
     /// Overrides `source.compression` for this group.
     #[serde(default)]
     pub compression: Option<Compression>,
+    /// The OTHER source appliances holding disks of this group: every recovery point is cut on
+    /// all of them at one instant through a barrier. Empty: the group lives on this appliance.
+    #[serde(default)]
+    pub members: Vec<MemberConfig>,
+    /// UDP address the barrier listens on for the coordinator (QUIC, mutual TLS); defaulted to
+    /// `0.0.0.0:20004` when `members` is set.
+    #[serde(default)]
+    pub barrier_listen: Option<SocketAddr>,
+    /// The appliance that times and coordinates the group's cuts (its name); defaulted to the
+    /// smallest name among this appliance and the members when `members` is set.
+    #[serde(default)]
+    pub coordinator: Option<String>,
+}
+
+/// Default port of the recovery-point barrier between the source appliances of a group.
+pub const BARRIER_PORT_DEFAULT: u16 = 20004;
+
+/// Another source appliance of a consistency group, pinned by its certificate fingerprint.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    /// Its `appliance.name` (also the peer name the target knows it by).
+    pub name: String,
+    /// Its barrier address, `host:port` (its `barrier_listen`).
+    pub address: String,
+    pub fingerprint: Fingerprint,
+}
+
+impl GroupConfig {
+    /// Every appliance that cuts this group's points, this one (`own_name`) included, sorted.
+    pub fn member_names(&self, own_name: &str) -> Vec<String> {
+        let mut names: Vec<String> = self.members.iter().map(|m| m.name.clone()).collect();
+        names.push(own_name.to_string());
+        names.sort();
+        names.dedup();
+        names
+    }
 }
 
 fn default_recovery_point_interval() -> Duration {
@@ -646,6 +683,9 @@ fn validate_source(
             "must be above 0 (leave the key out for no limit)",
         ));
     }
+    for group in &mut source.group {
+        default_members(group, &appliance.name);
+    }
     let mut group_index: HashMap<&str, usize> = HashMap::new();
     for (index, group) in source.group.iter().enumerate() {
         let key = |field: &str| format!("source.group[{index}].{field}");
@@ -692,6 +732,7 @@ fn validate_source(
                 "must be above 0",
             ));
         }
+        validate_members(index, group, &appliance.name)?;
         for (field, hook) in [
             ("freeze_hook", &group.freeze_hook),
             ("thaw_hook", &group.thaw_hook),
@@ -814,6 +855,74 @@ fn validate_source(
                     ),
                 ));
             }
+        }
+    }
+    Ok(())
+}
+
+/// Fills `barrier_listen` and `coordinator` of a group with members (before validation, which
+/// then checks the filled values).
+fn default_members(group: &mut GroupConfig, own_name: &str) {
+    if group.members.is_empty() {
+        return;
+    }
+    if group.barrier_listen.is_none() {
+        group.barrier_listen = Some(SocketAddr::from((
+            std::net::Ipv4Addr::UNSPECIFIED,
+            BARRIER_PORT_DEFAULT,
+        )));
+    }
+    if group.coordinator.is_none() {
+        group.coordinator = group.member_names(own_name).into_iter().next();
+    }
+}
+
+fn validate_members(index: usize, group: &GroupConfig, own_name: &str) -> Result<(), ConfigError> {
+    let key = |field: &str| format!("source.group[{index}].{field}");
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    for (number, member) in group.members.iter().enumerate() {
+        let member_key = |field: &str| key(&format!("members[{number}].{field}"));
+        check_name(&member_key("name"), &member.name)?;
+        if member.name == own_name {
+            return Err(ConfigError::invalid(
+                member_key("name"),
+                format!("{own_name:?} is this appliance (appliance.name); members lists the other source appliances of the group"),
+            ));
+        }
+        if let Some(first) = names.insert(&member.name, number) {
+            return Err(ConfigError::invalid(
+                member_key("name"),
+                format!("duplicate member {:?} (also members[{first}])", member.name),
+            ));
+        }
+        check_host_port(&member_key("address"), &member.address)?;
+    }
+    if group.members.is_empty() {
+        if let Some(coordinator) = &group.coordinator {
+            if coordinator != own_name {
+                return Err(ConfigError::invalid(
+                    key("coordinator"),
+                    format!("{coordinator:?} is not this appliance and the group has no members"),
+                ));
+            }
+        }
+        if group.barrier_listen.is_some() {
+            return Err(ConfigError::invalid(
+                key("barrier_listen"),
+                "the group has no members: there is no barrier to listen for",
+            ));
+        }
+        return Ok(());
+    }
+    if let Some(coordinator) = &group.coordinator {
+        if !group.member_names(own_name).contains(coordinator) {
+            return Err(ConfigError::invalid(
+                key("coordinator"),
+                format!(
+                    "{coordinator:?} is neither this appliance nor one of the members ({})",
+                    group.member_names(own_name).join(", ")
+                ),
+            ));
         }
     }
     Ok(())

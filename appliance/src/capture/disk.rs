@@ -11,12 +11,13 @@
 //! did not receive because a socket closed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
 use crate::capture::bitmap::{BitmapError, DirtyBitmap};
+use crate::capture::gate::WriteGate;
 use crate::capture::journal_handle::SharedJournal;
 use crate::control::DiskState;
 use crate::core::journal::{JournalError, RecordSpec};
@@ -166,6 +167,8 @@ struct Inner {
     writes_bitmap_only: AtomicU64,
     churn: Mutex<ChurnMeter>,
     disk_flush: GroupFlush,
+    /// The write gate of the disk's consistency group, once the daemon attached one.
+    gate: OnceLock<WriteGate>,
 }
 
 /// Handle on one captured disk; cheap to clone. The daemon reads its stats, the resync reads
@@ -233,6 +236,7 @@ impl CaptureDisk {
                 writes_bitmap_only: AtomicU64::new(0),
                 churn: Mutex::new(ChurnMeter::new()),
                 disk_flush: GroupFlush::default(),
+                gate: OnceLock::new(),
             }),
         }
     }
@@ -280,6 +284,12 @@ impl CaptureDisk {
     /// journaled in every state except `resync-needed`, where they only mark the bitmap.
     pub fn set_state(&self, state: DiskState) {
         *lock(&self.inner.state) = state;
+    }
+
+    /// Puts the disk behind its consistency group's write gate (once; later calls are ignored
+    /// and return false). Recovery-point cuts close the gate around their marker.
+    pub fn attach_gate(&self, gate: WriteGate) -> bool {
+        self.inner.gate.set(gate).is_ok()
     }
 
     pub fn stats(&self) -> CaptureStats {
@@ -369,6 +379,11 @@ impl CaptureDisk {
         fua: bool,
     ) -> (Result<(), CaptureIoError>, Option<IoBuf>) {
         let inner = &self.inner;
+        // A cut holding the group's gate makes the write wait here, before it has a sequence.
+        let gate_pass = match inner.gate.get() {
+            Some(gate) => Some(gate.pass().await),
+            None => None,
+        };
         let timestamp_ns = unix_time_ns();
         let (ticket, predecessors, journaled) = {
             let mut in_flight = lock(&inner.in_flight);
@@ -389,6 +404,7 @@ impl CaptureDisk {
             let journaled = self.journal_append(&change, offset, length, timestamp_ns);
             (ticket, predecessors, journaled)
         };
+        drop(gate_pass);
         // Removes the registration however this function ends, waking overlapping successors.
         let _registration = Registration { inner, ticket };
 

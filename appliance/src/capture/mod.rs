@@ -8,12 +8,14 @@
 //! - `server`: listeners and connections, driving the sans-IO codec `core::nbd`;
 //! - `disk`: one protected disk's write path (journal, ordering, bitmap fallback, flushes);
 //! - `journal_handle`: the cache journal shared by every disk and, later, the shipper;
-//! - `bitmap`: the persistent dirty-extent bitmap.
+//! - `bitmap`: the persistent dirty-extent bitmap;
+//! - `gate`: the per-group write gate that recovery-point cuts close around their marker.
 //!
 //! The daemon builds a [`CaptureConfig`] from its config file and calls [`Capture::start`].
 
 pub mod bitmap;
 pub mod disk;
+pub mod gate;
 pub mod journal_handle;
 pub mod server;
 
@@ -26,6 +28,7 @@ use tokio::task::JoinSet;
 
 pub use bitmap::{BitmapError, DirtyBitmap, EXTENT_BYTES_DEFAULT};
 pub use disk::{CaptureDisk, CaptureIoError, CaptureStats};
+pub use gate::{GateClosed, GatePass, WriteGate};
 pub use journal_handle::{JournalStore, SharedJournal};
 pub use server::Endpoint;
 

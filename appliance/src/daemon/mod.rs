@@ -13,6 +13,7 @@ mod control_server;
 pub mod layout;
 pub mod metrics;
 mod notify;
+mod points;
 mod source;
 pub mod status;
 pub mod table;
@@ -308,6 +309,13 @@ async fn event_loop(
                 Some(Event::Command { request: Request::Verify { selector }, reply }) => {
                     start_verify(&status, source.as_ref(), &selector, reply);
                 }
+                Some(Event::Command { request, reply })
+                    if source_answers_points(source.as_ref(), target.is_some(), &request) =>
+                {
+                    if let Some(source) = &source {
+                        source.recovery_point_command(request, reply);
+                    }
+                }
                 Some(Event::Command { request, reply }) => {
                     let response = commands::dispatch(&config, &status, request);
                     let _ = reply.send(response);
@@ -340,6 +348,20 @@ async fn event_loop(
         source.stop().await?;
     }
     Ok(())
+}
+
+/// Recovery-point commands of a source's own groups are answered by the source (it cuts them
+/// and logs what it cut); other groups' by the target's catalog when this appliance is one.
+fn source_answers_points(
+    source: Option<&source::SourceSide>,
+    has_target: bool,
+    request: &Request,
+) -> bool {
+    let group = match request {
+        Request::CreateRecoveryPoint { group, .. } | Request::ListRecoveryPoints { group } => group,
+        _ => return false,
+    };
+    source.is_some_and(|source| source.has_group(group) || !has_target)
 }
 
 /// Verify drains and reads whole disks: it runs beside the event loop and answers when done.

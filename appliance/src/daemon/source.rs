@@ -16,11 +16,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::layout::StateLayout;
+use super::points::{self, Cutter, GroupCutter};
 use super::status::{DiskSample, StatusModel};
 use super::DaemonError;
 use crate::capture::{Capture, CaptureConfig, DiskSpec, Endpoint, ListenerSpec, SharedJournal};
 use crate::config::SourceConfig;
-use crate::control::DiskState;
+use crate::control::{DiskState, Request, Response};
 use crate::io::disk::DiskOptions;
 use crate::io::transport::{Identity, RateLimiter, SourceDialer, Tuning};
 use crate::ship::{ShipCommand, ShipStatus, Shipper, VerifyResult};
@@ -30,6 +31,10 @@ pub(crate) struct SourceSide {
     journal: SharedJournal,
     capture: Capture,
     ship: Option<ShipSide>,
+    /// Recovery-point cuts of this appliance's groups.
+    cutter: Arc<Cutter>,
+    /// The cut timers and the barrier's tasks; they end on the shutdown signal.
+    point_tasks: Vec<JoinHandle<()>>,
 }
 
 /// The shipper task and its handles.
@@ -94,14 +99,18 @@ impl SourceSide {
                 &journal,
                 &capture,
                 fingerprint,
-                shutdown,
+                shutdown.clone(),
             )?),
             None => None,
         };
+        let (cutter, point_tasks) =
+            start_cutter(appliance_name, source, layout, &journal, &capture, &ship, shutdown)?;
         let side = Self {
             journal,
             capture,
             ship,
+            cutter,
+            point_tasks,
         };
         let now = Instant::now();
         side.sample(status, now);
@@ -132,6 +141,9 @@ impl SourceSide {
         }
         let usage = self.journal.usage();
         status.set_journal_usage(usage.used_bytes, usage.capacity_bytes);
+        for (group, points) in self.cutter.all_points() {
+            status.set_recovery_points(&group, points);
+        }
         if let Some(ship) = &self.ship {
             status.record_ack(ship.status.acked_seq());
             status.set_link(ship.status.connected(), ship.status.last_error());
@@ -171,9 +183,61 @@ impl SourceSide {
         Ok(answer)
     }
 
+    /// Whether `group` is a consistency group of this source (its recovery-point commands are
+    /// answered here; other groups' by the target side, if any).
+    pub fn has_group(&self, group: &str) -> bool {
+        self.cutter.has_group(group)
+    }
+
+    /// `recovery-point create` / `list` of one of this source's groups; a cut runs beside the
+    /// event loop (hooks and the barrier take a while) and answers when done.
+    pub fn recovery_point_command(&self, request: Request, reply: oneshot::Sender<Response>) {
+        match request {
+            Request::CreateRecoveryPoint {
+                group,
+                app_consistent,
+            } => {
+                let cutter = self.cutter.clone();
+                let ship_status = self.ship.as_ref().map(|ship| ship.status.clone());
+                tokio::spawn(async move {
+                    let response = match cutter.create(&group, app_consistent).await {
+                        Ok(point) => {
+                            let acked = ship_status.map_or(0, |status| status.acked_seq());
+                            Response::PointCreated {
+                                group,
+                                point: points::point_status(&point, acked),
+                            }
+                        }
+                        Err(error) => Response::Error {
+                            message: error.to_string(),
+                        },
+                    };
+                    let _ = reply.send(response);
+                });
+            }
+            Request::ListRecoveryPoints { group } => {
+                let response = match self.cutter.list(&group) {
+                    Ok(points) => Response::RecoveryPoints { group, points },
+                    Err(error) => Response::Error {
+                        message: error.to_string(),
+                    },
+                };
+                let _ = reply.send(response);
+            }
+            other => {
+                let _ = reply.send(Response::Error {
+                    message: format!("not a recovery-point command: {other:?}"),
+                });
+            }
+        }
+    }
+
     /// After the shutdown signal: capture stops accepting, finishes in-flight requests, and makes
     /// the journal and every disk durable.
     pub async fn stop(self) -> Result<(), DaemonError> {
+        for task in self.point_tasks {
+            let _ = task.await;
+        }
         if let Some(ship) = &self.ship {
             let task = ship
                 .task
@@ -278,6 +342,53 @@ fn start_shipper(
         commands,
         limiter,
     })
+}
+
+/// Builds the recovery-point cutter (each group's disks behind one write gate) and starts the
+/// cut timers of the groups this appliance coordinates.
+fn start_cutter(
+    appliance_name: &str,
+    source: &SourceConfig,
+    layout: &StateLayout,
+    journal: &SharedJournal,
+    capture: &Capture,
+    ship: &Option<ShipSide>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(Arc<Cutter>, Vec<JoinHandle<()>>), DaemonError> {
+    let groups = source
+        .group
+        .iter()
+        .map(|group| {
+            let disks = source
+                .machine
+                .iter()
+                .filter(|machine| machine.group == group.name)
+                .flat_map(|machine| {
+                    machine
+                        .disks
+                        .iter()
+                        .filter_map(|disk| capture.disk(&machine.name, &disk.name).cloned())
+                })
+                .collect();
+            GroupCutter::new(group.clone(), disks, appliance_name)
+        })
+        .collect();
+    let acked: Box<dyn Fn() -> crate::core::record::Seq + Send + Sync> = match ship {
+        Some(ship) => {
+            let status = ship.status.clone();
+            Box::new(move || status.acked_seq())
+        }
+        None => Box::new(|| 0),
+    };
+    let cutter = Arc::new(Cutter::new(
+        appliance_name,
+        journal.clone(),
+        groups,
+        layout.catalog.join("points-cut.json"),
+        acked,
+    ));
+    let tasks = points::spawn_timers(cutter.clone(), shutdown);
+    Ok((cutter, tasks))
 }
 
 /// Opens (creating and preallocating on first start) the memory-mapped cache journal. Off the

@@ -6,14 +6,15 @@
 //! disk's `acked_sequence` is `min(journal acknowledged sequence, disk's last sequence)`: every
 //! record of this disk with a sequence at or below it is acknowledged by the target.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::control::{
-    DiskState, DiskStatus, GroupState, GroupStatus, LinkStatus, ReplicaStatus, StatusSnapshot,
+    DiskState, DiskStatus, GroupState, GroupStatus, LinkStatus, RecoveryPointStatus, ReplicaStatus,
+    StatusSnapshot,
     SyncProgress,
 };
 
@@ -336,6 +337,9 @@ pub struct StatusModel {
     bandwidth_limit_bytes_per_s: AtomicU64,
     link: Mutex<Option<LinkStatus>>,
     replicas: Mutex<Vec<ReplicaStatus>>,
+    /// Recovery points per group, from whoever keeps them here (the source's cut log, the
+    /// target's catalog), oldest first.
+    recovery_points: Mutex<HashMap<String, Vec<RecoveryPointStatus>>>,
 }
 
 impl StatusModel {
@@ -394,6 +398,7 @@ impl StatusModel {
             bandwidth_limit_bytes_per_s: AtomicU64::new(bandwidth),
             link: Mutex::new(link),
             replicas: Mutex::new(Vec::new()),
+            recovery_points: Mutex::new(HashMap::new()),
         }
     }
 
@@ -476,6 +481,12 @@ impl StatusModel {
         }
     }
 
+    /// Replaces the recovery points shown for `group` (oldest first); a group that is not
+    /// configured here (a target's) is listed from then on.
+    pub fn set_recovery_points(&self, group: &str, points: Vec<RecoveryPointStatus>) {
+        lock(&self.recovery_points).insert(group.to_string(), points);
+    }
+
     /// Once a second: refresh rates that are averaged over a window.
     pub fn tick(&self, now: Instant) {
         for disk in &self.disks {
@@ -497,9 +508,41 @@ impl StatusModel {
                 .map(|disk| disk.snapshot(now, journal))
                 .collect(),
             replicas: lock(&self.replicas).clone(),
-            groups: self.groups.clone(),
+            groups: self.groups_snapshot(wall),
             link: lock(&self.link).clone(),
         }
+    }
+
+    /// The configured groups, then any other group with recovery points, each with its points
+    /// and the age of its latest one.
+    fn groups_snapshot(&self, wall: SystemTime) -> Vec<GroupStatus> {
+        let now_unix_ms = wall
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut groups = self.groups.clone();
+        let recovery_points = lock(&self.recovery_points);
+        for name in recovery_points.keys() {
+            if !groups.iter().any(|group| &group.name == name) {
+                groups.push(GroupStatus {
+                    name: name.clone(),
+                    rpo_threshold_seconds: 0.0,
+                    recovery_point_interval_seconds: 0.0,
+                    latest_point_age_seconds: None,
+                    recovery_points: Vec::new(),
+                    state: GroupState::Protected,
+                    exports: Vec::new(),
+                });
+            }
+        }
+        for group in &mut groups {
+            if let Some(points) = recovery_points.get(&group.name) {
+                group.latest_point_age_seconds = points.iter().map(|p| p.time_unix_ms).max().map(
+                    |latest_ms| now_unix_ms.saturating_sub(latest_ms) as f64 / 1000.0,
+                );
+                group.recovery_points = points.clone();
+            }
+        }
+        groups
     }
 
     /// Snapshot at the present instant.
