@@ -412,7 +412,10 @@ fn create_point(args: CreatePointArgs) -> anyhow::Result<()> {
     match client.request(&request)? {
         Response::PointCreated { point, .. } => emit(&format!("{}\n", point.id)),
         Response::Error { message } => {
-            anyhow::bail!("recovery point of group {:?} not created: {message}", args.group)
+            anyhow::bail!(
+                "recovery point of group {:?} not created: {message}",
+                args.group
+            )
         }
         other => anyhow::bail!("unexpected answer to recovery-point create: {other:?}"),
     }
@@ -435,7 +438,10 @@ fn list_points(args: ListPointsArgs) -> anyhow::Result<()> {
             serde_json::to_string_pretty(&serde_json::json!({ "group": group, "points": points }))?
         ));
     }
-    let mut text = format!("{:<15} {:<24} {:<6} {}\n", "ID", "TIME (UTC)", "KIND", "USABLE");
+    let mut text = format!(
+        "{:<15} {:<24} {:<6} {}\n",
+        "ID", "TIME (UTC)", "KIND", "USABLE"
+    );
     for point in &points {
         let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(point.time_unix_ms);
         let usable = match (&point.usable, &point.unusable_reason) {

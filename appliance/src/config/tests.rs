@@ -526,3 +526,105 @@ fn load_resolves_relative_paths_against_the_file() {
     let missing = Config::load(&dir.path().join("absent.toml")).unwrap_err();
     assert!(missing.to_string().contains("cannot read"), "{missing}");
 }
+
+/// A two-appliance group as appliance "b" sees it, with `group_extra` added to the group.
+fn member_config(group_extra: &str) -> String {
+    format!(
+        r#"
+[appliance]
+name = "b"
+state_dir = "/tmp/ferry-state"
+
+[source]
+journal_size = "64MiB"
+target = "127.0.0.1:7400"
+
+[[source.group]]
+name = "g"
+{group_extra}
+
+[[source.machine]]
+name = "m"
+group = "g"
+disks = [{{ name = "d0", path = "/tmp/d0.raw", export = "/tmp/d0.sock" }}]
+"#
+    )
+}
+
+#[test]
+fn group_members_default_their_barrier_address_and_coordinator() {
+    let config = Config::parse(&member_config(&format!(
+        r#"members = [{{ name = "a", address = "198.51.100.1:20004", fingerprint = "{FINGERPRINT}" }}]"#
+    )))
+    .unwrap();
+    let group = &config.source.unwrap().group[0];
+    assert_eq!(group.members[0].name, "a");
+    assert_eq!(group.barrier_listen, Some("0.0.0.0:20004".parse().unwrap()));
+    assert_eq!(group.coordinator.as_deref(), Some("a"), "smallest name");
+    assert_eq!(group.member_names("b"), vec!["a", "b"]);
+
+    let config = Config::parse(&member_config(&format!(
+        "coordinator = \"b\"\nbarrier_listen = \"127.0.0.1:1234\"\nmembers = [{{ name = \"a\", address = \"h:1\", fingerprint = \"{FINGERPRINT}\" }}]"
+    )))
+    .unwrap();
+    let group = &config.source.unwrap().group[0];
+    assert_eq!(group.coordinator.as_deref(), Some("b"));
+    assert_eq!(
+        group.barrier_listen,
+        Some("127.0.0.1:1234".parse().unwrap())
+    );
+
+    // Without members: no barrier, this appliance coordinates.
+    let config = Config::parse(&member_config("")).unwrap();
+    let group = &config.source.unwrap().group[0];
+    assert!(group.members.is_empty() && group.barrier_listen.is_none());
+}
+
+#[test]
+fn bad_group_members_name_their_key() {
+    let member = |name: &str, address: &str| {
+        format!(r#"{{ name = "{name}", address = "{address}", fingerprint = "{FINGERPRINT}" }}"#)
+    };
+    let cases = [
+        (
+            format!("members = [{}]", member("b", "h:1")),
+            "source.group[0].members[0].name",
+            "this appliance",
+        ),
+        (
+            format!("members = [{}, {}]", member("a", "h:1"), member("a", "h:2")),
+            "source.group[0].members[1].name",
+            "duplicate member",
+        ),
+        (
+            format!("members = [{}]", member("a", "nowhere")),
+            "source.group[0].members[0].address",
+            "host:port",
+        ),
+        (
+            format!("coordinator = \"c\"\nmembers = [{}]", member("a", "h:1")),
+            "source.group[0].coordinator",
+            "neither",
+        ),
+        (
+            "coordinator = \"a\"".to_string(),
+            "source.group[0].coordinator",
+            "no members",
+        ),
+        (
+            "barrier_listen = \"127.0.0.1:1\"".to_string(),
+            "source.group[0].barrier_listen",
+            "no members",
+        ),
+        (
+            r#"members = [{ name = "a", address = "h:1", fingerprint = "sha256:zz" }]"#.to_string(),
+            "source.group[0].members[0].fingerprint",
+            "",
+        ),
+    ];
+    for (extra, key, reason) in cases {
+        let (error_key, message) = error_of(&member_config(&extra));
+        assert_eq!(error_key, key, "{extra}: {message}");
+        assert!(message.contains(reason), "{extra}: {message}");
+    }
+}

@@ -40,11 +40,16 @@ const HOOK_STDERR_BYTES_MAX: usize = 2048;
 pub enum CutError {
     #[error("no consistency group {group:?} on this appliance (groups: {known})")]
     UnknownGroup { group: String, known: String },
-    #[error("group {group:?} is cut by its coordinator {coordinator:?}: create recovery points there")]
+    #[error(
+        "group {group:?} is cut by its coordinator {coordinator:?}: create recovery points there"
+    )]
     NotCoordinator { group: String, coordinator: String },
     #[error("group {group:?} has no freeze_hook: an app-consistent point needs one (source.group freeze_hook)")]
     NoFreezeHook { group: String },
-    #[error("{hook} of group {group:?} ({command:?}) failed: {status}{}", stderr_suffix(stderr))]
+    #[error(
+        "{hook} of group {group:?} ({command:?}) failed: {status}{}",
+        stderr_suffix(stderr)
+    )]
     HookFailed {
         hook: &'static str,
         group: String,
@@ -52,7 +57,9 @@ pub enum CutError {
         status: String,
         stderr: String,
     },
-    #[error("{hook} of group {group:?} ({command:?}) did not finish within {timeout:?}; it was killed")]
+    #[error(
+        "{hook} of group {group:?} ({command:?}) did not finish within {timeout:?}; it was killed"
+    )]
     HookTimeout {
         hook: &'static str,
         group: String,
@@ -67,7 +74,9 @@ pub enum CutError {
         #[source]
         source: std::io::Error,
     },
-    #[error("appending the recovery-point marker of group {group:?} to the cache journal: {source}")]
+    #[error(
+        "appending the recovery-point marker of group {group:?} to the cache journal: {source}"
+    )]
     Append {
         group: String,
         #[source]
@@ -245,10 +254,6 @@ impl Cutter {
         }
     }
 
-    pub fn set_barrier(&self, barrier: Arc<dyn Barrier>) {
-        *lock(&self.barrier) = Some(barrier);
-    }
-
     pub fn appliance(&self) -> &str {
         &self.appliance
     }
@@ -377,14 +382,13 @@ impl Cutter {
         Ok(cut)
     }
 
-    /// Closes a group's gate for a barrier round run by another appliance.
-    pub async fn close_for_barrier(&self, group: &str) -> Result<GateClosed, CutError> {
-        Ok(self.group(group)?.gate.close().await)
-    }
-
     /// Appends the marker of `point` for this appliance's disks of the group. The caller holds
     /// the group's gate closed.
-    pub fn cut_closed(&self, cutter: &GroupCutter, point: &PendingPoint) -> Result<CutPoint, CutError> {
+    pub fn cut_closed(
+        &self,
+        cutter: &GroupCutter,
+        point: &PendingPoint,
+    ) -> Result<CutPoint, CutError> {
         let consistent = cutter
             .disks
             .iter()
@@ -511,7 +515,11 @@ fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
 
 /// Runs a hook with `sh -c`, bounded by [`HOOK_TIMEOUT`]; a non-zero exit is an error carrying
 /// the status and stderr.
-pub(crate) async fn run_hook(hook: &'static str, group: &str, command: &str) -> Result<(), CutError> {
+pub(crate) async fn run_hook(
+    hook: &'static str,
+    group: &str,
+    command: &str,
+) -> Result<(), CutError> {
     let child = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(command)
@@ -677,7 +685,12 @@ disks = [{{ name = "d", path = "/d", export = "/d.sock" }}]
 
     async fn write(disk: &CaptureDisk, offset: u64, byte: u8) {
         let (result, _) = disk
-            .apply(offset, 4096, Change::Data(IoBuf::from_slice(&[byte; 4096])), false)
+            .apply(
+                offset,
+                4096,
+                Change::Data(IoBuf::from_slice(&[byte; 4096])),
+                false,
+            )
             .await;
         result.unwrap();
     }
@@ -698,8 +711,15 @@ disks = [{{ name = "d", path = "/d", export = "/d.sock" }}]
         let written = rig.journal.last_seq();
         let before_ms = unix_time_ms();
         let point = rig.cutter.create("g", false).await.unwrap();
-        assert!(point.seq > written, "marker {} after writes up to {written}", point.seq);
-        assert!(rig.journal.durable_seq() >= point.seq, "the marker is flushed for shipping");
+        assert!(
+            point.seq > written,
+            "marker {} after writes up to {written}",
+            point.seq
+        );
+        assert!(
+            rig.journal.durable_seq() >= point.seq,
+            "the marker is flushed for shipping"
+        );
         assert!(point.id >= before_ms);
         let marker = marker_at(&rig.journal, point.seq);
         assert_eq!(marker.group, "g");
@@ -718,8 +738,9 @@ disks = [{{ name = "d", path = "/d", export = "/d.sock" }}]
             listed.iter().map(|p| p.id).collect::<Vec<_>>(),
             vec![point.id, second.id]
         );
-        assert!(listed.iter().all(|p| !p.usable
-            && p.unusable_reason.as_deref() == Some("not yet replicated")));
+        assert!(listed
+            .iter()
+            .all(|p| !p.usable && p.unusable_reason.as_deref() == Some("not yet replicated")));
     }
 
     #[tokio::test]
@@ -809,8 +830,16 @@ disks = [{{ name = "d", path = "/d", export = "/d.sock" }}]
     #[tokio::test]
     async fn unknown_groups_and_missing_hooks_are_refused() {
         let rig = rig("", DiskState::Protected);
-        let error = rig.cutter.create("nope", false).await.unwrap_err().to_string();
-        assert!(error.contains("\"nope\"") && error.contains("groups: g"), "{error}");
+        let error = rig
+            .cutter
+            .create("nope", false)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("\"nope\"") && error.contains("groups: g"),
+            "{error}"
+        );
         let error = rig.cutter.create("g", true).await.unwrap_err().to_string();
         assert!(error.contains("freeze_hook"), "{error}");
         assert!(rig.cutter.list("nope").is_err());

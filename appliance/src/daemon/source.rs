@@ -103,8 +103,15 @@ impl SourceSide {
             )?),
             None => None,
         };
-        let (cutter, point_tasks) =
-            start_cutter(appliance_name, source, layout, &journal, &capture, &ship, shutdown)?;
+        let (cutter, point_tasks) = start_cutter(
+            appliance_name,
+            source,
+            layout,
+            &journal,
+            &capture,
+            &ship,
+            shutdown,
+        )?;
         let side = Self {
             journal,
             capture,

@@ -14,8 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::config::Config;
 use crate::control::{
     DiskState, DiskStatus, GroupState, GroupStatus, LinkStatus, RecoveryPointStatus, ReplicaStatus,
-    StatusSnapshot,
-    SyncProgress,
+    StatusSnapshot, SyncProgress,
 };
 
 /// How far back churn is averaged.
@@ -536,9 +535,11 @@ impl StatusModel {
         }
         for group in &mut groups {
             if let Some(points) = recovery_points.get(&group.name) {
-                group.latest_point_age_seconds = points.iter().map(|p| p.time_unix_ms).max().map(
-                    |latest_ms| now_unix_ms.saturating_sub(latest_ms) as f64 / 1000.0,
-                );
+                group.latest_point_age_seconds = points
+                    .iter()
+                    .map(|p| p.time_unix_ms)
+                    .max()
+                    .map(|latest_ms| now_unix_ms.saturating_sub(latest_ms) as f64 / 1000.0);
                 group.recovery_points = points.clone();
             }
         }
