@@ -126,14 +126,20 @@ async fn writes_through_the_export_reach_an_identical_replica() {
     .unwrap();
     let ship_status = Arc::new(ShipStatus::default());
     let (commands_tx, commands) = mpsc::channel(4);
+    let disks: Vec<_> = capture
+        .disks()
+        .iter()
+        .map(|disk| (disk.clone(), "app".to_string()))
+        .collect();
     let shipper = Shipper {
         machines: Vec::new(),
         source_name: "site-a".into(),
-        disks: capture
-            .disks()
-            .iter()
-            .map(|disk| (disk.clone(), "app".to_string()))
-            .collect(),
+        control: ferry_appliance::ship::control::SourceControl::open(
+            &root.join("state"),
+            disks.clone(),
+        )
+        .unwrap(),
+        disks,
         journal: journal.clone(),
         dialer,
         sync_dir: root.join("state/sync"),

@@ -10,6 +10,7 @@
 //! (every queued write applied, the applied sequence persisted) before it starts.
 
 mod executor;
+pub mod peer;
 pub mod storage;
 
 use std::collections::BTreeMap;
@@ -26,6 +27,7 @@ use crate::io::disk::{Disk, DiskOptions};
 use crate::io::transport::{ConnectionHandle, PeerConnection, TargetEndpoint};
 
 pub use executor::ExecutorOutput;
+pub use peer::PeerControl;
 pub use storage::{ReplicaRecord, ReplicaStore, StorageError, StoredSettings};
 
 /// How this target derives each machine's settings from its source's: `[target.mapping]` and
@@ -150,18 +152,21 @@ pub async fn serve(
         store,
         status,
         SettingsMapping::default(),
+        PeerControl::new(),
         shutdown,
     )
     .await
 }
 
 /// Serves sources until `shutdown` turns true: one session task per connection. Each source's
-/// machine settings are mapped with `mapping` and stored with the replicas.
+/// machine settings are mapped with `mapping` and stored with the replicas; each connection's
+/// control stream is attached to `peers` (the control plane back to the source).
 pub async fn serve_mapped(
     mut endpoint: TargetEndpoint,
     store: ReplicaStore,
     status: ApplyStatus,
     mapping: SettingsMapping,
+    peers: Arc<PeerControl>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mapping = Arc::new(mapping);
@@ -188,11 +193,12 @@ pub async fn serve_mapped(
         let store = store.clone();
         let status = status.clone();
         let mapping = mapping.clone();
+        let peers = peers.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
             let _turn = gate.lock().await;
             let peer_address = connection.handle.peer_address();
-            match run_session(connection, &store, &status, &mapping, shutdown).await {
+            match run_session(connection, &store, &status, &mapping, &peers, shutdown).await {
                 Ok(()) => tracing::info!(source = %source, %peer_address, "source session ended"),
                 Err(error) => {
                     tracing::warn!(source = %source, %peer_address, "source session ended: {error}")
@@ -221,6 +227,7 @@ async fn run_session(
     store: &ReplicaStore,
     status: &ApplyStatus,
     mapping: &SettingsMapping,
+    peers: &Arc<PeerControl>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ApplyError> {
     let source = connection.peer_name.clone();
@@ -231,6 +238,7 @@ async fn run_session(
         ..
     } = connection;
     let mut sender = control.sender;
+    let mut peer = peers.attach(&source, control.receiver);
     let mut live_receiver = live.receiver;
     let (frame_tx, mut frames) = mpsc::channel::<Bytes>(64);
     let reader_source = source.clone();
@@ -292,6 +300,12 @@ async fn run_session(
                 }
                 None => break 'session,
             },
+            frame = peer.next_frame() => {
+                if let Err(error) = sender.send(Bytes::from(frame.into_bytes())).await {
+                    tracing::info!(source = %source, "cannot send a control message: {error}");
+                    break 'session;
+                }
+            }
         }
         // Drain every output of the state machine.
         while let Some(event) = target.poll_event() {
@@ -322,6 +336,7 @@ async fn run_session(
                         }
                     }
                     disk_ids = records.iter().map(|disk| disk.disk_id).collect();
+                    peer.note_groups(records.iter().map(|disk| disk.group.as_str()));
                     if let Some(previous) = executor.take() {
                         applied = previous.finish().await;
                     }

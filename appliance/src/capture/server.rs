@@ -17,9 +17,10 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::capture::disk::{CaptureDisk, Change};
+use crate::control::DiskState;
 use crate::core::nbd::{
     decode_request, encode_simple_reply, Action, ErrorCode, Handshake, HandshakeEvent, Negotiated,
-    ServerConfig, REQUEST_HEADER_BYTES,
+    ServerConfig, FLAG_READ_ONLY, REQUEST_HEADER_BYTES,
 };
 use crate::io::disk::{BufPool, IoBuf};
 
@@ -258,7 +259,16 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut codec = Handshake::new(exports.config.clone());
+    let mut config = exports.config.clone();
+    if exports
+        .disks
+        .iter()
+        .any(|disk| disk.state() == DiskState::FailedOver)
+    {
+        // Fenced (failed over to the target): clients see a read-only export.
+        config.transmission_flags |= FLAG_READ_ONLY;
+    }
+    let mut codec = Handshake::new(config);
     let mut input: Vec<u8> = Vec::with_capacity(1024);
     writer
         .write_all(&codec.take_output())
@@ -543,6 +553,15 @@ fn spawn_change(
     let replies = replies.clone();
     let peer = peer.to_owned();
     tokio::spawn(async move {
+        if disk.state() == DiskState::FailedOver {
+            // Fenced after this connection negotiated a writable export: refuse, nothing is
+            // written or journaled (the target's copy is production now).
+            let _ = replies
+                .send(Reply::Simple(encode_simple_reply(cookie, ErrorCode::Perm)))
+                .await;
+            drop(permit);
+            return;
+        }
         let (result, _buf) = disk.apply(offset, length, change, fua).await;
         let error = match result {
             Ok(()) => ErrorCode::Ok,

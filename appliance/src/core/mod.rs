@@ -21,4 +21,6 @@ pub mod target;
 
 pub mod recovery;
 
+pub mod peer;
+
 pub mod nbd;

@@ -630,6 +630,8 @@ impl Source {
                 Ok(())
             }
             Message::Error { code, message } => Err(SourceError::Peer { code, message }),
+            // Control-plane frames are routed by the session shells (`core::peer`), never here.
+            Message::Control { .. } => Ok(()),
             Message::Hello { .. } | Message::Records(_) | Message::HashRequest(_) => Err(
                 SourceError::Protocol("the target sent a frame only a source sends".into()),
             ),

@@ -438,6 +438,8 @@ impl Target {
                 Ok(())
             }
             Message::Error { code, message } => Err(TargetError::Peer { code, message }),
+            // Control-plane frames are routed by the session shells (`core::peer`), never here.
+            Message::Control { .. } => Ok(()),
             Message::Welcome { .. } | Message::Ack { .. } | Message::HashResponse(_) => Err(
                 TargetError::Protocol("the source sent a frame only a target sends".into()),
             ),

@@ -13,6 +13,11 @@
 //! read `FRAME_HEADER_BYTES`, call [`decode_header`] (which bounds the body length), read the body,
 //! then [`decode_frame`] over header and body (or [`split_frame`] over a byte stream).
 //!
+//! Control frames (`FrameKind::Control`) carry a versioned, bounded JSON document between the
+//! appliances' control planes (planned failover, fencing, reprotect: `core::peer`), on the
+//! control stream both ways. The core state machines never see them: the ship and apply
+//! sessions route them to their peer-control modules.
+//!
 //! Hello extension: after its disk list a Hello may carry the protected machines' settings
 //! (`MachineSettings`: resource group, availability set, NICs) as a tagged, versioned JSON blob
 //! of at most [`HELLO_SETTINGS_BYTES_MAX`] bytes, from which the target derives its settings. A
@@ -42,6 +47,9 @@ pub const SETTINGS_VERSION: u16 = 1;
 /// frame body, so both fit under `FRAME_BODY_BYTES_MAX`).
 pub const HELLO_SETTINGS_BYTES_MAX: usize = 1 << 20;
 
+/// Bound of the JSON document of a Control frame.
+pub const CONTROL_JSON_BYTES_MAX: usize = 64 << 10;
+
 /// Ack flag: the target saw a record beyond the next one it expects (a gap) and asks the source
 /// to resend from `received_seq + 1`.
 pub const ACK_FLAG_GAP: u8 = 1;
@@ -64,6 +72,8 @@ pub enum FrameKind {
     HashResponse = 6,
     /// Either way: a fatal protocol error; the sender closes the connection after it.
     Error = 7,
+    /// Either way, on the control stream: a control-plane message (versioned JSON).
+    Control = 8,
 }
 
 impl FrameKind {
@@ -76,6 +86,7 @@ impl FrameKind {
             5 => Self::HashRequest,
             6 => Self::HashResponse,
             7 => Self::Error,
+            8 => Self::Control,
             _ => return None,
         })
     }
@@ -282,6 +293,14 @@ struct HashFixed {
 
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
+struct ControlFixed {
+    version: U16,
+    reserved: U16,
+    json_len: U32,
+}
+
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
 struct ErrorFixed {
     code: U16,
     message_len: U16,
@@ -340,6 +359,12 @@ pub enum Message<'a> {
     Error {
         code: ErrorCode,
         message: String,
+    },
+    /// A control-plane document: `version` of its schema (the receiver judges it) and the JSON,
+    /// at most [`CONTROL_JSON_BYTES_MAX`] bytes.
+    Control {
+        version: u16,
+        json: &'a [u8],
     },
 }
 
@@ -642,6 +667,27 @@ impl Frame {
             .as_bytes(),
         );
         builder.put(message.as_bytes());
+        builder.finish()
+    }
+
+    /// A control frame. `json` must be at most [`CONTROL_JSON_BYTES_MAX`] bytes (the peer-control
+    /// encoder checks it; exceeding it here is a bug).
+    pub fn control(version: u16, json: &[u8]) -> Frame {
+        assert!(
+            json.len() <= CONTROL_JSON_BYTES_MAX,
+            "control document of {} bytes over the limit",
+            json.len()
+        );
+        let mut builder = Builder::new(FrameKind::Control, 8 + json.len());
+        builder.put(
+            ControlFixed {
+                version: version.into(),
+                reserved: 0.into(),
+                json_len: (json.len() as u32).into(),
+            }
+            .as_bytes(),
+        );
+        builder.put(json);
         builder.finish()
     }
 
@@ -959,6 +1005,22 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                 message,
             }
         }
+        FrameKind::Control => {
+            let fixed: ControlFixed = reader.fixed("control header")?;
+            let len = fixed.json_len.get() as usize;
+            if len > CONTROL_JSON_BYTES_MAX {
+                return Err(malformed(
+                    kind,
+                    format!("control document of {len} bytes (limit {CONTROL_JSON_BYTES_MAX})"),
+                ));
+            }
+            let json = reader.take(len, "control document")?;
+            reader.finish()?;
+            Message::Control {
+                version: fixed.version.get(),
+                json,
+            }
+        }
     };
     Ok(message)
 }
@@ -1101,6 +1163,7 @@ mod tests {
                 ErrorCode::TargetAhead,
                 "target holds seq 10, source journal ends at 4",
             ),
+            Frame::control(1, br#"{"type":"failed-over-groups","groups":["shop"]}"#),
         ]
     }
 
@@ -1177,6 +1240,33 @@ mod tests {
             }
             other => panic!("decoded {other:?}"),
         }
+        match frames[7].decode().unwrap() {
+            Message::Control { version, json } => {
+                assert_eq!(version, 1);
+                assert!(json.starts_with(br#"{"type""#));
+            }
+            other => panic!("decoded {other:?}"),
+        }
+    }
+
+    #[test]
+    fn oversized_control_documents_are_refused() {
+        let mut builder = Builder::new(FrameKind::Control, 16);
+        builder.put(
+            ControlFixed {
+                version: 1.into(),
+                reserved: 0.into(),
+                json_len: ((CONTROL_JSON_BYTES_MAX + 1) as u32).into(),
+            }
+            .as_bytes(),
+        );
+        let error = builder.finish().decode().unwrap_err();
+        assert!(error.to_string().contains("limit"), "{error}");
+        let largest = vec![b' '; CONTROL_JSON_BYTES_MAX];
+        assert!(matches!(
+            Frame::control(1, &largest).decode().unwrap(),
+            Message::Control { json, .. } if json.len() == CONTROL_JSON_BYTES_MAX
+        ));
     }
 
     #[test]

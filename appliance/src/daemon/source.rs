@@ -24,6 +24,7 @@ use crate::config::SourceConfig;
 use crate::control::{DiskState, Request, Response};
 use crate::io::disk::DiskOptions;
 use crate::io::transport::{Identity, RateLimiter, SourceDialer, Tuning};
+use crate::ship::control::SourceControl;
 use crate::ship::{ShipCommand, ShipStatus, Shipper, VerifyResult};
 
 /// The running source side.
@@ -43,6 +44,8 @@ struct ShipSide {
     status: Arc<ShipStatus>,
     commands: mpsc::Sender<ShipCommand>,
     limiter: Arc<RateLimiter>,
+    /// Fencing and the target's requests (planned failover, failback).
+    control: Arc<SourceControl>,
 }
 
 impl SourceSide {
@@ -55,6 +58,13 @@ impl SourceSide {
     ) -> Result<Self, DaemonError> {
         let journal = open_journal(layout, source.journal_size_bytes).await?;
         restore_status(&journal, status);
+        // Groups failed over to the target stay read-only from the first NBD connection on.
+        let fenced = crate::ship::control::load_fenced_groups(&layout.root).map_err(|error| {
+            DaemonError::Component {
+                component: "fencing",
+                message: error.to_string(),
+            }
+        })?;
 
         let mut disks = Vec::new();
         let mut listeners = Vec::new();
@@ -68,7 +78,11 @@ impl SourceSide {
                     disk_options: DiskOptions::default(),
                     // Nothing has reached a target yet as far as this process knows; the
                     // shipper moves the disk on. A dirty bitmap makes capture say resync-needed.
-                    initial_state: DiskState::InitialSync,
+                    initial_state: if fenced.contains(&machine.group) {
+                        DiskState::FailedOver
+                    } else {
+                        DiskState::InitialSync
+                    },
                 };
                 let export = spec.export_name();
                 if let Some(path) = &disk.export {
@@ -325,22 +339,26 @@ fn start_shipper(
         .map_err(|error| component(format!("source.machine settings: {error}")))?;
     let ship_status = Arc::new(ShipStatus::default());
     let (commands, command_receiver) = mpsc::channel(8);
+    let disks: Vec<_> = capture
+        .disks()
+        .iter()
+        .map(|disk| {
+            let group = groups.get(&disk.disk_id()).cloned().unwrap_or_default();
+            (disk.clone(), group)
+        })
+        .collect();
+    let control =
+        SourceControl::open(&layout.root, disks.clone()).map_err(|e| component(e.to_string()))?;
     let shipper = Shipper {
         source_name: appliance_name.to_string(),
-        disks: capture
-            .disks()
-            .iter()
-            .map(|disk| {
-                let group = groups.get(&disk.disk_id()).cloned().unwrap_or_default();
-                (disk.clone(), group)
-            })
-            .collect(),
+        disks,
         machines,
         journal: journal.clone(),
         dialer,
         sync_dir: layout.root.join("sync"),
         status: ship_status.clone(),
         commands: command_receiver,
+        control: control.clone(),
     };
     let task = tokio::spawn(shipper.run(shutdown));
     Ok(ShipSide {
@@ -348,6 +366,7 @@ fn start_shipper(
         status: ship_status,
         commands,
         limiter,
+        control,
     })
 }
 

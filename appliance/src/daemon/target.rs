@@ -2,7 +2,7 @@
 //! dials), applies their streams to replicas under `storage_dir`, and reports each replica's
 //! applied sequence to the status model.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use super::layout::StateLayout;
 use super::status::StatusModel;
 use super::DaemonError;
-use crate::apply::{self, ApplyStatus, ReplicaStore};
+use crate::apply::{self, ApplyStatus, PeerControl, ReplicaStore};
 use crate::config::TargetConfig;
 use crate::io::transport::{Identity, Peer, TargetEndpoint, Tuning};
 
@@ -18,6 +18,8 @@ use crate::io::transport::{Identity, Peer, TargetEndpoint, Tuning};
 pub(crate) struct TargetSide {
     task: Mutex<Option<JoinHandle<()>>>,
     status: ApplyStatus,
+    /// The control plane back to the connected sources (planned failover, fencing).
+    pub peers: Arc<PeerControl>,
 }
 
 impl TargetSide {
@@ -46,16 +48,19 @@ impl TargetSide {
         let status = ApplyStatus::default();
         let sources: Vec<String> = target.peers.iter().map(|peer| peer.name.clone()).collect();
         status.load_from(&store, &sources);
+        let peers = PeerControl::new();
         let task = tokio::spawn(apply::serve_mapped(
             endpoint,
             store,
             status.clone(),
             apply::SettingsMapping::from_config(target),
+            peers.clone(),
             shutdown,
         ));
         Ok(Self {
             task: Mutex::new(Some(task)),
             status,
+            peers,
         })
     }
 

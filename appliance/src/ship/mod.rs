@@ -19,6 +19,8 @@
 //! extents are cleared from the bitmap and the disk is `protected`. A disk that overflowed
 //! during the round keeps its bits and gets another round.
 
+pub mod control;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -150,6 +152,8 @@ pub struct Shipper {
     pub sync_dir: PathBuf,
     pub status: Arc<ShipStatus>,
     pub commands: mpsc::Receiver<ShipCommand>,
+    /// Fencing and the target's requests (`control.rs`), shared with the daemon.
+    pub control: Arc<control::SourceControl>,
 }
 
 /// Extent reads in flight for the core's sync: (token, sequence floor, bytes).
@@ -301,6 +305,7 @@ impl Shipper {
         } = connection;
         let mut sender = live.sender;
         let mut receiver = control.receiver;
+        let mut peer = self.control.session(control.sender, self.status.clone());
         let (frame_tx, mut frames) = mpsc::channel::<Bytes>(64);
         let reader = tokio::spawn(async move {
             loop {
@@ -400,6 +405,7 @@ impl Shipper {
                 biased;
                 _ = wait_shutdown(shutdown) => break Ok(()),
                 frame = frames.recv() => match frame {
+                    Some(frame) if peer.route(&frame) => {}
                     Some(frame) => {
                         let handled = {
                             let mut journal = self.journal.lock();
@@ -501,6 +507,10 @@ impl Shipper {
                     let Some(disk) = self.disk(welcome.disk_id) else {
                         continue;
                     };
+                    if disk.state() == DiskState::FailedOver {
+                        // Fenced: the target's copy is production; nothing flows from here.
+                        continue;
+                    }
                     let marker = self.synced_marker(disk);
                     let synced = marker.exists();
                     let mode = match welcome.replica {
@@ -571,8 +581,12 @@ impl Shipper {
                     std::fs::write(self.synced_marker(disk), b"")
                         .map_err(|error| format!("recording the initial replication: {error}"))?;
                 }
-                if disk.state() == DiskState::ResyncNeeded {
+                if matches!(
+                    disk.state(),
+                    DiskState::ResyncNeeded | DiskState::FailedOver
+                ) {
                     // Overflowed again during the round: keep every bit for the next round.
+                    // Fenced meanwhile: it stays fenced (the bits resync at failback).
                     return Ok(());
                 }
                 for extent in &round.extents {

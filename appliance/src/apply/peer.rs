@@ -1,0 +1,356 @@
+//! The target's end of the control plane to its sources (`core::peer`): which source is
+//! connected and which groups it protects, requests to a source (planned failover, failback)
+//! with their answers, and the set of groups failed over here, which every connecting source is
+//! told so that it fences their disks (an unplanned failover happens while the source is gone).
+//!
+//! One [`PeerControl`] per target appliance, shared by the apply sessions (each attaches its
+//! connection's control stream with [`PeerControl::attach`]) and the failover commands.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::core::peer::{PeerMessage, PeerOutcome, PeerRequest};
+use crate::core::wire::{self, Frame, Message};
+use crate::io::transport::FrameReceiver;
+
+/// Why a request to a source got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerRequestError {
+    #[error("source {source_name} is not connected to this target")]
+    NotConnected { source_name: String },
+    #[error("source {source_name} did not answer within {timeout:?}")]
+    Timeout {
+        source_name: String,
+        timeout: Duration,
+    },
+    #[error("the connection to source {source_name} ended before it answered")]
+    Disconnected { source_name: String },
+    #[error("request to source {source_name} cannot be encoded: {message}")]
+    Encode {
+        source_name: String,
+        message: String,
+    },
+}
+
+/// The control plane of a target appliance.
+#[derive(Default)]
+pub struct PeerControl {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    links: BTreeMap<String, Link>,
+    failed_over: BTreeSet<String>,
+    next_id: u64,
+    next_generation: u64,
+}
+
+struct Link {
+    generation: u64,
+    outgoing: mpsc::UnboundedSender<Frame>,
+    pending: BTreeMap<u64, oneshot::Sender<PeerOutcome>>,
+    /// Groups of the disks the source announced on this connection.
+    groups: BTreeSet<String>,
+}
+
+impl PeerControl {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records whether `group` is failed over here (its copy at the target is production) and
+    /// tells every connected source the new set.
+    pub fn set_failed_over(&self, group: &str, failed_over: bool) {
+        let mut inner = self.lock();
+        let changed = if failed_over {
+            inner.failed_over.insert(group.to_string())
+        } else {
+            inner.failed_over.remove(group)
+        };
+        if changed {
+            let Some(frame) = failed_over_frame(&inner.failed_over) else {
+                return;
+            };
+            for link in inner.links.values() {
+                let _ = link.outgoing.send(frame.clone());
+            }
+        }
+    }
+
+    /// Groups failed over here, sorted.
+    pub fn failed_over_groups(&self) -> Vec<String> {
+        self.lock().failed_over.iter().cloned().collect()
+    }
+
+    /// The connected sources that protect disks of `group`, sorted.
+    pub fn sources_of_group(&self, group: &str) -> Vec<String> {
+        self.lock()
+            .links
+            .iter()
+            .filter(|(_, link)| link.groups.contains(group))
+            .map(|(source, _)| source.clone())
+            .collect()
+    }
+
+    /// Whether `source` has a connection here.
+    pub fn is_connected(&self, source: &str) -> bool {
+        self.lock().links.contains_key(source)
+    }
+
+    /// Sends `request` to `source` and waits at most `timeout` for its answer.
+    pub async fn request(
+        &self,
+        source: &str,
+        request: PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerOutcome, PeerRequestError> {
+        let (answer, answered) = oneshot::channel();
+        {
+            let mut inner = self.lock();
+            inner.next_id += 1;
+            let id = inner.next_id;
+            let Some(link) = inner.links.get_mut(source) else {
+                return Err(PeerRequestError::NotConnected {
+                    source_name: source.to_string(),
+                });
+            };
+            let frame = PeerMessage::Request { id, request }
+                .to_frame()
+                .map_err(|error| PeerRequestError::Encode {
+                    source_name: source.to_string(),
+                    message: error.to_string(),
+                })?;
+            if link.outgoing.send(frame).is_err() {
+                return Err(PeerRequestError::Disconnected {
+                    source_name: source.to_string(),
+                });
+            }
+            link.pending.insert(id, answer);
+        }
+        match tokio::time::timeout(timeout, answered).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(_)) => Err(PeerRequestError::Disconnected {
+                source_name: source.to_string(),
+            }),
+            Err(_) => Err(PeerRequestError::Timeout {
+                source_name: source.to_string(),
+                timeout,
+            }),
+        }
+    }
+
+    /// Attaches a new connection of `source`: reads its control stream (`receiver`) and queues
+    /// the frames for it, starting with the failed-over groups. The session sends what
+    /// [`SessionPeer::next_frame`] gives on its control stream, and drops the `SessionPeer` when
+    /// the connection ends.
+    pub fn attach(self: &Arc<Self>, source: &str, receiver: FrameReceiver) -> SessionPeer {
+        let (outgoing, frames) = mpsc::unbounded_channel();
+        let generation = {
+            let mut inner = self.lock();
+            inner.next_generation += 1;
+            let generation = inner.next_generation;
+            if let Some(frame) = failed_over_frame(&inner.failed_over) {
+                let _ = outgoing.send(frame);
+            }
+            // A previous connection's requests will never be answered: dropping their senders
+            // tells the waiters.
+            inner.links.insert(
+                source.to_string(),
+                Link {
+                    generation,
+                    outgoing,
+                    pending: BTreeMap::new(),
+                    groups: BTreeSet::new(),
+                },
+            );
+            generation
+        };
+        let reader = tokio::spawn(read_control(
+            self.clone(),
+            source.to_string(),
+            generation,
+            receiver,
+        ));
+        SessionPeer {
+            control: self.clone(),
+            source: source.to_string(),
+            generation,
+            frames,
+            reader,
+        }
+    }
+
+    fn handle_document(&self, source: &str, generation: u64, version: u16, json: &[u8]) {
+        let message = match PeerMessage::from_document(version, json) {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(source = %source, "control message refused: {error}");
+                return;
+            }
+        };
+        match message {
+            PeerMessage::Reply { id, outcome } => {
+                let mut inner = self.lock();
+                let waiter = inner
+                    .links
+                    .get_mut(source)
+                    .filter(|link| link.generation == generation)
+                    .and_then(|link| link.pending.remove(&id));
+                match waiter {
+                    Some(waiter) => {
+                        let _ = waiter.send(outcome);
+                    }
+                    None => {
+                        tracing::warn!(source = %source, id, "answer to no pending request")
+                    }
+                }
+            }
+            PeerMessage::FailedOverGroups { .. } | PeerMessage::Request { .. } => {
+                tracing::warn!(source = %source, "a source sent a message only a target sends");
+            }
+        }
+    }
+}
+
+/// The failed-over groups as a frame; `None` (logged) when they do not fit one, which takes
+/// hundreds of groups of the longest names.
+fn failed_over_frame(groups: &BTreeSet<String>) -> Option<Frame> {
+    let message = PeerMessage::FailedOverGroups {
+        groups: groups.iter().cloned().collect(),
+    };
+    match message.to_frame() {
+        Ok(frame) => Some(frame),
+        Err(error) => {
+            tracing::error!("cannot tell sources the failed-over groups: {error}");
+            None
+        }
+    }
+}
+
+/// Reads a source's control stream until it ends.
+async fn read_control(
+    control: Arc<PeerControl>,
+    source: String,
+    generation: u64,
+    mut receiver: FrameReceiver,
+) {
+    loop {
+        let frame = match receiver.recv().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::debug!(source = %source, "control stream ended: {error}");
+                return;
+            }
+        };
+        match wire::decode_frame(&frame) {
+            Ok(Message::Control { version, json }) => {
+                control.handle_document(&source, generation, version, json)
+            }
+            Ok(other) => {
+                tracing::warn!(source = %source, "unexpected frame on the control stream: {other:?}")
+            }
+            Err(error) => {
+                tracing::warn!(source = %source, "bad frame on the control stream: {error}");
+                return;
+            }
+        }
+    }
+}
+
+/// A session's attachment to the control plane (see [`PeerControl::attach`]).
+pub struct SessionPeer {
+    control: Arc<PeerControl>,
+    source: String,
+    generation: u64,
+    frames: mpsc::UnboundedReceiver<Frame>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl SessionPeer {
+    /// The next control frame to send to the source; pending while there is none.
+    pub async fn next_frame(&mut self) -> Frame {
+        match self.frames.recv().await {
+            Some(frame) => frame,
+            // Replaced by a newer connection of the same source: nothing more to send here.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Records the groups the source announced in its Hello.
+    pub fn note_groups<'a>(&self, groups: impl IntoIterator<Item = &'a str>) {
+        let mut inner = self.control.lock();
+        if let Some(link) = inner
+            .links
+            .get_mut(&self.source)
+            .filter(|link| link.generation == self.generation)
+        {
+            link.groups = groups
+                .into_iter()
+                .filter(|group| !group.is_empty())
+                .map(str::to_string)
+                .collect();
+        }
+    }
+}
+
+impl Drop for SessionPeer {
+    fn drop(&mut self) {
+        self.reader.abort();
+        let mut inner = self.control.lock();
+        let current = inner
+            .links
+            .get(&self.source)
+            .is_some_and(|link| link.generation == self.generation);
+        if current {
+            // Dropping the link drops its pending answers' senders: their waiters learn the
+            // connection ended.
+            inner.links.remove(&self.source);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_over_set_is_kept_sorted_and_idempotent() {
+        let control = PeerControl::new();
+        control.set_failed_over("shop", true);
+        control.set_failed_over("db", true);
+        control.set_failed_over("shop", true);
+        assert_eq!(control.failed_over_groups(), ["db", "shop"]);
+        control.set_failed_over("db", false);
+        assert_eq!(control.failed_over_groups(), ["shop"]);
+        assert!(!control.is_connected("site-a"));
+        assert!(control.sources_of_group("shop").is_empty());
+    }
+
+    #[tokio::test]
+    async fn requests_to_absent_sources_fail_at_once() {
+        let control = PeerControl::new();
+        let error = control
+            .request(
+                "site-a",
+                PeerRequest::PlannedFailover {
+                    group: "shop".into(),
+                },
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(error, PeerRequestError::NotConnected { .. }));
+        assert!(error.to_string().contains("site-a"));
+    }
+}

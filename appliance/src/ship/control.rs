@@ -1,0 +1,415 @@
+//! The source's end of the control plane (`core::peer`): fencing and the target's requests.
+//!
+//! Fencing makes a group's disks read-only here because the group's copy at the target is
+//! production now (after a planned or unplanned failover): NBD writes to them are refused with
+//! EPERM, new NBD connections see the export READ_ONLY, and their state is `failed-over`. The
+//! fenced groups are persisted in `<state_dir>/fenced-groups.json` (atomically) before any disk
+//! is fenced, so a restart keeps them fenced. Only failback (`PeerRequest::Unfence`) lifts a
+//! fence; un-fencing marks every extent of the group's disks dirty so the shipper resyncs them
+//! to the target by hash compare (the replica is stale by the failover's writes).
+//!
+//! Requests run in their own tasks; answers go back on the control stream of the connection
+//! that carried the request.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::ShipStatus;
+use crate::capture::CaptureDisk;
+use crate::control::DiskState;
+use crate::core::peer::{PeerMessage, PeerOutcome, PeerRequest};
+use crate::core::wire::{self, Frame, FrameKind, Message};
+use crate::io::transport::FrameSender;
+
+/// Cuts the final recovery point of a group for a planned failover: `(point_id, marker_seq)`.
+/// Wired by the daemon to the recovery-point cutter; fencing happens before it is called.
+pub type FinalPointCutter = Arc<
+    dyn Fn(String) -> Pin<Box<dyn Future<Output = Result<(u64, u64), String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// How long a planned failover waits for the target to hold the final point durably.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often the drain checks the acknowledged sequence.
+const DRAIN_POLL_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Why the fence state cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FenceError {
+    #[error("fence state {}: {operation} failed: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        operation: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("fence state {}: not valid: {source}", path.display())]
+    Invalid {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("bitmap of {disk}: {message}")]
+    Bitmap { disk: String, message: String },
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct FenceFile {
+    version: u32,
+    groups: BTreeSet<String>,
+}
+
+const FENCE_FILE_VERSION: u32 = 1;
+
+/// The fence file of a state dir.
+pub fn fence_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("fenced-groups.json")
+}
+
+/// The groups fenced in `state_dir` (none when the file does not exist).
+pub fn load_fenced_groups(state_dir: &Path) -> Result<BTreeSet<String>, FenceError> {
+    let path = fence_path(state_dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
+        Err(source) => {
+            return Err(FenceError::Io {
+                path,
+                operation: "read",
+                source,
+            })
+        }
+    };
+    let file: FenceFile = serde_json::from_slice(&bytes).map_err(|source| FenceError::Invalid {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(file.groups)
+}
+
+/// Writes the fence file atomically: temp file, fsync, rename, directory fsync.
+fn store_fenced_groups(state_dir: &Path, groups: &BTreeSet<String>) -> Result<(), FenceError> {
+    let path = fence_path(state_dir);
+    let temp = state_dir.join("fenced-groups.json.tmp");
+    let io = |operation: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| FenceError::Io {
+            path,
+            operation,
+            source,
+        }
+    };
+    let json = serde_json::to_vec_pretty(&FenceFile {
+        version: FENCE_FILE_VERSION,
+        groups: groups.clone(),
+    })
+    .map_err(|source| FenceError::Invalid {
+        path: path.clone(),
+        source,
+    })?;
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&temp).map_err(io("create", &temp))?;
+        file.write_all(&json).map_err(io("write", &temp))?;
+        file.sync_all().map_err(io("fsync", &temp))?;
+    }
+    std::fs::rename(&temp, &path).map_err(io("rename", &path))?;
+    std::fs::File::open(state_dir)
+        .and_then(|dir| dir.sync_all())
+        .map_err(io("fsync directory", state_dir))?;
+    Ok(())
+}
+
+/// The source's control plane, shared across connections.
+pub struct SourceControl {
+    state_dir: PathBuf,
+    /// Every captured disk with its group.
+    disks: Vec<(CaptureDisk, String)>,
+    fenced: Mutex<BTreeSet<String>>,
+    cutter: Mutex<Option<FinalPointCutter>>,
+}
+
+impl SourceControl {
+    /// Loads the fenced groups of `state_dir` and fences their disks.
+    pub fn open(
+        state_dir: &Path,
+        disks: Vec<(CaptureDisk, String)>,
+    ) -> Result<Arc<Self>, FenceError> {
+        let fenced = load_fenced_groups(state_dir)?;
+        let control = Arc::new(Self {
+            state_dir: state_dir.to_path_buf(),
+            disks,
+            fenced: Mutex::new(fenced.clone()),
+            cutter: Mutex::new(None),
+        });
+        for group in &fenced {
+            let disks = control.fence_disks(group);
+            if !disks.is_empty() {
+                tracing::warn!(group = %group, disks = %disks.join(","), "group is failed over to the target: its disks stay read-only here");
+            }
+        }
+        Ok(control)
+    }
+
+    /// Sets how planned failovers cut their final point.
+    pub fn set_cutter(&self, cutter: FinalPointCutter) {
+        *lock(&self.cutter) = Some(cutter);
+    }
+
+    /// Groups fenced here, sorted.
+    pub fn fenced_groups(&self) -> Vec<String> {
+        lock(&self.fenced).iter().cloned().collect()
+    }
+
+    /// Whether `disk` belongs to a fenced group.
+    pub fn is_fenced(&self, disk: &CaptureDisk) -> bool {
+        let fenced = lock(&self.fenced);
+        self.disks.iter().any(|(candidate, group)| {
+            candidate.disk_id() == disk.disk_id() && fenced.contains(group)
+        })
+    }
+
+    fn group_disks(&self, group: &str) -> Vec<&CaptureDisk> {
+        self.disks
+            .iter()
+            .filter(|(_, candidate)| candidate == group)
+            .map(|(disk, _)| disk)
+            .collect()
+    }
+
+    fn fence_disks(&self, group: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        for disk in self.group_disks(group) {
+            disk.set_state(DiskState::FailedOver);
+            names.push(disk.export_name().to_string());
+        }
+        names
+    }
+
+    /// Fences `group` (persisted first). Returns the fenced disks (`machine/disk`); none when
+    /// the group has no disk here (nothing is recorded then).
+    pub fn fence(&self, group: &str) -> Result<Vec<String>, FenceError> {
+        if self.group_disks(group).is_empty() {
+            return Ok(Vec::new());
+        }
+        {
+            let mut fenced = lock(&self.fenced);
+            if !fenced.contains(group) {
+                let mut next = fenced.clone();
+                next.insert(group.to_string());
+                store_fenced_groups(&self.state_dir, &next)?;
+                *fenced = next;
+                tracing::warn!(group = %group, "group failed over to the target: fencing its disks (read-only)");
+            }
+        }
+        Ok(self.fence_disks(group))
+    }
+
+    /// Lifts the fence of `group`: every extent of its disks is marked dirty (persisted) and the
+    /// disks go `resync-needed`, so the shipper hash-compares them with the target and sends
+    /// what differs; then the fence file forgets the group.
+    pub fn unfence(&self, group: &str) -> Result<Vec<String>, FenceError> {
+        let disks = self.group_disks(group);
+        let mut names = Vec::new();
+        for disk in &disks {
+            disk.bitmap().mark_all();
+            disk.bitmap()
+                .persist()
+                .map_err(|error| FenceError::Bitmap {
+                    disk: disk.export_name().to_string(),
+                    message: error.to_string(),
+                })?;
+            names.push(disk.export_name().to_string());
+        }
+        {
+            let mut fenced = lock(&self.fenced);
+            if fenced.contains(group) {
+                let mut next = fenced.clone();
+                next.remove(group);
+                store_fenced_groups(&self.state_dir, &next)?;
+                *fenced = next;
+            }
+        }
+        for disk in &disks {
+            disk.set_state(DiskState::ResyncNeeded);
+        }
+        tracing::warn!(group = %group, disks = %names.join(","), "fence lifted (failback): the disks are writable and resync to the target");
+        Ok(names)
+    }
+
+    /// Starts the control plane of one connection: answers go out on `sender` (the control
+    /// stream the source opened).
+    pub fn session(
+        self: &Arc<Self>,
+        sender: FrameSender,
+        status: Arc<ShipStatus>,
+    ) -> ControlSession {
+        let (outgoing, mut frames) = mpsc::unbounded_channel::<Frame>();
+        let writer = tokio::spawn(async move {
+            let mut sender = sender;
+            while let Some(frame) = frames.recv().await {
+                if let Err(error) = sender.send(Bytes::from(frame.into_bytes())).await {
+                    tracing::info!("cannot answer the target on the control stream: {error}");
+                    return;
+                }
+            }
+        });
+        ControlSession {
+            control: self.clone(),
+            status,
+            outgoing,
+            writer,
+            requests: JoinSet::new(),
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The control plane of one connection (see [`SourceControl::session`]). Dropping it stops
+/// its requests; their fences (persisted) stay.
+pub struct ControlSession {
+    control: Arc<SourceControl>,
+    status: Arc<ShipStatus>,
+    outgoing: mpsc::UnboundedSender<Frame>,
+    writer: tokio::task::JoinHandle<()>,
+    requests: JoinSet<()>,
+}
+
+impl ControlSession {
+    /// Takes `frame` if it is a Control frame (true), else leaves it to the replication core.
+    pub fn route(&mut self, frame: &[u8]) -> bool {
+        let is_control =
+            wire::decode_header(frame).is_ok_and(|header| header.kind == FrameKind::Control as u8);
+        if !is_control {
+            return false;
+        }
+        match wire::decode_frame(frame) {
+            Ok(Message::Control { version, json }) => self.handle(version, json),
+            Ok(_) => {}
+            Err(error) => tracing::warn!("bad control frame from the target: {error}"),
+        }
+        true
+    }
+
+    /// Handles a Control frame's document from the target.
+    pub fn handle(&mut self, version: u16, json: &[u8]) {
+        while self.requests.try_join_next().is_some() {}
+        let message = match PeerMessage::from_document(version, json) {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!("control message from the target refused: {error}");
+                return;
+            }
+        };
+        match message {
+            PeerMessage::FailedOverGroups { groups } => {
+                for group in groups {
+                    match self.control.fence(&group) {
+                        Ok(disks) if !disks.is_empty() => {
+                            tracing::info!(group = %group, disks = %disks.join(","), "the target has the group failed over: fenced")
+                        }
+                        Ok(_) => {}
+                        Err(error) => tracing::error!(group = %group, "fencing failed: {error}"),
+                    }
+                }
+            }
+            PeerMessage::Request { id, request } => {
+                let control = self.control.clone();
+                let status = self.status.clone();
+                let outgoing = self.outgoing.clone();
+                self.requests.spawn(async move {
+                    let outcome = run_request(&control, &status, request).await;
+                    match (PeerMessage::Reply { id, outcome }).to_frame() {
+                        Ok(frame) => {
+                            let _ = outgoing.send(frame);
+                        }
+                        Err(error) => tracing::error!(id, "cannot encode an answer: {error}"),
+                    }
+                });
+            }
+            PeerMessage::Reply { .. } => {
+                tracing::warn!("the target sent a message only a source sends")
+            }
+        }
+    }
+}
+
+impl Drop for ControlSession {
+    fn drop(&mut self) {
+        self.writer.abort();
+        self.requests.abort_all();
+    }
+}
+
+async fn run_request(
+    control: &SourceControl,
+    status: &ShipStatus,
+    request: PeerRequest,
+) -> PeerOutcome {
+    let error = |message: String| PeerOutcome::Error { message };
+    match request {
+        PeerRequest::PlannedFailover { group } => {
+            let cutter = lock(&control.cutter).clone();
+            let Some(cutter) = cutter else {
+                return error(format!(
+                    "planned failover of {group}: this source cannot cut recovery points"
+                ));
+            };
+            let disks = match control.fence(&group) {
+                Ok(disks) if disks.is_empty() => {
+                    return error(format!("group {group} has no disks on this source"))
+                }
+                Ok(disks) => disks,
+                Err(fence) => return error(format!("planned failover of {group}: {fence}")),
+            };
+            tracing::info!(group = %group, disks = %disks.join(","), "planned failover: fenced, cutting the final point");
+            let (point_id, marker_seq) = match cutter(group.clone()).await {
+                Ok(cut) => cut,
+                Err(message) => {
+                    // The disks stay fenced: the operator asked to stop production here, and
+                    // a retry or an unplanned failover continues from that state.
+                    return error(format!(
+                        "planned failover of {group}: the final point could not be cut ({message}); the group stays fenced"
+                    ));
+                }
+            };
+            let deadline = Instant::now() + DRAIN_TIMEOUT;
+            while status.acked_seq() < marker_seq {
+                if Instant::now() >= deadline {
+                    return error(format!(
+                        "planned failover of {group}: the target did not acknowledge the final point (sequence {marker_seq}) within {DRAIN_TIMEOUT:?}; the group stays fenced"
+                    ));
+                }
+                tokio::time::sleep(DRAIN_POLL_INTERVAL).await;
+            }
+            tracing::info!(group = %group, point_id, marker_seq, "planned failover: final point durable at the target");
+            PeerOutcome::FinalPoint {
+                group,
+                point_id,
+                marker_seq,
+            }
+        }
+        PeerRequest::Unfence { group } => match control.unfence(&group) {
+            Ok(disks) if disks.is_empty() => {
+                error(format!("group {group} has no disks on this source"))
+            }
+            Ok(disks) => PeerOutcome::Unfenced { group, disks },
+            Err(unfence) => error(format!("failback of {group}: {unfence}")),
+        },
+    }
+}
