@@ -45,6 +45,8 @@ struct ShipSide {
     commands: mpsc::Sender<ShipCommand>,
     limiter: Arc<RateLimiter>,
     /// Fencing and the target's requests (planned failover, failback).
+    // Read by the failover commands, which land next.
+    #[allow(dead_code)]
     control: Arc<SourceControl>,
 }
 
