@@ -1,5 +1,6 @@
 //! The disk-operation executor of one apply session: runs the target state machine's disk ops
-//! in order with many writes in flight, and group-commits flushes.
+//! in order with many writes in flight, saves before-images for recovery points, and
+//! group-commits flushes.
 //!
 //! Ordering: writes are submitted concurrently unless one overlaps a write still in flight,
 //! in which case everything in flight completes first (so overlapping writes reach the replica
@@ -8,15 +9,28 @@
 //! up to `GROUP_COMMIT_BYTES_MAX` or `GROUP_COMMIT_DELAY`, and then one flush of every touched
 //! replica plus one write of the applied sequence covers them all. The source's window is far
 //! larger than the group, so acknowledgements keep flowing.
+//!
+//! Recovery points: once a marker listed a disk, every write to it first saves the 4 KiB blocks
+//! it overwrites that were not saved yet since the disk's last marker (`SavedBlocks`): they are
+//! read from the replica after every earlier overlapping write completed, appended to the disk's
+//! undo log, and the write is held. Held writes are issued only after one fdatasync of the undo
+//! logs made their before-images durable (group commit: when the op queue runs dry, before a
+//! flush, a read or a marker, or past `HELD_BYTES_MAX`). A later write overlapping a held write's
+//! blocks is held behind it. Markers are recorded in the catalog at the commit that makes them
+//! durable, after the replica flush and before the applied sequence is persisted.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::storage::AppliedSeqFile;
+use super::catalog::{DiskUndo, RecoveryStore};
+use super::storage::{AppliedSeqFile, ReplicaRecord};
+use super::undo::ENTRY_BYTES_MAX;
 use crate::core::record::Seq;
+use crate::core::recovery::{PointMarker, UNDO_BLOCK_BYTES};
 use crate::core::target::DiskOp;
 use crate::io::disk::{Disk, DiskError, IoBuf};
 
@@ -39,6 +53,9 @@ const WRITES_IN_FLIGHT_MAX: usize = 64;
 const GROUP_COMMIT_BYTES_MAX: u64 = 32 << 20;
 /// Longest a requested flush waits for more ops.
 const GROUP_COMMIT_DELAY: Duration = Duration::from_millis(20);
+/// Bytes of held writes (waiting for their before-images to be durable) that trigger an undo
+/// sync even while more ops are queued.
+const HELD_BYTES_MAX: u64 = 16 << 20;
 
 pub(super) struct Executor {
     ops: mpsc::Sender<DiskOp>,
@@ -46,15 +63,18 @@ pub(super) struct Executor {
     task: tokio::task::JoinHandle<AppliedSeqFile>,
 }
 
+/// What the executor works on: the source's replicas and the shared recovery-point store.
+pub(super) struct ExecutorDisks {
+    pub replicas: BTreeMap<u32, Disk>,
+    pub records: BTreeMap<u32, ReplicaRecord>,
+    pub recovery: Arc<RecoveryStore>,
+}
+
 impl Executor {
-    pub(super) fn spawn(
-        source: String,
-        replicas: BTreeMap<u32, Disk>,
-        applied: AppliedSeqFile,
-    ) -> Executor {
+    pub(super) fn spawn(source: String, disks: ExecutorDisks, applied: AppliedSeqFile) -> Executor {
         let (ops, op_receiver) = mpsc::channel(super::DISK_OP_QUEUE_LENGTH);
         let (output_sender, outputs) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(source, replicas, applied, op_receiver, output_sender));
+        let task = tokio::spawn(run(source, disks, applied, op_receiver, output_sender));
         Executor { ops, outputs, task }
     }
 
@@ -105,59 +125,161 @@ impl InFlight {
     }
 }
 
-async fn run(
+/// What a write op puts on the replica.
+enum Payload {
+    Data(Vec<u8>),
+    Zeroes(u64),
+}
+
+impl Payload {
+    fn len(&self) -> u64 {
+        match self {
+            Payload::Data(data) => data.len() as u64,
+            Payload::Zeroes(length) => *length,
+        }
+    }
+}
+
+/// A write whose before-images are appended but not durable yet.
+struct Held {
+    disk_id: u32,
+    offset: u64,
+    payload: Payload,
+    /// The write's range widened to whole undo blocks: a later write into these blocks may rely
+    /// on this write's before-images, so it waits behind it.
+    block_start: u64,
+    block_end: u64,
+}
+
+fn block_span(offset: u64, end: u64) -> (u64, u64) {
+    (
+        offset / UNDO_BLOCK_BYTES * UNDO_BLOCK_BYTES,
+        end.div_ceil(UNDO_BLOCK_BYTES) * UNDO_BLOCK_BYTES,
+    )
+}
+
+struct State {
     source: String,
     replicas: BTreeMap<u32, Disk>,
+    records: BTreeMap<u32, ReplicaRecord>,
+    recovery: Arc<RecoveryStore>,
+    in_flight: InFlight,
+    /// Disks whose saving is on, with their undo logs.
+    undo: BTreeMap<u32, Arc<DiskUndo>>,
+    held: Vec<Held>,
+    held_bytes: u64,
+    /// Disks with undo entries appended since the last undo sync.
+    unsynced: BTreeSet<u32>,
+    /// Markers applied but not yet recorded in the catalog.
+    markers: Vec<(Seq, PointMarker)>,
+    touched: BTreeSet<u32>,
+}
+
+enum Next {
+    Op(DiskOp),
+    /// Nothing queued right now (or the queue closed while work is pending).
+    Idle,
+    /// The queue is closed and nothing is pending.
+    Closed,
+}
+
+async fn run(
+    source: String,
+    disks: ExecutorDisks,
     mut applied: AppliedSeqFile,
     mut ops: mpsc::Receiver<DiskOp>,
     outputs: mpsc::UnboundedSender<ExecutorOutput>,
 ) -> AppliedSeqFile {
-    let mut in_flight = InFlight {
-        writes: JoinSet::new(),
-        ranges: Vec::new(),
+    let mut state = State {
+        source: source.clone(),
+        replicas: disks.replicas,
+        records: disks.records,
+        recovery: disks.recovery,
+        in_flight: InFlight {
+            writes: JoinSet::new(),
+            ranges: Vec::new(),
+        },
+        undo: BTreeMap::new(),
+        held: Vec::new(),
+        held_bytes: 0,
+        unsynced: BTreeSet::new(),
+        markers: Vec::new(),
+        touched: BTreeSet::new(),
     };
-    let mut touched: BTreeSet<u32> = BTreeSet::new();
     let mut pending_flush: Option<Seq> = None;
     let mut bytes_since_flush: u64 = 0;
     let mut flush_requested_at = Instant::now();
     let mut failed = false;
 
+    // Disks whose saving a marker turned on before (their undo directory exists).
+    for record in state.records.values() {
+        match state.recovery.saving_log(&source, record) {
+            Ok(Some(undo)) => {
+                state.undo.insert(record.disk_id, undo);
+            }
+            Ok(None) => {}
+            Err(error) => {
+                let message = error.to_string();
+                tracing::error!(source = %source, "apply failed: {message}");
+                failed = true;
+                let _ = outputs.send(ExecutorOutput::Failed(message));
+                break;
+            }
+        }
+    }
+
     loop {
         let flush_due = pending_flush.is_some()
             && (bytes_since_flush >= GROUP_COMMIT_BYTES_MAX
                 || flush_requested_at.elapsed() >= GROUP_COMMIT_DELAY);
-        let next = if pending_flush.is_some() && !flush_due {
+        let next = if flush_due {
+            Next::Idle
+        } else if pending_flush.is_some() || !state.held.is_empty() {
             match ops.try_recv() {
-                Ok(op) => Some(op),
-                Err(_) => None,
+                Ok(op) => Next::Op(op),
+                Err(_) => Next::Idle,
             }
-        } else if flush_due {
-            None
         } else {
-            ops.recv().await
+            match ops.recv().await {
+                Some(op) => Next::Op(op),
+                None => Next::Closed,
+            }
         };
-        let Some(op) = next else {
-            if let Some(seq) = pending_flush.take() {
-                if !failed {
-                    match commit(&mut in_flight, &replicas, &touched, &mut applied, seq).await {
-                        Ok(()) => {
-                            let _ = outputs.send(ExecutorOutput::Durable(seq));
-                        }
-                        Err(message) => {
-                            tracing::error!(source = %source, "apply failed: {message}");
-                            failed = true;
-                            let _ = outputs.send(ExecutorOutput::Failed(message));
-                        }
+        let op = match next {
+            Next::Op(op) => op,
+            Next::Idle => {
+                let outcome = if failed {
+                    Ok(None)
+                } else if let Some(seq) = pending_flush.take() {
+                    state
+                        .commit(&mut applied, seq)
+                        .await
+                        .map(|()| Some(ExecutorOutput::Durable(seq)))
+                } else {
+                    state.release_held().await.map(|()| None)
+                };
+                match outcome {
+                    Ok(Some(output)) => {
+                        let _ = outputs.send(output);
+                        state.touched.clear();
+                        bytes_since_flush = 0;
+                    }
+                    Ok(None) => {}
+                    Err(message) => {
+                        tracing::error!(source = %source, "apply failed: {message}");
+                        failed = true;
+                        state.fail();
+                        let _ = outputs.send(ExecutorOutput::Failed(message));
                     }
                 }
-                touched.clear();
-                bytes_since_flush = 0;
+                pending_flush = None;
                 continue;
             }
-            // The queue is closed and nothing is pending.
-            let _ = in_flight.drain().await;
-            let _ = outputs.send(ExecutorOutput::Stopped("session ended".into()));
-            return applied;
+            Next::Closed => {
+                let _ = state.in_flight.drain().await;
+                let _ = outputs.send(ExecutorOutput::Stopped("session ended".into()));
+                return applied;
+            }
         };
         if failed {
             // After a failure nothing more is applied or acknowledged; the source resends from
@@ -166,48 +288,25 @@ async fn run(
         }
         let outcome = match op {
             DiskOp::Write {
+                seq,
                 disk_id,
                 offset,
                 data,
-                ..
             } => {
-                let length = data.len() as u64;
-                bytes_since_flush += length;
-                touched.insert(disk_id);
-                submit(
-                    &mut in_flight,
-                    &replicas,
-                    disk_id,
-                    offset,
-                    length,
-                    move |disk| {
-                        Box::pin(
-                            async move { disk.write_at(offset, IoBuf::from_slice(&data)).await.0 },
-                        )
-                    },
-                )
-                .await
+                bytes_since_flush += data.len() as u64;
+                state.write(seq, disk_id, offset, Payload::Data(data)).await
             }
             DiskOp::Zero {
+                seq,
                 disk_id,
                 offset,
                 length,
-                ..
             } => {
-                touched.insert(disk_id);
-                submit(
-                    &mut in_flight,
-                    &replicas,
-                    disk_id,
-                    offset,
-                    length,
-                    move |disk| Box::pin(async move { disk.write_zeroes(offset, length).await }),
-                )
-                .await
+                state
+                    .write(seq, disk_id, offset, Payload::Zeroes(length))
+                    .await
             }
-            // Before-image intervals are not kept yet (undo log: apply/undo.rs); the marker
-            // still reaches the catalog through the session's `poll_marker`.
-            DiskOp::Marker { .. } => Ok(()),
+            DiskOp::Marker { seq, payload } => state.marker(seq, &payload).await,
             DiskOp::Flush { seq } => {
                 if pending_flush.is_none() {
                     flush_requested_at = Instant::now();
@@ -220,18 +319,209 @@ async fn run(
                 disk_id,
                 offset,
                 length,
-            } => read(&mut in_flight, &replicas, disk_id, offset, length)
-                .await
-                .map(|data| {
-                    let _ = outputs.send(ExecutorOutput::Read { token, data });
-                }),
+            } => state.read(disk_id, offset, length).await.map(|data| {
+                let _ = outputs.send(ExecutorOutput::Read { token, data });
+            }),
         };
         if let Err(message) = outcome {
             tracing::error!(source = %source, "apply failed: {message}");
             failed = true;
             pending_flush = None;
+            state.fail();
             let _ = outputs.send(ExecutorOutput::Failed(message));
         }
+    }
+}
+
+impl State {
+    fn fail(&mut self) {
+        self.held.clear();
+        self.held_bytes = 0;
+        self.markers.clear();
+    }
+
+    fn held_overlaps(&self, disk_id: u32, start: u64, end: u64) -> bool {
+        self.held
+            .iter()
+            .any(|held| held.disk_id == disk_id && start < held.block_end && held.block_start < end)
+    }
+
+    /// A `Write` or `Zero` op: saves the before-images it needs first, if its disk saves them.
+    async fn write(
+        &mut self,
+        seq: Seq,
+        disk_id: u32,
+        offset: u64,
+        payload: Payload,
+    ) -> Result<(), String> {
+        let end = offset.saturating_add(payload.len());
+        if let Some(undo) = self.undo.get(&disk_id).cloned() {
+            let runs = undo.take_unsaved(offset, payload.len());
+            if let (Some(&(run_start, _)), Some(&(last_start, last_length))) =
+                (runs.first(), runs.last())
+            {
+                let run_end = last_start + last_length;
+                // The before-image must show every earlier write to those blocks.
+                if self.held_overlaps(disk_id, run_start, run_end) {
+                    self.release_held().await?;
+                }
+                if self.in_flight.overlaps(disk_id, run_start, run_end) {
+                    self.in_flight.drain().await?;
+                }
+                self.save(&undo, disk_id, seq, &runs).await?;
+                self.hold(disk_id, offset, end, payload);
+                if self.held_bytes >= HELD_BYTES_MAX || self.held.len() >= WRITES_IN_FLIGHT_MAX {
+                    self.release_held().await?;
+                }
+                return Ok(());
+            }
+            let (block_start, block_end) = block_span(offset, end);
+            if self.held_overlaps(disk_id, block_start, block_end) {
+                // Its blocks' before-images belong to a held write: not durable yet.
+                self.hold(disk_id, offset, end, payload);
+                return Ok(());
+            }
+        }
+        self.issue(disk_id, offset, payload).await
+    }
+
+    fn hold(&mut self, disk_id: u32, offset: u64, end: u64, payload: Payload) {
+        let (block_start, block_end) = block_span(offset, end);
+        self.held_bytes += payload.len();
+        self.held.push(Held {
+            disk_id,
+            offset,
+            payload,
+            block_start,
+            block_end,
+        });
+    }
+
+    /// Reads the runs from the replica and appends them to the disk's undo log (not durable yet).
+    async fn save(
+        &mut self,
+        undo: &Arc<DiskUndo>,
+        disk_id: u32,
+        seq: Seq,
+        runs: &[(u64, u64)],
+    ) -> Result<(), String> {
+        let disk = self
+            .replicas
+            .get(&disk_id)
+            .ok_or_else(|| format!("no replica for disk {disk_id}"))?
+            .clone();
+        for &(run_offset, run_length) in runs {
+            let mut cursor = run_offset;
+            let run_end = run_offset + run_length;
+            while cursor < run_end {
+                let chunk = (run_end - cursor).min(ENTRY_BYTES_MAX);
+                let (result, buf) = disk.read_at(cursor, IoBuf::zeroed(chunk as usize)).await;
+                result.map_err(|error| format!("saving a before-image: {error}"))?;
+                undo.log()
+                    .append(seq, cursor, &buf)
+                    .map_err(|error| error.to_string())?;
+                cursor += chunk;
+            }
+        }
+        self.unsynced.insert(disk_id);
+        Ok(())
+    }
+
+    /// Makes every appended before-image durable, then issues the writes held behind them.
+    async fn release_held(&mut self) -> Result<(), String> {
+        for disk_id in std::mem::take(&mut self.unsynced) {
+            let Some(undo) = self.undo.get(&disk_id) else {
+                continue;
+            };
+            let batch = undo.log().prepare_sync();
+            if batch.is_empty() {
+                continue;
+            }
+            let batch = tokio::task::spawn_blocking(move || batch.run().map(|()| batch))
+                .await
+                .map_err(|error| format!("undo sync task failed: {error}"))?
+                .map_err(|error| error.to_string())?;
+            undo.log().publish(batch);
+        }
+        self.held_bytes = 0;
+        for held in std::mem::take(&mut self.held) {
+            self.issue(held.disk_id, held.offset, held.payload).await?;
+        }
+        Ok(())
+    }
+
+    async fn issue(&mut self, disk_id: u32, offset: u64, payload: Payload) -> Result<(), String> {
+        self.touched.insert(disk_id);
+        let length = payload.len();
+        submit(
+            &mut self.in_flight,
+            &self.replicas,
+            disk_id,
+            offset,
+            length,
+            move |disk| match payload {
+                Payload::Data(data) => {
+                    Box::pin(async move { disk.write_at(offset, IoBuf::from_slice(&data)).await.0 })
+                }
+                Payload::Zeroes(length) => {
+                    Box::pin(async move { disk.write_zeroes(offset, length).await })
+                }
+            },
+        )
+        .await
+    }
+
+    /// A recovery-point marker: a new before-image interval for each of its disks, saving on.
+    async fn marker(&mut self, seq: Seq, payload: &[u8]) -> Result<(), String> {
+        self.release_held().await?;
+        let marker = match PointMarker::decode(payload) {
+            Ok(marker) => marker,
+            Err(error) => {
+                // A bad payload from the source is its bug; the stream itself stays valid.
+                tracing::warn!(source = %self.source, seq, "ignoring a recovery-point marker: {error}");
+                return Ok(());
+            }
+        };
+        for disk_id in &marker.disk_ids {
+            let Some(record) = self.records.get(disk_id) else {
+                tracing::warn!(source = %self.source, seq, disk_id, group = %marker.group, "recovery-point marker lists a disk the source did not announce");
+                continue;
+            };
+            let undo = self
+                .recovery
+                .start_saving(&self.source, record)
+                .map_err(|error| error.to_string())?;
+            undo.reset_saved();
+            self.undo.insert(*disk_id, undo);
+        }
+        self.markers.push((seq, marker));
+        Ok(())
+    }
+
+    async fn read(&mut self, disk_id: u32, offset: u64, length: u64) -> Result<Vec<u8>, String> {
+        self.release_held().await?;
+        read(&mut self.in_flight, &self.replicas, disk_id, offset, length).await
+    }
+
+    async fn commit(&mut self, applied: &mut AppliedSeqFile, seq: Seq) -> Result<(), String> {
+        self.release_held().await?;
+        commit(&mut self.in_flight, &self.replicas, &self.touched).await?;
+        // Markers become durable with this flush: record them before the applied sequence, so
+        // that no crash leaves a durable marker the source will not resend unrecorded.
+        let later = self.markers.split_off(
+            self.markers
+                .iter()
+                .position(|(marker_seq, _)| *marker_seq > seq)
+                .unwrap_or(self.markers.len()),
+        );
+        let due = std::mem::replace(&mut self.markers, later);
+        self.recovery
+            .record_markers(&self.source, &due)
+            .map_err(|error| error.to_string())?;
+        // One small write + fdatasync; brief enough to run on the executor task itself.
+        applied.store(seq).map_err(|error| error.to_string())?;
+        self.recovery.set_recorded_through(&self.source, seq);
+        Ok(())
     }
 }
 
@@ -276,12 +566,11 @@ async fn read(
     Ok(buf.to_vec())
 }
 
+/// Completes every write in flight and flushes every touched replica.
 async fn commit(
     in_flight: &mut InFlight,
     replicas: &BTreeMap<u32, Disk>,
     touched: &BTreeSet<u32>,
-    applied: &mut AppliedSeqFile,
-    seq: Seq,
 ) -> Result<(), String> {
     in_flight.drain().await?;
     let mut flushes = JoinSet::new();
@@ -296,6 +585,5 @@ async fn commit(
             .map_err(|error| error.to_string())?
             .map_err(|error| error.to_string())?;
     }
-    // One small write + fdatasync; brief enough to run on the executor task itself.
-    applied.store(seq).map_err(|error| error.to_string())
+    Ok(())
 }

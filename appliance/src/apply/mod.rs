@@ -9,9 +9,11 @@
 //! connection from a source closes the old one and waits until its executor has finished
 //! (every queued write applied, the applied sequence persisted) before it starts.
 
+pub mod catalog;
 mod executor;
 pub mod peer;
 pub mod storage;
+pub mod undo;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -26,6 +28,7 @@ use crate::core::wire::{ReplicaState, WelcomeDisk};
 use crate::io::disk::{Disk, DiskOptions};
 use crate::io::transport::{ConnectionHandle, PeerConnection, TargetEndpoint};
 
+pub use catalog::{DiskView, PruneReport, RecoveryError, RecoveryStore};
 pub use executor::ExecutorOutput;
 pub use peer::PeerControl;
 pub use storage::{ReplicaRecord, ReplicaStore, StorageError, StoredSettings};
@@ -160,13 +163,35 @@ pub async fn serve(
 
 /// Serves sources until `shutdown` turns true: one session task per connection. Each source's
 /// machine settings are mapped with `mapping` and stored with the replicas; each connection's
-/// control stream is attached to `peers` (the control plane back to the source).
+/// control stream is attached to `peers` (the control plane back to the source). Recovery
+/// points go to a store opened on the same storage directory (`serve_with_recovery` shares one).
 pub async fn serve_mapped(
+    endpoint: TargetEndpoint,
+    store: ReplicaStore,
+    status: ApplyStatus,
+    mapping: SettingsMapping,
+    peers: Arc<PeerControl>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let recovery = match RecoveryStore::open(store.clone(), None) {
+        Ok(recovery) => recovery,
+        Err(error) => {
+            tracing::error!("cannot serve sources: {error}");
+            return;
+        }
+    };
+    serve_with_recovery(endpoint, store, status, mapping, peers, recovery, shutdown).await
+}
+
+/// `serve_mapped` with the target appliance's recovery-point store, which sessions record
+/// markers in and whose undo logs they append before-images to.
+pub async fn serve_with_recovery(
     mut endpoint: TargetEndpoint,
     store: ReplicaStore,
     status: ApplyStatus,
     mapping: SettingsMapping,
     peers: Arc<PeerControl>,
+    recovery: Arc<RecoveryStore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mapping = Arc::new(mapping);
@@ -194,11 +219,16 @@ pub async fn serve_mapped(
         let status = status.clone();
         let mapping = mapping.clone();
         let peers = peers.clone();
+        let recovery = recovery.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
             let _turn = gate.lock().await;
             let peer_address = connection.handle.peer_address();
-            match run_session(connection, &store, &status, &mapping, &peers, shutdown).await {
+            match run_session(
+                connection, &store, &status, &mapping, &peers, &recovery, shutdown,
+            )
+            .await
+            {
                 Ok(()) => tracing::info!(source = %source, %peer_address, "source session ended"),
                 Err(error) => {
                     tracing::warn!(source = %source, %peer_address, "source session ended: {error}")
@@ -228,6 +258,7 @@ async fn run_session(
     status: &ApplyStatus,
     mapping: &SettingsMapping,
     peers: &Arc<PeerControl>,
+    recovery: &Arc<RecoveryStore>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ApplyError> {
     let source = connection.peer_name.clone();
@@ -342,7 +373,14 @@ async fn run_session(
                     }
                     executor = Some(executor::Executor::spawn(
                         source.clone(),
-                        replicas,
+                        executor::ExecutorDisks {
+                            replicas,
+                            records: records
+                                .iter()
+                                .map(|record| (record.disk_id, record.clone()))
+                                .collect(),
+                            recovery: recovery.clone(),
+                        },
                         store.open_applied(&source)?,
                     ));
                     target.welcome(welcome);
@@ -365,6 +403,7 @@ async fn run_session(
                 break 'session;
             }
         }
+        // The executor records markers in the catalog at the commit that makes them durable.
         while let Some(marker) = target.poll_marker() {
             tracing::debug!(source = %source, seq = marker.seq, "recovery-point marker received");
         }
@@ -436,3 +475,6 @@ async fn open_replicas(
     }
     Ok((replicas, welcome))
 }
+
+#[cfg(test)]
+mod tests;

@@ -196,7 +196,7 @@ fn sanitize(name: &str) -> String {
 }
 
 /// Writes `value` as `dir/name` crash-safely: temp file, fsync, rename, directory fsync.
-fn write_json_atomic<T: Serialize + ?Sized>(
+pub(crate) fn write_json_atomic<T: Serialize + ?Sized>(
     dir: &Path,
     name: &str,
     value: &T,

@@ -317,7 +317,15 @@ async fn event_loop(
                     }
                 }
                 Some(Event::Command { request, reply }) => {
-                    let response = commands::dispatch(&config, &status, request);
+                    // A target answers for the groups its recovery-point catalog knows.
+                    let from_target = match (&request, &target) {
+                        (Request::ListRecoveryPoints { group }, Some(target)) => {
+                            Some(target.list_recovery_points(group))
+                        }
+                        _ => None,
+                    };
+                    let response = from_target
+                        .unwrap_or_else(|| commands::dispatch(&config, &status, request));
                     let _ = reply.send(response);
                 }
                 None => break,

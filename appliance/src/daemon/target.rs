@@ -1,8 +1,11 @@
 //! The target side of the daemon: listens for sources on the QUIC endpoint (the target never
 //! dials), applies their streams to replicas under `storage_dir`, and reports each replica's
-//! applied sequence to the status model.
+//! applied sequence to the status model. It owns the appliance's recovery-point store: prunes it
+//! every few seconds, answers `recovery-point list` from its catalog and fills the groups of
+//! status.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -10,18 +13,30 @@ use tokio::task::JoinHandle;
 use super::layout::StateLayout;
 use super::status::StatusModel;
 use super::DaemonError;
-use crate::apply::{self, ApplyStatus, PeerControl, ReplicaStore};
+use crate::apply::{self, ApplyStatus, PeerControl, RecoveryStore, ReplicaStore};
 use crate::config::TargetConfig;
+use crate::control::Response;
 use crate::io::transport::{Identity, Peer, TargetEndpoint, Tuning};
 
 /// The running target side.
 pub(crate) struct TargetSide {
     task: Mutex<Option<JoinHandle<()>>>,
+    prune_task: Mutex<Option<JoinHandle<()>>>,
     status: ApplyStatus,
     /// The control plane back to the connected sources (planned failover, fencing).
     // Read by the failover commands, which land next.
     #[allow(dead_code)]
     pub peers: Arc<PeerControl>,
+    recovery: Arc<RecoveryStore>,
+}
+
+/// How often points past their retention and unneeded before-images are dropped.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(5);
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
 }
 
 impl TargetSide {
@@ -51,25 +66,58 @@ impl TargetSide {
         let sources: Vec<String> = target.peers.iter().map(|peer| peer.name.clone()).collect();
         status.load_from(&store, &sources);
         let peers = PeerControl::new();
-        let task = tokio::spawn(apply::serve_mapped(
+        let recovery =
+            RecoveryStore::open(store.clone(), None).map_err(|e| component(e.to_string()))?;
+        let prune_task = tokio::spawn(prune_loop(recovery.clone(), shutdown.clone()));
+        let task = tokio::spawn(apply::serve_with_recovery(
             endpoint,
             store,
             status.clone(),
             apply::SettingsMapping::from_config(target),
             peers.clone(),
+            recovery.clone(),
             shutdown,
         ));
         Ok(Self {
             task: Mutex::new(Some(task)),
+            prune_task: Mutex::new(Some(prune_task)),
             status,
             peers,
+            recovery,
         })
+    }
+
+    /// The appliance's recovery-point store (failover reads points through it).
+    #[allow(dead_code)] // the failover commands call it
+    pub fn recovery(&self) -> &Arc<RecoveryStore> {
+        &self.recovery
+    }
+
+    /// `recovery-point list` from the catalog.
+    pub fn list_recovery_points(&self, group: &str) -> Response {
+        match self.recovery.list(group) {
+            Some(points) => Response::RecoveryPoints {
+                group: group.to_string(),
+                points,
+            },
+            None => Response::Error {
+                message: format!(
+                    "no recovery point of group {group:?} has reached this target (groups: {})",
+                    self.recovery.groups().join(", ")
+                ),
+            },
+        }
     }
 
     /// Copies every replica's figures into the status model.
     pub fn sample(&self, status: &StatusModel) {
         for replica in self.status.replicas() {
             status.upsert_replica(replica);
+        }
+        for group in self.recovery.groups() {
+            if let Some(points) = self.recovery.list(&group) {
+                status.set_recovery_points(&group, points);
+            }
         }
     }
 
@@ -83,6 +131,40 @@ impl TargetSide {
             .take();
         if let Some(task) = task {
             let _ = task.await;
+        }
+        let prune_task = self
+            .prune_task
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(task) = prune_task {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Prunes the store every `PRUNE_INTERVAL` until shutdown (file deletes run off the runtime).
+async fn prune_loop(recovery: Arc<RecoveryStore>, mut shutdown: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(PRUNE_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return,
+            _ = interval.tick() => {}
+        }
+        let store = recovery.clone();
+        match tokio::task::spawn_blocking(move || store.prune(now_unix_ms())).await {
+            Ok(Ok(report)) => {
+                if !report.points_removed.is_empty() || report.undo_bytes_freed > 0 {
+                    tracing::info!(
+                        points_removed = report.points_removed.len(),
+                        undo_bytes_freed = report.undo_bytes_freed,
+                        "recovery points pruned"
+                    );
+                }
+            }
+            Ok(Err(error)) => tracing::warn!("recovery-point pruning failed: {error}"),
+            Err(error) => tracing::warn!("recovery-point pruning task failed: {error}"),
         }
     }
 }
