@@ -8,12 +8,12 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_appliance::apply::peer::PlannedPoint;
 use ferry_appliance::apply::{self, ApplyStatus, PeerControl, ReplicaStore, SettingsMapping};
 use ferry_appliance::capture::journal_handle::SharedJournal;
 use ferry_appliance::capture::{Capture, CaptureConfig, DiskSpec, Endpoint, ListenerSpec};
 use ferry_appliance::control::DiskState;
 use ferry_appliance::core::journal_mem::MemSegments;
-use ferry_appliance::core::peer::{PeerOutcome, PeerRequest};
 use ferry_appliance::io::disk::DiskOptions;
 use ferry_appliance::io::transport::{Identity, Peer, SourceDialer, TargetEndpoint, Tuning};
 use ferry_appliance::ship::control::{load_fenced_groups, SourceControl};
@@ -209,23 +209,11 @@ async fn target_fences_plans_and_unfences_its_source() {
 
     // Failback: the target gives production back; the source resyncs and is writable again.
     peers.set_failed_over("app", false);
-    let outcome = peers
-        .request(
-            "site-a",
-            PeerRequest::Unfence {
-                group: "app".into(),
-            },
-            Duration::from_secs(30),
-        )
+    let unfenced = peers
+        .unfence_sources("app", Duration::from_secs(30))
         .await
         .unwrap();
-    assert_eq!(
-        outcome,
-        PeerOutcome::Unfenced {
-            group: "app".into(),
-            disks: vec!["web-1/os".into()]
-        }
-    );
+    assert_eq!(unfenced, ["web-1/os"]);
     assert!(load_fenced_groups(&state).unwrap().is_empty());
     wait_until("the resync after failback", || {
         disk.state() == DiskState::Protected
@@ -234,25 +222,16 @@ async fn target_fences_plans_and_unfences_its_source() {
     qemu_io(&socket, &["write -P 0x22 1m 64k"]);
 
     // Planned failover: fenced, "cut", drained, answered with the final point.
-    let outcome = peers
-        .request(
-            "site-a",
-            PeerRequest::PlannedFailover {
-                group: "app".into(),
-            },
-            Duration::from_secs(60),
-        )
+    let planned = peers
+        .prepare_planned_failover("app", Duration::from_secs(60))
         .await
         .unwrap();
-    let PeerOutcome::FinalPoint {
+    let PlannedPoint {
+        source,
         point_id,
         marker_seq,
-        ..
-    } = outcome
-    else {
-        panic!("planned failover answered {outcome:?}");
-    };
-    assert_eq!(point_id, 7);
+    } = planned;
+    assert_eq!((source.as_str(), point_id), ("site-a", 7));
     assert!(marker_seq >= 2, "the second write precedes the final point");
     assert!(ship_status.acked_seq() >= marker_seq);
     assert_eq!(disk.state(), DiskState::FailedOver);

@@ -35,6 +35,30 @@ pub enum PeerRequestError {
     },
 }
 
+/// The final point a source cut for a planned failover.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedPoint {
+    pub source: String,
+    pub point_id: u64,
+    pub marker_seq: u64,
+}
+
+/// Why a planned failover (or failback's hand-over) cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum PlannedFailoverError {
+    #[error("no source appliance of group {group:?} is connected to this target: use an unplanned failover (ferry failover --group {group} without --planned)")]
+    NotConnected { group: String },
+    #[error("group {group:?} spans several source appliances ({sources}): a planned failover supports one source per group; use an unplanned failover")]
+    SeveralSources { group: String, sources: String },
+    #[error("source {source_name}: {message}")]
+    Source {
+        source_name: String,
+        message: String,
+    },
+    #[error(transparent)]
+    Request(PeerRequestError),
+}
+
 /// The control plane of a target appliance.
 #[derive(Default)]
 pub struct PeerControl {
@@ -147,6 +171,95 @@ impl PeerControl {
                 timeout,
             }),
         }
+    }
+
+    /// The first step of a planned failover of `group` (`ferry failover --group G --planned`):
+    /// its source fences the group's disks, cuts a final point and answers once the point is
+    /// durable here. The caller then fails over to `point_id` (the catalog records the marker
+    /// once durable: resolve it with a short bounded retry).
+    pub async fn prepare_planned_failover(
+        &self,
+        group: &str,
+        timeout: Duration,
+    ) -> Result<PlannedPoint, PlannedFailoverError> {
+        let sources = self.sources_of_group(group);
+        let source = match sources.as_slice() {
+            [] => {
+                return Err(PlannedFailoverError::NotConnected {
+                    group: group.to_string(),
+                })
+            }
+            [source] => source.clone(),
+            _ => {
+                return Err(PlannedFailoverError::SeveralSources {
+                    group: group.to_string(),
+                    sources: sources.join(", "),
+                })
+            }
+        };
+        let request = PeerRequest::PlannedFailover {
+            group: group.to_string(),
+        };
+        match self.request(&source, request, timeout).await {
+            Ok(PeerOutcome::FinalPoint {
+                point_id,
+                marker_seq,
+                ..
+            }) => Ok(PlannedPoint {
+                source,
+                point_id,
+                marker_seq,
+            }),
+            Ok(PeerOutcome::Error { message }) => Err(PlannedFailoverError::Source {
+                source_name: source,
+                message,
+            }),
+            Ok(other) => Err(PlannedFailoverError::Source {
+                source_name: source,
+                message: format!("unexpected answer {other:?}"),
+            }),
+            Err(error) => Err(PlannedFailoverError::Request(error)),
+        }
+    }
+
+    /// Failback's hand-over: every connected source of `group` un-fences its disks and resyncs
+    /// them to this target. Returns the disks made writable (`machine/disk`).
+    pub async fn unfence_sources(
+        &self,
+        group: &str,
+        timeout: Duration,
+    ) -> Result<Vec<String>, PlannedFailoverError> {
+        let sources = self.sources_of_group(group);
+        if sources.is_empty() {
+            return Err(PlannedFailoverError::NotConnected {
+                group: group.to_string(),
+            });
+        }
+        let mut disks = Vec::new();
+        for source in sources {
+            let request = PeerRequest::Unfence {
+                group: group.to_string(),
+            };
+            match self.request(&source, request, timeout).await {
+                Ok(PeerOutcome::Unfenced {
+                    disks: unfenced, ..
+                }) => disks.extend(unfenced),
+                Ok(PeerOutcome::Error { message }) => {
+                    return Err(PlannedFailoverError::Source {
+                        source_name: source,
+                        message,
+                    })
+                }
+                Ok(other) => {
+                    return Err(PlannedFailoverError::Source {
+                        source_name: source,
+                        message: format!("unexpected answer {other:?}"),
+                    })
+                }
+                Err(error) => return Err(PlannedFailoverError::Request(error)),
+            }
+        }
+        Ok(disks)
     }
 
     /// Attaches a new connection of `source`: reads its control stream (`receiver`) and queues
@@ -352,5 +465,13 @@ mod tests {
             .unwrap_err();
         assert!(matches!(error, PeerRequestError::NotConnected { .. }));
         assert!(error.to_string().contains("site-a"));
+        let error = control
+            .prepare_planned_failover("shop", Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("use an unplanned failover"),
+            "{error}"
+        );
     }
 }

@@ -392,7 +392,9 @@ impl Cutter {
         let consistent = cutter
             .disks
             .iter()
-            .all(|disk| disk.state() == DiskState::Protected);
+            // A fenced disk (failed over) takes no writes; a planned failover fences only fully
+            // protected disks before it cuts its final point, which must be usable.
+            .all(|disk| matches!(disk.state(), DiskState::Protected | DiskState::FailedOver));
         let marker = PointMarker {
             group: point.group.clone(),
             point_id: point.id,

@@ -45,8 +45,6 @@ struct ShipSide {
     commands: mpsc::Sender<ShipCommand>,
     limiter: Arc<RateLimiter>,
     /// Fencing and the target's requests (planned failover, failback).
-    // Read by the failover commands, which land next.
-    #[allow(dead_code)]
     control: Arc<SourceControl>,
 }
 
@@ -128,6 +126,20 @@ impl SourceSide {
             &ship,
             shutdown,
         )?;
+        if let Some(ship) = &ship {
+            // A planned failover's final point is a crash-consistent point cut like any other.
+            let final_cutter = cutter.clone();
+            ship.control.set_cutter(Arc::new(move |group: String| {
+                let cutter = final_cutter.clone();
+                Box::pin(async move {
+                    cutter
+                        .create(&group, false)
+                        .await
+                        .map(|point| (point.id, point.seq))
+                        .map_err(|error| error.to_string())
+                })
+            }));
+        }
         let side = Self {
             journal,
             capture,

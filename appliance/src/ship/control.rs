@@ -370,6 +370,20 @@ async fn run_request(
                     "planned failover of {group}: this source cannot cut recovery points"
                 ));
             };
+            let unprotected: Vec<String> = control
+                .group_disks(&group)
+                .iter()
+                .filter(|disk| {
+                    !matches!(disk.state(), DiskState::Protected | DiskState::FailedOver)
+                })
+                .map(|disk| format!("{} is {}", disk.export_name(), disk.state().as_str()))
+                .collect();
+            if !unprotected.is_empty() {
+                return error(format!(
+                    "planned failover of {group}: not every disk is protected ({}); wait for the sync or use an unplanned failover",
+                    unprotected.join(", ")
+                ));
+            }
             let disks = match control.fence(&group) {
                 Ok(disks) if disks.is_empty() => {
                     return error(format!("group {group} has no disks on this source"))
