@@ -194,3 +194,249 @@ disks = [{{ name = "os", path = "{disk}", export = "{export}" }}]
     source.stop();
     target.stop();
 }
+
+/// Writes and markers of one source's journal (read after the appliance stopped).
+struct JournalView {
+    /// offset → sequence of the (single) write at that offset.
+    writes: std::collections::BTreeMap<u64, u64>,
+    /// point id → marker sequence.
+    markers: std::collections::BTreeMap<u64, u64>,
+}
+
+fn read_journal(appliance: &Appliance) -> JournalView {
+    use ferry_appliance::capture::SharedJournal;
+    use ferry_appliance::core::record::RecordKind;
+    use ferry_appliance::core::recovery::PointMarker;
+    let (journal, _) =
+        SharedJournal::open_mmap(&appliance.state_dir().join("journal"), 64 << 20).unwrap();
+    let guard = journal.lock();
+    let mut view = JournalView {
+        writes: Default::default(),
+        markers: Default::default(),
+    };
+    for record in guard.iter_from(guard.first_seq()) {
+        let record = record.unwrap();
+        match record.kind {
+            RecordKind::Write => {
+                assert!(
+                    view.writes.insert(record.offset, record.seq).is_none(),
+                    "each offset is written once"
+                );
+            }
+            RecordKind::Marker => {
+                let marker = PointMarker::decode(record.payload).unwrap();
+                assert_eq!(marker.group, "app");
+                assert_eq!(marker.members, vec!["site-a", "site-b"]);
+                view.markers.insert(marker.point_id, record.seq);
+            }
+            _ => {}
+        }
+    }
+    view
+}
+
+/// The issue's dependent-write test: disk A on appliance site-a, disk B on site-b, one group
+/// cut through the barrier while the workload writes block i on A, waits for the
+/// acknowledgement, then writes block i on B. No point may hold B's write i without A's.
+#[test]
+fn dependent_writes_across_two_source_appliances_never_split_a_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Appliance::new(dir.path(), "site-a");
+    let mut b = Appliance::new(dir.path(), "site-b");
+    let (port_a, port_b) = (free_udp_port(), free_udp_port());
+    let (fingerprint_a, fingerprint_b) = (a.fingerprint(), b.fingerprint());
+    let mut exports = Vec::new();
+    for (appliance, machine, own_port, other, other_port, other_fingerprint) in [
+        (&a, "db-1", port_a, "site-b", port_b, &fingerprint_b),
+        (&b, "app-1", port_b, "site-a", port_a, &fingerprint_a),
+    ] {
+        let disk = appliance.root.join("data.raw");
+        make_disk(&disk, DISK_BYTES, 0, 1);
+        let export = appliance.root.join("data.sock");
+        // No target: nothing is shipped or released, so the journals keep every record.
+        appliance.write_config(&format!(
+            r#"[source]
+journal_size = "64MiB"
+target = "127.0.0.1:9"
+
+[[source.group]]
+name = "app"
+recovery_point_interval = "1s"
+barrier_listen = "127.0.0.1:{own_port}"
+members = [{{ name = "{other}", address = "127.0.0.1:{other_port}", fingerprint = "{other_fingerprint}" }}]
+
+[[source.machine]]
+name = "{machine}"
+group = "app"
+disks = [{{ name = "data", path = "{disk}", export = "{export}" }}]
+"#,
+            disk = disk.display(),
+            export = export.display(),
+        ));
+        exports.push((export, format!("{machine}/data")));
+    }
+    b.start();
+    a.start();
+
+    // Only the coordinator (site-a, the smallest name) cuts.
+    let mut on_b = vec![
+        "recovery-point".to_string(),
+        "create".to_string(),
+        "--group".to_string(),
+        "app".to_string(),
+    ];
+    on_b.extend(socket_args(&b));
+    let output = run_ferry(&on_b);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("coordinator \"site-a\""));
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cutting = {
+        let stop = stop.clone();
+        let mut create = vec![
+            "recovery-point".to_string(),
+            "create".to_string(),
+            "--group".to_string(),
+            "app".to_string(),
+        ];
+        create.extend(socket_args(&a));
+        std::thread::spawn(move || {
+            let mut created = Vec::new();
+            for _ in 0..500 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let output = run_ferry(&create);
+                if output.status.success() {
+                    created.push(String::from_utf8(output.stdout).unwrap().trim().to_string());
+                } else {
+                    eprintln!("create failed: {}", String::from_utf8_lossy(&output.stderr));
+                }
+            }
+            created
+        })
+    };
+    const BLOCKS: u64 = 40;
+    for block in 0..BLOCKS {
+        let command = format!("write -P {} {} 4k", block % 250 + 1, block * 4096);
+        qemu_io(&exports[0].0, &exports[0].1, std::slice::from_ref(&command));
+        qemu_io(&exports[1].0, &exports[1].1, &[command]);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let created = cutting.join().unwrap();
+    assert!(
+        created.len() >= 3,
+        "cuts created during the workload: {created:?}"
+    );
+    let listed = list(&a, "app");
+    assert!(listed["points"].as_array().unwrap().len() >= created.len());
+    a.stop();
+    b.stop();
+
+    let (journal_a, journal_b) = (read_journal(&a), read_journal(&b));
+    assert_eq!(journal_a.writes.len() as u64, BLOCKS);
+    assert_eq!(journal_b.writes.len() as u64, BLOCKS);
+    let mut checked = 0;
+    let mut splitting = 0;
+    for (point, &marker_b) in &journal_b.markers {
+        let Some(&marker_a) = journal_a.markers.get(point) else {
+            continue;
+        };
+        checked += 1;
+        let (before_a, before_b) = (
+            journal_a
+                .writes
+                .values()
+                .filter(|&&seq| seq < marker_a)
+                .count(),
+            journal_b
+                .writes
+                .values()
+                .filter(|&&seq| seq < marker_b)
+                .count(),
+        );
+        if before_b > 0 && before_b < BLOCKS as usize {
+            splitting += 1;
+        }
+        for (offset, &seq_b) in &journal_b.writes {
+            if seq_b < marker_b {
+                let seq_a = journal_a.writes[offset];
+                assert!(
+                    seq_a < marker_a,
+                    "point {point} holds B's write at {offset} (seq {seq_b} < marker {marker_b}) but not A's (seq {seq_a} >= marker {marker_a}); A before: {before_a}, B before: {before_b}"
+                );
+            }
+        }
+    }
+    for id in &created {
+        let id: u64 = id.parse().unwrap();
+        assert!(
+            journal_a.markers.contains_key(&id) && journal_b.markers.contains_key(&id),
+            "created point {id} has both markers"
+        );
+    }
+    eprintln!(
+        "{} points created, {checked} on both appliances, {splitting} inside the workload",
+        created.len()
+    );
+    assert!(checked >= 3, "points on both appliances: {checked}");
+    assert!(
+        splitting >= 1,
+        "at least one point falls inside the workload"
+    );
+}
+
+/// A member that is down: the coordinator's cut fails within the barrier timeout, names the
+/// member, and its gate opens again, so writes go on.
+#[test]
+fn a_missing_member_fails_the_point_without_stalling_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Appliance::new(dir.path(), "site-a");
+    let b = Appliance::new(dir.path(), "site-b");
+    let disk = a.root.join("data.raw");
+    make_disk(&disk, DISK_BYTES, 0, 1);
+    let export = a.root.join("data.sock");
+    a.write_config(&format!(
+        r#"[source]
+journal_size = "64MiB"
+target = "127.0.0.1:9"
+
+[[source.group]]
+name = "app"
+recovery_point_interval = "1h"
+barrier_listen = "127.0.0.1:{own_port}"
+members = [{{ name = "site-b", address = "127.0.0.1:{other_port}", fingerprint = "{fingerprint}" }}]
+
+[[source.machine]]
+name = "db-1"
+group = "app"
+disks = [{{ name = "data", path = "{disk}", export = "{export}" }}]
+"#,
+        own_port = free_udp_port(),
+        other_port = free_udp_port(),
+        fingerprint = b.fingerprint(),
+        disk = disk.display(),
+        export = export.display(),
+    ));
+    a.start();
+    let mut create = vec![
+        "recovery-point".to_string(),
+        "create".to_string(),
+        "--group".to_string(),
+        "app".to_string(),
+    ];
+    create.extend(socket_args(&a));
+    let started = std::time::Instant::now();
+    let output = run_ferry(&create);
+    let elapsed = started.elapsed();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("barrier") && stderr.contains("site-b"),
+        "{stderr}"
+    );
+    assert!(elapsed < std::time::Duration::from_secs(10), "{elapsed:?}");
+    qemu_io(&export, "db-1/data", &["write -P 7 0 4k".to_string()]);
+    assert!(list(&a, "app")["points"].as_array().unwrap().is_empty());
+    a.stop();
+}

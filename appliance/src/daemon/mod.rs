@@ -7,6 +7,7 @@
 //! their figures into the shared [`StatusModel`]; the control socket and `/metrics` read it.
 //! [`run_until_signal`] is `ferry run`: start, wait for SIGTERM/SIGINT, shut down cleanly.
 
+mod barrier;
 pub mod client;
 mod commands;
 mod control_server;

@@ -114,6 +114,10 @@ pub struct CutPoint {
     /// Source appliances that cut this point (empty: this one only).
     #[serde(default)]
     pub members: Vec<String>,
+    /// Why a barrier point is known to be incomplete (a member released its gate before the
+    /// cut, or never confirmed it): it stays unusable at the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incomplete: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -252,6 +256,11 @@ impl Cutter {
             acked,
             barrier: Mutex::new(None),
         }
+    }
+
+    /// Installs the barrier that cuts the groups this appliance coordinates with members.
+    pub fn set_barrier(&self, barrier: Arc<dyn Barrier>) {
+        *lock(&self.barrier) = Some(barrier);
     }
 
     pub fn appliance(&self) -> &str {
@@ -427,6 +436,7 @@ impl Cutter {
             consistent,
             seq,
             members: point.members.clone(),
+            incomplete: None,
         })
     }
 
@@ -483,7 +493,9 @@ impl Cutter {
 /// How a logged point looks in `recovery-point list` on the source.
 pub(crate) fn point_status(point: &CutPoint, acked_seq: Seq) -> RecoveryPointStatus {
     let replicated = acked_seq >= point.seq;
-    let unusable_reason = if !point.consistent {
+    let unusable_reason = if let Some(reason) = &point.incomplete {
+        Some(reason.clone())
+    } else if !point.consistent {
         Some("cut while a disk was not protected (initial sync or resync)".to_string())
     } else if !replicated {
         Some("not yet replicated".to_string())
@@ -856,6 +868,7 @@ disks = [{{ name = "d", path = "/d", export = "/d.sock" }}]
             consistent: true,
             seq: 40,
             members: Vec::new(),
+            incomplete: None,
         };
         assert!(!point_status(&point, 39).usable);
         let status = point_status(&point, 40);

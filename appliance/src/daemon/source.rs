@@ -427,7 +427,20 @@ fn start_cutter(
         layout.catalog.join("points-cut.json"),
         acked,
     ));
-    let tasks = points::spawn_timers(cutter.clone(), shutdown);
+    let mut tasks = Vec::new();
+    if source.group.iter().any(|group| !group.members.is_empty()) {
+        let component = |message: String| DaemonError::Component {
+            component: "recovery-point barrier",
+            message,
+        };
+        let identity =
+            Identity::load_or_create(&layout.keys).map_err(|e| component(e.to_string()))?;
+        tasks.extend(
+            super::barrier::start(&cutter, source, &identity, shutdown.clone())
+                .map_err(|e| component(e.to_string()))?,
+        );
+    }
+    tasks.extend(points::spawn_timers(cutter.clone(), shutdown));
     Ok((cutter, tasks))
 }
 
