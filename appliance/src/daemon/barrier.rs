@@ -3,7 +3,8 @@
 //!
 //! The group's coordinator dials every member; members listen on `barrier_listen` (default
 //! port 20004). One round, for point `id`:
-//! 1. the coordinator closes its own gate and sends `Prepare(id)` to every member;
+//! 1. the coordinator makes sure it is connected to every member (an unreachable member fails
+//!    the point before any gate closes), closes its own gate and sends `Prepare(id)`;
 //! 2. each member (after its freeze hook for an app-consistent point) closes its gate and
 //!    answers `Closed`;
 //! 3. once every member is closed, the coordinator appends its marker, opens its gate and sends
@@ -37,7 +38,6 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::points::{self, Barrier, CutError, CutPoint, Cutter, GroupCutter, PendingPoint};
-use crate::capture::GateClosed;
 use crate::config::SourceConfig;
 use crate::core::record::Seq;
 use crate::core::recovery::PointKind;
@@ -134,6 +134,23 @@ struct MemberLink {
 }
 
 impl MemberLink {
+    /// Dials the member unless a live connection exists (bounded by `deadline`). Done before
+    /// the gate closes, so an unreachable member never holds writes up.
+    async fn connect(&self, deadline: Instant) -> Result<(), String> {
+        let mut connection = self.connection.lock().await;
+        if connection
+            .as_ref()
+            .is_none_or(|live| live.handle.close_reason().is_some())
+        {
+            let dialed = tokio::time::timeout_at(deadline, self.dialer.connect_once())
+                .await
+                .map_err(|_| format!("not reachable within {BARRIER_TIMEOUT:?}"))?
+                .map_err(|error| error.to_string())?;
+            *connection = Some(dialed);
+        }
+        Ok(())
+    }
+
     /// Sends a message, dialing first when there is no live connection (bounded by `deadline`).
     async fn send(&self, message: &Message, deadline: Instant) -> Result<(), String> {
         let mut connection = self.connection.lock().await;
@@ -205,7 +222,6 @@ impl Coordinator {
         cutter: &Cutter,
         group: &GroupCutter,
         point: PendingPoint,
-        closed: GateClosed,
     ) -> Result<CutPoint, CutError> {
         let barrier_error = |message: String| CutError::Barrier {
             group: point.group.clone(),
@@ -216,6 +232,21 @@ impl Coordinator {
             .get(&point.group)
             .map(Vec::as_slice)
             .unwrap_or(&[]);
+        let connect_deadline = Instant::now() + BARRIER_TIMEOUT;
+        let mut unreachable = Vec::new();
+        for link in links {
+            if let Err(error) = link.connect(connect_deadline).await {
+                unreachable.push(format!("{}: {error}", link.name));
+            }
+        }
+        if !unreachable.is_empty() {
+            return Err(barrier_error(format!(
+                "point {} not cut (no gate was closed): {}",
+                point.id,
+                unreachable.join("; ")
+            )));
+        }
+        let closed = group.gate.close().await;
         let hooks = if point.kind == PointKind::App {
             points::HOOK_TIMEOUT
         } else {
@@ -319,9 +350,8 @@ impl Barrier for Coordinator {
         cutter: &'a Cutter,
         group: &'a GroupCutter,
         point: PendingPoint,
-        closed: GateClosed,
     ) -> Pin<Box<dyn std::future::Future<Output = Result<CutPoint, CutError>> + Send + 'a>> {
-        Box::pin(self.round(cutter, group, point, closed))
+        Box::pin(self.round(cutter, group, point))
     }
 }
 

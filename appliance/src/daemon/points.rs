@@ -8,7 +8,7 @@
 //! (`RecordKind::Marker`, disk id 0, `core::recovery::PointMarker` JSON), open the gate, make
 //! the marker durable so the shipper sends it at once. A group with `members` on other source
 //! appliances is cut through the barrier (`daemon::barrier`), which calls back into
-//! [`Cutter::close_for_barrier`] and [`Cutter::cut_closed`] here on every member.
+//! [`Cutter::cut_closed`] and [`Cutter::finish`] here on every member.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::capture::{CaptureDisk, GateClosed, SharedJournal, WriteGate};
+use crate::capture::{CaptureDisk, SharedJournal, WriteGate};
 use crate::config::GroupConfig;
 use crate::control::{DiskState, PointConsistency, RecoveryPointStatus};
 use crate::core::journal::{JournalError, RecordSpec};
@@ -181,14 +181,14 @@ impl GroupCutter {
 
 /// Cuts across several appliances: implemented by `daemon::barrier` on the coordinator.
 pub(crate) trait Barrier: Send + Sync {
-    /// Runs one barrier round for `point` of `group` with this appliance's gate already closed
-    /// (`closed`); appends this appliance's marker when every member closed its gate.
+    /// Runs one barrier round for `point` of `group`: reaches every member first (outside the
+    /// gate), then closes this appliance's gate and appends its marker once every member
+    /// closed its own.
     fn cut<'a>(
         &'a self,
         cutter: &'a Cutter,
         group: &'a GroupCutter,
         point: PendingPoint,
-        closed: GateClosed,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<CutPoint, CutError>> + Send + 'a>>;
 }
 
@@ -351,8 +351,8 @@ impl Cutter {
             kind,
             members: cutter.members.clone(),
         };
-        let closed = cutter.gate.close().await;
         let cut = if cutter.members.is_empty() {
+            let closed = cutter.gate.close().await;
             let cut = self.cut_closed(cutter, &point);
             drop(closed);
             cut?
@@ -364,7 +364,7 @@ impl Cutter {
                     message: "the barrier to the group's members is not running".to_string(),
                 });
             };
-            barrier.cut(self, cutter, point, closed).await?
+            barrier.cut(self, cutter, point).await?
         };
         self.finish(cutter, cut).await
     }
