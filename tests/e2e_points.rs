@@ -440,3 +440,122 @@ disks = [{{ name = "data", path = "{disk}", export = "{export}" }}]
     assert!(list(&a, "app")["points"].as_array().unwrap().is_empty());
     a.stop();
 }
+
+/// Two source appliances of one group shipping to one target: once both disks are protected,
+/// a point created on the coordinator is complete and usable in the target's catalog (the
+/// markers' `members` are the names the target knows its peers by).
+#[test]
+fn a_group_across_two_sources_is_complete_at_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Appliance::new(dir.path(), "site-a");
+    let mut b = Appliance::new(dir.path(), "site-b");
+    let mut target = Appliance::new(dir.path(), "site-dr");
+    let (port_a, port_b, port_target) = (free_udp_port(), free_udp_port(), free_udp_port());
+    let (fingerprint_a, fingerprint_b) = (a.fingerprint(), b.fingerprint());
+    let fingerprint_target = target.fingerprint();
+    target.write_config(&format!(
+        "[target]\nlisten = \"127.0.0.1:{port_target}\"\nstorage_dir = \"{}\"\npeers = [{{ name = \"site-a\", fingerprint = \"{fingerprint_a}\" }}, {{ name = \"site-b\", fingerprint = \"{fingerprint_b}\" }}]\n",
+        target.root.join("storage").display(),
+    ));
+    let mut exports = Vec::new();
+    for (appliance, machine, own_port, other, other_port, other_fingerprint) in [
+        (&a, "db-1", port_a, "site-b", port_b, &fingerprint_b),
+        (&b, "app-1", port_b, "site-a", port_a, &fingerprint_a),
+    ] {
+        let disk = appliance.root.join("data.raw");
+        make_disk(&disk, DISK_BYTES, 1 << 20, 5);
+        let export = appliance.root.join("data.sock");
+        appliance.write_config(&format!(
+            r#"[source]
+journal_size = "64MiB"
+target = "127.0.0.1:{port_target}"
+target_fingerprint = "{fingerprint_target}"
+
+[[source.group]]
+name = "app"
+recovery_point_interval = "1h"
+barrier_listen = "127.0.0.1:{own_port}"
+members = [{{ name = "{other}", address = "127.0.0.1:{other_port}", fingerprint = "{other_fingerprint}" }}]
+
+[[source.machine]]
+name = "{machine}"
+group = "app"
+disks = [{{ name = "data", path = "{disk}", export = "{export}" }}]
+"#,
+            disk = disk.display(),
+            export = export.display(),
+        ));
+        exports.push((export, format!("{machine}/data")));
+    }
+    target.start();
+    b.start();
+    a.start();
+    for appliance in [&a, &b] {
+        wait_for("the disk to be protected", || {
+            let status = appliance.try_status()?;
+            (status["disks"][0]["state"] == "protected").then_some(())
+        });
+    }
+    qemu_io(
+        &exports[0].0,
+        &exports[0].1,
+        &["write -P 1 0 4k".to_string()],
+    );
+    qemu_io(
+        &exports[1].0,
+        &exports[1].1,
+        &["write -P 2 0 4k".to_string()],
+    );
+    let mut create = vec![
+        "recovery-point".to_string(),
+        "create".to_string(),
+        "--group".to_string(),
+        "app".to_string(),
+    ];
+    create.extend(socket_args(&a));
+    let output = run_ferry(&create);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let id: u64 = String::from_utf8(output.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    wait_for("the point to be complete and usable at the target", || {
+        let mut args = vec![
+            "recovery-point".to_string(),
+            "list".to_string(),
+            "--group".to_string(),
+            "app".to_string(),
+            "--json".to_string(),
+        ];
+        args.extend(socket_args(&target));
+        let output = run_ferry(&args);
+        if !output.status.success() {
+            return None;
+        }
+        let listed: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        let point = listed["points"]
+            .as_array()?
+            .iter()
+            .find(|point| point["id"] == id)?
+            .clone();
+        (point["usable"] == true).then_some(())
+    });
+    // The member logged the point it cut, too.
+    wait_for("the member to list the point as replicated", || {
+        let listed = list(&b, "app");
+        let point = listed["points"]
+            .as_array()?
+            .iter()
+            .find(|point| point["id"] == id)?
+            .clone();
+        (point["usable"] == true).then_some(())
+    });
+    a.stop();
+    b.stop();
+    target.stop();
+}
