@@ -1,14 +1,16 @@
 //! The control plane between a target and its source over the connection the source dialed:
 //! the target's failed-over groups fence the source's disks (NBD writes refused, READ_ONLY for
 //! new connections, state `failed-over`, persisted), a planned failover request fences, cuts and
-//! drains, and a failback request lifts the fence and resyncs the disk to the target.
+//! drains, a reprotect pulls the failed-over disk back into the source's disk (hash compare,
+//! then dirty rounds), and a failback request lifts the fence and resyncs the disk to the
+//! target.
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_appliance::apply::peer::PlannedPoint;
+use ferry_appliance::apply::peer::{PlannedPoint, ReprotectDisk, ReprotectDisks};
 use ferry_appliance::apply::{self, ApplyStatus, PeerControl, ReplicaStore, SettingsMapping};
 use ferry_appliance::capture::journal_handle::SharedJournal;
 use ferry_appliance::capture::{Capture, CaptureConfig, DiskSpec, Endpoint, ListenerSpec};
@@ -70,6 +72,35 @@ async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
             "timed out: {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Test double of a failed-over disk (the failover's overlay disk in production): bytes in
+/// memory and the ranges written since the last `take_dirty`.
+struct MemDisk {
+    bytes: Mutex<Vec<u8>>,
+    dirty: Mutex<Vec<(u64, u64)>>,
+}
+
+impl MemDisk {
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.bytes.lock().unwrap()[offset as usize..offset as usize + data.len()]
+            .copy_from_slice(data);
+        self.dirty.lock().unwrap().push((offset, data.len() as u64));
+    }
+}
+
+impl ReprotectDisk for MemDisk {
+    fn size_bytes(&self) -> u64 {
+        self.bytes.lock().unwrap().len() as u64
+    }
+    fn read_at(&self, offset: u64, length: u64) -> std::io::Result<Vec<u8>> {
+        Ok(self.bytes.lock().unwrap()[offset as usize..(offset + length) as usize].to_vec())
+    }
+    fn take_dirty(&self) -> Vec<(u64, u64)> {
+        let mut ranges = std::mem::take(&mut *self.dirty.lock().unwrap());
+        ranges.sort_unstable();
+        ranges
     }
 }
 
@@ -207,6 +238,41 @@ async fn target_fences_plans_and_unfences_its_source() {
         "a fenced export still reads: {read:?}"
     );
 
+    // Reprotect: the failed-over machine wrote at the target; the source pulls it back.
+    let replica_path = store.replica_path("site-a", "web-1", "os");
+    let failed_over = Arc::new(MemDisk {
+        bytes: Mutex::new(std::fs::read(&replica_path).unwrap()),
+        dirty: Mutex::new(Vec::new()),
+    });
+    failed_over.write(2 << 20, &[0xab; 8192]);
+    let mut served = ReprotectDisks::new();
+    served.insert(
+        ("site-a".into(), "web-1".into(), "os".into()),
+        failed_over.clone() as Arc<dyn ReprotectDisk>,
+    );
+    peers.serve_reprotect("app", served);
+    let pulled = peers
+        .start_reprotect("app", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(pulled, ["web-1/os"]);
+    failed_over.write(5 << 20, &[0xcd; 4096]);
+    let totals = peers
+        .finish_reprotect("app", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(totals.extents_compared, DISK_BYTES >> 20, "{totals:?}");
+    assert!(
+        totals.bytes_copied >= 8192 + 4096 && totals.bytes_copied <= 3 << 20,
+        "only differing extents travel: {totals:?}"
+    );
+    let source_bytes = std::fs::read(&disk_path).unwrap();
+    assert!(
+        source_bytes == *failed_over.bytes.lock().unwrap(),
+        "the source disk does not hold the failed-over data"
+    );
+    peers.stop_reprotect("app");
+
     // Failback: the target gives production back; the source resyncs and is writable again.
     peers.set_failed_over("app", false);
     let unfenced = peers
@@ -219,6 +285,10 @@ async fn target_fences_plans_and_unfences_its_source() {
         disk.state() == DiskState::Protected
     })
     .await;
+    assert!(
+        std::fs::read(&replica_path).unwrap() == std::fs::read(&disk_path).unwrap(),
+        "the replica was not resynced to the reprotected source disk"
+    );
     qemu_io(&socket, &["write -P 0x22 1m 64k"]);
 
     // Planned failover: fenced, "cut", drained, answered with the final point.

@@ -3,6 +3,10 @@
 //! with their answers, and the set of groups failed over here, which every connecting source is
 //! told so that it fences their disks (an unplanned failover happens while the source is gone).
 //!
+//! Reprotect: the failover registers each failed-over disk of a group as a [`ReprotectDisk`]
+//! ([`PeerControl::serve_reprotect`]); the source then pulls from them over its connection
+//! (extent hashes, extent bytes, the blocks written since its last round).
+//!
 //! One [`PeerControl`] per target appliance, shared by the apply sessions (each attaches its
 //! connection's control stream with [`PeerControl::attach`]) and the failover commands.
 
@@ -12,7 +16,9 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::core::peer::{PeerMessage, PeerOutcome, PeerRequest};
+use crate::core::peer::{
+    coarsen_ranges, PeerMessage, PeerOutcome, PeerRequest, EXTENT_BYTES_MAX, HASH_EXTENTS_MAX,
+};
 use crate::core::wire::{self, Frame, Message};
 use crate::io::transport::FrameReceiver;
 
@@ -34,6 +40,27 @@ pub enum PeerRequestError {
         message: String,
     },
 }
+
+/// A failed-over disk as reprotect reads it (implemented by the failover's disks: their view
+/// of the point with the overlay of the failed-over machine's writes on top).
+pub trait ReprotectDisk: Send + Sync {
+    fn size_bytes(&self) -> u64;
+    /// Reads `length` bytes at `offset` (inside the disk). Blocking.
+    fn read_at(&self, offset: u64, length: u64) -> std::io::Result<Vec<u8>>;
+    /// The ranges `(offset, length)` written since the previous call, sorted.
+    fn take_dirty(&self) -> Vec<(u64, u64)>;
+}
+
+/// A reprotect's totals as the source reports them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReprotectTotals {
+    pub extents_compared: u64,
+    pub bytes_copied: u64,
+    pub rounds: u64,
+}
+
+/// The failed-over disks of a group, by (source, machine, disk).
+pub type ReprotectDisks = BTreeMap<(String, String, String), Arc<dyn ReprotectDisk>>;
 
 /// The final point a source cut for a planned failover.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,6 +96,8 @@ pub struct PeerControl {
 struct Inner {
     links: BTreeMap<String, Link>,
     failed_over: BTreeSet<String>,
+    /// Groups whose failed-over disks sources may pull.
+    reprotect: BTreeMap<String, ReprotectDisks>,
     next_id: u64,
     next_generation: u64,
 }
@@ -262,6 +291,152 @@ impl PeerControl {
         Ok(disks)
     }
 
+    /// Lets the sources of `group` pull its failed-over disks (replaces a previous set).
+    pub fn serve_reprotect(&self, group: &str, disks: ReprotectDisks) {
+        self.lock().reprotect.insert(group.to_string(), disks);
+    }
+
+    /// Stops serving `group`'s failed-over disks to reprotect.
+    pub fn stop_reprotect(&self, group: &str) {
+        self.lock().reprotect.remove(group);
+    }
+
+    /// `ferry reprotect`: asks every connected source of `group` to pull its failed-over disks
+    /// (registered with [`PeerControl::serve_reprotect`] first). Returns the disks being pulled.
+    pub async fn start_reprotect(
+        &self,
+        group: &str,
+        timeout: Duration,
+    ) -> Result<Vec<String>, PlannedFailoverError> {
+        let sources = self.sources_of_group(group);
+        if sources.is_empty() {
+            return Err(PlannedFailoverError::NotConnected {
+                group: group.to_string(),
+            });
+        }
+        let mut disks = Vec::new();
+        for source in sources {
+            let request = PeerRequest::Reprotect {
+                group: group.to_string(),
+            };
+            match self.request(&source, request, timeout).await {
+                Ok(PeerOutcome::ReprotectStarted { disks: pulled, .. }) => disks.extend(pulled),
+                Ok(other) => return Err(unexpected(source, other)),
+                Err(error) => return Err(PlannedFailoverError::Request(error)),
+            }
+        }
+        Ok(disks)
+    }
+
+    /// Failback's last reprotect round: with the failover exports read-only, every source of
+    /// `group` pulls what is left and answers once its disks hold the data durably.
+    pub async fn finish_reprotect(
+        &self,
+        group: &str,
+        timeout: Duration,
+    ) -> Result<ReprotectTotals, PlannedFailoverError> {
+        let sources = self.sources_of_group(group);
+        if sources.is_empty() {
+            return Err(PlannedFailoverError::NotConnected {
+                group: group.to_string(),
+            });
+        }
+        let mut totals = ReprotectTotals::default();
+        for source in sources {
+            let request = PeerRequest::FinishReprotect {
+                group: group.to_string(),
+            };
+            match self.request(&source, request, timeout).await {
+                Ok(PeerOutcome::Reprotected {
+                    extents_compared,
+                    bytes_copied,
+                    rounds,
+                    ..
+                }) => {
+                    totals.extents_compared += extents_compared;
+                    totals.bytes_copied += bytes_copied;
+                    totals.rounds = totals.rounds.max(rounds);
+                }
+                Ok(other) => return Err(unexpected(source, other)),
+                Err(error) => return Err(PlannedFailoverError::Request(error)),
+            }
+        }
+        Ok(totals)
+    }
+
+    /// Answers a source's reprotect request from the registered failed-over disks.
+    fn serve_request(&self, source: &str, generation: u64, id: u64, request: PeerRequest) {
+        let outgoing = {
+            let inner = self.lock();
+            match inner
+                .links
+                .get(source)
+                .filter(|link| link.generation == generation)
+            {
+                Some(link) => link.outgoing.clone(),
+                None => return,
+            }
+        };
+        let (group, machine, disk) = match &request {
+            PeerRequest::HashExtents {
+                group,
+                machine,
+                disk,
+                ..
+            }
+            | PeerRequest::ReadExtent {
+                group,
+                machine,
+                disk,
+                ..
+            }
+            | PeerRequest::TakeDirty {
+                group,
+                machine,
+                disk,
+            } => (group.clone(), machine.clone(), disk.clone()),
+            _ => {
+                let reply = PeerMessage::Reply {
+                    id,
+                    outcome: PeerOutcome::Error {
+                        message: "a source asked for what only a target asks".to_string(),
+                    },
+                };
+                if let Ok(frame) = reply.to_frame() {
+                    let _ = outgoing.send(frame);
+                }
+                return;
+            }
+        };
+        let served = self.lock().reprotect.get(&group).and_then(|disks| {
+            disks
+                .get(&(source.to_string(), machine.clone(), disk.clone()))
+                .cloned()
+        });
+        let source = source.to_string();
+        tokio::task::spawn_blocking(move || {
+            let (outcome, data) = match served {
+                None => (
+                    PeerOutcome::Error {
+                        message: format!(
+                            "group {group} is not being reprotected, or has no failed-over disk {machine}/{disk} of source {source}"
+                        ),
+                    },
+                    Vec::new(),
+                ),
+                Some(served) => answer_reprotect_read(served.as_ref(), request),
+            };
+            match (PeerMessage::Reply { id, outcome }).to_frame_with(&data) {
+                Ok(frame) => {
+                    let _ = outgoing.send(frame);
+                }
+                Err(error) => {
+                    tracing::error!(source = %source, id, "cannot encode an answer: {error}")
+                }
+            }
+        });
+    }
+
     /// Attaches a new connection of `source`: reads its control stream (`receiver`) and queues
     /// the frames for it, starting with the failed-over groups. The session sends what
     /// [`SessionPeer::next_frame`] gives on its control stream, and drops the `SessionPeer` when
@@ -328,7 +503,10 @@ impl PeerControl {
                     }
                 }
             }
-            PeerMessage::FailedOverGroups { .. } | PeerMessage::Request { .. } => {
+            PeerMessage::Request { id, request } => {
+                self.serve_request(source, generation, id, request)
+            }
+            PeerMessage::FailedOverGroups { .. } => {
                 tracing::warn!(source = %source, "a source sent a message only a target sends");
             }
         }
@@ -337,6 +515,80 @@ impl PeerControl {
 
 /// The failed-over groups as a frame; `None` (logged) when they do not fit one, which takes
 /// hundreds of groups of the longest names.
+fn unexpected(source: String, outcome: PeerOutcome) -> PlannedFailoverError {
+    match outcome {
+        PeerOutcome::Error { message } => PlannedFailoverError::Source {
+            source_name: source,
+            message,
+        },
+        other => PlannedFailoverError::Source {
+            source_name: source,
+            message: format!("unexpected answer {other:?}"),
+        },
+    }
+}
+
+/// Reads what a reprotect request asks of a failed-over disk: `(outcome, data)`.
+fn answer_reprotect_read(disk: &dyn ReprotectDisk, request: PeerRequest) -> (PeerOutcome, Vec<u8>) {
+    let size = disk.size_bytes();
+    let error = |message: String| (PeerOutcome::Error { message }, Vec::new());
+    match request {
+        PeerRequest::HashExtents {
+            offset,
+            extent_bytes,
+            count,
+            ..
+        } => {
+            if extent_bytes == 0
+                || extent_bytes > EXTENT_BYTES_MAX
+                || count == 0
+                || count > HASH_EXTENTS_MAX
+            {
+                return error(format!(
+                    "{count} extents of {extent_bytes} bytes: out of bounds"
+                ));
+            }
+            let mut hashes = Vec::with_capacity(count as usize * 16);
+            for index in 0..u64::from(count) {
+                let start = offset.saturating_add(index * u64::from(extent_bytes));
+                if start >= size {
+                    break;
+                }
+                let length = u64::from(extent_bytes).min(size - start);
+                match disk.read_at(start, length) {
+                    Ok(bytes) => hashes.extend_from_slice(&wire::extent_hash(&bytes).to_le_bytes()),
+                    Err(read) => {
+                        return error(format!("reading {length} bytes at {start}: {read}"))
+                    }
+                }
+            }
+            (PeerOutcome::Hashes { size_bytes: size }, hashes)
+        }
+        PeerRequest::ReadExtent { offset, length, .. } => {
+            let length = u64::from(length);
+            if length == 0
+                || length > u64::from(EXTENT_BYTES_MAX)
+                || offset.checked_add(length).is_none_or(|end| end > size)
+            {
+                return error(format!(
+                    "{length} bytes at {offset}: outside the disk of {size} bytes or too long"
+                ));
+            }
+            match disk.read_at(offset, length) {
+                Ok(bytes) => (PeerOutcome::Extent, bytes),
+                Err(read) => error(format!("reading {length} bytes at {offset}: {read}")),
+            }
+        }
+        PeerRequest::TakeDirty { .. } => (
+            PeerOutcome::Dirty {
+                ranges: coarsen_ranges(disk.take_dirty(), size),
+            },
+            Vec::new(),
+        ),
+        _ => error("not a reprotect read".to_string()),
+    }
+}
+
 fn failed_over_frame(groups: &BTreeSet<String>) -> Option<Frame> {
     let message = PeerMessage::FailedOverGroups {
         groups: groups.iter().cloned().collect(),
@@ -367,7 +619,7 @@ async fn read_control(
             }
         };
         match wire::decode_frame(&frame) {
-            Ok(Message::Control { version, json }) => {
+            Ok(Message::Control { version, json, .. }) => {
                 control.handle_document(&source, generation, version, json)
             }
             Ok(other) => {

@@ -15,7 +15,8 @@
 //!
 //! Control frames (`FrameKind::Control`) carry a versioned, bounded JSON document between the
 //! appliances' control planes (planned failover, fencing, reprotect: `core::peer`), on the
-//! control stream both ways. The core state machines never see them: the ship and apply
+//! control stream both ways, optionally followed by binary data (extent bytes, hashes) that
+//! fills the rest of the body. The core state machines never see them: the ship and apply
 //! sessions route them to their peer-control modules.
 //!
 //! Hello extension: after its disk list a Hello may carry the protected machines' settings
@@ -360,11 +361,12 @@ pub enum Message<'a> {
         code: ErrorCode,
         message: String,
     },
-    /// A control-plane document: `version` of its schema (the receiver judges it) and the JSON,
-    /// at most [`CONTROL_JSON_BYTES_MAX`] bytes.
+    /// A control-plane document: `version` of its schema (the receiver judges it), the JSON (at
+    /// most [`CONTROL_JSON_BYTES_MAX`] bytes) and the binary data after it (may be empty).
     Control {
         version: u16,
         json: &'a [u8],
+        data: &'a [u8],
     },
 }
 
@@ -670,15 +672,16 @@ impl Frame {
         builder.finish()
     }
 
-    /// A control frame. `json` must be at most [`CONTROL_JSON_BYTES_MAX`] bytes (the peer-control
-    /// encoder checks it; exceeding it here is a bug).
-    pub fn control(version: u16, json: &[u8]) -> Frame {
+    /// A control frame. `json` must be at most [`CONTROL_JSON_BYTES_MAX`] bytes and the body at
+    /// most `FRAME_BODY_BYTES_MAX` (the peer-control encoder checks both; exceeding them here is
+    /// a bug).
+    pub fn control(version: u16, json: &[u8], data: &[u8]) -> Frame {
         assert!(
             json.len() <= CONTROL_JSON_BYTES_MAX,
             "control document of {} bytes over the limit",
             json.len()
         );
-        let mut builder = Builder::new(FrameKind::Control, 8 + json.len());
+        let mut builder = Builder::new(FrameKind::Control, 8 + json.len() + data.len());
         builder.put(
             ControlFixed {
                 version: version.into(),
@@ -688,6 +691,7 @@ impl Frame {
             .as_bytes(),
         );
         builder.put(json);
+        builder.put(data);
         builder.finish()
     }
 
@@ -1015,10 +1019,11 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                 ));
             }
             let json = reader.take(len, "control document")?;
-            reader.finish()?;
+            let data = reader.take(reader.bytes.len(), "control data")?;
             Message::Control {
                 version: fixed.version.get(),
                 json,
+                data,
             }
         }
     };
@@ -1163,7 +1168,11 @@ mod tests {
                 ErrorCode::TargetAhead,
                 "target holds seq 10, source journal ends at 4",
             ),
-            Frame::control(1, br#"{"type":"failed-over-groups","groups":["shop"]}"#),
+            Frame::control(
+                1,
+                br#"{"type":"failed-over-groups","groups":["shop"]}"#,
+                b"xyz",
+            ),
         ]
     }
 
@@ -1241,9 +1250,14 @@ mod tests {
             other => panic!("decoded {other:?}"),
         }
         match frames[7].decode().unwrap() {
-            Message::Control { version, json } => {
+            Message::Control {
+                version,
+                json,
+                data,
+            } => {
                 assert_eq!(version, 1);
                 assert!(json.starts_with(br#"{"type""#));
+                assert_eq!(data, b"xyz");
             }
             other => panic!("decoded {other:?}"),
         }
@@ -1264,7 +1278,7 @@ mod tests {
         assert!(error.to_string().contains("limit"), "{error}");
         let largest = vec![b' '; CONTROL_JSON_BYTES_MAX];
         assert!(matches!(
-            Frame::control(1, &largest).decode().unwrap(),
+            Frame::control(1, &largest, &[]).decode().unwrap(),
             Message::Control { json, .. } if json.len() == CONTROL_JSON_BYTES_MAX
         ));
     }

@@ -9,9 +9,11 @@
 //! to the target by hash compare (the replica is stale by the failover's writes).
 //!
 //! Requests run in their own tasks; answers go back on the control stream of the connection
-//! that carried the request.
+//! that carried the request. A reprotect (`reprotect.rs`) runs per group until the target asks
+//! for its last round; a reprotect cut short by a lost connection is started again by the
+//! target's next request (the last round compares every extent again when none is running).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -20,9 +22,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+use super::reprotect::{self, TargetLink, Totals};
 use super::ShipStatus;
 use crate::capture::CaptureDisk;
 use crate::control::DiskState;
@@ -267,9 +270,11 @@ impl SourceControl {
         ControlSession {
             control: self.clone(),
             status,
+            link: TargetLink::new(outgoing.clone()),
             outgoing,
             writer,
             requests: JoinSet::new(),
+            reprotects: BTreeMap::new(),
         }
     }
 }
@@ -288,6 +293,15 @@ pub struct ControlSession {
     outgoing: mpsc::UnboundedSender<Frame>,
     writer: tokio::task::JoinHandle<()>,
     requests: JoinSet<()>,
+    /// This source's own requests to the target (reprotect pulls).
+    link: TargetLink,
+    /// Running reprotects by group.
+    reprotects: BTreeMap<String, Reprotecting>,
+}
+
+struct Reprotecting {
+    finish: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<Totals, String>>,
 }
 
 impl ControlSession {
@@ -299,15 +313,19 @@ impl ControlSession {
             return false;
         }
         match wire::decode_frame(frame) {
-            Ok(Message::Control { version, json }) => self.handle(version, json),
+            Ok(Message::Control {
+                version,
+                json,
+                data,
+            }) => self.handle(version, json, data),
             Ok(_) => {}
             Err(error) => tracing::warn!("bad control frame from the target: {error}"),
         }
         true
     }
 
-    /// Handles a Control frame's document from the target.
-    pub fn handle(&mut self, version: u16, json: &[u8]) {
+    /// Handles a Control frame's document (and data) from the target.
+    pub fn handle(&mut self, version: u16, json: &[u8], data: &[u8]) {
         while self.requests.try_join_next().is_some() {}
         let message = match PeerMessage::from_document(version, json) {
             Ok(message) => message,
@@ -328,24 +346,134 @@ impl ControlSession {
                     }
                 }
             }
+            PeerMessage::Request {
+                id,
+                request: PeerRequest::Reprotect { group },
+            } => {
+                let outcome = self.start_reprotect(&group);
+                self.reply(id, outcome);
+            }
+            PeerMessage::Request {
+                id,
+                request: PeerRequest::FinishReprotect { group },
+            } => {
+                let running = match self.reprotects.remove(&group) {
+                    Some(running) => Ok(running),
+                    // None running here (a reconnect cut it short): a whole pull, compare
+                    // included, as the last round.
+                    None => self.spawn_reprotect(&group, true),
+                };
+                let outgoing = self.outgoing.clone();
+                self.requests.spawn(async move {
+                    let outcome = match running {
+                        Err(message) => PeerOutcome::Error { message },
+                        Ok(running) => {
+                            let _ = running.finish.send(true);
+                            match running.task.await {
+                                Ok(Ok(totals)) => {
+                                    tracing::info!(group = %group, ?totals, "reprotect finished: the disks hold the failed-over data");
+                                    PeerOutcome::Reprotected {
+                                        group,
+                                        extents_compared: totals.extents_compared,
+                                        bytes_copied: totals.bytes_copied,
+                                        rounds: totals.rounds,
+                                    }
+                                }
+                                Ok(Err(message)) => PeerOutcome::Error {
+                                    message: format!("reprotect of {group}: {message}"),
+                                },
+                                Err(_) => PeerOutcome::Error {
+                                    message: format!("reprotect of {group} stopped"),
+                                },
+                            }
+                        }
+                    };
+                    send_reply(&outgoing, id, outcome);
+                });
+            }
             PeerMessage::Request { id, request } => {
                 let control = self.control.clone();
                 let status = self.status.clone();
                 let outgoing = self.outgoing.clone();
                 self.requests.spawn(async move {
                     let outcome = run_request(&control, &status, request).await;
-                    match (PeerMessage::Reply { id, outcome }).to_frame() {
-                        Ok(frame) => {
-                            let _ = outgoing.send(frame);
-                        }
-                        Err(error) => tracing::error!(id, "cannot encode an answer: {error}"),
-                    }
+                    send_reply(&outgoing, id, outcome);
                 });
             }
-            PeerMessage::Reply { .. } => {
-                tracing::warn!("the target sent a message only a source sends")
+            PeerMessage::Reply { id, outcome } => self.link.deliver(id, outcome, data),
+        }
+    }
+}
+
+impl ControlSession {
+    fn reply(&self, id: u64, outcome: PeerOutcome) {
+        send_reply(&self.outgoing, id, outcome);
+    }
+
+    fn start_reprotect(&mut self, group: &str) -> PeerOutcome {
+        let disks: Vec<String> = self
+            .control
+            .group_disks(group)
+            .iter()
+            .map(|disk| disk.export_name().to_string())
+            .collect();
+        let running = self
+            .reprotects
+            .get(group)
+            .is_some_and(|running| !running.task.is_finished());
+        if !running {
+            match self.spawn_reprotect(group, false) {
+                Ok(started) => {
+                    self.reprotects.insert(group.to_string(), started);
+                }
+                Err(message) => return PeerOutcome::Error { message },
             }
         }
+        tracing::info!(group = %group, disks = %disks.join(","), "reprotect: pulling the failed-over disks from the target");
+        PeerOutcome::ReprotectStarted {
+            group: group.to_string(),
+            disks,
+        }
+    }
+
+    /// Starts pulling `group`; `last` runs a single (last) round after the compare.
+    fn spawn_reprotect(&self, group: &str, last: bool) -> Result<Reprotecting, String> {
+        let disks: Vec<CaptureDisk> = self
+            .control
+            .group_disks(group)
+            .into_iter()
+            .cloned()
+            .collect();
+        if disks.is_empty() {
+            return Err(format!("group {group} has no disks on this source"));
+        }
+        if let Some(disk) = disks
+            .iter()
+            .find(|disk| disk.state() != DiskState::FailedOver)
+        {
+            return Err(format!(
+                "reprotect of {group}: {} is {}, not failed-over (fenced): only a failed-over group can be reprotected",
+                disk.export_name(),
+                disk.state().as_str()
+            ));
+        }
+        let (finish, finishing) = watch::channel(last);
+        let task = tokio::spawn(reprotect::run(
+            group.to_string(),
+            disks,
+            self.link.clone(),
+            finishing,
+        ));
+        Ok(Reprotecting { finish, task })
+    }
+}
+
+fn send_reply(outgoing: &mpsc::UnboundedSender<Frame>, id: u64, outcome: PeerOutcome) {
+    match (PeerMessage::Reply { id, outcome }).to_frame() {
+        Ok(frame) => {
+            let _ = outgoing.send(frame);
+        }
+        Err(error) => tracing::error!(id, "cannot encode an answer: {error}"),
     }
 }
 
@@ -353,6 +481,9 @@ impl Drop for ControlSession {
     fn drop(&mut self) {
         self.writer.abort();
         self.requests.abort_all();
+        for running in self.reprotects.values() {
+            running.task.abort();
+        }
     }
 }
 
@@ -417,6 +548,13 @@ async fn run_request(
                 point_id,
                 marker_seq,
             }
+        }
+        PeerRequest::Reprotect { .. }
+        | PeerRequest::FinishReprotect { .. }
+        | PeerRequest::HashExtents { .. }
+        | PeerRequest::ReadExtent { .. }
+        | PeerRequest::TakeDirty { .. } => {
+            error("a target sent a request this source does not serve here".to_string())
         }
         PeerRequest::Unfence { group } => match control.unfence(&group) {
             Ok(disks) if disks.is_empty() => {

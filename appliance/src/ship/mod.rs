@@ -20,6 +20,7 @@
 //! during the round keeps its bits and gets another round.
 
 pub mod control;
+mod reprotect;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
