@@ -333,6 +333,23 @@ disks = [{{ name = "data", path = "{disk}", export = "{export}" }}]
     a.stop();
     b.stop();
 
+    // What the cuts cost: how long each appliance's gate held new writes (from the logs).
+    for appliance in [&a, &b] {
+        let mut held: Vec<u64> = appliance
+            .log()
+            .lines()
+            .filter_map(|line| line.split("gate_held_us=").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+            .collect();
+        held.sort_unstable();
+        if let (Some(max), Some(median)) = (held.last(), held.get(held.len() / 2)) {
+            eprintln!(
+                "{}: gate held new writes for a median of {median} us, at most {max} us, over {} cuts",
+                appliance.name,
+                held.len()
+            );
+        }
+    }
     let (journal_a, journal_b) = (read_journal(&a), read_journal(&b));
     assert_eq!(journal_a.writes.len() as u64, BLOCKS);
     assert_eq!(journal_b.writes.len() as u64, BLOCKS);

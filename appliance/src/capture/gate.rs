@@ -9,6 +9,7 @@
 //! still gets its sequence; that is fine, it was not acknowledged before the cut began.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
@@ -26,10 +27,18 @@ pub struct GatePass {
     _guard: OwnedRwLockReadGuard<()>,
 }
 
-/// Held by a cut; new registrations wait until it is dropped.
+/// Held by a cut; new registrations wait until it is dropped (or [`GateClosed::open`]ed).
 #[derive(Debug)]
 pub struct GateClosed {
     _guard: OwnedRwLockWriteGuard<()>,
+    closed_at: Instant,
+}
+
+impl GateClosed {
+    /// Opens the gate and says how long it was closed (what a cut cost the writes it held).
+    pub fn open(self) -> Duration {
+        self.closed_at.elapsed()
+    }
 }
 
 impl WriteGate {
@@ -47,8 +56,10 @@ impl WriteGate {
     /// Closes the gate: waits for writes registering right now, then holds every new one until
     /// the returned value is dropped.
     pub async fn close(&self) -> GateClosed {
+        let guard = self.lock.clone().write_owned().await;
         GateClosed {
-            _guard: self.lock.clone().write_owned().await,
+            _guard: guard,
+            closed_at: Instant::now(),
         }
     }
 }

@@ -292,9 +292,12 @@ impl Coordinator {
         }
         // Every gate is closed now: the common instant of the point.
         let cut = cutter.cut_closed(group, &point);
-        drop(closed);
+        let held = closed.open();
         let mut cut = match cut {
-            Ok(cut) => cut,
+            Ok(mut cut) => {
+                cut.gate_held_us = held.as_micros() as u64;
+                cut
+            }
             Err(error) => {
                 let abort = Message::Abort {
                     group: group_name.clone(),
@@ -600,22 +603,25 @@ async fn member_round(
     let answer = match outcome {
         Some(true) => {
             let cut = cutter.cut_closed(group, &point);
-            drop(closed);
+            let held = closed.open();
             match cut {
-                Ok(cut) => match cutter.finish(group, cut).await {
-                    Ok(cut) => Some(Message::Done {
-                        group: group_name.clone(),
-                        point_id,
-                        seq: Some(cut.seq),
-                        message: None,
-                    }),
-                    Err(error) => Some(Message::Done {
-                        group: group_name.clone(),
-                        point_id,
-                        seq: None,
-                        message: Some(error.to_string()),
-                    }),
-                },
+                Ok(mut cut) => {
+                    cut.gate_held_us = held.as_micros() as u64;
+                    match cutter.finish(group, cut).await {
+                        Ok(cut) => Some(Message::Done {
+                            group: group_name.clone(),
+                            point_id,
+                            seq: Some(cut.seq),
+                            message: None,
+                        }),
+                        Err(error) => Some(Message::Done {
+                            group: group_name.clone(),
+                            point_id,
+                            seq: None,
+                            message: Some(error.to_string()),
+                        }),
+                    }
+                }
                 Err(error) => Some(Message::Done {
                     group: group_name.clone(),
                     point_id,

@@ -118,6 +118,9 @@ pub struct CutPoint {
     /// cut, or never confirmed it): it stays unusable at the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incomplete: Option<String>,
+    /// How long this appliance's gate held new writes for the cut (logged, not kept).
+    #[serde(skip)]
+    pub gate_held_us: u64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -354,8 +357,10 @@ impl Cutter {
         let cut = if cutter.members.is_empty() {
             let closed = cutter.gate.close().await;
             let cut = self.cut_closed(cutter, &point);
-            drop(closed);
-            cut?
+            let held = closed.open();
+            let mut cut = cut?;
+            cut.gate_held_us = held.as_micros() as u64;
+            cut
         } else {
             let barrier = lock(&self.barrier).clone();
             let Some(barrier) = barrier else {
@@ -386,6 +391,7 @@ impl Cutter {
             kind = ?cut.kind,
             consistent = cut.consistent,
             sequence = cut.seq,
+            gate_held_us = cut.gate_held_us,
             "recovery point cut"
         );
         Ok(cut)
@@ -437,6 +443,7 @@ impl Cutter {
             seq,
             members: point.members.clone(),
             incomplete: None,
+            gate_held_us: 0,
         })
     }
 
@@ -869,6 +876,7 @@ disks = [{{ name = "d", path = "/d", export = "/d.sock" }}]
             seq: 40,
             members: Vec::new(),
             incomplete: None,
+            gate_held_us: 0,
         };
         assert!(!point_status(&point, 39).usable);
         let status = point_status(&point, 40);
