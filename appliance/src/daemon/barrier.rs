@@ -657,3 +657,213 @@ async fn thaw(group: &GroupCutter) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::DiskState;
+    use crate::core::record::RecordKind;
+    use crate::daemon::points::tests::{rig_named, write};
+
+    /// Member "b" listening on loopback, and a raw connection of coordinator "a" to it.
+    async fn member_and_coordinator() -> (
+        crate::daemon::points::tests::Rig,
+        PeerConnection,
+        watch::Sender<bool>,
+        tempfile::TempDir,
+    ) {
+        let keys = tempfile::tempdir().unwrap();
+        let identity_a = Identity::load_or_create(&keys.path().join("a")).unwrap();
+        let identity_b = Identity::load_or_create(&keys.path().join("b")).unwrap();
+        let rig = rig_named(
+            "b",
+            &format!(
+                "members = [{{ name = \"a\", address = \"127.0.0.1:9\", fingerprint = \"{}\" }}]",
+                identity_a.fingerprint
+            ),
+            DiskState::Protected,
+        );
+        let endpoint = TargetEndpoint::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &identity_b,
+            vec![Peer {
+                name: "a".into(),
+                fingerprint: identity_a.fingerprint,
+            }],
+            &tuning(),
+        )
+        .unwrap();
+        let address = endpoint.local_address();
+        let (shutdown, shutdown_receiver) = watch::channel(false);
+        tokio::spawn(serve(endpoint, rig.cutter.clone(), shutdown_receiver));
+        let dialer = SourceDialer::new(
+            address,
+            &identity_a,
+            identity_b.fingerprint,
+            &tuning(),
+            None,
+        )
+        .unwrap();
+        let connection = dialer.connect_once().await.unwrap();
+        (rig, connection, shutdown, keys)
+    }
+
+    async fn send(connection: &mut PeerConnection, message: Message) {
+        connection
+            .control
+            .sender
+            .send(message.encode())
+            .await
+            .unwrap();
+    }
+
+    async fn receive(connection: &mut PeerConnection) -> Message {
+        let frame =
+            tokio::time::timeout(Duration::from_secs(10), connection.control.receiver.recv())
+                .await
+                .expect("an answer within 10 s")
+                .unwrap()
+                .unwrap();
+        Message::decode(&frame).unwrap()
+    }
+
+    fn prepare(id: u64) -> Message {
+        Message::Prepare {
+            point: PendingPoint {
+                group: "g".into(),
+                id,
+                time_unix_ms: id,
+                kind: PointKind::Crash,
+                members: vec!["a".into(), "b".into()],
+            },
+        }
+    }
+
+    fn markers(rig: &crate::daemon::points::tests::Rig) -> usize {
+        let journal = rig.journal.lock();
+        journal
+            .iter_from(journal.first_seq().max(1))
+            .filter(|record| {
+                record
+                    .as_ref()
+                    .is_ok_and(|record| record.kind == RecordKind::Marker)
+            })
+            .count()
+    }
+
+    #[tokio::test]
+    async fn a_member_cuts_on_cut_and_releases_on_its_own_without_one() {
+        let (rig, mut connection, _shutdown, _keys) = member_and_coordinator().await;
+
+        // A full round: Closed, then the marker on Cut.
+        send(&mut connection, prepare(100)).await;
+        assert_eq!(
+            receive(&mut connection).await,
+            Message::Closed {
+                group: "g".into(),
+                point_id: 100
+            }
+        );
+        send(
+            &mut connection,
+            Message::Cut {
+                group: "g".into(),
+                point_id: 100,
+            },
+        )
+        .await;
+        let Message::Done { seq: Some(seq), .. } = receive(&mut connection).await else {
+            panic!("Done with a sequence expected");
+        };
+        assert_eq!(
+            rig.journal.lock().record(seq).unwrap().kind,
+            RecordKind::Marker
+        );
+        assert!(rig.journal.durable_seq() >= seq);
+
+        // No Cut: writes wait while the gate is closed, then go on within the timeout; no
+        // marker is appended, and a late Cut is answered without one.
+        send(&mut connection, prepare(200)).await;
+        assert!(matches!(
+            receive(&mut connection).await,
+            Message::Closed { .. }
+        ));
+        let before = rig.journal.last_seq();
+        let started = Instant::now();
+        let disk = rig.disk.clone();
+        let pending = tokio::spawn(async move { write(&disk, 0, 3).await });
+        tokio::time::timeout(Duration::from_secs(10), pending)
+            .await
+            .expect("the member releases its gate on its own")
+            .unwrap();
+        let waited = started.elapsed();
+        assert!(
+            waited >= BARRIER_TIMEOUT - Duration::from_millis(500),
+            "the write waited {waited:?}"
+        );
+        assert_eq!(
+            rig.journal.last_seq(),
+            before + 1,
+            "only the write, no marker"
+        );
+        send(
+            &mut connection,
+            Message::Cut {
+                group: "g".into(),
+                point_id: 200,
+            },
+        )
+        .await;
+        assert!(matches!(
+            receive(&mut connection).await,
+            Message::Done { seq: None, .. }
+        ));
+        assert_eq!(markers(&rig), 1);
+
+        // Abort: released at once, no marker.
+        send(&mut connection, prepare(300)).await;
+        assert!(matches!(
+            receive(&mut connection).await,
+            Message::Closed { .. }
+        ));
+        send(
+            &mut connection,
+            Message::Abort {
+                group: "g".into(),
+                point_id: 300,
+            },
+        )
+        .await;
+        let disk = rig.disk.clone();
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), write(&disk, 4096, 4))
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < BARRIER_TIMEOUT,
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(markers(&rig), 1);
+        let listed = rig.cutter.list("g").unwrap();
+        assert_eq!(listed.iter().map(|p| p.id).collect::<Vec<_>>(), vec![100]);
+    }
+
+    #[tokio::test]
+    async fn a_member_refuses_unknown_groups() {
+        let (rig, mut connection, _shutdown, _keys) = member_and_coordinator().await;
+        let point = PendingPoint {
+            group: "other".into(),
+            id: 5,
+            time_unix_ms: 5,
+            kind: PointKind::Crash,
+            members: vec!["a".into(), "b".into()],
+        };
+        send(&mut connection, Message::Prepare { point }).await;
+        let Message::Refused { message, .. } = receive(&mut connection).await else {
+            panic!("Refused expected");
+        };
+        assert!(message.contains("other"), "{message}");
+        assert_eq!(markers(&rig), 0);
+    }
+}

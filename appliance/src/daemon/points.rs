@@ -641,7 +641,7 @@ pub(crate) fn spawn_timers(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::capture::disk::Change;
     use crate::capture::DirtyBitmap;
@@ -651,15 +651,20 @@ mod tests {
 
     const DISK_BYTES: u64 = 1 << 20;
 
-    struct Rig {
+    pub(crate) struct Rig {
         _dir: tempfile::TempDir,
-        journal: SharedJournal,
-        disk: CaptureDisk,
-        cutter: Arc<Cutter>,
+        pub journal: SharedJournal,
+        pub disk: CaptureDisk,
+        pub cutter: Arc<Cutter>,
     }
 
     /// One disk of group "g" on appliance "a", an in-memory journal, a cutter.
     fn rig(group_toml: &str, state: DiskState) -> Rig {
+        rig_named("a", group_toml, state)
+    }
+
+    /// One disk of group "g" on appliance `name`, an in-memory journal, a cutter.
+    pub(crate) fn rig_named(name: &str, group_toml: &str, state: DiskState) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.raw");
         std::fs::File::create(&path)
@@ -669,7 +674,7 @@ mod tests {
         let config = Config::parse(&format!(
             r#"
 [appliance]
-name = "a"
+name = "{name}"
 state_dir = "/s"
 [source]
 journal_size = "64MiB"
@@ -690,9 +695,9 @@ disks = [{{ name = "d", path = "/d", export = "/d.sock" }}]
         let bitmap = DirtyBitmap::open(&dir.path().join("d.bitmap"), DISK_BYTES, 64 << 10).unwrap();
         let disk = CaptureDisk::new("m", "d", 7, disk, bitmap, journal.clone(), state);
         let cutter = Arc::new(Cutter::new(
-            "a",
+            name,
             journal.clone(),
-            vec![GroupCutter::new(group, vec![disk.clone()], "a")],
+            vec![GroupCutter::new(group, vec![disk.clone()], name)],
             dir.path().join("points-cut.json"),
             Box::new(|| 0),
         ));
@@ -704,7 +709,7 @@ disks = [{{ name = "d", path = "/d", export = "/d.sock" }}]
         }
     }
 
-    async fn write(disk: &CaptureDisk, offset: u64, byte: u8) {
+    pub(crate) async fn write(disk: &CaptureDisk, offset: u64, byte: u8) {
         let (result, _) = disk
             .apply(
                 offset,
