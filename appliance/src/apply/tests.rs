@@ -26,12 +26,20 @@ struct Session {
 
 impl Session {
     async fn open(store: &ReplicaStore, recovery: &Arc<RecoveryStore>) -> Session {
+        Session::open_sized(store, recovery, DISK_BYTES).await
+    }
+
+    async fn open_sized(
+        store: &ReplicaStore,
+        recovery: &Arc<RecoveryStore>,
+        disk_bytes: u64,
+    ) -> Session {
         let applied = store.open_applied(SOURCE).unwrap();
         let mut target = Target::new(applied.seq());
         target.handle_connected();
         let disks = [DiskAnnouncement {
             disk_id: 1,
-            size_bytes: DISK_BYTES,
+            size_bytes: disk_bytes,
             machine: "web-1".into(),
             name: "os".into(),
             group: "app".into(),
@@ -65,6 +73,12 @@ impl Session {
 
     /// Feeds records and waits until the executor reports them durable.
     async fn apply(&mut self, records: &[Vec<u8>]) {
+        self.feed(records).await;
+        self.wait_durable().await;
+    }
+
+    /// Feeds records without waiting (the executor pipelines them).
+    async fn feed(&mut self, records: &[Vec<u8>]) {
         self.target
             .handle_frame(Frame::records(records.iter().map(Vec::as_slice)).as_bytes())
             .unwrap();
@@ -72,6 +86,10 @@ impl Session {
             assert!(self.executor.submit(op).await, "executor stopped");
         }
         while self.target.poll_marker().is_some() {}
+        while self.target.poll_transmit().is_some() {}
+    }
+
+    async fn wait_durable(&mut self) {
         let wanted = self.target.received_seq();
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.target.durable_seq() < wanted {
@@ -299,4 +317,119 @@ async fn points_read_back_live_and_after_a_restart() {
         [2000]
     );
     assert_eq!(read_point(&recovery, 2000).await, at_p2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reapply_after_a_crash_keeps_the_first_before_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ReplicaStore::new(dir.path());
+    let recovery = RecoveryStore::open(store.clone(), None).unwrap();
+    let a = pattern(0xA0, 64 << 10);
+    let b = pattern(0xB0, 64 << 10);
+    let c = pattern(0xC0, 64 << 10);
+    let records = [
+        write(1, 0, &a),
+        marker(2, 1000),
+        write(3, 4096, &b),
+        marker(4, 2000),
+        write(5, 2048, &c),
+    ];
+    let mut session = Session::open(&store, &recovery).await;
+    session.apply(&records).await;
+    session.close().await;
+    let mut model = Model(vec![0; DISK_BYTES as usize]);
+    model.write(0, &a);
+    let at_p1 = model.0.clone();
+    model.write(4096, &b);
+    let at_p2 = model.0.clone();
+    drop(recovery);
+
+    // As if the applied sequence had last been persisted at the first marker: the source
+    // resends 3..5 over a replica that already holds them, and the new before-images (read from
+    // the newer replica) come after the first ones in the log.
+    store.open_applied(SOURCE).unwrap().store(2).unwrap();
+    let recovery = RecoveryStore::open(store.clone(), None).unwrap();
+    let mut session = Session::open(&store, &recovery).await;
+    session.apply(&records[2..]).await;
+    session.close().await;
+    assert_eq!(read_point(&recovery, 1000).await, at_p1);
+    assert_eq!(read_point(&recovery, 2000).await, at_p2);
+}
+
+/// Apply throughput of 64 KiB random writes without recovery points and with a point cut
+/// before them (every first write to a block then saves a before-image). The size comes from
+/// `FERRY_APPLY_BENCH_MIB` (default 8: a quick check in debug builds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_throughput_with_and_without_points() {
+    let total_mib: u64 = std::env::var("FERRY_APPLY_BENCH_MIB")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(8);
+    let disk_bytes: u64 = (total_mib.max(8) << 20) * 2;
+    let write_bytes = 64usize << 10;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("apply_throughput seed {seed}");
+    let mut figures = Vec::new();
+    for with_points in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ReplicaStore::new(dir.path());
+        let recovery = RecoveryStore::open(store.clone(), None).unwrap();
+        let mut session = Session::open_sized(&store, &recovery, disk_bytes).await;
+        // Warm the replica file (thin-provisioned storage is slower on a first pass).
+        let fill = pattern(0x11, 1 << 20);
+        let mut seq = 0;
+        for chunk in 0..disk_bytes >> 20 {
+            seq += 1;
+            session.feed(&[write(seq, chunk << 20, &fill)]).await;
+        }
+        if with_points {
+            seq += 1;
+            session.feed(&[marker(seq, 1000)]).await;
+        }
+        session.wait_durable().await;
+        let mut state = seed;
+        let data = pattern(0x77, write_bytes);
+        let count = (total_mib << 20) / write_bytes as u64;
+        let started = Instant::now();
+        let mut batch = Vec::new();
+        for _ in 0..count {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let slot = state % (disk_bytes / write_bytes as u64);
+            seq += 1;
+            batch.push(write(seq, slot * write_bytes as u64, &data));
+            if batch.len() == 16 {
+                session.feed(&batch).await;
+                batch.clear();
+            }
+        }
+        if !batch.is_empty() {
+            session.feed(&batch).await;
+        }
+        session.wait_durable().await;
+        let elapsed = started.elapsed();
+        let mb_per_s = (count * write_bytes as u64) as f64 / elapsed.as_secs_f64() / 1e6;
+        figures.push(mb_per_s);
+        eprintln!(
+            "apply of {total_mib} MiB in 64 KiB random writes, points {}: {:.0} MB/s ({:.2} s)",
+            if with_points { "on" } else { "off" },
+            mb_per_s,
+            elapsed.as_secs_f64()
+        );
+        if with_points {
+            // Everything written after the point reads back as the warm-up fill.
+            let views = recovery.view("app", PointSelector::Id(1000)).unwrap();
+            let head = views[0].read_at(0, 1 << 20).await.unwrap();
+            assert_eq!(head, fill);
+        }
+        session.close().await;
+    }
+    eprintln!(
+        "apply throughput with points / without: {:.2}",
+        figures[1] / figures[0]
+    );
 }
