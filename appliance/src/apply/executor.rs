@@ -56,6 +56,10 @@ const GROUP_COMMIT_DELAY: Duration = Duration::from_millis(20);
 /// Bytes of held writes (waiting for their before-images to be durable) that trigger an undo
 /// sync even while more ops are queued.
 const HELD_BYTES_MAX: u64 = 16 << 20;
+/// Held writes that trigger an undo sync.
+const HELD_WRITES_MAX: usize = 256;
+/// Before-image chunks (up to `ENTRY_BYTES_MAX` each) read at once.
+const SAVES_IN_FLIGHT_MAX: usize = 32;
 
 pub(super) struct Executor {
     ops: mpsc::Sender<DiskOp>,
@@ -168,6 +172,8 @@ struct State {
     undo: BTreeMap<u32, Arc<DiskUndo>>,
     held: Vec<Held>,
     held_bytes: u64,
+    /// Before-image reads and appends of the held writes, running.
+    saving: JoinSet<Result<(), String>>,
     /// Disks with undo entries appended since the last undo sync.
     unsynced: BTreeSet<u32>,
     /// Markers applied but not yet recorded in the catalog.
@@ -202,6 +208,7 @@ async fn run(
         undo: BTreeMap::new(),
         held: Vec::new(),
         held_bytes: 0,
+        saving: JoinSet::new(),
         unsynced: BTreeSet::new(),
         markers: Vec::new(),
         touched: BTreeSet::new(),
@@ -335,6 +342,7 @@ async fn run(
 
 impl State {
     fn fail(&mut self) {
+        self.saving.abort_all();
         self.held.clear();
         self.held_bytes = 0;
         self.markers.clear();
@@ -370,7 +378,7 @@ impl State {
                 }
                 self.save(&undo, disk_id, seq, &runs).await?;
                 self.hold(disk_id, offset, end, payload);
-                if self.held_bytes >= HELD_BYTES_MAX || self.held.len() >= WRITES_IN_FLIGHT_MAX {
+                if self.held_bytes >= HELD_BYTES_MAX || self.held.len() >= HELD_WRITES_MAX {
                     self.release_held().await?;
                 }
                 return Ok(());
@@ -397,7 +405,10 @@ impl State {
         });
     }
 
-    /// Reads the runs from the replica and appends them to the disk's undo log (not durable yet).
+    /// Reads the runs from the replica and appends them to the disk's undo log (not durable
+    /// yet). The reads run concurrently (up to `SAVES_IN_FLIGHT_MAX` chunks); `release_held`
+    /// waits for them. Their order in the log does not matter: within one interval a block is
+    /// saved once, and a marker waits for every save before it starts the next interval.
     async fn save(
         &mut self,
         undo: &Arc<DiskUndo>,
@@ -410,25 +421,40 @@ impl State {
             .get(&disk_id)
             .ok_or_else(|| format!("no replica for disk {disk_id}"))?
             .clone();
+        self.unsynced.insert(disk_id);
         for &(run_offset, run_length) in runs {
             let mut cursor = run_offset;
             let run_end = run_offset + run_length;
             while cursor < run_end {
                 let chunk = (run_end - cursor).min(ENTRY_BYTES_MAX);
-                let (result, buf) = disk.read_at(cursor, IoBuf::zeroed(chunk as usize)).await;
-                result.map_err(|error| format!("saving a before-image: {error}"))?;
-                undo.log()
-                    .append(seq, cursor, &buf)
-                    .map_err(|error| error.to_string())?;
+                while self.saving.len() >= SAVES_IN_FLIGHT_MAX {
+                    join_one(&mut self.saving).await?;
+                }
+                let disk = disk.clone();
+                let undo = undo.clone();
+                let chunk_offset = cursor;
+                self.saving.spawn(async move {
+                    let (result, buf) = disk
+                        .read_at(chunk_offset, IoBuf::zeroed(chunk as usize))
+                        .await;
+                    result.map_err(|error| format!("saving a before-image: {error}"))?;
+                    // A write to the page cache: short enough for a runtime thread.
+                    undo.log()
+                        .append(seq, chunk_offset, &buf)
+                        .map(|_| ())
+                        .map_err(|error| error.to_string())
+                });
                 cursor += chunk;
             }
         }
-        self.unsynced.insert(disk_id);
         Ok(())
     }
 
     /// Makes every appended before-image durable, then issues the writes held behind them.
     async fn release_held(&mut self) -> Result<(), String> {
+        while !self.saving.is_empty() {
+            join_one(&mut self.saving).await?;
+        }
         for disk_id in std::mem::take(&mut self.unsynced) {
             let Some(undo) = self.undo.get(&disk_id) else {
                 continue;
@@ -522,6 +548,14 @@ impl State {
         applied.store(seq).map_err(|error| error.to_string())?;
         self.recovery.set_recorded_through(&self.source, seq);
         Ok(())
+    }
+}
+
+/// Waits for one running before-image save.
+async fn join_one(saving: &mut JoinSet<Result<(), String>>) -> Result<(), String> {
+    match saving.join_next().await {
+        Some(joined) => joined.map_err(|error| format!("before-image task failed: {error}"))?,
+        None => Ok(()),
     }
 }
 

@@ -433,3 +433,67 @@ async fn apply_throughput_with_and_without_points() {
         figures[1] / figures[0]
     );
 }
+
+/// Random overlapping writes, zeroes and markers streamed without waiting (the executor holds,
+/// saves and issues them concurrently): every point reads back as the model at its marker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_streams_read_back_at_every_point() {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = rand::random();
+    eprintln!("random_streams seed {seed}");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let store = ReplicaStore::new(dir.path());
+    let recovery = RecoveryStore::open(store.clone(), None).unwrap();
+    let mut session = Session::open(&store, &recovery).await;
+    let mut model = Model(vec![0; DISK_BYTES as usize]);
+    let mut snapshots = Vec::new();
+    let mut seq = 0;
+    let mut batch = Vec::new();
+    for _ in 0..400 {
+        seq += 1;
+        let roll = rng.gen_range(0..100);
+        if roll < 8 {
+            let id = 1000 + seq;
+            batch.push(marker(seq, id));
+            snapshots.push((id, model.0.clone()));
+        } else {
+            // Writes cluster in the first 128 KiB so that they overlap often.
+            let span = if rng.gen_bool(0.7) {
+                128 << 10
+            } else {
+                DISK_BYTES
+            };
+            let offset = rng.gen_range(0..span - 1);
+            let length = rng.gen_range(1..=(span - offset).min(20_000));
+            if roll < 18 {
+                batch.push(zero(seq, offset, length));
+                model.write(offset, &vec![0; length as usize]);
+            } else {
+                let data = pattern(rng.gen(), length as usize);
+                batch.push(write(seq, offset, &data));
+                model.write(offset, &data);
+            }
+        }
+        if batch.len() >= rng.gen_range(1..12) {
+            session.feed(&batch).await;
+            batch.clear();
+        }
+    }
+    if !batch.is_empty() {
+        session.feed(&batch).await;
+    }
+    session.wait_durable().await;
+    for (id, expected) in &snapshots {
+        assert!(
+            read_point(&recovery, *id).await == *expected,
+            "point {id} differs (seed {seed})"
+        );
+    }
+    session.close().await;
+    assert_eq!(
+        std::fs::read(store.replica_path(SOURCE, "web-1", "os")).unwrap(),
+        model.0,
+        "replica differs (seed {seed})"
+    );
+}
