@@ -444,8 +444,14 @@ impl RecoveryStore {
                 path: replica_path.display().to_string(),
                 source,
             })?;
+            let replica_file = File::open(&replica_path).map_err(|error| RecoveryError::Read {
+                machine: record.machine.clone(),
+                name: record.name.clone(),
+                message: format!("open {}: {error}", replica_path.display()),
+            })?;
             let map = undo.log().index().view(point_seq);
             views.push(DiskView {
+                replica_file,
                 source: source.clone(),
                 disk_id,
                 machine: record.machine.clone(),
@@ -497,6 +503,8 @@ pub struct DiskView {
     pub replica_path: PathBuf,
     pub point: PointInfo,
     replica: Disk,
+    /// The same replica for blocking reads (`read_into`).
+    replica_file: File,
     undo: Arc<DiskUndo>,
     /// Extended before each read with the entries appended since.
     map: Mutex<PointMap>,
@@ -530,43 +538,14 @@ impl DiskView {
             source,
         })?;
         let mut data = buf.to_vec();
-        let reads: Vec<(usize, usize, Arc<File>, PathBuf, u64)> = {
-            let log = self.undo.log();
-            let mut map = lock(&self.map);
-            log.index().extend_view(&mut map);
-            let mut cursor = 0usize;
-            let mut reads = Vec::new();
-            for piece in map.pieces(offset, length) {
-                match piece {
-                    Piece::Replica { length, .. } => cursor += length as usize,
-                    Piece::Undo { location, length } => {
-                        let (file, path, file_offset) =
-                            log.resolve(location).ok_or_else(|| RecoveryError::Read {
-                                machine: self.machine.clone(),
-                                name: self.name.clone(),
-                                message: format!("undo location {location:#x} is in no segment"),
-                            })?;
-                        reads.push((cursor, length as usize, file, path, file_offset));
-                        cursor += length as usize;
-                    }
-                }
-            }
-            reads
-        };
+        let reads = self.undo_reads(offset, length)?;
         if reads.is_empty() {
             return Ok(data);
         }
         let machine = self.machine.clone();
         let name = self.name.clone();
         tokio::task::spawn_blocking(move || {
-            for (at, length, file, path, file_offset) in reads {
-                file.read_exact_at(&mut data[at..at + length], file_offset)
-                    .map_err(|error| RecoveryError::Read {
-                        machine: machine.clone(),
-                        name: name.clone(),
-                        message: format!("undo log {}: {error}", path.display()),
-                    })?;
-            }
+            read_undo_pieces(&machine, &name, reads, &mut data)?;
             Ok(data)
         })
         .await
@@ -576,4 +555,74 @@ impl DiskView {
             message: format!("reader task failed: {error}"),
         })?
     }
+
+    /// `read_at` for blocking callers (run it off the async threads): fills `buf` with the
+    /// bytes at `offset` as they were at the point, replica first, then the index.
+    pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<(), RecoveryError> {
+        let length = buf.len() as u64;
+        let end = offset.checked_add(length);
+        if end.is_none_or(|end| end > self.size_bytes) {
+            return Err(RecoveryError::OutOfRange {
+                machine: self.machine.clone(),
+                name: self.name.clone(),
+                offset,
+                length,
+                size_bytes: self.size_bytes,
+            });
+        }
+        self.replica_file
+            .read_exact_at(buf, offset)
+            .map_err(|error| RecoveryError::Read {
+                machine: self.machine.clone(),
+                name: self.name.clone(),
+                message: format!("replica {}: {error}", self.replica_path.display()),
+            })?;
+        let reads = self.undo_reads(offset, length)?;
+        read_undo_pieces(&self.machine, &self.name, reads, buf)
+    }
+
+    /// The undo pieces of a range at the point, after extending the map with the entries
+    /// appended since the last read: (position in the range, length, file, path, file offset).
+    fn undo_reads(&self, offset: u64, length: u64) -> Result<Vec<UndoRead>, RecoveryError> {
+        let log = self.undo.log();
+        let mut map = lock(&self.map);
+        log.index().extend_view(&mut map);
+        let mut cursor = 0usize;
+        let mut reads = Vec::new();
+        for piece in map.pieces(offset, length) {
+            match piece {
+                Piece::Replica { length, .. } => cursor += length as usize,
+                Piece::Undo { location, length } => {
+                    let (file, path, file_offset) =
+                        log.resolve(location).ok_or_else(|| RecoveryError::Read {
+                            machine: self.machine.clone(),
+                            name: self.name.clone(),
+                            message: format!("undo location {location:#x} is in no segment"),
+                        })?;
+                    reads.push((cursor, length as usize, file, path, file_offset));
+                    cursor += length as usize;
+                }
+            }
+        }
+        Ok(reads)
+    }
+}
+
+type UndoRead = (usize, usize, Arc<File>, PathBuf, u64);
+
+fn read_undo_pieces(
+    machine: &str,
+    name: &str,
+    reads: Vec<UndoRead>,
+    data: &mut [u8],
+) -> Result<(), RecoveryError> {
+    for (at, length, file, path, file_offset) in reads {
+        file.read_exact_at(&mut data[at..at + length], file_offset)
+            .map_err(|error| RecoveryError::Read {
+                machine: machine.to_owned(),
+                name: name.to_owned(),
+                message: format!("undo log {}: {error}", path.display()),
+            })?;
+    }
+    Ok(())
 }

@@ -198,6 +198,12 @@ async fn read_point(recovery: &RecoveryStore, id: u64) -> Vec<u8> {
         out.extend(view.read_at(offset, length).await.unwrap());
         offset += length;
     }
+    // The blocking read path gives the same bytes.
+    let mut blocking = vec![0u8; DISK_BYTES as usize];
+    for (index, chunk) in blocking.chunks_mut(70_000).enumerate() {
+        view.read_into(index as u64 * 70_000, chunk).unwrap();
+    }
+    assert!(blocking == out, "read_into and read_at differ");
     out
 }
 
