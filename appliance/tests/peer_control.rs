@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_appliance::apply::peer::{PlannedPoint, ReprotectDisk, ReprotectDisks};
+use ferry_appliance::apply::peer::{PlannedPoint, ReadFuture, ReprotectDisk, ReprotectDisks};
 use ferry_appliance::apply::{self, ApplyStatus, PeerControl, ReplicaStore, SettingsMapping};
 use ferry_appliance::capture::journal_handle::SharedJournal;
 use ferry_appliance::capture::{Capture, CaptureConfig, DiskSpec, Endpoint, ListenerSpec};
@@ -94,8 +94,10 @@ impl ReprotectDisk for MemDisk {
     fn size_bytes(&self) -> u64 {
         self.bytes.lock().unwrap().len() as u64
     }
-    fn read_at(&self, offset: u64, length: u64) -> std::io::Result<Vec<u8>> {
-        Ok(self.bytes.lock().unwrap()[offset as usize..(offset + length) as usize].to_vec())
+    fn read_at(&self, offset: u64, length: u64) -> ReadFuture<'_> {
+        let bytes =
+            self.bytes.lock().unwrap()[offset as usize..(offset + length) as usize].to_vec();
+        Box::pin(async move { Ok(bytes) })
     }
     fn take_dirty(&self) -> Vec<(u64, u64)> {
         let mut ranges = std::mem::take(&mut *self.dirty.lock().unwrap());

@@ -45,11 +45,15 @@ pub enum PeerRequestError {
 /// of the point with the overlay of the failed-over machine's writes on top).
 pub trait ReprotectDisk: Send + Sync {
     fn size_bytes(&self) -> u64;
-    /// Reads `length` bytes at `offset` (inside the disk). Blocking.
-    fn read_at(&self, offset: u64, length: u64) -> std::io::Result<Vec<u8>>;
+    /// Reads `length` bytes at `offset` (inside the disk).
+    fn read_at(&self, offset: u64, length: u64) -> ReadFuture<'_>;
     /// The ranges `(offset, length)` written since the previous call, sorted.
     fn take_dirty(&self) -> Vec<(u64, u64)>;
 }
+
+/// What [`ReprotectDisk::read_at`] returns.
+pub type ReadFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Vec<u8>>> + Send + 'a>>;
 
 /// A reprotect's totals as the source reports them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -414,7 +418,7 @@ impl PeerControl {
                 .cloned()
         });
         let source = source.to_string();
-        tokio::task::spawn_blocking(move || {
+        tokio::spawn(async move {
             let (outcome, data) = match served {
                 None => (
                     PeerOutcome::Error {
@@ -424,7 +428,7 @@ impl PeerControl {
                     },
                     Vec::new(),
                 ),
-                Some(served) => answer_reprotect_read(served.as_ref(), request),
+                Some(served) => answer_reprotect_read(served.as_ref(), request).await,
             };
             match (PeerMessage::Reply { id, outcome }).to_frame_with(&data) {
                 Ok(frame) => {
@@ -529,7 +533,10 @@ fn unexpected(source: String, outcome: PeerOutcome) -> PlannedFailoverError {
 }
 
 /// Reads what a reprotect request asks of a failed-over disk: `(outcome, data)`.
-fn answer_reprotect_read(disk: &dyn ReprotectDisk, request: PeerRequest) -> (PeerOutcome, Vec<u8>) {
+async fn answer_reprotect_read(
+    disk: &dyn ReprotectDisk,
+    request: PeerRequest,
+) -> (PeerOutcome, Vec<u8>) {
     let size = disk.size_bytes();
     let error = |message: String| (PeerOutcome::Error { message }, Vec::new());
     match request {
@@ -555,7 +562,7 @@ fn answer_reprotect_read(disk: &dyn ReprotectDisk, request: PeerRequest) -> (Pee
                     break;
                 }
                 let length = u64::from(extent_bytes).min(size - start);
-                match disk.read_at(start, length) {
+                match disk.read_at(start, length).await {
                     Ok(bytes) => hashes.extend_from_slice(&wire::extent_hash(&bytes).to_le_bytes()),
                     Err(read) => {
                         return error(format!("reading {length} bytes at {start}: {read}"))
@@ -574,7 +581,7 @@ fn answer_reprotect_read(disk: &dyn ReprotectDisk, request: PeerRequest) -> (Pee
                     "{length} bytes at {offset}: outside the disk of {size} bytes or too long"
                 ));
             }
-            match disk.read_at(offset, length) {
+            match disk.read_at(offset, length).await {
                 Ok(bytes) => (PeerOutcome::Extent, bytes),
                 Err(read) => error(format!("reading {length} bytes at {offset}: {read}")),
             }
