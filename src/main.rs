@@ -46,6 +46,13 @@ enum Command {
     /// Recovery points of a consistency group: cut one now, or list the retained ones.
     #[command(subcommand)]
     RecoveryPoint(RecoveryPointCommand),
+    /// On the target, after a failover: replicate the failed-over disks back to the original
+    /// source (it pulls only the extents that differ, then what the machines write).
+    Reprotect(GroupArgs),
+    /// On the target, after a reprotect: planned failover back to the original source (the
+    /// failover exports turn read-only, a last round, the source resumes production and
+    /// resyncs its replica, the failover is cleaned up).
+    Failback(GroupArgs),
     /// Print the version and the on-disk/on-wire format versions.
     Version,
     /// Create this appliance's key pair if there is none yet and print its fingerprint
@@ -209,6 +216,15 @@ struct ListPointsArgs {
 }
 
 #[derive(Debug, Args)]
+struct GroupArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// The consistency group.
+    #[arg(long)]
+    group: String,
+}
+
+#[derive(Debug, Args)]
 struct BandwidthArgs {
     #[command(flatten)]
     connect: ConnectArgs,
@@ -227,6 +243,8 @@ fn main() -> ExitCode {
         Command::Verify(args) => verify(args),
         Command::RecoveryPoint(RecoveryPointCommand::Create(args)) => create_point(args),
         Command::RecoveryPoint(RecoveryPointCommand::List(args)) => list_points(args),
+        Command::Reprotect(args) => group_command(args, true),
+        Command::Failback(args) => group_command(args, false),
         Command::Version => version(),
         Command::Identity { config, state_dir } => print_identity(config, state_dir),
         Command::Tui(args) => tui(args),
@@ -397,6 +415,35 @@ fn bandwidth(args: BandwidthArgs) -> anyhow::Result<()> {
         "{}\n",
         connect(&args.connect)?.command(&Request::SetBandwidth { bytes_per_s })?
     ))
+}
+
+/// How long a failback may take: the source's last reprotect round and its hand-over.
+const FAILBACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// `ferry reprotect` / `ferry failback`: one group command answered with a message.
+fn group_command(args: GroupArgs, reprotect: bool) -> anyhow::Result<()> {
+    let socket = control_socket(&args.connect)?;
+    let mut client = Client::connect_with_timeout(&socket, FAILBACK_TIMEOUT)?;
+    let (request, what) = if reprotect {
+        (
+            Request::Reprotect {
+                group: args.group.clone(),
+            },
+            "reprotect",
+        )
+    } else {
+        (
+            Request::Failback {
+                group: args.group.clone(),
+            },
+            "failback",
+        )
+    };
+    match client.request(&request)? {
+        Response::Ok { message } => emit(&format!("{message}\n")),
+        Response::Error { message } => anyhow::bail!("{what} of group {:?}: {message}", args.group),
+        other => anyhow::bail!("unexpected answer to {what}: {other:?}"),
+    }
 }
 
 /// How long a cut may take: the freeze and thaw hooks (30 s each at most) and the barrier.

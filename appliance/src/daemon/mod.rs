@@ -15,6 +15,7 @@ pub mod layout;
 pub mod metrics;
 mod notify;
 mod points;
+mod reprotect;
 mod source;
 pub mod status;
 pub mod table;
@@ -309,6 +310,16 @@ async fn event_loop(
             event = events.recv() => match event {
                 Some(Event::Command { request: Request::Verify { selector }, reply }) => {
                     start_verify(&status, source.as_ref(), &selector, reply);
+                }
+                Some(Event::Command { request: Request::Reprotect { group }, reply }) if target.is_some() => {
+                    if let Some(target) = &target {
+                        target.reprotect_command(group, false, reply);
+                    }
+                }
+                Some(Event::Command { request: Request::Failback { group }, reply }) if target.is_some() => {
+                    if let Some(target) = &target {
+                        target.reprotect_command(group, true, reply);
+                    }
                 }
                 Some(Event::Command { request, reply })
                     if source_answers_points(source.as_ref(), target.is_some(), &request) =>

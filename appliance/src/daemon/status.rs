@@ -339,6 +339,8 @@ pub struct StatusModel {
     /// Recovery points per group, from whoever keeps them here (the source's cut log, the
     /// target's catalog), oldest first.
     recovery_points: Mutex<HashMap<String, Vec<RecoveryPointStatus>>>,
+    /// Groups in reprotect or failback (override the failover's state of the group).
+    reprotect_states: Mutex<HashMap<String, GroupState>>,
 }
 
 impl StatusModel {
@@ -398,6 +400,7 @@ impl StatusModel {
             link: Mutex::new(link),
             replicas: Mutex::new(Vec::new()),
             recovery_points: Mutex::new(HashMap::new()),
+            reprotect_states: Mutex::new(HashMap::new()),
         }
     }
 
@@ -486,6 +489,11 @@ impl StatusModel {
         lock(&self.recovery_points).insert(group.to_string(), points);
     }
 
+    /// Replaces the groups shown reprotecting or failing back.
+    pub fn set_reprotect_states(&self, states: Vec<(String, GroupState)>) {
+        *lock(&self.reprotect_states) = states.into_iter().collect();
+    }
+
     /// Once a second: refresh rates that are averaged over a window.
     pub fn tick(&self, now: Instant) {
         for disk in &self.disks {
@@ -541,6 +549,21 @@ impl StatusModel {
                     .max()
                     .map(|latest_ms| now_unix_ms.saturating_sub(latest_ms) as f64 / 1000.0);
                 group.recovery_points = points.clone();
+            }
+        }
+        let reprotect_states = lock(&self.reprotect_states);
+        for (name, state) in reprotect_states.iter() {
+            match groups.iter_mut().find(|group| &group.name == name) {
+                Some(group) => group.state = *state,
+                None => groups.push(GroupStatus {
+                    name: name.clone(),
+                    rpo_threshold_seconds: 0.0,
+                    recovery_point_interval_seconds: 0.0,
+                    latest_point_age_seconds: None,
+                    recovery_points: Vec::new(),
+                    state: *state,
+                    exports: Vec::new(),
+                }),
             }
         }
         groups

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::layout::StateLayout;
+use super::reprotect::{FailoverGroups, Reprotects};
 use super::status::StatusModel;
 use super::DaemonError;
 use crate::apply::{self, ApplyStatus, PeerControl, RecoveryStore, ReplicaStore};
@@ -24,10 +25,12 @@ pub(crate) struct TargetSide {
     prune_task: Mutex<Option<JoinHandle<()>>>,
     status: ApplyStatus,
     /// The control plane back to the connected sources (planned failover, fencing).
-    // Read by the failover commands, which land next.
-    #[allow(dead_code)]
     pub peers: Arc<PeerControl>,
     recovery: Arc<RecoveryStore>,
+    /// Reprotect and failback of failed-over groups.
+    pub reprotects: Arc<Reprotects>,
+    /// The failover as reprotect and failback reach it (set when the failover starts).
+    pub failover: Mutex<Option<Arc<dyn FailoverGroups>>>,
 }
 
 /// How often points past their retention and unneeded before-images are dropped.
@@ -84,7 +87,45 @@ impl TargetSide {
             status,
             peers,
             recovery,
+            reprotects: Arc::default(),
+            failover: Mutex::new(None),
         })
+    }
+
+    /// `ferry reprotect` / `ferry failback`: runs beside the event loop (a failback waits for
+    /// the source's last round) and answers when done.
+    pub fn reprotect_command(
+        &self,
+        group: String,
+        failback: bool,
+        reply: tokio::sync::oneshot::Sender<Response>,
+    ) {
+        let failover = self
+            .failover
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        let Some(failover) = failover else {
+            let _ = reply.send(Response::Error {
+                message: format!(
+                    "group {group:?} has no failover on this appliance: nothing to {}",
+                    if failback { "fail back" } else { "reprotect" }
+                ),
+            });
+            return;
+        };
+        let reprotects = self.reprotects.clone();
+        let peers = self.peers.clone();
+        tokio::spawn(async move {
+            let response = if failback {
+                reprotects.failback(failover.as_ref(), &peers, &group).await
+            } else {
+                reprotects
+                    .reprotect(failover.as_ref(), &peers, &group)
+                    .await
+            };
+            let _ = reply.send(response);
+        });
     }
 
     /// The appliance's recovery-point store (failover reads points through it).
@@ -111,6 +152,7 @@ impl TargetSide {
 
     /// Copies every replica's figures into the status model.
     pub fn sample(&self, status: &StatusModel) {
+        status.set_reprotect_states(self.reprotects.states());
         for replica in self.status.replicas() {
             status.upsert_replica(replica);
         }
