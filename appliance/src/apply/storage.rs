@@ -201,16 +201,21 @@ pub(crate) fn write_json_atomic<T: Serialize + ?Sized>(
     name: &str,
     value: &T,
 ) -> Result<(), StorageError> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|error| StorageError {
+        operation: "encode",
+        path: dir.join(name),
+        source: io::Error::other(error),
+    })?;
+    write_bytes_atomic(dir, name, &bytes)
+}
+
+/// Writes `bytes` as `dir/name` crash-safely: temp file, fsync, rename, directory fsync.
+pub(crate) fn write_bytes_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StorageError> {
     fs::create_dir_all(dir).map_err(storage_error("create directory", dir))?;
     let path = dir.join(name);
     let temp = dir.join(format!("{name}.tmp"));
-    let bytes = serde_json::to_vec_pretty(value).map_err(|error| StorageError {
-        operation: "encode",
-        path: path.clone(),
-        source: io::Error::other(error),
-    })?;
     let mut file = File::create(&temp).map_err(storage_error("create", &temp))?;
-    file.write_all(&bytes)
+    file.write_all(bytes)
         .and_then(|()| file.sync_all())
         .map_err(storage_error("write", &temp))?;
     fs::rename(&temp, &path).map_err(storage_error("rename", &path))?;
