@@ -2,8 +2,8 @@
 //! docs. They are deterministic (fixed clock, no randomness) so rendered screens are stable.
 
 use ferry_appliance::control::{
-    DiskState, DiskStatus, GroupState, GroupStatus, LinkStatus, PointConsistency,
-    RecoveryPointStatus, StatusSnapshot, SyncProgress,
+    DiskState, DiskStatus, FailoverExport, GroupState, GroupStatus, LinkStatus, PointConsistency,
+    RecoveryPointStatus, ReplicaStatus, StatusSnapshot, SyncProgress,
 };
 
 /// 2026-11-26 14:05:03 UTC, the fixtures' "now".
@@ -36,8 +36,9 @@ fn points(count: u64, interval_s: u64, newest_age_s: u64) -> Vec<RecoveryPointSt
     (0..count)
         .map(|index| {
             let age_s = newest_age_s + (count - 1 - index) * interval_s;
+            // Point ids are the cut's time in ms (or one more than the previous id).
             RecoveryPointStatus {
-                id: 100 + index,
+                id: TIME_UNIX_MS - age_s * 1000,
                 time_unix_ms: TIME_UNIX_MS - age_s * 1000,
                 consistency: if index % 4 == 1 {
                     PointConsistency::App
@@ -220,4 +221,95 @@ pub fn healthy_history(count: u64) -> Vec<StatusSnapshot> {
             snapshot
         })
         .collect()
+}
+
+/// The id of the `index`-th newest point of group db in `healthy()` (0: the newest).
+pub fn db_point_id(index: u64) -> u64 {
+    TIME_UNIX_MS - (42 + index * 300) * 1000
+}
+
+/// The source of `healthy()` and its target seen as one console (`appliance::merge`): the
+/// target's replicas, and group db's newest point still waiting for a member's marker.
+pub fn site_pair() -> StatusSnapshot {
+    let source = healthy();
+    let mut target = StatusSnapshot {
+        appliance: "target-b".to_string(),
+        time_unix_ms: TIME_UNIX_MS,
+        disks: Vec::new(),
+        replicas: source
+            .disks
+            .iter()
+            .map(|disk| ReplicaStatus {
+                machine: disk.machine.clone(),
+                name: disk.name.clone(),
+                replica_path: format!(
+                    "/var/lib/ferry/replicas/source-a/{}/{}.raw",
+                    disk.machine, disk.name
+                ),
+                applied_sequence: disk.acked_sequence,
+                source_appliance: source.appliance.clone(),
+                size_bytes: disk.size_bytes,
+            })
+            .collect(),
+        groups: source.groups.clone(),
+        link: None,
+    };
+    for group in &mut target.groups {
+        if group.name == "db" {
+            let mut newest = points(1, 300, 4)[0].clone();
+            newest.usable = false;
+            newest.unusable_reason = Some("waiting for source-c's marker".to_string());
+            group.recovery_points.push(newest);
+            group.latest_point_age_seconds = Some(4.0);
+        }
+    }
+    crate::appliance::merge(source, target)
+}
+
+/// `site_pair()` with a test failover of group db running at its newest usable point.
+pub fn test_failover() -> StatusSnapshot {
+    let mut snapshot = site_pair();
+    let point_id = db_point_id(0);
+    for group in &mut snapshot.groups {
+        if group.name == "db" {
+            group.state = GroupState::TestFailover;
+            group.exports = [("db1", "vda"), ("db1", "vdb"), ("db2", "vda")]
+                .into_iter()
+                .map(|(machine, disk)| {
+                    let socket = format!("/var/lib/ferry/failover/db/{machine}-{disk}.sock");
+                    FailoverExport {
+                        machine: machine.to_string(),
+                        disk: disk.to_string(),
+                        export_name: format!("{machine}/{disk}"),
+                        uri: format!("nbd+unix:///{machine}/{disk}?socket={socket}"),
+                        socket,
+                        point_id,
+                        test: true,
+                        materialized_path: None,
+                    }
+                })
+                .collect();
+        }
+    }
+    snapshot
+}
+
+/// `site_pair()` after a failover of group web and while group db replicates back.
+pub fn failed_over() -> StatusSnapshot {
+    let mut snapshot = site_pair();
+    for group in &mut snapshot.groups {
+        group.state = match group.name.as_str() {
+            "web" => GroupState::FailedOver,
+            _ => GroupState::Reprotecting,
+        };
+    }
+    for disk in &mut snapshot.disks {
+        disk.state = if disk.group == "web" {
+            DiskState::FailedOver
+        } else {
+            DiskState::Reprotecting
+        };
+        disk.sync = None;
+    }
+    snapshot
 }

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use ferry_appliance::control::{
-    DiskState, DiskStatus, GroupStatus, RecoveryPointStatus, StatusSnapshot,
+    DiskState, DiskStatus, GroupState, GroupStatus, RecoveryPointStatus, StatusSnapshot,
 };
 
 use crate::theme::Theme;
@@ -235,9 +235,10 @@ pub struct Dialog {
     pub app_consistent: bool,
     /// The typed group name, or the bandwidth limit in MB/s.
     pub input: String,
-    /// The points offered by the picker, newest first, taken when the dialog opened so the list
-    /// does not move under the cursor. Entry `None` is "the latest point at failover time".
-    pub points: Vec<Option<RecoveryPointStatus>>,
+    /// The usable points offered by the picker, newest first, taken when the dialog opened so
+    /// the list does not move under the cursor. What the operator picks is what they get: no
+    /// "latest at failover time" entry whose data-loss window nobody could preview.
+    pub points: Vec<RecoveryPointStatus>,
     pub point_index: usize,
     /// Why the last confirm attempt was refused.
     pub error: Option<String>,
@@ -254,6 +255,9 @@ pub struct LedgerEntry {
     /// Console clock (ms since start) when it was sent.
     pub sent_ms: u64,
     pub outcome: Outcome,
+    /// What the answer carried beyond its summary: a failover's export URIs and machine
+    /// definitions, one per line.
+    pub details: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -463,6 +467,98 @@ impl Model {
             ItemKey::Group(name) => Some(name.clone()),
             ItemKey::Disk { machine, name } => Some(self.disk(machine, name)?.group.clone()),
             ItemKey::Replica { .. } => None,
+        }
+    }
+
+    /// The group's place in the failover life cycle (protected when the appliance says nothing).
+    pub fn group_state(&self, name: &str) -> GroupState {
+        self.group_status(name)
+            .map_or(GroupState::Protected, |status| status.state)
+    }
+
+    /// The appliance's clock now, estimated from the displayed snapshot and the console time
+    /// since it arrived (the view reads no clock).
+    pub fn appliance_now_unix_ms(&self) -> u64 {
+        self.snapshot.as_ref().map_or(0, |snapshot| {
+            snapshot.time_unix_ms + self.now_ms.saturating_sub(self.snapshot_received_ms)
+        })
+    }
+
+    /// The group's points a failover may use, newest first.
+    pub fn usable_points(&self, group: &str) -> Vec<RecoveryPointStatus> {
+        self.group_status(group).map_or_else(Vec::new, |status| {
+            status
+                .recovery_points
+                .iter()
+                .rev()
+                .filter(|point| point.usable)
+                .cloned()
+                .collect()
+        })
+    }
+
+    /// Why `action` cannot run on `group` now (its state forbids it, or this appliance is not
+    /// the one that carries it out), or `None` when it can. The console refuses with this reason
+    /// before any dialog, and leaves the key out of the footer's hints.
+    pub fn action_refusal(&self, action: DialogAction, group: &str) -> Option<String> {
+        let snapshot = self.snapshot.as_ref()?;
+        let state = self.group_state(group);
+        let has_disks = self
+            .group_view(group)
+            .is_some_and(|view| !view.disks.is_empty());
+        let has_replicas = !snapshot.replicas.is_empty();
+        let state_word = state.as_str();
+        let on_target = "failover runs on the target appliance (the one with the replicas): \
+                         open the console on its control socket";
+        match action {
+            DialogAction::Bandwidth => snapshot
+                .disks
+                .is_empty()
+                .then(|| "this appliance ships nothing: the limit is set on a source".to_string()),
+            DialogAction::RecoveryPoint => {
+                if !has_disks {
+                    Some(format!(
+                        "recovery points are cut on the source: this appliance has no disks of \
+                         group {group}"
+                    ))
+                } else if !matches!(state, GroupState::Protected | GroupState::TestFailover) {
+                    Some(format!(
+                        "group {group} is {state_word}: its source no longer replicates"
+                    ))
+                } else {
+                    None
+                }
+            }
+            DialogAction::TestFailover | DialogAction::Failover => {
+                if !has_replicas {
+                    Some(on_target.to_string())
+                } else if state == GroupState::TestFailover {
+                    Some(format!(
+                        "a test failover of group {group} is running: c cleans it up first"
+                    ))
+                } else if state != GroupState::Protected {
+                    Some(format!("group {group} is {state_word} already"))
+                } else if self.usable_points(group).is_empty() {
+                    Some(format!(
+                        "group {group} has no usable recovery point yet (one is cut every \
+                         interval once its disks are protected; r cuts one now)"
+                    ))
+                } else {
+                    None
+                }
+            }
+            DialogAction::FailoverCleanup => (state != GroupState::TestFailover).then(|| {
+                format!("cleanup ends a test failover, and group {group} is {state_word}")
+            }),
+            DialogAction::Reprotect => (state != GroupState::FailedOver).then(|| {
+                format!("reprotect follows a failover, and group {group} is {state_word}")
+            }),
+            DialogAction::Failback => (state != GroupState::Reprotecting).then(|| {
+                format!(
+                    "failback needs a reprotected group (R after a failover), and group {group} \
+                     is {state_word}"
+                )
+            }),
         }
     }
 

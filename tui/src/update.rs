@@ -2,7 +2,7 @@
 //! closed set of messages. Commands are what the runner must do outside (send a request to the
 //! appliance, quit, suspend); the update itself does no I/O, so it is tested directly.
 
-use ferry_appliance::control::{DiskSelector, DiskState, Request};
+use ferry_appliance::control::{DiskSelector, DiskState, Request, Response};
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
 use crate::format;
@@ -29,11 +29,11 @@ pub enum Msg {
     Tick {
         now_ms: u64,
     },
-    /// The appliance answered an action (`Ok` carries its message, `Err` its refusal or the
+    /// The appliance answered an action (`Ok` carries its answer, `Err` its refusal or the
     /// transport error).
     ActionResult {
         id: u64,
-        result: Result<String, String>,
+        result: Result<Response, String>,
     },
 }
 
@@ -85,19 +85,19 @@ pub fn update(model: &mut Model, msg: Msg) -> Vec<Command> {
             let Some(entry) = model.ledger.iter_mut().find(|entry| entry.id == id) else {
                 return Vec::new();
             };
-            let (severity, text) = match &result {
-                Ok(message) => (
-                    Severity::Ok,
-                    format!("done: {}: {message}", entry.description),
-                ),
-                Err(message) => (
-                    Severity::Critical,
-                    format!("failed: {}: {message}", entry.description),
-                ),
-            };
-            entry.outcome = match result {
-                Ok(message) => Outcome::Done(message),
-                Err(message) => Outcome::Failed(message),
+            let (severity, text) = match result {
+                Ok(response) => {
+                    let (summary, details) = describe(&response);
+                    let text = format!("done: {}: {summary}", entry.description);
+                    entry.outcome = Outcome::Done(summary);
+                    entry.details = details;
+                    (Severity::Ok, text)
+                }
+                Err(message) => {
+                    let text = format!("failed: {}: {message}", entry.description);
+                    entry.outcome = Outcome::Failed(message);
+                    (Severity::Critical, text)
+                }
             };
             toast(model, severity, text);
             Vec::new()
@@ -123,6 +123,82 @@ pub fn update(model: &mut Model, msg: Msg) -> Vec<Command> {
             }
             on_key(model, key)
         }
+    }
+}
+
+/// An answer as the action ledger shows it: one summary line (also the toast) and the lines
+/// worth keeping beside it (a failover's export URIs, the machine definitions it wrote).
+pub fn describe(response: &Response) -> (String, Vec<String>) {
+    let point_words = |point: &ferry_appliance::control::RecoveryPointStatus| {
+        let usable = match (&point.unusable_reason, point.usable) {
+            (_, true) => String::new(),
+            (Some(reason), false) => format!(", NOT usable: {reason}"),
+            (None, false) => ", NOT usable".to_string(),
+        };
+        format!(
+            "point #{} at {} ({}{usable})",
+            point.id,
+            format::clock(point.time_unix_ms),
+            point.consistency.as_str()
+        )
+    };
+    match response {
+        Response::Ok { message } => (message.clone(), Vec::new()),
+        Response::Error { message } => (message.clone(), Vec::new()),
+        Response::PointCreated { point, .. } => (format!("cut {}", point_words(point)), Vec::new()),
+        Response::Failover {
+            point,
+            test,
+            exports,
+            definitions,
+            ..
+        } => {
+            let summary = format!(
+                "{} up at {}, {} export{}",
+                if *test { "test failover" } else { "failover" },
+                point_words(point),
+                exports.len(),
+                if exports.len() == 1 { "" } else { "s" }
+            );
+            let mut details: Vec<String> = exports
+                .iter()
+                .map(|export| format!("{} {}", export.export_name, export.uri))
+                .collect();
+            details.extend(
+                exports
+                    .iter()
+                    .filter_map(|export| export.materialized_path.as_ref())
+                    .map(|path| format!("image {path}")),
+            );
+            details.extend(definitions.iter().map(|path| format!("machine {path}")));
+            (summary, details)
+        }
+        Response::RecoveryPoints { group, points } => (
+            format!(
+                "{} recovery point{} of group {group} ({} usable)",
+                points.len(),
+                if points.len() == 1 { "" } else { "s" },
+                points.iter().filter(|point| point.usable).count()
+            ),
+            Vec::new(),
+        ),
+        Response::Verify { disks } => {
+            let differing = disks.iter().filter(|disk| !disk.identical).count();
+            let summary = if differing == 0 {
+                format!(
+                    "{} disk{} identical",
+                    disks.len(),
+                    if disks.len() == 1 { "" } else { "s" }
+                )
+            } else {
+                format!(
+                    "{differing} of {} disks DIFFER (extents sent again)",
+                    disks.len()
+                )
+            };
+            (summary, Vec::new())
+        }
+        Response::Status(snapshot) => (format!("status of {}", snapshot.appliance), Vec::new()),
     }
 }
 
@@ -357,13 +433,23 @@ fn on_action_key(model: &mut Model, key: KeyEvent, target: Option<ItemKey>) -> V
     match action {
         None => pause_or_resume(model, target),
         Some(DialogAction::Bandwidth) => {
-            open_dialog(model, DialogAction::Bandwidth, String::new());
+            match model.action_refusal(DialogAction::Bandwidth, "") {
+                Some(reason) => toast(model, Severity::Warn, format!("Bandwidth limit: {reason}")),
+                None => open_dialog(model, DialogAction::Bandwidth, String::new()),
+            }
             Vec::new()
         }
         Some(action) => {
             let group = target.as_ref().and_then(|key| model.group_of(key));
             match group {
-                Some(group) if !group.is_empty() => open_dialog(model, action, group),
+                Some(group) if !group.is_empty() => match model.action_refusal(action, &group) {
+                    Some(reason) => toast(
+                        model,
+                        Severity::Warn,
+                        format!("{}: {reason}", action.title()),
+                    ),
+                    None => open_dialog(model, action, group),
+                },
                 _ => toast(
                     model,
                     Severity::Warn,
@@ -446,6 +532,7 @@ fn send(model: &mut Model, request: Request, description: String) -> Command {
         description: description.clone(),
         sent_ms: model.now_ms,
         outcome: Outcome::Pending,
+        details: Vec::new(),
     });
     toast(
         model,
@@ -456,13 +543,11 @@ fn send(model: &mut Model, request: Request, description: String) -> Command {
 }
 
 fn open_dialog(model: &mut Model, action: DialogAction, group: String) {
-    let mut points = Vec::new();
-    if matches!(action, DialogAction::Failover | DialogAction::TestFailover) {
-        points.push(None);
-        if let Some(status) = model.group_status(&group) {
-            points.extend(status.recovery_points.iter().rev().cloned().map(Some));
-        }
-    }
+    let points = if matches!(action, DialogAction::Failover | DialogAction::TestFailover) {
+        model.usable_points(&group)
+    } else {
+        Vec::new()
+    };
     let (disk_count, machines) = match (model.group_view(&group), model.snapshot.as_ref()) {
         (Some(view), Some(snapshot)) => {
             let mut machines: Vec<String> = view
@@ -476,9 +561,6 @@ fn open_dialog(model: &mut Model, action: DialogAction, group: String) {
         }
         _ => (0, Vec::new()),
     };
-    // A picker defaults to the newest listed point rather than "latest at failover time": what
-    // the operator sees is what they get.
-    let point_index = if points.len() > 1 { 1 } else { 0 };
     model.dialog = Some(Dialog {
         action,
         group,
@@ -486,7 +568,7 @@ fn open_dialog(model: &mut Model, action: DialogAction, group: String) {
         app_consistent: false,
         input: String::new(),
         points,
-        point_index,
+        point_index: 0,
         error: None,
         disk_count,
         machines,
@@ -569,17 +651,22 @@ fn confirm(model: &mut Model) -> Vec<Command> {
         return Vec::new();
     }
     let group = dialog.group.clone();
-    let point = dialog.points.get(dialog.point_index).cloned().flatten();
-    let point_label = point.as_ref().map_or_else(
-        || "the latest point".to_string(),
-        |point| {
-            format!(
-                "point #{} ({})",
-                point.id,
-                format::clock(point.time_unix_ms)
-            )
-        },
-    );
+    let point = dialog.points.get(dialog.point_index).cloned();
+    if matches!(
+        dialog.action,
+        DialogAction::Failover | DialogAction::TestFailover
+    ) && point.is_none()
+    {
+        dialog.error = Some(format!("group {group} has no usable recovery point"));
+        return Vec::new();
+    }
+    let point_label = point.as_ref().map_or_else(String::new, |point| {
+        format!(
+            "point #{} ({})",
+            point.id,
+            format::clock(point.time_unix_ms)
+        )
+    });
     let (request, description) = match dialog.action {
         DialogAction::RecoveryPoint => (
             Request::CreateRecoveryPoint {

@@ -1,7 +1,10 @@
 //! `view(model, frame)`: draws the model and nothing else. No clock reads, no I/O: ages are
 //! measured against the snapshot's own time, staleness against the console clock in the model.
 
-use ferry_appliance::control::{DiskState, DiskStatus, PointConsistency, StatusSnapshot};
+use ferry_appliance::control::{
+    DiskState, DiskStatus, FailoverExport, GroupState, PointConsistency, RecoveryPointStatus,
+    StatusSnapshot,
+};
 use ratatui::layout::{Alignment, Constraint, Layout, Rect};
 use ratatui::style::Style;
 use ratatui::text::{Line, Span, Text};
@@ -118,6 +121,38 @@ fn state_word(disk: &DiskStatus) -> String {
         (DiskState::InitialSync, Some(percent)) => format!("sync {percent:.0}%"),
         (DiskState::Resyncing, Some(percent)) => format!("resync {percent:.0}%"),
         (state, _) => state.as_str().to_string(),
+    }
+}
+
+/// The glyph of a group's failover life-cycle state.
+fn group_state_glyph(theme: &Theme, state: GroupState) -> &'static str {
+    match state {
+        GroupState::Protected => theme.glyph("✔", "+"),
+        GroupState::TestFailover => theme.glyph("◇", "o"),
+        GroupState::FailedOver => theme.glyph("⇒", ">"),
+        GroupState::Reprotecting => theme.glyph("⇐", "<"),
+        GroupState::FailingBack => theme.glyph("↩", "<-"),
+    }
+}
+
+/// The overview's STATE cell of a group: its life-cycle state when a failover is involved,
+/// else its health ("protected" when all is well).
+fn group_state_cell(theme: &Theme, state: GroupState, severity: Severity) -> (String, Style) {
+    if state == GroupState::Protected {
+        let word = if severity == Severity::Ok {
+            "protected"
+        } else {
+            group_word(severity)
+        };
+        (
+            format!("{} {word}", severity_glyph(theme, severity)),
+            theme.tone(severity_tone(severity)),
+        )
+    } else {
+        (
+            format!("{} {}", group_state_glyph(theme, state), state.as_str()),
+            theme.tone(Tone::Accent),
+        )
     }
 }
 
@@ -273,21 +308,9 @@ fn draw_footer(model: &Model, area: Rect, frame: &mut Frame) {
             theme.tone(severity_tone(toast.severity)),
         )
     } else {
-        let hints = match (&model.screen, model.options.readonly) {
-            (Screen::Overview, false) => {
-                "↑↓ Enter  / filter  ! problems  p pause  r point  F failover  ? help  q quit"
-            }
-            (Screen::Overview, true) => {
-                "↑↓ move  Enter detail  / filter  ! problems  z freeze  ? help  q quit"
-            }
-            (Screen::Detail(_), false) => {
-                "Esc back  ↑↓ next  p pause  r point  t test  F failover  ? help  q quit"
-            }
-            (Screen::Detail(_), true) => "Esc back  ↑↓ next item  z freeze  ? help  q quit",
-            (Screen::Help, _) | (Screen::Actions, _) => "Esc back  q quit",
-        };
+        let hints = footer_hints(model, area.width as usize);
         let hints = if theme.unicode {
-            hints.to_string()
+            hints
         } else {
             hints.replace("↑↓", "j/k")
         };
@@ -311,6 +334,94 @@ fn draw_footer(model: &Model, area: Rect, frame: &mut Frame) {
         Line::from(spans)
     };
     frame.render_widget(Paragraph::new(line), area);
+}
+
+/// The action keys that would do something for `key` now; keys the group's state or this
+/// appliance's role forbids are left out (pressing one says why).
+fn action_hints(model: &Model, key: Option<&ItemKey>) -> Vec<&'static str> {
+    let mut hints = Vec::new();
+    let Some(key) = key else { return hints };
+    let Some(group) = model.group_of(key) else {
+        return hints;
+    };
+    if model.snapshot.as_ref().is_some_and(|s| !s.disks.is_empty())
+        && (matches!(key, ItemKey::Disk { .. })
+            || model
+                .group_view(&group)
+                .is_some_and(|view| !view.disks.is_empty()))
+    {
+        hints.push("p pause");
+    }
+    if group.is_empty() {
+        return hints;
+    }
+    for (action, hint) in [
+        (DialogAction::RecoveryPoint, "r point"),
+        (DialogAction::TestFailover, "t test failover"),
+        (DialogAction::FailoverCleanup, "c cleanup"),
+        (DialogAction::Failover, "F failover"),
+        (DialogAction::Reprotect, "R reprotect"),
+        (DialogAction::Failback, "B failback"),
+    ] {
+        if model.action_refusal(action, &group).is_none() {
+            hints.push(hint);
+        }
+    }
+    hints
+}
+
+/// The footer's key hints for the screen, shortened to fit `width`: the optional navigation
+/// hints go first, then the actions' words (keys stay).
+fn footer_hints(model: &Model, width: usize) -> String {
+    let (mut nav, optional, actions): (Vec<&str>, Vec<&str>, Vec<&str>) =
+        match (&model.screen, model.options.readonly) {
+            (Screen::Overview, false) => (
+                vec!["↑↓ Enter"],
+                vec!["/ filter", "! problems"],
+                action_hints(model, model.selected_key().as_ref()),
+            ),
+            (Screen::Overview, true) => (
+                vec!["↑↓ move", "Enter detail"],
+                vec!["/ filter", "! problems", "z freeze"],
+                Vec::new(),
+            ),
+            (Screen::Detail(key), false) => (
+                vec!["Esc back", "↑↓ next"],
+                Vec::new(),
+                action_hints(model, Some(key)),
+            ),
+            (Screen::Detail(_), true) => (
+                vec!["Esc back", "↑↓ next item"],
+                vec!["z freeze"],
+                Vec::new(),
+            ),
+            (Screen::Help, _) | (Screen::Actions, _) => (vec!["Esc back"], Vec::new(), Vec::new()),
+        };
+    let tail = ["? help", "q quit"];
+    let join = |parts: &[&str]| parts.join("  ");
+    let mut optional = optional;
+    loop {
+        let mut parts = nav.clone();
+        parts.extend(&optional);
+        parts.extend(&actions);
+        parts.extend(tail);
+        let text = join(&parts);
+        if text.chars().count() <= width || optional.is_empty() {
+            if text.chars().count() <= width {
+                return text;
+            }
+            break;
+        }
+        optional.pop();
+    }
+    // Still too long: the action keys without their words.
+    nav.extend(
+        actions
+            .iter()
+            .map(|hint| hint.split(' ').next().unwrap_or(hint)),
+    );
+    nav.extend(tail);
+    join(&nav)
 }
 
 fn rpo_span(
@@ -447,8 +558,11 @@ fn overview_row<'a>(
         Row::Group(index) => {
             let group = &groups[index];
             let status = group.status.map(|i| &snapshot.groups[i]);
-            let glyph = severity_glyph(theme, group.severity);
-            let tone = theme.tone(severity_tone(group.severity));
+            let (state_text, state_style) = group_state_cell(
+                theme,
+                status.map_or(GroupState::Protected, |status| status.state),
+                group.severity,
+            );
             let point_age = status
                 .and_then(|status| status.latest_point_age_seconds)
                 .map_or_else(|| "-".to_string(), format::seconds);
@@ -466,10 +580,7 @@ fn overview_row<'a>(
                         theme.title(),
                     ),
                 ])),
-                Cell::from(Span::styled(
-                    format!("{glyph} {}", group_word(group.severity)),
-                    tone,
-                )),
+                Cell::from(Span::styled(state_text, state_style)),
                 Cell::from(rpo_span(
                     theme,
                     group.rpo_lag_seconds_max,
@@ -651,55 +762,80 @@ fn draw_detail(model: &Model, key: &ItemKey, area: Rect, frame: &mut Frame) {
                 .collect();
             machines.sort_unstable();
             machines.dedup();
-            info.push(Line::from(vec![
-                Span::styled(
+            let state = status.map_or(GroupState::Protected, |status| status.state);
+            let mut first = vec![Span::styled(
+                format!("{} {}", group_state_glyph(theme, state), state.as_str()),
+                theme.tone(if state == GroupState::Protected {
+                    Tone::Ok
+                } else {
+                    Tone::Accent
+                }),
+            )];
+            if view.severity != Severity::Ok || state != GroupState::Protected {
+                first.push(Span::raw(sep));
+                first.push(Span::styled(
                     format!(
                         "{} {}",
                         severity_glyph(theme, view.severity),
                         group_word(view.severity)
                     ),
                     theme.tone(severity_tone(view.severity)),
-                ),
-                Span::raw(format!(
+                ));
+            }
+            first.push(Span::raw(if view.disks.is_empty() {
+                format!("{sep}its disks are on the source appliance")
+            } else {
+                format!(
                     "{sep}{} disk{} on {}",
                     view.disks.len(),
                     if view.disks.len() == 1 { "" } else { "s" },
-                    if machines.is_empty() {
-                        "-".to_string()
-                    } else {
-                        machines.join(", ")
-                    }
-                )),
-            ]));
-            let mut rpo = vec![
-                Span::raw("RPO worst "),
-                rpo_span(
-                    theme,
-                    view.rpo_lag_seconds_max,
-                    status.map(|s| s.rpo_threshold_seconds),
-                    true,
-                ),
-            ];
-            if let Some(status) = status {
-                rpo.push(Span::raw(format!(
-                    " (threshold {}){sep}recovery point every {}{sep}latest {}",
-                    format::seconds(status.rpo_threshold_seconds),
-                    format::seconds(status.recovery_point_interval_seconds),
-                    status.latest_point_age_seconds.map_or_else(
-                        || "none yet".to_string(),
-                        |age| format!("{} ago", format::seconds(age))
-                    )
-                )));
+                    machines.join(", ")
+                )
+            }));
+            info.push(Line::from(first));
+            if view.disks.is_empty() {
+                // A target's view of the group: no disks, so no RPO or rates to show here.
+                if let Some(status) = status {
+                    info.push(Line::from(format!(
+                        "recovery point every {}{sep}latest {}",
+                        format::seconds(status.recovery_point_interval_seconds),
+                        status.latest_point_age_seconds.map_or_else(
+                            || "none yet".to_string(),
+                            |age| format!("{} ago", format::seconds(age))
+                        )
+                    )));
+                }
+            } else {
+                let mut rpo = vec![
+                    Span::raw("RPO worst "),
+                    rpo_span(
+                        theme,
+                        view.rpo_lag_seconds_max,
+                        status.map(|s| s.rpo_threshold_seconds),
+                        true,
+                    ),
+                ];
+                if let Some(status) = status {
+                    rpo.push(Span::raw(format!(
+                        " (threshold {}){sep}recovery point every {}{sep}latest {}",
+                        format::seconds(status.rpo_threshold_seconds),
+                        format::seconds(status.recovery_point_interval_seconds),
+                        status.latest_point_age_seconds.map_or_else(
+                            || "none yet".to_string(),
+                            |age| format!("{} ago", format::seconds(age))
+                        )
+                    )));
+                }
+                info.push(Line::from(rpo));
+                info.push(Line::from(vec![
+                    Span::raw(format!(
+                        "churn {}{sep}ship {}{sep}journal ",
+                        format::rate(view.churn_bytes_per_s),
+                        format::rate(view.ship_bytes_per_s)
+                    )),
+                    journal_span(theme, view.journal_used_bytes, view.journal_capacity_bytes),
+                ]));
             }
-            info.push(Line::from(rpo));
-            info.push(Line::from(vec![
-                Span::raw(format!(
-                    "churn {}{sep}ship {}{sep}journal ",
-                    format::rate(view.churn_bytes_per_s),
-                    format::rate(view.ship_bytes_per_s)
-                )),
-                journal_span(theme, view.journal_used_bytes, view.journal_capacity_bytes),
-            ]));
         }
         ItemKey::Replica { machine, name } => {
             let replica = snapshot
@@ -734,16 +870,23 @@ fn draw_detail(model: &Model, key: &ItemKey, area: Rect, frame: &mut Frame) {
             return;
         }
     }
-    let points = group_name
+    let group_status = group_name
         .as_deref()
-        .and_then(|name| model.group_status(name))
+        .and_then(|name| model.group_status(name));
+    let points = group_status
         .map(|status| status.recovery_points.as_slice())
         .unwrap_or_default();
+    let exports = group_status
+        .map(|status| status.exports.as_slice())
+        .unwrap_or_default();
     let info_height = info.len() as u16 + u16::from(sync_line.is_some());
-    let points_height = (points.len() as u16 + 1).clamp(2, 6);
-    let [info_area, charts_area, points_area] = Layout::vertical([
+    let export_lines = exports_lines(theme, group_status, exports);
+    let exports_height = wrapped_height(&export_lines, inner.width).min(6);
+    let points_height = (points.len() as u16 + 1).clamp(2, if exports.is_empty() { 6 } else { 4 });
+    let [info_area, charts_area, exports_area, points_area] = Layout::vertical([
         Constraint::Length(info_height),
         Constraint::Min(6),
+        Constraint::Length(exports_height),
         Constraint::Length(points_height),
     ])
     .areas(inner);
@@ -751,6 +894,12 @@ fn draw_detail(model: &Model, key: &ItemKey, area: Rect, frame: &mut Frame) {
         info.push(line);
     }
     frame.render_widget(Paragraph::new(info), info_area);
+    if !export_lines.is_empty() {
+        frame.render_widget(
+            Paragraph::new(export_lines).wrap(Wrap { trim: false }),
+            exports_area,
+        );
+    }
 
     let empty = History::default();
     let history = model.history.get(key).unwrap_or(&empty);
@@ -784,24 +933,73 @@ fn draw_detail(model: &Model, key: &ItemKey, area: Rect, frame: &mut Frame) {
         frame,
     );
 
+    let usable = points.iter().filter(|point| point.usable).count();
     let mut lines = vec![Line::styled(
         format!(
-            "recovery points of group {} ({}, newest first)",
+            "recovery points of group {} ({}, {usable} usable, newest first)",
             group_label(group_name.as_deref().unwrap_or_default()),
             points.len()
         ),
         theme.title(),
     )];
     if points.is_empty() {
-        lines.push(Line::styled(
-            "none reported by this appliance",
-            theme.tone(Tone::Dim),
-        ));
+        let text = if snapshot.replicas.is_empty() {
+            "none reported by this appliance (the target's catalog lists them)"
+        } else {
+            "none yet"
+        };
+        lines.push(Line::styled(text, theme.tone(Tone::Dim)));
     }
     for point in points.iter().rev() {
         lines.push(point_line(theme, point, snapshot.time_unix_ms));
     }
-    frame.render_widget(Paragraph::new(lines), points_area);
+    // Wrapped: why a point is unusable matters more than the next older point.
+    frame.render_widget(
+        Paragraph::new(lines).wrap(Wrap { trim: false }),
+        points_area,
+    );
+}
+
+/// The failover section of a group's detail: what runs and the URI of every export, for an
+/// operator to attach a VM or `qemu-img`/`nbdcopy` to.
+fn exports_lines(
+    theme: &Theme,
+    status: Option<&ferry_appliance::control::GroupStatus>,
+    exports: &[FailoverExport],
+) -> Vec<Line<'static>> {
+    let Some(first) = exports.first() else {
+        return Vec::new();
+    };
+    let state = status.map_or(GroupState::Protected, |status| status.state);
+    let mut lines = vec![Line::styled(
+        format!(
+            "{} {} exports at point #{} ({})",
+            group_state_glyph(theme, state),
+            if first.test {
+                "test failover"
+            } else {
+                "failover"
+            },
+            first.point_id,
+            exports.len()
+        ),
+        theme.title(),
+    )];
+    for export in exports {
+        lines.push(Line::from(vec![
+            Span::styled(format!("{} ", export.export_name), theme.tone(Tone::Accent)),
+            Span::raw(export.uri.clone()),
+        ]));
+    }
+    lines
+}
+
+/// Rows a paragraph of `lines` takes when wrapped at `width`.
+fn wrapped_height(lines: &[Line], width: u16) -> u16 {
+    lines
+        .iter()
+        .map(|line| (line.width() as u16).div_ceil(width.max(1)).max(1))
+        .sum()
 }
 
 /// "journal full in 4m10s" when churn outruns shipping; when shipping keeps up, how soon the
@@ -835,26 +1033,41 @@ fn forecast_span(theme: &Theme, disk: &DiskStatus) -> Span<'static> {
     }
 }
 
-fn point_line(
-    theme: &Theme,
-    point: &ferry_appliance::control::RecoveryPointStatus,
-    now_unix_ms: u64,
-) -> Line<'static> {
-    let (tone, word) = match point.consistency {
-        PointConsistency::Crash => (Tone::Ok, "crash-consistent"),
-        PointConsistency::App => (Tone::Ok, "app-consistent"),
-        PointConsistency::None => (Tone::Warn, "NOT consistent (taken during resync)"),
+fn point_line(theme: &Theme, point: &RecoveryPointStatus, now_unix_ms: u64) -> Line<'static> {
+    // Point ids are times in ms (13 digits), so the words stay short to leave room for why a
+    // point is not usable.
+    let (tone, word) = match (point.consistency, point.usable) {
+        (PointConsistency::Crash, true) => (Tone::Ok, "crash-consistent"),
+        (PointConsistency::App, true) => (Tone::Ok, "app-consistent"),
+        (PointConsistency::Crash, false) => (Tone::Ok, "crash"),
+        (PointConsistency::App, false) => (Tone::Ok, "app"),
+        (PointConsistency::None, _) => (Tone::Warn, "NOT consistent"),
     };
     let age = now_unix_ms.saturating_sub(point.time_unix_ms) as f64 / 1000.0;
-    Line::from(vec![
+    let mut spans = vec![
         Span::raw(format!(
-            "#{:<5} {}  {:>6} ago  ",
+            "#{:<5} {} {:>6} ago ",
             point.id,
             format::clock(point.time_unix_ms),
             format::seconds(age)
         )),
         Span::styled(word, theme.tone(tone)),
-    ])
+    ];
+    if !point.usable {
+        spans.push(Span::styled(
+            format!(
+                " {} unusable{}",
+                theme.glyph("✖", "X"),
+                point
+                    .unusable_reason
+                    .as_deref()
+                    .map(|reason| format!(": {reason}"))
+                    .unwrap_or_default()
+            ),
+            theme.tone(Tone::Warn),
+        ));
+    }
+    Line::from(spans)
 }
 
 /// A sparkline of the newest samples that fit, titled with the current value, the maximum and
@@ -934,10 +1147,12 @@ fn draw_help(model: &Model, area: Rect, frame: &mut Frame) {
             Line::from("  p  pause / resume shipping (at once, with a notice)"),
             Line::from("  r  recovery point now (crash- or app-consistent)     b  bandwidth limit"),
             Line::from(
-                "  t  test failover to a recovery point                 c  end a test failover",
+                "  t  test failover to a usable recovery point          c  end a test failover",
             ),
             Line::from("  F  FAILOVER (pick a point, type the group's name)   R  reprotect"),
-            Line::from("  B  FAILBACK (type the group's name)"),
+            Line::from(
+                "  B  FAILBACK (type the group's name)   keys the group's state forbids say why",
+            ),
             Line::from(
                 "  in dialogs: Tab moves, Enter presses, Esc cancels; focus starts on Cancel",
             ),
@@ -955,6 +1170,14 @@ fn draw_help(model: &Model, area: Rect, frame: &mut Frame) {
             theme.glyph("‖", "="),
             theme.glyph("⇒", ">"),
             theme.glyph("⇐", "<"),
+        )),
+        Line::from(format!(
+            "  group: {} protected {} test-failover {} failed-over {} reprotecting {} failing-back",
+            group_state_glyph(theme, GroupState::Protected),
+            group_state_glyph(theme, GroupState::TestFailover),
+            group_state_glyph(theme, GroupState::FailedOver),
+            group_state_glyph(theme, GroupState::Reprotecting),
+            group_state_glyph(theme, GroupState::FailingBack),
         )),
         Line::from(
             "  RPO: lag behind the source, ! when over the group's threshold; POINT: age of",
@@ -1003,7 +1226,7 @@ fn draw_ledger(model: &Model, area: Rect, frame: &mut Frame) {
         .iter()
         .rev()
         .take(inner.height as usize)
-        .map(|entry| {
+        .flat_map(|entry| {
             let age = format::seconds(model.now_ms.saturating_sub(entry.sent_ms) as f64 / 1000.0);
             let (tone, result) = match &entry.outcome {
                 Outcome::Pending => (Tone::Info, format!("{} waiting", theme.glyph("…", "..."))),
@@ -1015,16 +1238,23 @@ fn draw_ledger(model: &Model, area: Rect, frame: &mut Frame) {
                     format!("{} {message}", theme.glyph("✖", "X")),
                 ),
             };
-            Line::from(vec![
+            let mut entry_lines = vec![Line::from(vec![
                 Span::raw(format!(
                     "#{:<3} {:>6} ago  {}: ",
                     entry.id, age, entry.description
                 )),
                 Span::styled(result, theme.tone(tone)),
-            ])
+            ])];
+            entry_lines.extend(
+                entry
+                    .details
+                    .iter()
+                    .map(|detail| Line::from(format!("  {detail}"))),
+            );
+            entry_lines
         })
         .collect();
-    frame.render_widget(Paragraph::new(lines), inner);
+    frame.render_widget(Paragraph::new(lines).wrap(Wrap { trim: false }), inner);
 }
 
 fn consequence(model: &Model, dialog: &Dialog) -> String {
@@ -1083,6 +1313,55 @@ fn consequence(model: &Model, dialog: &Dialog) -> String {
     }
 }
 
+/// What a failover to `point` would bring up, before the operator confirms: the data-loss
+/// window (writes after the point are not in the copies), the point's consistency, and the
+/// machines and disks involved.
+fn failover_preview(
+    model: &Model,
+    dialog: &Dialog,
+    point: &RecoveryPointStatus,
+    now_unix_ms: u64,
+) -> Vec<Line<'static>> {
+    let theme = &model.options.theme;
+    let loss_seconds = now_unix_ms.saturating_sub(point.time_unix_ms) as f64 / 1000.0;
+    let consistency = match point.consistency {
+        PointConsistency::Crash => "crash-consistent (one write order across the group)",
+        PointConsistency::App => "app-consistent (applications were quiesced)",
+        PointConsistency::None => "NOT consistent",
+    };
+    let mut lines = vec![Line::from(vec![
+        Span::styled("  data-loss window ", theme.title()),
+        Span::styled(
+            format::seconds(loss_seconds),
+            theme.tone(if loss_seconds > 300.0 {
+                Tone::Warn
+            } else {
+                Tone::Ok
+            }),
+        ),
+        Span::raw(format!(
+            ": writes after {} are not in the copies",
+            format::clock(point.time_unix_ms)
+        )),
+    ])];
+    lines.push(Line::from(vec![
+        Span::styled("  consistency ", theme.title()),
+        Span::raw(consistency),
+    ]));
+    if !dialog.machines.is_empty() {
+        lines.push(Line::from(vec![
+            Span::styled("  machines ", theme.title()),
+            Span::raw(format!(
+                "{} ({} disk{})",
+                dialog.machines.join(", "),
+                dialog.disk_count,
+                if dialog.disk_count == 1 { "" } else { "s" }
+            )),
+        ]));
+    }
+    lines
+}
+
 fn focus_marker(dialog: &Dialog, field: Focus) -> &'static str {
     if dialog.focus == field {
         ">"
@@ -1108,12 +1387,12 @@ fn draw_dialog(model: &Model, dialog: &Dialog, body: Rect, frame: &mut Frame) {
         lines.push(Line::from(vec![
             Span::raw(focus_marker(dialog, Focus::Points)),
             Span::styled(
-                " recovery point (↑↓ to choose):".replace("↑↓", theme.glyph("↑↓", "j/k")),
+                " usable recovery point (↑↓ to choose):".replace("↑↓", theme.glyph("↑↓", "j/k")),
                 theme.title(),
             ),
         ]));
-        let now = model.snapshot.as_ref().map_or(0, |s| s.time_unix_ms);
-        let shown = 4usize;
+        let now = model.appliance_now_unix_ms();
+        let shown = if body.height >= 21 { 3usize } else { 2 };
         let start = dialog.point_index.saturating_sub(shown - 1);
         for (index, point) in dialog.points.iter().enumerate().skip(start).take(shown) {
             let chosen = index == dialog.point_index;
@@ -1122,22 +1401,38 @@ fn draw_dialog(model: &Model, dialog: &Dialog, body: Rect, frame: &mut Frame) {
             } else {
                 theme.glyph("○", "o")
             };
-            let text = match point {
-                None => format!("  {mark} latest point at the time of the failover"),
-                Some(point) => format!(
-                    "  {mark} #{} {} {}, {} before the latest status",
-                    point.id,
-                    format::clock(point.time_unix_ms),
-                    point.consistency.as_str(),
-                    format::seconds(now.saturating_sub(point.time_unix_ms) as f64 / 1000.0)
-                ),
-            };
+            let text = format!(
+                "  {mark} #{} {} {}",
+                point.id,
+                format::clock(point.time_unix_ms),
+                point.consistency.as_str(),
+            );
             let style = if chosen {
                 theme.title()
             } else {
                 Style::default()
             };
             lines.push(Line::styled(text, style));
+        }
+        let hidden = dialog.points.len().saturating_sub(start + shown);
+        let unusable = model.group_status(&dialog.group).map_or(0, |status| {
+            status.recovery_points.iter().filter(|p| !p.usable).count()
+        });
+        if hidden > 0 || unusable > 0 {
+            let mut notes = Vec::new();
+            if hidden > 0 {
+                notes.push(format!("{hidden} older below"));
+            }
+            if unusable > 0 {
+                notes.push(format!("{unusable} unusable not offered"));
+            }
+            lines.push(Line::styled(
+                format!("    ({})", notes.join(", ")),
+                theme.tone(Tone::Dim),
+            ));
+        }
+        if let Some(point) = dialog.points.get(dialog.point_index) {
+            lines.extend(failover_preview(model, dialog, point, now));
         }
     }
     if fields.contains(&Focus::Kind) {

@@ -56,6 +56,29 @@ fn healthy_model() -> Model {
     model
 }
 
+/// A console on a source and its target (the demo's view): failover actions are possible.
+fn pair_model() -> Model {
+    let mut model = model(80, 24, ColorMode::Indexed256, true, false);
+    for mut snapshot in fixtures::healthy_history(90) {
+        let pair = fixtures::site_pair();
+        snapshot.appliance = pair.appliance;
+        snapshot.replicas = pair.replicas;
+        snapshot.groups = pair.groups;
+        update(&mut model, Msg::Snapshot(snapshot));
+    }
+    model
+}
+
+fn model_with(
+    snapshot: ferry_appliance::control::StatusSnapshot,
+    unicode: bool,
+    mode: ColorMode,
+) -> Model {
+    let mut model = model(80, 24, mode, unicode, false);
+    update(&mut model, Msg::Snapshot(snapshot));
+    model
+}
+
 fn alerts_model(unicode: bool, mode: ColorMode) -> Model {
     let mut model = model(80, 24, mode, unicode, false);
     update(&mut model, Msg::Snapshot(fixtures::with_alerts()));
@@ -157,7 +180,7 @@ fn help_screen() {
 
 #[test]
 fn failover_confirmation_dialog() {
-    let mut model = healthy_model();
+    let mut model = pair_model();
     select_db(&mut model);
     press(&mut model, &[KeyCode::Char('F')]);
     let dialog = model.dialog.as_ref().expect("F opens the failover dialog");
@@ -222,6 +245,10 @@ fn every_screen_and_every_row_detail_renders_at_80x24_without_panicking() {
 // ---- update() behaviour -------------------------------------------------------------------
 
 fn open_failover(model: &mut Model) {
+    assert_eq!(
+        model.action_refusal(ferry_tui::model::DialogAction::Failover, "db"),
+        None
+    );
     select_db(model);
     press(model, &[KeyCode::Char('F')]);
     assert!(model.dialog.is_some());
@@ -229,7 +256,7 @@ fn open_failover(model: &mut Model) {
 
 #[test]
 fn failover_needs_the_typed_group_name() {
-    let mut model = healthy_model();
+    let mut model = pair_model();
     open_failover(&mut model);
     // Enter on the initial focus (Cancel) cancels.
     assert!(press(&mut model, &[KeyCode::Enter]).is_empty());
@@ -265,7 +292,7 @@ fn failover_needs_the_typed_group_name() {
             id: 1,
             request: Request::Failover {
                 group: "db".into(),
-                point: Some(104),
+                point: Some(fixtures::db_point_id(0)),
                 test: false,
                 at_unix_ms: None,
                 planned: false,
@@ -279,7 +306,7 @@ fn failover_needs_the_typed_group_name() {
 
 #[test]
 fn failover_picker_chooses_an_older_point() {
-    let mut model = healthy_model();
+    let mut model = pair_model();
     open_failover(&mut model);
     model.dialog.as_mut().unwrap().focus = Focus::Points;
     press(&mut model, &[KeyCode::Down, KeyCode::Down]);
@@ -292,7 +319,7 @@ fn failover_picker_chooses_an_older_point() {
             id: 1,
             request: Request::Failover {
                 group: "db".into(),
-                point: Some(102),
+                point: Some(fixtures::db_point_id(2)),
                 test: false,
                 at_unix_ms: None,
                 planned: false,
@@ -304,7 +331,7 @@ fn failover_picker_chooses_an_older_point() {
 
 #[test]
 fn a_pasted_newline_cannot_confirm() {
-    let mut model = healthy_model();
+    let mut model = pair_model();
     open_failover(&mut model);
     model.dialog.as_mut().unwrap().focus = Focus::Input;
     assert!(update(&mut model, Msg::Paste("db\n".into())).is_empty());
@@ -318,16 +345,266 @@ fn a_pasted_newline_cannot_confirm() {
 
 #[test]
 fn esc_cancels_any_dialog_and_sends_nothing() {
-    let mut model = healthy_model();
-    for action in ['r', 'b', 't', 'c', 'F', 'R', 'B'] {
-        select_db(&mut model);
-        press(&mut model, &[KeyCode::Char(action)]);
-        assert!(model.dialog.is_some(), "{action} opens a dialog");
-        assert_eq!(model.dialog.as_ref().unwrap().focus, Focus::Cancel);
-        assert!(press(&mut model, &[KeyCode::Esc]).is_empty());
-        assert!(model.dialog.is_none());
+    // Every action key, in the state that allows it.
+    let cases = [
+        (fixtures::site_pair(), vec!['r', 'b', 't', 'F']),
+        (fixtures::test_failover(), vec!['r', 'c']),
+    ];
+    for (snapshot, actions) in cases {
+        let mut model = model_with(snapshot, true, ColorMode::Indexed256);
+        for action in actions {
+            select_db(&mut model);
+            press(&mut model, &[KeyCode::Char(action)]);
+            assert!(model.dialog.is_some(), "{action} opens a dialog");
+            assert_eq!(model.dialog.as_ref().unwrap().focus, Focus::Cancel);
+            assert!(press(&mut model, &[KeyCode::Esc]).is_empty());
+            assert!(model.dialog.is_none());
+        }
+        assert!(model.ledger.is_empty());
     }
-    assert!(model.ledger.is_empty());
+    let mut model = model_with(fixtures::failed_over(), true, ColorMode::Indexed256);
+    for (group, action) in [("web", 'R'), ("db", 'B')] {
+        model.select_key(Some(ItemKey::Group(group.into())));
+        press(&mut model, &[KeyCode::Char(action)]);
+        assert!(
+            model.dialog.is_some(),
+            "{action} opens a dialog for {group}"
+        );
+        press(&mut model, &[KeyCode::Esc]);
+    }
+}
+
+/// Keys the group's state (or this appliance's role) forbids open no dialog and say why.
+#[test]
+fn actions_the_state_forbids_say_why() {
+    let cases: [(ferry_appliance::control::StatusSnapshot, &str, char, &str); 8] = [
+        (
+            fixtures::healthy(),
+            "db",
+            'F',
+            "failover runs on the target appliance",
+        ),
+        (
+            fixtures::healthy(),
+            "db",
+            't',
+            "failover runs on the target appliance",
+        ),
+        (
+            fixtures::site_pair(),
+            "db",
+            'c',
+            "cleanup ends a test failover, and group db is protected",
+        ),
+        (
+            fixtures::site_pair(),
+            "db",
+            'R',
+            "reprotect follows a failover",
+        ),
+        (
+            fixtures::site_pair(),
+            "db",
+            'B',
+            "failback needs a reprotected group",
+        ),
+        (
+            fixtures::test_failover(),
+            "db",
+            'F',
+            "a test failover of group db is running: c cleans it up first",
+        ),
+        (
+            fixtures::failed_over(),
+            "web",
+            'r',
+            "group web is failed-over: its source no longer replicates",
+        ),
+        (
+            fixtures::failed_over(),
+            "web",
+            't',
+            "group web is failed-over already",
+        ),
+    ];
+    for (snapshot, group, action, reason) in cases {
+        let mut model = model_with(snapshot, true, ColorMode::Indexed256);
+        model.select_key(Some(ItemKey::Group(group.into())));
+        let commands = press(&mut model, &[KeyCode::Char(action)]);
+        assert!(
+            commands.is_empty() && model.dialog.is_none(),
+            "{action} on {group}"
+        );
+        let toast = &model.toast.as_ref().expect("a toast says why").text;
+        assert!(toast.contains(reason), "{action} on {group}: {toast}");
+    }
+    // A group whose every point is unusable offers no failover at all.
+    let mut snapshot = fixtures::site_pair();
+    for group in &mut snapshot.groups {
+        for point in &mut group.recovery_points {
+            point.usable = false;
+        }
+    }
+    let mut model = model_with(snapshot, true, ColorMode::Indexed256);
+    select_db(&mut model);
+    press(&mut model, &[KeyCode::Char('t')]);
+    assert!(model.dialog.is_none());
+    assert!(model
+        .toast
+        .as_ref()
+        .unwrap()
+        .text
+        .contains("no usable recovery point"));
+}
+
+#[test]
+fn failover_picker_offers_only_usable_points_with_a_preview() {
+    let mut model = pair_model();
+    select_db(&mut model);
+    press(&mut model, &[KeyCode::Char('t')]);
+    let dialog = model.dialog.as_ref().unwrap();
+    assert!(dialog.points.iter().all(|point| point.usable));
+    assert_eq!(
+        dialog.points.len(),
+        5,
+        "the unusable newest point is left out"
+    );
+    assert_eq!(dialog.points[0].id, fixtures::db_point_id(0));
+    let text = format!("{}", render(&model).backend());
+    assert!(text.contains("data-loss window 42s"), "{text}");
+    assert!(text.contains("crash-consistent (one write order"), "{text}");
+    assert!(text.contains("db1, db2 (3 disks)"), "{text}");
+    assert!(text.contains("1 unusable not offered"), "{text}");
+    insta::assert_snapshot!(render(&model).backend());
+}
+
+#[test]
+fn overview_of_a_site_pair_in_test_failover() {
+    let model = model_with(fixtures::test_failover(), true, ColorMode::Indexed256);
+    let text = format!("{}", render(&model).backend());
+    assert!(text.contains("◇ test-failover"), "{text}");
+    insta::assert_snapshot!(render(&model).backend());
+}
+
+#[test]
+fn overview_failed_over_and_reprotecting_no_color_ascii() {
+    let model = model_with(fixtures::failed_over(), false, ColorMode::Never);
+    let terminal = render(&model);
+    let text = format!("{}", terminal.backend());
+    assert!(text.contains("> failed-over"), "{text}");
+    assert!(text.contains("< reprotecting"), "{text}");
+    for cell in terminal.backend().buffer().content() {
+        assert_eq!(cell.fg, Color::Reset);
+        assert!(cell.symbol().is_ascii(), "{:?}", cell.symbol());
+    }
+    insta::assert_snapshot!(terminal.backend());
+}
+
+#[test]
+fn detail_of_a_group_in_test_failover_shows_its_exports() {
+    let mut model = model_with(fixtures::test_failover(), true, ColorMode::Indexed256);
+    select_db(&mut model);
+    press(&mut model, &[KeyCode::Enter]);
+    let text = format!("{}", render(&model).backend());
+    assert!(text.contains("test failover exports at point"), "{text}");
+    assert!(text.contains("nbd+unix:///db1/vda?socket="), "{text}");
+    assert!(text.contains("unusable: waiting for source-c"), "{text}");
+    assert!(
+        text.contains("c cleanup"),
+        "the footer offers cleanup: {text}"
+    );
+    assert!(
+        !text.contains("F failover"),
+        "no failover during a test: {text}"
+    );
+    insta::assert_snapshot!(render(&model).backend());
+}
+
+#[test]
+fn a_failover_answer_lists_its_exports_in_the_ledger() {
+    use ferry_appliance::control::Response;
+    let mut model = pair_model();
+    select_db(&mut model);
+    press(&mut model, &[KeyCode::Char('t'), KeyCode::Tab]);
+    let commands = press(&mut model, &[KeyCode::Enter]);
+    let [Command::Send { id, request }] = commands.as_slice() else {
+        panic!("{commands:?}")
+    };
+    assert!(
+        matches!(request, Request::Failover { test: true, .. }),
+        "{request:?}"
+    );
+    let snapshot = fixtures::test_failover();
+    let group = snapshot.groups.iter().find(|g| g.name == "db").unwrap();
+    let point = group
+        .recovery_points
+        .iter()
+        .find(|p| p.id == fixtures::db_point_id(0))
+        .unwrap()
+        .clone();
+    update(
+        &mut model,
+        Msg::ActionResult {
+            id: *id,
+            result: Ok(Response::Failover {
+                group: "db".into(),
+                point,
+                test: true,
+                exports: group.exports.clone(),
+                definitions: vec!["/var/lib/ferry/failover/db/db1.xml".into()],
+            }),
+        },
+    );
+    let toast = &model.toast.as_ref().unwrap().text;
+    assert!(toast.contains("test failover up at point #"), "{toast}");
+    assert!(toast.contains("3 exports"), "{toast}");
+    press(&mut model, &[KeyCode::Char('L')]);
+    let text = format!("{}", render(&model).backend());
+    assert!(
+        text.contains("db1/vdb nbd+unix:///db1/vdb?socket="),
+        "{text}"
+    );
+    assert!(
+        text.contains("machine /var/lib/ferry/failover/db/db1.xml"),
+        "{text}"
+    );
+    insta::assert_snapshot!(render(&model).backend());
+}
+
+#[test]
+fn a_point_created_answer_names_the_point() {
+    use ferry_appliance::control::{PointConsistency, RecoveryPointStatus, Response};
+    let mut model = pair_model();
+    select_db(&mut model);
+    press(&mut model, &[KeyCode::Char('r'), KeyCode::Tab]);
+    let commands = press(&mut model, &[KeyCode::Enter]);
+    let [Command::Send { id, .. }] = commands.as_slice() else {
+        panic!("{commands:?}")
+    };
+    update(
+        &mut model,
+        Msg::ActionResult {
+            id: *id,
+            result: Ok(Response::PointCreated {
+                group: "db".into(),
+                point: RecoveryPointStatus {
+                    id: fixtures::TIME_UNIX_MS,
+                    time_unix_ms: fixtures::TIME_UNIX_MS,
+                    consistency: PointConsistency::Crash,
+                    usable: true,
+                    unusable_reason: None,
+                },
+            }),
+        },
+    );
+    let toast = &model.toast.as_ref().unwrap().text;
+    assert_eq!(
+        toast,
+        &format!(
+            "done: crash-consistent recovery point of group db: cut point #{} at 14:05:03 (crash)",
+            fixtures::TIME_UNIX_MS
+        )
+    );
 }
 
 #[test]
