@@ -1,7 +1,8 @@
 //! `ferry demo`: a source and a target appliance in this one process on loopback, three sample
 //! disks behind NBD exports, a write workload driven through those exports by `qemu-io`
-//! processes (bursts, hot spots, flushes), and either the operator console attached to the
-//! source or — headless — a summary of what was written, replicated and verified.
+//! processes (bursts, hot spots, flushes), and either the operator console attached to both
+//! appliances (`ferry_tui::SitePair`) or — headless — a summary of what was written,
+//! replicated, cut as recovery points and verified.
 //!
 //! Everything the demo creates lives in one directory (configs as TOML, state, disks, replicas,
 //! the appliances' log), so a newcomer can look at it afterwards with `--dir`.
@@ -225,7 +226,7 @@ fn run_in(dir: &Path, options: &DemoOptions) -> anyhow::Result<()> {
         }
         Ok(())
     } else {
-        run_console(&source, options, &stop, started)
+        run_console(&source, &target, options, &stop, started)
     };
     stop.store(true, Ordering::Relaxed);
     let written = workload.join();
@@ -588,6 +589,7 @@ fn percentile(sorted: &[f64], fraction: f64) -> f64 {
 
 fn run_console(
     source: &ApplianceDir,
+    target: &ApplianceDir,
     options: &DemoOptions,
     stop: &Arc<AtomicBool>,
     started: Instant,
@@ -609,8 +611,17 @@ fn run_console(
             stop.store(true, Ordering::Relaxed);
         });
     }
-    console.endpoint = source.socket().display().to_string();
-    let appliance = ferry_tui::SocketAppliance::new(source.socket(), Duration::from_secs(5));
+    console.endpoint = format!(
+        "{} and {}",
+        source.socket().display(),
+        target.socket().display()
+    );
+    // One console over both appliances: the source's disks and the target's replicas and
+    // recovery-point catalog; cutting a point goes to the source, failover to the target.
+    let appliance = ferry_tui::SitePair {
+        source: ferry_tui::SocketAppliance::new(source.socket(), Duration::from_secs(5)),
+        target: ferry_tui::SocketAppliance::new(target.socket(), Duration::from_secs(5)),
+    };
     match ferry_tui::run(appliance, console)? {
         ferry_tui::Exit::InputClosed(reason) => eprintln!("ferry demo: {reason}"),
         ferry_tui::Exit::Quit | ferry_tui::Exit::Signal(_) => {}

@@ -13,7 +13,7 @@ pub mod theme;
 pub mod update;
 pub mod view;
 
-pub use appliance::{Appliance, ApplianceError, SocketAppliance};
+pub use appliance::{Appliance, ApplianceError, SitePair, SocketAppliance};
 pub use model::{Model, Options};
 pub use run::{run, Exit, RunOptions, TuiError};
 pub use theme::{ColorChoice, ColorMode, Theme};
