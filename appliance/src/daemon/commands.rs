@@ -16,7 +16,10 @@ pub(crate) fn dispatch(config: &Config, status: &StatusModel, request: Request) 
         Request::SetBandwidth { bytes_per_s } => set_bandwidth(config, status, bytes_per_s),
         // Recovery points and failover arrive with the target side; until then the appliance
         // says so instead of pretending (the console shows this answer as it is).
-        Request::CreateRecoveryPoint { .. } => not_yet("recovery points"),
+        // A source answers for its own groups before this dispatch (daemon::points).
+        Request::CreateRecoveryPoint { group, .. } => error(format!(
+            "no consistency group {group:?} is cut here: recovery points are created on the source appliance that coordinates the group"
+        )),
         Request::ListRecoveryPoints { .. } => not_yet("recovery points"),
         Request::Failover { .. } => not_yet("failover"),
         Request::FailoverCleanup { .. } => not_yet("failover cleanup"),
