@@ -17,9 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ferry_appliance::config::Config;
-use ferry_appliance::control::{
-    DiskSelector, DiskState, Request, Response, StatusSnapshot, VerifyDisk,
-};
+use ferry_appliance::control::{DiskSelector, DiskState, Request, Response, VerifyDisk};
 use ferry_appliance::daemon::layout::StateLayout;
 use ferry_appliance::daemon::status::StatusModel;
 use ferry_appliance::daemon::{Client, Daemon};
@@ -29,6 +27,8 @@ use ferry_appliance::io::transport::Identity;
 const RPO_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
 /// How long the final verify may take (it drains replication first, initial sync included).
 const VERIFY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the summary waits for the target to list a point the demo cut.
+const POINTS_TIMEOUT: Duration = Duration::from_secs(30);
 /// Upper bound on qemu-io invocations per disk, whatever the duration (keeps every loop bounded).
 const WORKLOAD_ROUNDS_MAX: u64 = 1_000_000;
 const MIB: u64 = 1 << 20;
@@ -235,6 +235,7 @@ fn run_in(dir: &Path, options: &DemoOptions) -> anyhow::Result<()> {
     let summary = if options.headless && outcome.is_ok() && written.error.is_none() {
         Some(summarize(
             &source,
+            &target,
             &source_daemon,
             &target_daemon,
             &written,
@@ -636,6 +637,7 @@ struct Summary {
 
 fn summarize(
     source: &ApplianceDir,
+    target: &ApplianceDir,
     source_daemon: &Daemon,
     target_daemon: &Daemon,
     written: &Written,
@@ -661,6 +663,7 @@ fn summarize(
         std::thread::sleep(Duration::from_millis(100));
     }
     let catch_up_elapsed = catch_up_started.elapsed();
+    let points = recovery_points(source, target)?;
     // The client is blocking; the daemons run on the runtime's worker threads meanwhile.
     let verify_started = Instant::now();
     let mut client = Client::connect_with_timeout(&source.socket(), VERIFY_TIMEOUT)?;
@@ -719,10 +722,7 @@ fn summarize(
         rpo_samples.len(),
         RPO_SAMPLE_INTERVAL.as_millis()
     ));
-    text.push_str(&format!(
-        "  recovery points:  {}\n",
-        recovery_points_line(&source_snapshot, &target_snapshot)
-    ));
+    text.push_str(&format!("  recovery points:  {points}\n"));
     let identical = !disks.is_empty() && disks.iter().all(|disk| disk.identical);
     text.push_str(&format!(
         "  verify:           {} ({} disks, {} compared in {:.1} s)\n",
@@ -740,18 +740,50 @@ fn summarize(
     Ok(Summary { text, identical })
 }
 
-fn recovery_points_line(source: &StatusSnapshot, target: &StatusSnapshot) -> String {
-    let count = |snapshot: &StatusSnapshot| -> usize {
-        snapshot
-            .groups
-            .iter()
-            .map(|group| group.recovery_points.len())
-            .sum()
-    };
-    match count(source).max(count(target)) {
-        0 => "0 — recovery points are not implemented yet".to_string(),
-        points => format!("{points} retained"),
+/// The recovery points in the target's catalog, as `ferry recovery-point list` on the target
+/// answers. The timer cuts one every 10 s; so that a short run still shows one, the demo first
+/// cuts a point of every group on the source (a real `create-recovery-point`) and waits, bounded,
+/// until the target lists it as usable.
+fn recovery_points(source: &ApplianceDir, target: &ApplianceDir) -> anyhow::Result<String> {
+    let mut source_client = Client::connect_with_timeout(&source.socket(), POINTS_TIMEOUT)?;
+    let mut target_client = Client::connect_with_timeout(&target.socket(), POINTS_TIMEOUT)?;
+    let mut parts = Vec::new();
+    for group in ["web", "db"] {
+        let cut = match source_client.request(&Request::CreateRecoveryPoint {
+            group: group.to_string(),
+            app_consistent: false,
+        })? {
+            Response::PointCreated { point, .. } => point.id,
+            Response::Error { message } => bail!("cutting a recovery point of {group}: {message}"),
+            other => bail!("unexpected answer to create-recovery-point: {other:?}"),
+        };
+        let started = Instant::now();
+        let points = loop {
+            // Until the first marker of a group arrives, the target refuses to list it.
+            let points = match target_client.request(&Request::ListRecoveryPoints {
+                group: group.to_string(),
+            })? {
+                Response::RecoveryPoints { points, .. } => points,
+                Response::Error { message } if started.elapsed() > POINTS_TIMEOUT => {
+                    bail!("listing the recovery points of {group} on the target: {message}")
+                }
+                Response::Error { .. } => Vec::new(),
+                other => bail!("unexpected answer to list-recovery-points: {other:?}"),
+            };
+            if points.iter().any(|point| point.id == cut && point.usable)
+                || started.elapsed() > POINTS_TIMEOUT
+            {
+                break points;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        parts.push(format!(
+            "{group} {} ({} usable)",
+            points.len(),
+            points.iter().filter(|point| point.usable).count()
+        ));
     }
+    Ok(format!("{} in the target's catalog", parts.join(", ")))
 }
 
 fn human_bytes(bytes: u64) -> String {

@@ -1,5 +1,6 @@
 //! `ferry demo --headless`: two appliances in one process on loopback, a qemu-io workload
-//! through the NBD exports, and a summary whose verify says the replicas are identical.
+//! through the NBD exports, and a summary whose verify says the replicas are identical and whose
+//! target catalog lists at least one usable recovery point per group.
 
 use std::process::{Command, Stdio};
 
@@ -35,6 +36,24 @@ fn headless_demo_replicates_and_verifies_identical() {
         .unwrap_or_else(|| panic!("no verify line in the summary: {stdout}"));
     assert!(verify_line.contains("identical"), "{stdout}");
     assert!(stdout.contains("RPO lag:"), "{stdout}");
+    // "recovery points:  web 2 (2 usable), db 2 (2 usable) in the target's catalog"
+    let points_line = stdout
+        .lines()
+        .find(|line| line.trim_start().starts_with("recovery points:"))
+        .unwrap_or_else(|| panic!("no recovery points line in the summary: {stdout}"));
+    for group in ["web", "db"] {
+        let usable: u64 = points_line
+            .split(&format!("{group} "))
+            .nth(1)
+            .and_then(|rest| rest.split('(').nth(1))
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|count| count.parse().ok())
+            .unwrap_or_else(|| panic!("no usable count for {group}: {points_line}"));
+        assert!(
+            usable >= 1,
+            "group {group} has no usable point: {points_line}"
+        );
+    }
     assert!(stdout.contains("web-1/os: protected"), "{stdout}");
     assert!(stdout.contains("db-1/data: protected"), "{stdout}");
 }
