@@ -502,6 +502,10 @@ impl PeerControl {
                     Some(waiter) => {
                         let _ = waiter.send(outcome);
                     }
+                    // The answer to a resumed reprotect has no waiter.
+                    None if matches!(outcome, PeerOutcome::ReprotectStarted { .. }) => {
+                        tracing::debug!(source = %source, id, "reprotect resumed")
+                    }
                     None => {
                         tracing::warn!(source = %source, id, "answer to no pending request")
                     }
@@ -660,18 +664,43 @@ impl SessionPeer {
     }
 
     /// Records the groups the source announced in its Hello.
+    /// A group being reprotected is asked to resume pulling: a reprotect is per connection,
+    /// and the source lost it with its previous connection.
     pub fn note_groups<'a>(&self, groups: impl IntoIterator<Item = &'a str>) {
         let mut inner = self.control.lock();
-        if let Some(link) = inner
-            .links
+        let Inner {
+            links,
+            reprotect,
+            next_id,
+            ..
+        } = &mut *inner;
+        let Some(link) = links
             .get_mut(&self.source)
             .filter(|link| link.generation == self.generation)
-        {
-            link.groups = groups
-                .into_iter()
-                .filter(|group| !group.is_empty())
-                .map(str::to_string)
-                .collect();
+        else {
+            return;
+        };
+        link.groups = groups
+            .into_iter()
+            .filter(|group| !group.is_empty())
+            .map(str::to_string)
+            .collect();
+        for group in link.groups.iter().filter(|group| {
+            reprotect
+                .get(*group)
+                .is_some_and(|disks| disks.keys().any(|(source, _, _)| source == &self.source))
+        }) {
+            *next_id += 1;
+            let request = PeerMessage::Request {
+                id: *next_id,
+                request: PeerRequest::Reprotect {
+                    group: group.clone(),
+                },
+            };
+            if let Ok(frame) = request.to_frame() {
+                tracing::info!(source = %self.source, group = %group, "source reconnected: reprotect resumes");
+                let _ = link.outgoing.send(frame);
+            }
         }
     }
 }
