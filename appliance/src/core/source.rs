@@ -37,9 +37,16 @@
 //! overtaken by one the journal never saw — bitmap mode, a lost journal tail) would make the
 //! target diverge after the match. Otherwise the extent is sent.
 //!
-//! **Bounded share.** Extent reads are issued only while the journal's unreleased bytes stay
-//! under `sync_backlog_bytes_max`, so live records never queue behind more than that much resync
-//! data.
+//! **Bounded share.** Extent reads are issued only while the sync records appended and not yet
+//! acknowledged by the target stay under `sync_backlog_bytes_max` (counting the reads in flight),
+//! so live records never queue behind more than that much resync data. The bound is on
+//! unacknowledged bytes, not on the journal's used bytes: the journal gives space back only in
+//! whole segments, so its used bytes need not drop after an acknowledgement (a segment larger
+//! than the bound would stall the sync for good).
+//!
+//! **Durability of sync records** is the driver's group commit, like every other record's: the
+//! core appends extents and ships them once `journal.durable_seq()` covers them; it does not
+//! flush per extent (that would serialise one store flush per extent under the journal lock).
 //!
 //! **Completion.** `SourceEvent::SyncDone { disk_id }` comes once every extent of the disk's
 //! sync is skipped or appended and the target acknowledged the last appended record durable.
@@ -52,18 +59,20 @@
 //! 1. `Source::new(config, &journal)`; on each connection `handle_connected(now)`.
 //! 2. Each complete frame from the target: `handle_frame(&bytes, &mut journal, now)`; on `Err`
 //!    send what `poll_transmit` still yields and close.
-//! 3. After any input (frames, journal appends/flushes, timers, extent reads), drain
+//! 3. Group-commit the journal whenever records wait to become durable (sync records too: the
+//!    core appends them but does not flush).
+//! 4. After any input (frames, journal appends/flushes, timers, extent reads), drain
 //!    `poll_transmit(&journal, now)` to the connection, `poll_release()` into
 //!    `journal.release(seq)`, `poll_event()`, and `poll_sync_read(&journal)` (read the extent,
 //!    then `handle_extent_read(token, seq_floor, &data, &mut journal, now)`).
-//! 4. Arm a timer for `poll_timeout()`; when it passes call `handle_timeout(now)`.
-//! 5. On connection loss `handle_disconnected(now)`, then reconnect with backoff.
+//! 5. Arm a timer for `poll_timeout()`; when it passes call `handle_timeout(now)`.
+//! 6. On connection loss `handle_disconnected(now)`, then reconnect with backoff.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::config::MachineSettings;
 use crate::core::journal::{Journal, JournalError, RecordSpec, SegmentStore};
-use crate::core::record::{Record, RecordKind, Seq};
+use crate::core::record::{encoded_len_for_payload, Record, RecordKind, Seq};
 use crate::core::wire::{
     self, DiskAnnouncement, ErrorCode, Frame, HashRequest, Message, WelcomeDisk, WireError,
 };
@@ -329,6 +338,9 @@ pub struct Source {
     /// Sequences of records this state machine appended (sync extents), so that the race check
     /// does not mistake them for live writes.
     own_appends: BTreeSet<Seq>,
+    /// Sync records appended and not yet acknowledged durable: (seq, bytes), in sequence order.
+    sync_unacked: VecDeque<(Seq, u64)>,
+    sync_unacked_bytes: u64,
     /// Set when a sync append found the journal full: the acknowledged sequence at that time.
     /// Reads wait until an acknowledgement frees space (or nothing is left to acknowledge).
     sync_blocked_at_ack: Option<Seq>,
@@ -366,6 +378,8 @@ impl Source {
             hash_requests: BTreeMap::new(),
             reads: BTreeMap::new(),
             own_appends: BTreeSet::new(),
+            sync_unacked: VecDeque::new(),
+            sync_unacked_bytes: 0,
             sync_blocked_at_ack: None,
             next_request_id: 1,
             next_token: 1,
@@ -539,6 +553,7 @@ impl Source {
                     });
                 }
                 self.acked_seq = durable_seq;
+                self.forget_acked_sync();
                 self.received_seq = resume_seq;
                 self.next_send_seq = resume_seq + 1;
                 self.in_flight.clear();
@@ -577,6 +592,7 @@ impl Source {
                         self.in_flight.pop_front();
                         self.in_flight_bytes -= bytes;
                     }
+                    self.forget_acked_sync();
                     self.check_sync_done();
                     // Own sync records are remembered for as long as a sync runs, even once
                     // acknowledged and released: a read whose window spans a released record must
@@ -635,6 +651,17 @@ impl Source {
             Message::Hello { .. } | Message::Records(_) | Message::HashRequest(_) => Err(
                 SourceError::Protocol("the target sent a frame only a source sends".into()),
             ),
+        }
+    }
+
+    /// Drops acknowledged sync records from the backlog count.
+    fn forget_acked_sync(&mut self) {
+        while let Some(&(seq, bytes)) = self.sync_unacked.front() {
+            if seq > self.acked_seq {
+                break;
+            }
+            self.sync_unacked.pop_front();
+            self.sync_unacked_bytes -= bytes;
         }
     }
 
@@ -821,6 +848,8 @@ impl Source {
         now: u64,
     ) -> Result<Option<Frame>, SourceError> {
         let durable = journal.durable_seq();
+        // Each record is read (and verified) once: its bytes go into the frame as they are.
+        let mut records: Vec<&[u8]> = Vec::new();
         let mut seqs = Vec::new();
         let mut frame_bytes = 0usize;
         let mut seq = self.next_send_seq;
@@ -828,14 +857,14 @@ impl Source {
             && self.in_flight.len() + seqs.len() < self.config.window_records_max
             && frame_bytes < self.config.frame_bytes_target
         {
-            let bytes = journal
+            let record = journal
                 .record_bytes(seq)
                 .ok_or(SourceError::MissingRecord {
                     seq,
                     first_seq: journal.first_seq(),
                     last_seq: journal.last_seq(),
-                })?
-                .len();
+                })?;
+            let bytes = record.len();
             let window_full =
                 self.in_flight_bytes + frame_bytes + bytes > self.config.window_bytes_max;
             let frame_full = frame_bytes + bytes > limits::FRAME_BODY_BYTES_MAX - 8;
@@ -847,16 +876,14 @@ impl Source {
             }
             frame_bytes += bytes;
             seqs.push((seq, bytes));
+            records.push(record);
             seq += 1;
         }
         if seqs.is_empty() {
             return Ok(None);
         }
         // The exact journal bytes go on the wire; the target verifies each record again.
-        let frame = Frame::records(
-            seqs.iter()
-                .map(|&(seq, _)| journal.record_bytes(seq).expect("read just above")),
-        );
+        let frame = Frame::records_sized(records, frame_bytes);
         if self.in_flight.is_empty() {
             self.last_progress_ns = now;
         }
@@ -882,6 +909,12 @@ impl Source {
         self.events.pop_front()
     }
 
+    /// Resync bytes that live records may queue behind: appended and unacknowledged sync
+    /// records plus the extents being read.
+    fn sync_backlog_bytes(&self) -> u64 {
+        self.sync_unacked_bytes + self.reads.values().map(|read| read.length).sum::<u64>()
+    }
+
     /// The next source extent to read for a sync, within the read and backlog bounds.
     pub fn poll_sync_read(&mut self, journal: &impl ShipJournal) -> Option<ExtentRead> {
         if let Some(acked_then) = self.sync_blocked_at_ack {
@@ -892,7 +925,7 @@ impl Source {
         if self.phase == Phase::Closed
             || self.sync_blocked_at_ack.is_some()
             || self.reads.len() >= self.config.sync_reads_in_flight_max
-            || journal.used_bytes() >= self.config.sync_backlog_bytes_max
+            || self.sync_backlog_bytes() >= self.config.sync_backlog_bytes_max
         {
             return None;
         }
@@ -949,8 +982,11 @@ impl Source {
                 got: data.len(),
             });
         }
-        let hash = wire::extent_hash(data);
-        if let Some(target) = read.target_hash.filter(|target| target.hash == hash) {
+        // Hashing costs a pass over the extent: only when there is a target hash to compare.
+        if let Some(target) = read
+            .target_hash
+            .filter(|target| target.hash == wire::extent_hash(data))
+        {
             // The target will replay every record after `target.applied_seq` over the hashed
             // bytes: skipping is sound only if none of them touches the extent (a resync record
             // with older bytes, or a record older than a write the journal never saw —
@@ -999,12 +1035,9 @@ impl Source {
             }
         };
         self.own_appends.insert(seq);
-        journal.flush(seq).map_err(|source| SourceError::Journal {
-            operation: "flush",
-            disk_id: read.disk_id,
-            offset: read.offset,
-            source,
-        })?;
+        let record_bytes = encoded_len_for_payload(spec.payload.len()) as u64;
+        self.sync_unacked.push_back((seq, record_bytes));
+        self.sync_unacked_bytes += record_bytes;
         let clean = !self.touched(journal, &read, seq_floor, seq, false);
         let job = self.jobs.get_mut(&read.disk_id).expect("looked up above");
         job.last_appended_seq = job.last_appended_seq.max(seq);
@@ -1062,6 +1095,8 @@ mod tests {
         released: Seq,
         durable: Seq,
         capacity_bytes: u64,
+        /// Space a release does not give back (a ring releases whole segments only).
+        unreleased_bytes: u64,
     }
 
     impl VecJournal {
@@ -1104,7 +1139,8 @@ mod tests {
             self.records
                 .iter()
                 .map(|(_, bytes)| bytes.len() as u64)
-                .sum()
+                .sum::<u64>()
+                + self.unreleased_bytes
         }
         fn append(&mut self, spec: &RecordSpec<'_>) -> Result<Seq, JournalError> {
             let seq = self.last_seq() + 1;
@@ -1232,6 +1268,13 @@ mod tests {
                     self.source
                         .handle_extent_read(read.token, floor, &data, &mut self.journal, self.now)
                         .unwrap();
+                }
+                // The driver's group commit while a sync runs: its records become durable (and
+                // shippable) here. Tests of live records flush by hand.
+                let last = self.journal.last_seq();
+                if self.source.syncing_disks().next().is_some() && self.journal.durable_seq() < last {
+                    moved = true;
+                    self.journal.flush(last).unwrap();
                 }
                 if !moved {
                     match self.source.poll_timeout() {
@@ -1368,6 +1411,45 @@ mod tests {
         assert_eq!(progress.extents_zero, 1);
         assert_eq!(progress.extents_skipped, 14);
         assert_eq!(progress.bytes_done, 64 << 10);
+    }
+
+    #[test]
+    fn sync_backlog_counts_unacknowledged_bytes_not_journal_usage() {
+        let mut pair = Pair::new();
+        pair.source.config.sync_backlog_bytes_max = 2 * 4096;
+        for (index, byte) in pair.source_disk.iter_mut().enumerate() {
+            *byte = (index % 241) as u8 + 1;
+        }
+        pair.connect();
+        pair.run(|_| false);
+        pair.source
+            .start_sync(1, &[(0, 64 << 10)], SyncMode::CopyNonZero)
+            .unwrap();
+        let first = pair.source.poll_sync_read(&pair.journal).unwrap();
+        let second = pair.source.poll_sync_read(&pair.journal).unwrap();
+        assert!(
+            pair.source.poll_sync_read(&pair.journal).is_none(),
+            "two extents in flight fill the backlog"
+        );
+        let data = pair.source_disk[..4096].to_vec();
+        let floor = pair.journal.last_seq();
+        pair.source
+            .handle_extent_read(first.token, floor, &data, &mut pair.journal, 0)
+            .unwrap();
+        assert!(
+            pair.source.poll_sync_read(&pair.journal).is_none(),
+            "an appended, unacknowledged extent still counts"
+        );
+        let data = pair.source_disk[4096..8192].to_vec();
+        pair.source
+            .handle_extent_read(second.token, floor, &data, &mut pair.journal, 0)
+            .unwrap();
+        // A journal whose used bytes stay high after releases (one large segment) must not
+        // stall the sync: acknowledgements alone make room.
+        pair.journal.unreleased_bytes = 1 << 30;
+        pair.run(|_| false);
+        assert_eq!(pair.replica, pair.source_disk);
+        assert_eq!(pair.source.syncing_disks().count(), 0);
     }
 
     #[test]

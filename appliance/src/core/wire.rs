@@ -564,7 +564,17 @@ impl Frame {
     /// A records frame from already-encoded records (exact journal bytes, padding included).
     /// Each slice must hold exactly one encoded record; the receiver verifies each.
     pub fn records<'r>(encoded: impl IntoIterator<Item = &'r [u8]>) -> Frame {
-        let mut builder = Builder::new(FrameKind::Records, 64 << 10);
+        Self::records_sized(encoded, 64 << 10)
+    }
+
+    /// [`Frame::records`] with the frame allocated once for `encoded_bytes` of records (their
+    /// total length), so that a large frame is not copied again as it grows.
+    pub fn records_sized<'r>(
+        encoded: impl IntoIterator<Item = &'r [u8]>,
+        encoded_bytes: usize,
+    ) -> Frame {
+        let capacity = encoded_bytes.saturating_add(std::mem::size_of::<RecordsFixed>());
+        let mut builder = Builder::new(FrameKind::Records, capacity.min(FRAME_BODY_BYTES_MAX));
         builder.put(
             RecordsFixed {
                 count: 0.into(),

@@ -322,6 +322,12 @@ impl Shipper {
             }
         });
         let mut last_flush = Instant::now() - FLUSH_INTERVAL_MIN;
+        // The group commit runs as a task of its own, so that frames, acknowledgements and
+        // extent reads keep flowing while the store flushes.
+        let mut flushing: Option<tokio::task::JoinHandle<Result<Seq, String>>> = None;
+        // Timestamp of the oldest unacknowledged record, by sequence: reading a record verifies
+        // its checksum over the whole payload, so it is read again only when the sequence moves.
+        let mut oldest_unacked: (Seq, u64) = (0, 0);
         let mut resync_check = tokio::time::interval(RESYNC_CHECK_INTERVAL);
         resync_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
@@ -347,12 +353,16 @@ impl Shipper {
                 while let Some(read) = core.poll_sync_read(&*journal) {
                     to_read.push(read);
                 }
-                let oldest = journal
-                    .record(core.acked_seq() + 1)
-                    .map_or(0, |record| record.timestamp_ns);
+                let oldest_seq = core.acked_seq() + 1;
+                if oldest_unacked.0 != oldest_seq || oldest_unacked.1 == 0 {
+                    let timestamp_ns = journal
+                        .record(oldest_seq)
+                        .map_or(0, |record| record.timestamp_ns);
+                    oldest_unacked = (oldest_seq, timestamp_ns);
+                }
                 self.status
                     .oldest_unacked_ns
-                    .store(oldest, Ordering::Relaxed);
+                    .store(oldest_unacked.1, Ordering::Relaxed);
             }
             self.status
                 .acked_seq
@@ -466,11 +476,25 @@ impl Shipper {
                 _ = async {
                     let wait = FLUSH_INTERVAL_MIN.saturating_sub(last_flush.elapsed());
                     tokio::time::sleep(wait).await;
-                }, if journal_pending => {
-                    if let Err(error) = self.journal.flush_all().await {
-                        break Err(format!("journal flush failed: {error}"));
+                }, if journal_pending && flushing.is_none() => {
+                    let journal = self.journal.clone();
+                    flushing = Some(tokio::spawn(async move {
+                        journal.flush_all().await.map_err(|error| error.to_string())
+                    }));
+                }
+                flushed = async {
+                    match flushing.as_mut() {
+                        Some(task) => task.await,
+                        None => std::future::pending().await,
                     }
+                }, if flushing.is_some() => {
+                    flushing = None;
                     last_flush = Instant::now();
+                    match flushed {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(error)) => break Err(format!("journal flush failed: {error}")),
+                        Err(error) => break Err(format!("journal flush task failed: {error}")),
+                    }
                 }
                 _ = self.journal.wait_for_records_after(self.journal.last_seq()), if !journal_pending => {}
                 _ = async {
