@@ -1272,7 +1272,8 @@ mod tests {
                 // The driver's group commit while a sync runs: its records become durable (and
                 // shippable) here. Tests of live records flush by hand.
                 let last = self.journal.last_seq();
-                if self.source.syncing_disks().next().is_some() && self.journal.durable_seq() < last {
+                if self.source.syncing_disks().next().is_some() && self.journal.durable_seq() < last
+                {
                     moved = true;
                     self.journal.flush(last).unwrap();
                 }
