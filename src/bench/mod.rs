@@ -190,6 +190,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
 
     let exe = std::env::current_exe().context("cannot find this binary (current_exe)")?;
+    stop_appliances_on_signal()?;
     let (dir, _cleanup) = work_dir(args.dir.as_deref())?;
     let progress = Progress::new(
         std::io::stderr().is_terminal(),
@@ -269,6 +270,25 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         crate::emit(&report.table())?;
     }
+    Ok(())
+}
+
+/// On SIGINT or SIGTERM: stop the appliances the bench started (they would outlive it
+/// otherwise), then exit 130.
+fn stop_appliances_on_signal() -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("cannot watch SIGINT/SIGTERM")?;
+    std::thread::Builder::new()
+        .name("bench-signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                eprintln!("ferry bench: signal {signal}: stopping the appliances it started");
+                pair::stop_all_running();
+                std::process::exit(130);
+            }
+        })
+        .context("cannot start the signal thread")?;
     Ok(())
 }
 

@@ -28,6 +28,33 @@ const STALL: Duration = Duration::from_secs(60);
 /// How long a stopping appliance gets after SIGTERM before it is killed.
 const STOP_DEADLINE: Duration = Duration::from_secs(60);
 
+/// Appliances running now (pids), so that an interrupted bench stops them too.
+static RUNNING: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Stops every appliance the bench started and has not stopped yet (SIGTERM, bounded wait).
+/// Called when the bench itself is interrupted.
+pub fn stop_all_running() {
+    let pids: Vec<u32> = std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|e| e.into_inner()));
+    for pid in &pids {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+    // Bounded: at most 10 s for all of them to go.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline
+        && pids
+            .iter()
+            .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A protected disk of the bench's source appliance.
 #[derive(Debug, Clone)]
 pub struct DiskSpec {
@@ -199,7 +226,7 @@ disks = [
             .append(true)
             .open(&log_path)
             .with_context(|| format!("cannot open {}", log_path.display()))?;
-        Command::new(&self.exe)
+        let child = Command::new(&self.exe)
             .arg("run")
             .arg("--config")
             .arg(self.dir.join(side).join("ferry.toml"))
@@ -211,7 +238,12 @@ disks = [
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .with_context(|| format!("cannot start the {side} appliance"))
+            .with_context(|| format!("cannot start the {side} appliance"))?;
+        RUNNING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(child.id());
+        Ok(child)
     }
 
     fn child(&mut self, side: &str) -> Option<&mut Child> {
@@ -379,6 +411,10 @@ fn stop(child: Option<Child>, side: &str) -> anyhow::Result<()> {
     let Some(mut child) = child else {
         return Ok(());
     };
+    RUNNING
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|pid| *pid != child.id());
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
