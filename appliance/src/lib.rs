@@ -18,6 +18,8 @@ pub mod ship;
 
 pub mod apply;
 
+pub mod failover;
+
 pub mod config;
 
 pub mod control;

@@ -2,9 +2,13 @@
 //! connection driving the `core::nbd` codec, and one task per request so that many requests are
 //! in flight per connection and replies go out in completion order.
 //!
+//! The protocol loop is generic over [`ExportBackend`]: capture serves its `CaptureDisk`s, and
+//! failover (`crate::failover`) serves point views with a writable overlay through the same loop.
+//!
 //! A bad client costs one log line (a `warn` naming the peer, the export and the reason) and at
 //! worst its own connection; the listener and every other connection keep serving.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -102,10 +106,76 @@ impl Buffers {
     }
 }
 
+/// What an export serves: reads, the write-path changes and flushes of one disk. Cloning is
+/// cheap (a handle); every request runs in its own task with its own clone.
+pub(crate) trait ExportBackend: Clone + Send + Sync + 'static {
+    type Error: std::fmt::Display + Send + 'static;
+
+    /// `<machine>/<disk>`, for log lines.
+    fn export_name(&self) -> &str;
+
+    /// Reads `length` bytes at `offset` into `buf` (capacity at least `length`).
+    fn read(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        length: usize,
+    ) -> impl Future<Output = (Result<(), Self::Error>, IoBuf)> + Send;
+
+    /// Applies a write, write-zeroes or trim; durable on return with `fua`.
+    fn apply(
+        &self,
+        offset: u64,
+        length: u64,
+        change: Change,
+        fua: bool,
+    ) -> impl Future<Output = (Result<(), Self::Error>, Option<IoBuf>)> + Send;
+
+    /// Makes every completed change durable.
+    fn flush(&self) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// The NBD error a failed request answers (EIO unless the backend knows better, e.g. EPERM
+    /// for a write to an export switched read-only at run time).
+    fn error_code(_error: &Self::Error) -> ErrorCode {
+        ErrorCode::Io
+    }
+}
+
+impl ExportBackend for CaptureDisk {
+    type Error = crate::capture::disk::CaptureIoError;
+
+    fn export_name(&self) -> &str {
+        CaptureDisk::export_name(self)
+    }
+
+    fn read(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+        length: usize,
+    ) -> impl Future<Output = (Result<(), Self::Error>, IoBuf)> + Send {
+        CaptureDisk::read(self, offset, buf, length)
+    }
+
+    fn apply(
+        &self,
+        offset: u64,
+        length: u64,
+        change: Change,
+        fua: bool,
+    ) -> impl Future<Output = (Result<(), Self::Error>, Option<IoBuf>)> + Send {
+        CaptureDisk::apply(self, offset, length, change, fua)
+    }
+
+    fn flush(&self) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        CaptureDisk::flush(self)
+    }
+}
+
 /// What a listener serves.
-pub(crate) struct ExportSet {
+pub(crate) struct ExportSet<B = CaptureDisk> {
     pub(crate) config: ServerConfig,
-    pub(crate) disks: Vec<CaptureDisk>,
+    pub(crate) disks: Vec<B>,
     pub(crate) buffers: Arc<Buffers>,
     pub(crate) endpoint: Endpoint,
 }
@@ -120,9 +190,9 @@ pub(crate) enum Listener {
 
 /// Accepts connections until `shutdown` turns true, then waits for the connections to finish
 /// their in-flight requests (they stop reading new ones at shutdown).
-pub(crate) async fn run_listener(
+pub(crate) async fn run_listener<B: ExportBackend>(
     listener: Listener,
-    exports: Arc<ExportSet>,
+    exports: Arc<ExportSet<B>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
@@ -197,13 +267,14 @@ enum Reply {
 }
 
 /// Serves one connection from handshake to close. Every way it ends is logged once.
-pub(crate) async fn serve_connection<R, W>(
+pub(crate) async fn serve_connection<R, W, B>(
     reader: R,
     mut writer: W,
     peer: String,
-    exports: Arc<ExportSet>,
+    exports: Arc<ExportSet<B>>,
     shutdown: watch::Receiver<bool>,
 ) where
+    B: ExportBackend,
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -250,10 +321,10 @@ pub(crate) async fn serve_connection<R, W>(
 }
 
 /// Runs the handshake codec over the socket. `Ok(None)`: the client aborted.
-async fn handshake<R, W>(
+async fn handshake<R, W, B>(
     reader: &mut R,
     writer: &mut W,
-    exports: &ExportSet,
+    exports: &ExportSet<B>,
 ) -> Result<Option<(Negotiated, Vec<u8>)>, String>
 where
     R: AsyncRead + Unpin,
@@ -312,15 +383,16 @@ where
 }
 
 /// The transmission phase: read requests, spawn their handlers, stream the replies.
-async fn transmission<R, W>(
+async fn transmission<R, W, B>(
     mut reader: R,
     writer: W,
     peer: &str,
     negotiated: Negotiated,
-    disk: CaptureDisk,
+    disk: B,
     buffers: Arc<Buffers>,
     mut shutdown: watch::Receiver<bool>,
 ) where
+    B: ExportBackend,
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -409,7 +481,7 @@ async fn transmission<R, W>(
                         Ok(()) => Reply::Read(encode_simple_reply(cookie, ErrorCode::Ok), buf),
                         Err(error) => {
                             tracing::error!(%peer, %export, offset, length, "read failed: {error}");
-                            Reply::Simple(encode_simple_reply(cookie, ErrorCode::Io))
+                            Reply::Simple(encode_simple_reply(cookie, B::error_code(&error)))
                         }
                     };
                     let _ = replies.send(reply).await;
@@ -489,7 +561,7 @@ async fn transmission<R, W>(
                         Ok(()) => ErrorCode::Ok,
                         Err(error) => {
                             tracing::error!(%peer, %export, "flush failed: {error}");
-                            ErrorCode::Io
+                            B::error_code(&error)
                         }
                     };
                     let _ = replies
@@ -538,8 +610,8 @@ async fn read_header<R: AsyncRead + Unpin>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn spawn_change(
-    disk: &CaptureDisk,
+fn spawn_change<B: ExportBackend>(
+    disk: &B,
     replies: &mpsc::Sender<Reply>,
     peer: &str,
     cookie: u64,
@@ -567,7 +639,7 @@ fn spawn_change(
             Ok(()) => ErrorCode::Ok,
             Err(error) => {
                 tracing::error!(%peer, export = disk.export_name(), offset, length, "write failed: {error}");
-                ErrorCode::Io
+                B::error_code(&error)
             }
         };
         let _ = replies

@@ -1,0 +1,7 @@
+//! Failover on the target appliance: serves a consistency group's disks at a recovery point as
+//! NBD exports with a writable overlay (never writing the replica or the undo log), writes
+//! materialised images and machine definitions, and keeps the group's failover state.
+
+pub mod overlay;
+
+pub use overlay::{FailoverDisk, OverlayError, PointDisk, OVERLAY_BLOCK_BYTES};
