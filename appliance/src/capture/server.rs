@@ -134,6 +134,10 @@ pub(crate) trait ExportBackend: Clone + Send + Sync + 'static {
     /// Makes every completed change durable.
     fn flush(&self) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
+    /// Whether writes are refused now (EPERM; new connections see a read-only export): a
+    /// capture disk of a failed-over (fenced) group, a failover disk switched read-only.
+    fn is_read_only(&self) -> bool;
+
     /// The NBD error a failed request answers (EIO unless the backend knows better, e.g. EPERM
     /// for a write to an export switched read-only at run time).
     fn error_code(_error: &Self::Error) -> ErrorCode {
@@ -169,6 +173,10 @@ impl ExportBackend for CaptureDisk {
 
     fn flush(&self) -> impl Future<Output = Result<(), Self::Error>> + Send {
         CaptureDisk::flush(self)
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.state() == DiskState::FailedOver
     }
 }
 
@@ -329,13 +337,10 @@ async fn handshake<R, W, B>(
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
+    B: ExportBackend,
 {
     let mut config = exports.config.clone();
-    if exports
-        .disks
-        .iter()
-        .any(|disk| disk.state() == DiskState::FailedOver)
-    {
+    if exports.disks.iter().any(|disk| disk.is_read_only()) {
         // Fenced (failed over to the target): clients see a read-only export.
         config.transmission_flags |= FLAG_READ_ONLY;
     }
@@ -625,7 +630,7 @@ fn spawn_change<B: ExportBackend>(
     let replies = replies.clone();
     let peer = peer.to_owned();
     tokio::spawn(async move {
-        if disk.state() == DiskState::FailedOver {
+        if disk.is_read_only() {
             // Fenced after this connection negotiated a writable export: refuse, nothing is
             // written or journaled (the target's copy is production now).
             let _ = replies

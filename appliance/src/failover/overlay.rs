@@ -656,6 +656,10 @@ impl ExportBackend for FailoverDisk {
         FailoverDisk::flush(self)
     }
 
+    fn is_read_only(&self) -> bool {
+        FailoverDisk::is_read_only(self)
+    }
+
     fn error_code(error: &Self::Error) -> ErrorCode {
         match error {
             OverlayError::ReadOnly { .. } => ErrorCode::Perm,
