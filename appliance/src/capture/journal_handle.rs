@@ -35,6 +35,14 @@ impl SegmentStore for Box<dyn SegmentStore + Send> {
     fn segment_mut(&mut self, index: usize) -> &mut [u8] {
         (**self).segment_mut(index)
     }
+    fn write_parts(
+        &mut self,
+        index: usize,
+        offset: usize,
+        parts: &[&[u8]],
+    ) -> Result<(), StoreError> {
+        (**self).write_parts(index, offset, parts)
+    }
     fn flush_range(&self, index: usize, offset: usize, len: usize) -> Result<(), StoreError> {
         (**self).flush_range(index, offset, len)
     }

@@ -106,6 +106,24 @@ pub trait SegmentStore {
     fn segment(&self, index: usize) -> &[u8];
     /// The bytes of segment `index`, for writing.
     fn segment_mut(&mut self, index: usize) -> &mut [u8];
+    /// Writes `parts` back to back into segment `index` from `offset` (the journal appends
+    /// records this way). The default copies into `segment_mut`; a file store may write with
+    /// `pwritev` instead, which avoids a write fault per page of a mapping whose pages a flush
+    /// cleaned. Afterwards `segment(index)` must show the bytes.
+    fn write_parts(
+        &mut self,
+        index: usize,
+        offset: usize,
+        parts: &[&[u8]],
+    ) -> Result<(), StoreError> {
+        let mut at = offset;
+        let segment = self.segment_mut(index);
+        for part in parts {
+            segment[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        Ok(())
+    }
     /// Makes bytes `[offset, offset + len)` of segment `index` durable. Takes `&self` so that a
     /// store can let it run while appends continue elsewhere (msync does not touch the bytes).
     fn flush_range(&self, index: usize, offset: usize, len: usize) -> Result<(), StoreError>;
@@ -570,9 +588,18 @@ impl<S: SegmentStore> Journal<S> {
             .back_mut()
             .expect("a head segment exists after start_segment");
         let offset = head.end;
-        let out = &mut store.segment_mut(head.index)[offset..offset + needed_bytes];
-        let (used, links) = record.encode_linked_into(self.last_checksum, out)?;
+        let (header, record_checksum) = record.linked_header(self.last_checksum)?;
+        let padding = [0u8; RECORD_ALIGN_BYTES];
+        let padding = &padding[..needed_bytes - RECORD_HEADER_BYTES - record.payload.len()];
+        // A failed write leaves the bytes after the last record undefined, as a torn tail is;
+        // nothing was appended and the next append writes over them.
+        store.write_parts(head.index, offset, &[&header, record.payload, padding])?;
+        // Verified right after it is written, from what the store now holds.
+        let stored = &store.segment(head.index)[offset..offset + needed_bytes];
+        let (decoded, links, used) = decode_linked(stored)?;
         assert_eq!(used, needed_bytes);
+        assert_eq!(decoded.seq, record.seq);
+        assert_eq!(links.checksum, record_checksum);
         head.offsets
             .push(u32::try_from(offset).expect("segment size checked at open"));
         head.end += needed_bytes;

@@ -155,6 +155,23 @@ impl<'a> Record<'a> {
         }
     }
 
+    /// The encoded header of this record linked to `prev_checksum`, and this record's checksum:
+    /// the pieces a store writes with the payload and `encoded_len() - 64 - payload.len()` zero
+    /// bytes of padding after it (see `SegmentStore::write_parts`).
+    pub fn linked_header(
+        &self,
+        prev_checksum: u64,
+    ) -> Result<([u8; RECORD_HEADER_BYTES], u64), RecordError> {
+        self.validate()?;
+        let mut header = self.header();
+        header.prev_checksum = prev_checksum.into();
+        let record_checksum = checksum(&header, self.payload);
+        header.checksum = record_checksum.into();
+        let mut bytes = [0u8; RECORD_HEADER_BYTES];
+        bytes.copy_from_slice(header.as_bytes());
+        Ok((bytes, record_checksum))
+    }
+
     /// Encodes header, payload and zero padding into the front of `out` and returns the number
     /// of bytes written (`encoded_len()`). The encoded bytes are decoded again before returning
     /// so that a record is verified right after it is written.

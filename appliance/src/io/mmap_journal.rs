@@ -146,6 +146,8 @@ pub struct MmapSegments {
     dir: PathBuf,
     segment_bytes: usize,
     maps: Arc<Vec<MmapRaw>>,
+    /// The segment files, for `pwritev` appends (`write_parts`).
+    files: Vec<File>,
     /// Holds the exclusive flock for as long as the mappings live.
     _lock: File,
 }
@@ -253,6 +255,7 @@ impl MmapSegments {
         }
 
         let mut maps = Vec::with_capacity(segment_count);
+        let mut files = Vec::with_capacity(segment_count);
         for index in 0..segment_count {
             let path = segment_path(dir, index);
             let file = OpenOptions::new()
@@ -275,11 +278,13 @@ impl MmapSegments {
                 .map_raw(&file)
                 .map_err(io_error("mmap", &path))?;
             maps.push(map);
+            files.push(file);
         }
         Ok(MmapSegments {
             dir: dir.to_owned(),
             segment_bytes,
             maps: Arc::new(maps),
+            files,
             _lock: lock,
         })
     }
@@ -351,8 +356,91 @@ impl SegmentStore for MmapSegments {
         // read-write (`map_raw` of a file opened read-write).
         unsafe { std::slice::from_raw_parts_mut(map.as_mut_ptr(), map.len()) }
     }
+    /// Appends go through `pwritev` rather than stores into the mapping: after a flush the
+    /// kernel write-protects the pages it cleaned, and the next store into each 4 KiB page takes
+    /// a fault through `ext4_page_mkwrite` (a jbd2 handle per page), which dominated the append
+    /// cost (benches/RESULTS.md). A write to the file lands in the same page cache the mapping
+    /// shows, and `msync` of the range (`vfs_fsync_range`) makes it durable like a store would.
+    fn write_parts(
+        &mut self,
+        index: usize,
+        offset: usize,
+        parts: &[&[u8]],
+    ) -> Result<(), StoreError> {
+        let file = self.files.get(index).ok_or_else(|| StoreError {
+            operation: "pwritev",
+            segment: index,
+            message: format!("no segment {index} (journal has {})", self.files.len()),
+        })?;
+        let total: usize = parts.iter().map(|part| part.len()).sum();
+        if offset
+            .checked_add(total)
+            .is_none_or(|end| end > self.segment_bytes)
+        {
+            return Err(StoreError {
+                operation: "pwritev",
+                segment: index,
+                message: format!(
+                    "bytes {offset}..+{total} beyond the segment's {} bytes",
+                    self.segment_bytes
+                ),
+            });
+        }
+        let mut slices: Vec<io::IoSlice<'_>> = parts
+            .iter()
+            .filter(|part| !part.is_empty())
+            .map(|part| io::IoSlice::new(part))
+            .collect();
+        let mut remaining: &mut [io::IoSlice<'_>] = &mut slices;
+        let mut at = offset;
+        // Bounded: every turn writes at least one byte of `total`, or returns.
+        while !remaining.is_empty() {
+            let written = pwritev(file, remaining, at).map_err(|error| StoreError {
+                operation: "pwritev",
+                segment: index,
+                message: format!("bytes {at}..{}: {error}", offset + total),
+            })?;
+            if written == 0 {
+                return Err(StoreError {
+                    operation: "pwritev",
+                    segment: index,
+                    message: format!("wrote nothing at {at} of bytes ..{}", offset + total),
+                });
+            }
+            at += written;
+            io::IoSlice::advance_slices(&mut remaining, written);
+        }
+        Ok(())
+    }
     fn flush_range(&self, index: usize, offset: usize, len: usize) -> Result<(), StoreError> {
         flush_map(&self.maps, index, offset, len)
+    }
+}
+
+/// One `pwritev(2)` of `slices` at `offset`; retried on EINTR.
+fn pwritev(file: &File, slices: &[io::IoSlice<'_>], offset: usize) -> io::Result<usize> {
+    let count = slices.len().min(1024) as libc::c_int;
+    let offset = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond off_t"))?;
+    loop {
+        // SAFETY: `IoSlice` is ABI-compatible with `struct iovec` (std guarantees it on Unix);
+        // the pointer and count describe `slices`, which outlives the call; the file descriptor
+        // is owned by `file` and open. The kernel only reads the buffers.
+        let result = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                slices.as_ptr().cast::<libc::iovec>(),
+                count,
+                offset,
+            )
+        };
+        if result >= 0 {
+            return Ok(result as usize);
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
     }
 }
 
