@@ -46,6 +46,11 @@ enum Command {
     /// Recovery points of a consistency group: cut one now, or list the retained ones.
     #[command(subcommand)]
     RecoveryPoint(RecoveryPointCommand),
+    /// On the target: bring a consistency group up at a recovery point — each disk served at
+    /// once as an NBD export (writes go to an overlay, never to the replica), optionally written
+    /// to DIR/<machine>/<disk>.raw, and a definition (JSON + libvirt XML) per machine.
+    /// `ferry failover cleanup --group G` removes a test failover.
+    Failover(FailoverArgs),
     /// On the target, after a failover: replicate the failed-over disks back to the original
     /// source (it pulls only the extents that differ, then what the machines write).
     Reprotect(GroupArgs),
@@ -216,6 +221,45 @@ struct ListPointsArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct FailoverArgs {
+    #[command(subcommand)]
+    cleanup: Option<FailoverSubcommand>,
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// The consistency group.
+    #[arg(long, required = true)]
+    group: Option<String>,
+    /// The recovery point: its id, `latest` (the newest usable point), or a time — RFC 3339
+    /// (`2026-11-27T03:00:00Z`) or `<duration> ago` (`10m ago`) — for the newest usable point
+    /// at or before it.
+    #[arg(long, default_value = "latest", conflicts_with = "planned")]
+    point: String,
+    /// A test failover: replication keeps running, the machines go into the test network.
+    #[arg(long)]
+    test: bool,
+    /// A planned failover: the source's exports turn read-only, its journal drains, a final
+    /// point is cut and used (no data loss; the source must be connected).
+    #[arg(long, conflicts_with = "test")]
+    planned: bool,
+    /// Also write each disk's image at the point to DIR/<machine>/<disk>.raw (needs --out).
+    #[arg(long, requires = "out")]
+    materialize: bool,
+    /// Where --materialize writes images and definitions.
+    #[arg(long, requires = "materialize")]
+    out: Option<PathBuf>,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum FailoverSubcommand {
+    /// Remove a test failover of a group (exports stopped, overlays deleted).
+    Cleanup(GroupArgs),
+}
+
+#[derive(Debug, Args)]
 struct GroupArgs {
     #[command(flatten)]
     connect: ConnectArgs,
@@ -243,6 +287,7 @@ fn main() -> ExitCode {
         Command::Verify(args) => verify(args),
         Command::RecoveryPoint(RecoveryPointCommand::Create(args)) => create_point(args),
         Command::RecoveryPoint(RecoveryPointCommand::List(args)) => list_points(args),
+        Command::Failover(args) => failover(args),
         Command::Reprotect(args) => group_command(args, true),
         Command::Failback(args) => group_command(args, false),
         Command::Version => version(),
@@ -444,6 +489,126 @@ fn group_command(args: GroupArgs, reprotect: bool) -> anyhow::Result<()> {
         Response::Error { message } => anyhow::bail!("{what} of group {:?}: {message}", args.group),
         other => anyhow::bail!("unexpected answer to {what}: {other:?}"),
     }
+}
+
+/// How long a failover may take: a planned failover's drain and final point, and
+/// materialising whole disks.
+const FAILOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// `--point`: an id, `latest`, an RFC 3339 time or `<duration> ago`, as (id, at_unix_ms).
+fn parse_point(
+    text: &str,
+    now: std::time::SystemTime,
+) -> anyhow::Result<(Option<u64>, Option<u64>)> {
+    let text = text.trim();
+    if text == "latest" {
+        return Ok((None, None));
+    }
+    if let Ok(id) = text.parse::<u64>() {
+        return Ok((Some(id), None));
+    }
+    let unix_ms = |time: std::time::SystemTime| {
+        time.duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_millis() as u64)
+            .map_err(|_| anyhow::anyhow!("--point {text:?} is before 1970"))
+    };
+    if let Some(ago) = text.strip_suffix("ago") {
+        let duration = humantime::parse_duration(ago.trim()).map_err(|error| {
+            anyhow::anyhow!("--point {text:?}: {error} (give e.g. \"10m ago\")")
+        })?;
+        let at = now
+            .checked_sub(duration)
+            .ok_or_else(|| anyhow::anyhow!("--point {text:?} is too far back"))?;
+        return Ok((None, Some(unix_ms(at)?)));
+    }
+    match humantime::parse_rfc3339_weak(text) {
+        Ok(time) => Ok((None, Some(unix_ms(time)?))),
+        Err(_) => anyhow::bail!(
+            "--point {text:?} is not a point id, `latest`, an RFC 3339 time (2026-11-27T03:00:00Z) or `<duration> ago`"
+        ),
+    }
+}
+
+fn failover(args: FailoverArgs) -> anyhow::Result<()> {
+    if let Some(FailoverSubcommand::Cleanup(args)) = args.cleanup {
+        let request = Request::FailoverCleanup {
+            group: args.group.clone(),
+        };
+        return match connect(&args.connect)?.request(&request)? {
+            Response::Ok { message } => emit(&format!("{message}\n")),
+            Response::Error { message } => {
+                anyhow::bail!("failover cleanup of group {:?}: {message}", args.group)
+            }
+            other => anyhow::bail!("unexpected answer to failover cleanup: {other:?}"),
+        };
+    }
+    let group = args
+        .group
+        .ok_or_else(|| anyhow::anyhow!("--group is required"))?;
+    let (point, at_unix_ms) = if args.planned {
+        (None, None)
+    } else {
+        parse_point(&args.point, std::time::SystemTime::now())?
+    };
+    let materialize_dir = match args.out {
+        Some(out) => {
+            let out =
+                std::path::absolute(&out).with_context(|| format!("--out {}", out.display()))?;
+            Some(out.display().to_string())
+        }
+        None => None,
+    };
+    let request = Request::Failover {
+        group: group.clone(),
+        point,
+        test: args.test,
+        at_unix_ms,
+        planned: args.planned,
+        materialize_dir,
+    };
+    let socket = control_socket(&args.connect)?;
+    let mut client = Client::connect_with_timeout(&socket, FAILOVER_TIMEOUT)?;
+    let response = client.request(&request)?;
+    let (point, test, exports, definitions) = match &response {
+        Response::Failover {
+            point,
+            test,
+            exports,
+            definitions,
+            ..
+        } => (point, *test, exports, definitions),
+        Response::Error { message } => anyhow::bail!("failover of group {group:?}: {message}"),
+        other => anyhow::bail!("unexpected answer to failover: {other:?}"),
+    };
+    if args.json {
+        return emit(&format!("{}\n", serde_json::to_string_pretty(&response)?));
+    }
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(point.time_unix_ms);
+    let mut text = format!(
+        "{} of group {group} up at recovery point {} ({}, {})\n",
+        if test { "test failover" } else { "failover" },
+        point.id,
+        humantime::format_rfc3339_millis(time),
+        point.consistency.as_str(),
+    );
+    for export in exports {
+        text.push_str(&format!(
+            "  export  {:<24} {}\n",
+            export.export_name, export.uri
+        ));
+        if let Some(path) = &export.materialized_path {
+            text.push_str(&format!("  image   {:<24} {path}\n", export.export_name));
+        }
+    }
+    for definition in definitions {
+        text.push_str(&format!("  machine {definition}\n"));
+    }
+    if test {
+        text.push_str(&format!(
+            "replication continues; remove the test copies with: ferry failover cleanup --group {group}\n"
+        ));
+    }
+    emit(&text)
 }
 
 /// How long a cut may take: the freeze and thaw hooks (30 s each at most) and the barrier.

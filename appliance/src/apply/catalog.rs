@@ -474,7 +474,7 @@ impl RecoveryStore {
     }
 }
 
-fn point_status(point: &PointInfo) -> RecoveryPointStatus {
+pub(crate) fn point_status(point: &PointInfo) -> RecoveryPointStatus {
     let unusable_reason = if !point.complete {
         Some("incomplete: waiting for the markers of every member".to_string())
     } else if !point.consistent {

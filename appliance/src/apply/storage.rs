@@ -178,7 +178,7 @@ impl ReplicaStore {
 }
 
 /// Keeps names to one harmless path component.
-fn sanitize(name: &str) -> String {
+pub(crate) fn sanitize(name: &str) -> String {
     let cleaned: String = name
         .chars()
         .map(|c| {

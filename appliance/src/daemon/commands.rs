@@ -14,17 +14,18 @@ pub(crate) fn dispatch(config: &Config, status: &StatusModel, request: Request) 
         Request::Pause { selector } => set_paused(status, &selector, true),
         Request::Resume { selector } => set_paused(status, &selector, false),
         Request::SetBandwidth { bytes_per_s } => set_bandwidth(config, status, bytes_per_s),
-        // Recovery points and failover arrive with the target side; until then the appliance
-        // says so instead of pretending (the console shows this answer as it is).
-        // A source answers for its own groups before this dispatch (daemon::points).
+        // A source answers for the groups it cuts (daemon::points) and a target for the groups
+        // in its catalog before this dispatch; what reaches here names where to ask instead.
         Request::CreateRecoveryPoint { group, .. } => error(format!(
             "no consistency group {group:?} is cut here: recovery points are created on the source appliance that coordinates the group"
         )),
-        Request::ListRecoveryPoints { .. } => not_yet("recovery points"),
-        Request::Failover { .. } => not_yet("failover"),
-        Request::FailoverCleanup { .. } => not_yet("failover cleanup"),
-        Request::Reprotect { .. } => not_yet("reprotect"),
-        Request::Failback { .. } => not_yet("failback"),
+        Request::ListRecoveryPoints { group } => error(format!(
+            "no recovery points of group {group:?} here: they are listed by the target appliance (its catalog) or by the source appliance that cuts the group"
+        )),
+        // The target runs these (daemon::target) before this dispatch.
+        Request::Failover { .. } | Request::FailoverCleanup { .. } => on_the_target("failover"),
+        Request::Reprotect { .. } => on_the_target("reprotect"),
+        Request::Failback { .. } => on_the_target("failback"),
         // The event loop runs verify itself (it needs the shipper and takes a while).
         Request::Verify { .. } => error("verify needs the replication components"),
     }
@@ -36,9 +37,9 @@ fn error(message: impl Into<String>) -> Response {
     }
 }
 
-fn not_yet(what: &str) -> Response {
+fn on_the_target(what: &str) -> Response {
     error(format!(
-        "{what}: not supported by this appliance version yet"
+        "{what} runs on the target appliance (the one with a [target] section, which holds the replicas and recovery points); this appliance has none"
     ))
 }
 

@@ -311,6 +311,11 @@ async fn event_loop(
                 Some(Event::Command { request: Request::Verify { selector }, reply }) => {
                     start_verify(&status, source.as_ref(), &selector, reply);
                 }
+                Some(Event::Command { request: request @ (Request::Failover { .. } | Request::FailoverCleanup { .. }), reply }) if target.is_some() => {
+                    if let Some(target) = &target {
+                        target.failover_command(request, reply);
+                    }
+                }
                 Some(Event::Command { request: Request::Reprotect { group }, reply }) if target.is_some() => {
                     if let Some(target) = &target {
                         target.reprotect_command(group, false, reply);

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::control::{
-    DiskState, DiskStatus, GroupState, GroupStatus, LinkStatus, RecoveryPointStatus, ReplicaStatus,
-    StatusSnapshot, SyncProgress,
+    DiskState, DiskStatus, FailoverExport, GroupState, GroupStatus, LinkStatus,
+    RecoveryPointStatus, ReplicaStatus, StatusSnapshot, SyncProgress,
 };
 
 /// How far back churn is averaged.
@@ -341,6 +341,8 @@ pub struct StatusModel {
     recovery_points: Mutex<HashMap<String, Vec<RecoveryPointStatus>>>,
     /// Groups in reprotect or failback (override the failover's state of the group).
     reprotect_states: Mutex<HashMap<String, GroupState>>,
+    /// Running failovers: state and exports per group.
+    failovers: Mutex<HashMap<String, (GroupState, Vec<FailoverExport>)>>,
 }
 
 impl StatusModel {
@@ -401,6 +403,7 @@ impl StatusModel {
             replicas: Mutex::new(Vec::new()),
             recovery_points: Mutex::new(HashMap::new()),
             reprotect_states: Mutex::new(HashMap::new()),
+            failovers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -489,6 +492,14 @@ impl StatusModel {
         lock(&self.recovery_points).insert(group.to_string(), points);
     }
 
+    /// Replaces the running failovers (group, state, exports).
+    pub fn set_failovers(&self, failovers: Vec<(String, GroupState, Vec<FailoverExport>)>) {
+        *lock(&self.failovers) = failovers
+            .into_iter()
+            .map(|(group, state, exports)| (group, (state, exports)))
+            .collect();
+    }
+
     /// Replaces the groups shown reprotecting or failing back.
     pub fn set_reprotect_states(&self, states: Vec<(String, GroupState)>) {
         *lock(&self.reprotect_states) = states.into_iter().collect();
@@ -551,18 +562,35 @@ impl StatusModel {
                 group.recovery_points = points.clone();
             }
         }
+        let failovers = lock(&self.failovers);
         let reprotect_states = lock(&self.reprotect_states);
+        let mut overrides: Vec<(&String, GroupState, Vec<FailoverExport>)> = failovers
+            .iter()
+            .map(|(name, (state, exports))| (name, *state, exports.clone()))
+            .collect();
         for (name, state) in reprotect_states.iter() {
+            let exports = failovers
+                .get(name)
+                .map(|(_, exports)| exports.clone())
+                .unwrap_or_default();
+            overrides.retain(|(other, _, _)| *other != name);
+            overrides.push((name, *state, exports));
+        }
+        overrides.sort_by(|a, b| a.0.cmp(b.0));
+        for (name, state, exports) in overrides {
             match groups.iter_mut().find(|group| &group.name == name) {
-                Some(group) => group.state = *state,
+                Some(group) => {
+                    group.state = state;
+                    group.exports = exports;
+                }
                 None => groups.push(GroupStatus {
                     name: name.clone(),
                     rpo_threshold_seconds: 0.0,
                     recovery_point_interval_seconds: 0.0,
                     latest_point_age_seconds: None,
                     recovery_points: Vec::new(),
-                    state: *state,
-                    exports: Vec::new(),
+                    state,
+                    exports,
                 }),
             }
         }

@@ -16,7 +16,8 @@ use super::status::StatusModel;
 use super::DaemonError;
 use crate::apply::{self, ApplyStatus, PeerControl, RecoveryStore, ReplicaStore};
 use crate::config::TargetConfig;
-use crate::control::Response;
+use crate::control::{GroupState, Request, Response};
+use crate::failover::{FailoverManager, FailoverRequest};
 use crate::io::transport::{Identity, Peer, TargetEndpoint, Tuning};
 
 /// The running target side.
@@ -29,8 +30,8 @@ pub(crate) struct TargetSide {
     recovery: Arc<RecoveryStore>,
     /// Reprotect and failback of failed-over groups.
     pub reprotects: Arc<Reprotects>,
-    /// The failover as reprotect and failback reach it (set when the failover starts).
-    pub failover: Mutex<Option<Arc<dyn FailoverGroups>>>,
+    /// The failovers of this target (exports, overlays, definitions).
+    failovers: Arc<FailoverManager>,
 }
 
 /// How often points past their retention and unneeded before-images are dropped.
@@ -71,6 +72,13 @@ impl TargetSide {
         let peers = PeerControl::new();
         let recovery =
             RecoveryStore::open(store.clone(), None).map_err(|e| component(e.to_string()))?;
+        // Failovers recorded before a restart pin their points again before the first prune.
+        let failovers = Arc::new(FailoverManager::new(
+            recovery.clone(),
+            peers.clone(),
+            &layout.root,
+        ));
+        failovers.restore();
         let prune_task = tokio::spawn(prune_loop(recovery.clone(), shutdown.clone()));
         let task = tokio::spawn(apply::serve_with_recovery(
             endpoint,
@@ -88,8 +96,58 @@ impl TargetSide {
             peers,
             recovery,
             reprotects: Arc::default(),
-            failover: Mutex::new(None),
+            failovers,
         })
+    }
+
+    /// `ferry failover` and `ferry failover cleanup`: run beside the event loop (a planned
+    /// failover waits for the source's final point, materialising reads whole disks) and
+    /// answer when done. Refused while the group reprotects or fails back.
+    pub fn failover_command(
+        &self,
+        request: Request,
+        reply: tokio::sync::oneshot::Sender<Response>,
+    ) {
+        let failovers = self.failovers.clone();
+        let reprotects = self.reprotects.clone();
+        tokio::spawn(async move {
+            let response = match request {
+                Request::Failover {
+                    group,
+                    point,
+                    test,
+                    at_unix_ms,
+                    planned,
+                    materialize_dir,
+                } => match reprotects.state(failovers.as_ref(), &group) {
+                    state @ (GroupState::Reprotecting | GroupState::FailingBack) => {
+                        Response::Error {
+                            message: format!(
+                                "group {group:?} is {}: it is failed over already",
+                                state.as_str()
+                            ),
+                        }
+                    }
+                    _ => {
+                        failovers
+                            .failover(FailoverRequest {
+                                group,
+                                point,
+                                at_unix_ms,
+                                test,
+                                planned,
+                                materialize_dir: materialize_dir.map(Into::into),
+                            })
+                            .await
+                    }
+                },
+                Request::FailoverCleanup { group } => failovers.cleanup_test(&group).await,
+                other => Response::Error {
+                    message: format!("not a failover command: {other:?}"),
+                },
+            };
+            let _ = reply.send(response);
+        });
     }
 
     /// `ferry reprotect` / `ferry failback`: runs beside the event loop (a failback waits for
@@ -100,38 +158,21 @@ impl TargetSide {
         failback: bool,
         reply: tokio::sync::oneshot::Sender<Response>,
     ) {
-        let failover = self
-            .failover
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone();
-        let Some(failover) = failover else {
-            let _ = reply.send(Response::Error {
-                message: format!(
-                    "group {group:?} has no failover on this appliance: nothing to {}",
-                    if failback { "fail back" } else { "reprotect" }
-                ),
-            });
-            return;
-        };
         let reprotects = self.reprotects.clone();
         let peers = self.peers.clone();
+        let failovers = self.failovers.clone();
         tokio::spawn(async move {
             let response = if failback {
-                reprotects.failback(failover.as_ref(), &peers, &group).await
+                reprotects
+                    .failback(failovers.as_ref(), &peers, &group)
+                    .await
             } else {
                 reprotects
-                    .reprotect(failover.as_ref(), &peers, &group)
+                    .reprotect(failovers.as_ref(), &peers, &group)
                     .await
             };
             let _ = reply.send(response);
         });
-    }
-
-    /// The appliance's recovery-point store (failover reads points through it).
-    #[allow(dead_code)] // the failover commands call it
-    pub fn recovery(&self) -> &Arc<RecoveryStore> {
-        &self.recovery
     }
 
     /// `recovery-point list` from the catalog.
@@ -152,6 +193,7 @@ impl TargetSide {
 
     /// Copies every replica's figures into the status model.
     pub fn sample(&self, status: &StatusModel) {
+        status.set_failovers(self.failovers.snapshot());
         status.set_reprotect_states(self.reprotects.states());
         for replica in self.status.replicas() {
             status.upsert_replica(replica);
@@ -166,6 +208,9 @@ impl TargetSide {
     /// After the shutdown signal: waits for the sessions to finish (their queued writes
     /// applied and the applied sequence persisted).
     pub async fn stop(self) {
+        // Failover exports stop and their overlays are flushed; their records stay, so the
+        // failovers come back at the next start.
+        self.failovers.stop().await;
         let task = self
             .task
             .lock()
@@ -182,6 +227,28 @@ impl TargetSide {
         if let Some(task) = prune_task {
             let _ = task.await;
         }
+    }
+}
+
+impl FailoverGroups for FailoverManager {
+    fn state(&self, group: &str) -> GroupState {
+        FailoverManager::state(self, group)
+    }
+
+    fn disks(&self, group: &str) -> Result<crate::apply::peer::ReprotectDisks, String> {
+        self.reprotect_disks(group)
+    }
+
+    fn set_read_only(&self, group: &str, read_only: bool) -> Result<(), String> {
+        FailoverManager::set_read_only(self, group, read_only)
+    }
+
+    fn cleanup(
+        &self,
+        group: &str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        let group = group.to_string();
+        Box::pin(async move { FailoverManager::cleanup(self, &group).await.map(|_| ()) })
     }
 }
 

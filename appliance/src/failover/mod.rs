@@ -2,6 +2,9 @@
 //! NBD exports with a writable overlay (never writing the replica or the undo log), writes
 //! materialised images and machine definitions, and keeps the group's failover state.
 
+pub mod definition;
+pub mod manager;
 pub mod overlay;
 
+pub use manager::{FailoverManager, FailoverRequest};
 pub use overlay::{FailoverDisk, OverlayError, PointDisk, OVERLAY_BLOCK_BYTES};

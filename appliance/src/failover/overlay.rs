@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::apply::storage::sanitize;
 use crate::capture::disk::Change;
 use crate::capture::server::ExportBackend;
 use crate::core::nbd::ErrorCode;
@@ -165,7 +166,7 @@ impl FailoverDisk {
     ) -> Result<Self, OverlayError> {
         let export_name = format!("{machine}/{name}");
         let size_bytes = view.size_bytes();
-        let stem = format!("{}-{}", file_component(machine), file_component(name));
+        let stem = format!("{}-{}", sanitize(machine), sanitize(name));
         let overlay_path = dir.join(format!("{stem}.overlay"));
         let bitmap_path = dir.join(format!("{stem}.bitmap"));
         let file_error = |path: &Path, operation: &'static str| {
@@ -281,6 +282,12 @@ impl FailoverDisk {
                 (offset, end - offset)
             })
             .collect()
+    }
+
+    /// The point's bytes at `offset`, without the overlay (blocking: run it off the async
+    /// threads). Materialisation reads this: the image is the point, whatever was written since.
+    pub fn read_point(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.view.read_at(offset, buf)
     }
 
     /// The disk's current bytes at `offset` (overlay where written, else the point).
@@ -699,24 +706,6 @@ fn edge_blocks(
         middle.1 = middle.0;
     }
     (edges, middle)
-}
-
-/// Keeps a machine or disk name to one harmless path component.
-pub(crate) fn file_component(name: &str) -> String {
-    let cleaned: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    match cleaned.as_str() {
-        "" | "." | ".." => format!("_{cleaned}"),
-        _ => cleaned,
-    }
 }
 
 fn encode_bitmap(set: &BlockSet, size_bytes: u64) -> Vec<u8> {

@@ -1,0 +1,425 @@
+//! End-to-end failover (issue "Recovery points, consistency groups, failover"): a source and a
+//! target `ferry run` on loopback. Pattern A, point P1, pattern B, point P2; test failovers to
+//! P1 and to P2 read A and B through the failover export (qemu-io `read -P`) and in the
+//! materialised image (`cmp`), while the source keeps writing and replicating; a planned
+//! failover loses nothing; reprotect and failback bring the writes made during the failover back
+//! to the source; an unplanned failover with the source gone survives a target restart.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use support::*;
+
+const DISK_BYTES: u64 = 16 << 20;
+const EXPORT: &str = "web-1/os";
+
+fn run_ferry(args: &[String]) -> Output {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ferry(&args)
+}
+
+/// `ferry ARGS --socket <appliance's socket>`; asserts success and returns stdout.
+fn ferry_ok(appliance: &Appliance, args: &[&str]) -> String {
+    let output = ferry_on(appliance, args);
+    assert!(
+        output.status.success(),
+        "ferry {args:?}: {}\n--- {} log ---\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        appliance.name,
+        appliance.log()
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn ferry_on(appliance: &Appliance, args: &[&str]) -> Output {
+    let mut all: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+    all.push("--socket".into());
+    all.push(appliance.socket().display().to_string());
+    run_ferry(&all)
+}
+
+struct Site {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    source: Appliance,
+    target: Appliance,
+    disk: PathBuf,
+    export: PathBuf,
+}
+
+/// A source protecting one disk of machine web-1 (group "app") and a target mapping its
+/// network; both started and the disk protected.
+fn site() -> Site {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let mut source = Appliance::new(&root, "site-a");
+    let mut target = Appliance::new(&root, "site-b");
+    let port = free_udp_port();
+    let disk = root.join("web-1-os.raw");
+    make_disk(&disk, DISK_BYTES, 0, 1);
+    let export = source.root.join("web-1-os.sock");
+    target.write_config(&format!(
+        r#"[target]
+listen = "127.0.0.1:{port}"
+storage_dir = "{storage}"
+peers = [{{ name = "site-a", fingerprint = "{fingerprint}" }}]
+
+[target.mapping]
+resource_group = "rg-dr"
+networks = {{ prod = "dr-prod" }}
+test_network = "dr-test"
+"#,
+        storage = target.root.join("storage").display(),
+        fingerprint = source.fingerprint(),
+    ));
+    source.write_config(&format!(
+        r#"[source]
+journal_size = "64MiB"
+target = "127.0.0.1:{port}"
+target_fingerprint = "{fingerprint}"
+
+[[source.group]]
+name = "app"
+recovery_point_interval = "1h"
+
+[[source.machine]]
+name = "web-1"
+group = "app"
+availability_set = "web"
+nics = [{{ network = "prod", subnet = "front", ip = "10.0.0.4" }}]
+disks = [{{ name = "os", path = "{disk}", export = "{export}" }}]
+"#,
+        fingerprint = target.fingerprint(),
+        disk = disk.display(),
+        export = export.display(),
+    ));
+    target.start();
+    source.start();
+    wait_for("the disk to be protected", || {
+        let status = source.try_status()?;
+        (status["disks"][0]["state"] == "protected").then_some(())
+    });
+    Site {
+        _dir: dir,
+        root,
+        source,
+        target,
+        disk,
+        export,
+    }
+}
+
+/// Cuts a point on the source and waits until the target lists it usable; returns its id.
+fn cut_point(site: &Site) -> u64 {
+    let stdout = ferry_ok(
+        &site.source,
+        &["recovery-point", "create", "--group", "app"],
+    );
+    let id: u64 = stdout.trim().parse().expect("create prints an id");
+    wait_for(&format!("point {id} usable on the target"), || {
+        let output = ferry_on(
+            &site.target,
+            &["recovery-point", "list", "--group", "app", "--json"],
+        );
+        if !output.status.success() {
+            return None;
+        }
+        let points: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        points["points"]
+            .as_array()?
+            .iter()
+            .any(|point| point["id"] == id && point["usable"] == true)
+            .then_some(())
+    });
+    id
+}
+
+/// `ferry failover ... --json` on the target; returns the answer.
+fn failover(site: &Site, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["failover", "--group", "app", "--json"];
+    args.extend_from_slice(extra);
+    serde_json::from_str(&ferry_ok(&site.target, &args)).unwrap()
+}
+
+fn export_socket(answer: &serde_json::Value) -> PathBuf {
+    let export = &answer["exports"][0];
+    assert_eq!(export["export_name"], EXPORT);
+    PathBuf::from(export["socket"].as_str().unwrap())
+}
+
+/// Waits until the appliance's status shows the group in `state` (status is sampled a few
+/// times a second); returns the group.
+fn wait_state(appliance: &Appliance, state: &str) -> serde_json::Value {
+    wait_for(&format!("group app {state} on {}", appliance.name), || {
+        let status = appliance.try_status()?;
+        let group = status["groups"]
+            .as_array()?
+            .iter()
+            .find(|group| group["name"] == "app")?
+            .clone();
+        (group["state"] == state).then_some(group)
+    })
+}
+
+/// Runs qemu-io and returns whether every command succeeded.
+fn qemu_io_succeeds(socket: &Path, commands: &[&str]) -> bool {
+    qemu_io_with(socket, &[], commands)
+}
+
+fn qemu_io_with(socket: &Path, options: &[&str], commands: &[&str]) -> bool {
+    let mut args: Vec<String> = options.iter().map(|option| option.to_string()).collect();
+    args.extend([
+        "-f".to_string(),
+        "raw".to_string(),
+        format!("nbd+unix:///{EXPORT}?socket={}", socket.display()),
+    ]);
+    for command in commands {
+        args.push("-c".into());
+        args.push(command.to_string());
+    }
+    let output = Command::new("qemu-io").args(&args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    output.status.success()
+        && !stdout.contains("failed")
+        && !stdout.contains("Pattern verification")
+}
+
+fn io(socket: &Path, commands: &[&str]) {
+    let commands: Vec<String> = commands.iter().map(|c| c.to_string()).collect();
+    qemu_io(socket, EXPORT, &commands);
+}
+
+/// The disk image expected at a point: `writes` of (pattern, offset, length) over zeros.
+fn expected_image(path: &Path, writes: &[(u8, u64, u64)]) {
+    let mut bytes = vec![0u8; DISK_BYTES as usize];
+    for &(pattern, offset, length) in writes {
+        bytes[offset as usize..(offset + length) as usize].fill(pattern);
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn test_failovers_to_two_points_read_each_points_data_while_replication_continues() {
+    let site = site();
+    io(&site.export, &["write -P 0xa1 0 1M"]);
+    let p1 = cut_point(&site);
+    io(
+        &site.export,
+        &["write -P 0xb2 0 1M", "write -P 0xb2 4M 64k"],
+    );
+    let p2 = cut_point(&site);
+    assert!(p2 > p1);
+
+    // A test failover to P1, materialised.
+    let out = site.root.join("out-p1");
+    let answer = failover(
+        &site,
+        &[
+            "--point",
+            &p1.to_string(),
+            "--test",
+            "--materialize",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(answer["point"]["id"], p1);
+    assert_eq!(answer["test"], true);
+    let socket = export_socket(&answer);
+    io(&socket, &["read -P 0xa1 0 1M", "read -P 0 4M 64k"]);
+    let image = out.join("web-1").join("os.raw");
+    assert_eq!(
+        answer["exports"][0]["materialized_path"],
+        image.display().to_string()
+    );
+    let expected = site.root.join("expected-p1.raw");
+    expected_image(&expected, &[(0xa1, 0, 1 << 20)]);
+    assert!(same_bytes(&image, &expected), "materialised P1 differs");
+
+    // The machine definition: mapped settings, test network, the export as its disk.
+    let definition: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("web-1").join("web-1.json")).unwrap())
+            .unwrap();
+    assert_eq!(definition["resource_group"], "rg-dr");
+    assert_eq!(definition["nics"][0]["network"], "dr-test");
+    assert_eq!(definition["nics"][0]["ip"], "10.0.0.4");
+    assert_eq!(definition["recovery_point"]["id"], p1);
+    assert_eq!(definition["disks"][0]["image"], image.display().to_string());
+    let xml = std::fs::read_to_string(out.join("web-1").join("web-1.xml")).unwrap();
+    assert!(xml.contains("<name>web-1-test</name>"), "{xml}");
+    assert!(xml.contains("<source network='dr-test'/>"), "{xml}");
+
+    // Status on the target shows the test failover and its export.
+    let group = wait_state(&site.target, "test-failover");
+    assert_eq!(group["exports"][0]["socket"], socket.display().to_string());
+
+    // Replication keeps going beside the test failover; the test copy does not move.
+    io(&site.export, &["write -P 0xc3 8M 1M"]);
+    // The test machine writes into its overlay, never into the replica or the source.
+    io(&socket, &["write -P 0xdd 12M 64k", "read -P 0xdd 12M 64k"]);
+    io(&socket, &["read -P 0 8M 1M"]);
+    let verify = ferry_on(&site.source, &["verify", "--all"]);
+    assert!(
+        verify.status.success(),
+        "verify during a test failover: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    io(&site.export, &["read -P 0 12M 64k"]);
+
+    // A second failover while the test runs is refused, naming the cleanup.
+    let refused = ferry_on(&site.target, &["failover", "--group", "app"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("ferry failover cleanup --group app"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    ferry_ok(&site.target, &["failover", "cleanup", "--group", "app"]);
+    wait_state(&site.target, "protected");
+    assert!(
+        !socket.exists(),
+        "the export's socket is gone after cleanup"
+    );
+    // The materialised image is the operator's: cleanup leaves it.
+    assert!(image.exists());
+
+    // A test failover to P2 reads B, through the export and in the image.
+    let out = site.root.join("out-p2");
+    let answer = failover(
+        &site,
+        &[
+            "--point",
+            &p2.to_string(),
+            "--test",
+            "--materialize",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let socket = export_socket(&answer);
+    io(
+        &socket,
+        &[
+            "read -P 0xb2 0 1M",
+            "read -P 0xb2 4M 64k",
+            "read -P 0 8M 1M",
+        ],
+    );
+    let expected = site.root.join("expected-p2.raw");
+    expected_image(&expected, &[(0xb2, 0, 1 << 20), (0xb2, 4 << 20, 64 << 10)]);
+    assert!(same_bytes(&out.join("web-1").join("os.raw"), &expected));
+    ferry_ok(&site.target, &["failover", "cleanup", "--group", "app"]);
+
+    // Cleanup of a group with no test failover, an unknown point: clear errors.
+    let nothing = ferry_on(&site.target, &["failover", "cleanup", "--group", "app"]);
+    assert_eq!(nothing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&nothing.stderr).contains("no test failover"));
+    let unknown = ferry_on(
+        &site.target,
+        &["failover", "--group", "app", "--point", "999999", "--test"],
+    );
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("999999"));
+}
+
+#[test]
+fn planned_failover_loses_nothing_and_failback_brings_the_failover_writes_home() {
+    let mut site = site();
+    io(&site.export, &["write -P 0xa1 0 1M"]);
+    cut_point(&site);
+    // Written after the last point: a planned failover must still carry it.
+    io(&site.export, &["write -P 0xc3 2M 256k"]);
+
+    let answer = failover(&site, &["--planned"]);
+    assert_eq!(answer["test"], false);
+    let socket = export_socket(&answer);
+    io(&socket, &["read -P 0xa1 0 1M", "read -P 0xc3 2M 256k"]);
+    wait_state(&site.target, "failed-over");
+    // The source's export refuses writes now; reads still work.
+    assert!(!qemu_io_succeeds(&site.export, &["write -P 0xee 0 4k"]));
+    assert!(qemu_io_with(&site.export, &["-r"], &["read -P 0xa1 0 4k"]));
+    // Impossible transitions are refused with the state.
+    let refused = ferry_on(&site.target, &["failback", "--group", "app"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("reprotect it first"));
+    let refused = ferry_on(&site.target, &["failover", "cleanup", "--group", "app"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("failed-over"));
+
+    // Production runs at the target now.
+    io(&socket, &["write -P 0xd4 6M 512k"]);
+    ferry_ok(&site.target, &["reprotect", "--group", "app"]);
+    wait_state(&site.target, "reprotecting");
+    io(&socket, &["write -P 0xe5 10M 128k"]);
+    ferry_ok(&site.target, &["failback", "--group", "app"]);
+    wait_state(&site.target, "protected");
+
+    // The source holds every write made at the target, and takes writes again.
+    io(
+        &site.export,
+        &[
+            "read -P 0xa1 0 1M",
+            "read -P 0xc3 2M 256k",
+            "read -P 0xd4 6M 512k",
+            "read -P 0xe5 10M 128k",
+        ],
+    );
+    io(&site.export, &["write -P 0x17 14M 64k"]);
+    let verify = ferry_on(&site.source, &["verify", "--all"]);
+    assert!(
+        verify.status.success(),
+        "verify after failback: {}\n{}",
+        String::from_utf8_lossy(&verify.stderr),
+        site.source.log()
+    );
+    site.source.stop();
+    let expected = site.root.join("expected.raw");
+    expected_image(
+        &expected,
+        &[
+            (0xa1, 0, 1 << 20),
+            (0xc3, 2 << 20, 256 << 10),
+            (0xd4, 6 << 20, 512 << 10),
+            (0xe5, 10 << 20, 128 << 10),
+            (0x17, 14 << 20, 64 << 10),
+        ],
+    );
+    assert!(same_bytes(&site.disk, &expected));
+    site.target.stop();
+}
+
+#[test]
+fn unplanned_failover_without_the_source_survives_a_target_restart() {
+    let mut site = site();
+    io(&site.export, &["write -P 0xa1 0 1M"]);
+    let p1 = cut_point(&site);
+    site.source.kill();
+
+    let answer = failover(&site, &["--point", "latest"]);
+    assert_eq!(answer["point"]["id"], p1);
+    let socket = export_socket(&answer);
+    io(
+        &socket,
+        &["read -P 0xa1 0 1M", "write -P 0x5c 3M 64k", "flush"],
+    );
+    let definition = answer["definitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|path| path.as_str().unwrap().ends_with("web-1.json"))
+        .cloned()
+        .expect("a JSON definition");
+    let definition: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(definition.as_str().unwrap()).unwrap()).unwrap();
+    assert_eq!(definition["nics"][0]["network"], "dr-prod");
+    assert_eq!(definition["test"], false);
+
+    // A restart of the target brings the failover back with the machine's writes.
+    site.target.stop();
+    site.target.start();
+    wait_state(&site.target, "failed-over");
+    io(&socket, &["read -P 0xa1 0 1M", "read -P 0x5c 3M 64k"]);
+    site.target.stop();
+}
