@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-utils nbdkit libnbd-bin fio rsync tmux openssh-server iproute2)
+packages=(qemu-utils nbdkit libnbd-bin fio rsync tmux openssh-server iproute2
+  ceph-mon ceph-osd ceph-mgr ceph-common librbd-dev librados-dev uuid-runtime)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -6,3 +6,5 @@ pub mod mmap_journal;
 pub mod disk;
 
 pub mod transport;
+
+pub mod rbd;

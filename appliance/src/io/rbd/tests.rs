@@ -1,0 +1,144 @@
+//! The binding against a real one-node cluster: image lifecycle and features, aio data path,
+//! snapshots and the diff iterator, and errors that name what failed. One cluster, one test.
+
+use super::test_cluster::TestCluster;
+use super::*;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binding_against_a_real_cluster() {
+    let cluster = TestCluster::start();
+    eprintln!("one-node Ceph bring-up: {:?}", cluster.bring_up);
+    let pool = cluster.pool().expect("connect and open pool rbd");
+
+    // Create with the replica features; the cluster reports them back.
+    pool.create_image("disk-a", 64 * MIB, REPLICA_FEATURES)
+        .expect("create image");
+    let error = pool
+        .create_image("disk-a", 64 * MIB, REPLICA_FEATURES)
+        .expect_err("second create");
+    assert_eq!(error.errno(), Some(libc::EEXIST));
+    assert!(error.to_string().contains("rbd/disk-a"), "{error}");
+    let image = pool.open_image("disk-a").expect("open image");
+    assert_eq!(image.size(), 64 * MIB);
+    assert_eq!(
+        image.features().unwrap() & REPLICA_FEATURES,
+        REPLICA_FEATURES
+    );
+    let info = cluster.rbd(&["info", "rbd/disk-a"]);
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        info.contains("layering, exclusive-lock, object-map, fast-diff"),
+        "{info}"
+    );
+
+    // Concurrent writes at their offsets, read back.
+    let mut writes = tokio::task::JoinSet::new();
+    for i in 0..16u64 {
+        let image = image.clone();
+        writes.spawn(async move {
+            let buf = IoBuf::from_slice(&vec![i as u8 + 1; 64 * 1024]);
+            image.write_at(i * MIB + 4096, buf).await.0
+        });
+    }
+    while let Some(result) = writes.join_next().await {
+        result.unwrap().expect("aio write");
+    }
+    image.flush().await.expect("flush");
+    for i in 0..16u64 {
+        let (result, buf) = image.read_at(i * MIB, IoBuf::zeroed(4096 + 65536)).await;
+        result.expect("aio read");
+        assert!(buf[..4096].iter().all(|&b| b == 0));
+        assert!(buf[4096..].iter().all(|&b| b == i as u8 + 1), "block {i}");
+    }
+
+    // Snapshot, then zero a small range inside an object: it reads as zeroes (a discard would
+    // leave it), and the diff from the snapshot names exactly that range.
+    image.create_snapshot("p1").expect("snapshot p1");
+    image
+        .write_zeroes(2 * MIB + 8192, 4096)
+        .await
+        .expect("write zeroes");
+    let (result, buf) = image.read_at(2 * MIB + 4096, IoBuf::zeroed(3 * 4096)).await;
+    result.unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 3));
+    assert!(buf[4096..8192].iter().all(|&b| b == 0));
+    assert!(buf[8192..].iter().all(|&b| b == 3));
+    let (result, _) = image
+        .write_at(40 * MIB, IoBuf::from_slice(&[9u8; 4096]))
+        .await;
+    result.unwrap();
+    image.flush().await.unwrap();
+    let diff = image
+        .diff(Some("p1"), 0, image.size(), false)
+        .expect("diff");
+    assert_eq!(
+        diff,
+        vec![
+            DiffExtent {
+                offset: 2 * MIB + 8192,
+                len: 4096,
+                exists: true
+            },
+            DiffExtent {
+                offset: 40 * MIB,
+                len: 4096,
+                exists: true
+            },
+        ]
+    );
+    let whole = image.diff(Some("p1"), 0, image.size(), true).expect("diff");
+    assert_eq!(
+        whole.iter().map(|e| (e.offset, e.len)).collect::<Vec<_>>(),
+        vec![(0, 4 * MIB), (40 * MIB, 4 * MIB)]
+    );
+
+    // Snapshot list, protect (blocks removal), unprotect, remove.
+    image.create_snapshot("p2").unwrap();
+    let names: Vec<String> = image
+        .snapshots()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["p1", "p2"]);
+    image.protect_snapshot("p1").unwrap();
+    let error = image.remove_snapshot("p1").expect_err("remove protected");
+    assert_eq!(error.errno(), Some(libc::EBUSY), "{error}");
+    assert!(error.to_string().contains("rbd/disk-a@p1"), "{error}");
+    image.unprotect_snapshot("p1").unwrap();
+    image.remove_snapshot("p1").unwrap();
+    image.remove_snapshot("p2").unwrap();
+    assert!(image.snapshots().unwrap().is_empty());
+
+    // Out-of-range requests fail before reaching librbd and name the image.
+    let (result, _) = image.write_at(64 * MIB - 100, IoBuf::zeroed(4096)).await;
+    let error = result.expect_err("write past the end");
+    assert!(error.to_string().contains("rbd:rbd/disk-a"), "{error}");
+
+    // A dropped future does not free memory librbd still writes into.
+    for _ in 0..8 {
+        let read = image.read_at(0, IoBuf::zeroed(1 << 20));
+        drop(tokio::time::timeout(Duration::from_micros(1), read).await);
+    }
+    image.flush().await.unwrap();
+
+    // Missing things: errno and name.
+    let error = pool.open_image("nope").expect_err("open missing image");
+    assert_eq!(error.errno(), Some(libc::ENOENT));
+    assert!(error.to_string().contains("open image rbd/nope"), "{error}");
+    let cluster_handle = Cluster::connect(&cluster.options()).unwrap();
+    let error = cluster_handle.pool("nopool").expect_err("missing pool");
+    assert_eq!(error.errno(), Some(libc::ENOENT));
+    let mut bad = cluster.options();
+    bad.conf = cluster.dir().join("missing.conf");
+    let error = Cluster::connect(&bad).expect_err("missing conf");
+    assert!(error.to_string().contains("missing.conf"), "{error}");
+
+    drop(image);
+    pool.remove_image("disk-a").expect("remove image");
+    let listed = cluster.rbd(&["ls", "rbd"]);
+    assert!(String::from_utf8_lossy(&listed.stdout).trim().is_empty());
+}
