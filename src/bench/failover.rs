@@ -124,15 +124,15 @@ pub fn run(env: &Env) -> anyhow::Result<Vec<Figure>> {
     env.progress
         .step("test failover to the point, until its export reads");
     let start = Instant::now();
-    tools::output(
+    let answer = tools::output(
         Command::new(&env.exe)
-            .args(["failover", "--group", GROUP, "--point"])
+            .args(["failover", "--group", GROUP, "--json", "--point"])
             .arg(point.to_string())
             .arg("--test")
             .arg("--socket")
             .arg(pair.socket_path("target")),
     )?;
-    let uri = export_uri(&pair)?;
+    let uri = export_uri(&answer)?;
     // The point predates the writes: its first MiB reads as the zeros the disk held then.
     let read_deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -217,17 +217,18 @@ pub fn run(env: &Env) -> anyhow::Result<Vec<Figure>> {
     .note(verified_note(identical))])
 }
 
-/// The first export of the group in the target's status.
-fn export_uri(pair: &Pair) -> anyhow::Result<String> {
-    let snapshot = pair.status("target")?;
-    snapshot
-        .groups
-        .iter()
-        .filter(|group| group.name == GROUP)
-        .flat_map(|group| group.exports.iter())
-        .find(|export| export.machine == MACHINE)
-        .map(|export| export.uri.clone())
-        .context("the target's status lists no failover export of the group")
+/// The export of the bench's machine in `ferry failover --json`'s answer.
+fn export_uri(answer: &str) -> anyhow::Result<String> {
+    let response: ferry_appliance::control::Response = serde_json::from_str(answer)
+        .with_context(|| format!("ferry failover --json printed {answer:?}"))?;
+    match response {
+        ferry_appliance::control::Response::Failover { exports, .. } => exports
+            .into_iter()
+            .find(|export| export.machine == MACHINE)
+            .map(|export| export.uri)
+            .context("the failover answer lists no export of the bench's machine"),
+        other => anyhow::bail!("ferry failover answered {other:?}"),
+    }
 }
 
 fn replica_path(pair: &Pair) -> anyhow::Result<std::path::PathBuf> {

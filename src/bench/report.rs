@@ -61,8 +61,14 @@ impl Report {
         text
     }
 
-    /// The generated markdown section, markers included.
+    /// The generated markdown section, markers included (no rows carried from earlier runs).
     pub fn markdown(&self) -> String {
+        self.markdown_with(&[])
+    }
+
+    /// The generated section, with `carried` table rows (of scenarios this run did not measure,
+    /// from the section it replaces) kept in scenario order.
+    fn markdown_with(&self, carried: &[(usize, String)]) -> String {
         let machine = &self.machine;
         let mut text = String::new();
         text.push_str(BEGIN);
@@ -116,26 +122,41 @@ impl Report {
             "\n| # | figure | Ferry | baseline | baseline value | ratio | aim | note |\n\
              |---|---|---|---|---|---|---|---|\n",
         );
+        let mut rows: Vec<(usize, String)> = carried.to_vec();
         for figure in &self.figures {
-            text.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            rows.push((
                 figure.scenario,
-                figure.name,
-                value(figure.value, &figure.unit),
-                figure.baseline.as_deref().unwrap_or("—"),
-                value(figure.baseline_value, &figure.unit),
-                figure.ratio().map_or_else(
-                    || "—".to_owned(),
-                    |ratio| format!("**{}**", ratio_text(ratio))
+                format!(
+                    "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    figure.scenario,
+                    figure.name,
+                    value(figure.value, &figure.unit),
+                    figure.baseline.as_deref().unwrap_or("—"),
+                    value(figure.baseline_value, &figure.unit),
+                    figure.ratio().map_or_else(
+                        || "—".to_owned(),
+                        |ratio| format!("**{}**", ratio_text(ratio))
+                    ),
+                    match (&figure.aim, figure.aim_met()) {
+                        (Some(aim), Some(true)) => format!("{aim}: met"),
+                        (Some(aim), Some(false)) => format!("{aim}: **not met**"),
+                        (Some(aim), None) => aim.clone(),
+                        (None, _) => "—".to_owned(),
+                    },
+                    figure.note.as_deref().unwrap_or("").replace('|', "/"),
                 ),
-                match (&figure.aim, figure.aim_met()) {
-                    (Some(aim), Some(true)) => format!("{aim}: met"),
-                    (Some(aim), Some(false)) => format!("{aim}: **not met**"),
-                    (Some(aim), None) => aim.clone(),
-                    (None, _) => "—".to_owned(),
-                },
-                figure.note.as_deref().unwrap_or("").replace('|', "/"),
             ));
+        }
+        // Stable: within a scenario, rows keep their order.
+        rows.sort_by_key(|(scenario, _)| *scenario);
+        for (_, row) in rows {
+            text.push_str(&row);
+        }
+        if !carried.is_empty() {
+            text.push_str(
+                "\nRows whose note starts with *earlier run* were not measured by this run: they \
+                 are kept from the run named there (the plot shows this run's figures only).\n",
+            );
         }
         text.push_str(&format!(
             "\n![ratio of every figure to its baseline, log scale]({PLOT_FILE})\n\n\
@@ -160,7 +181,9 @@ impl Report {
                 return Err(error).with_context(|| format!("cannot read {}", path.display()))
             }
         };
-        let new = splice(&old, &self.markdown());
+        let measured: Vec<usize> = self.figures.iter().map(|figure| figure.scenario).collect();
+        let carried = carried_rows(&old, &measured);
+        let new = splice(&old, &self.markdown_with(&carried));
         std::fs::write(&path, new).with_context(|| format!("cannot write {}", path.display()))?;
         self.plot(&out.join(PLOT_FILE))
     }
@@ -281,6 +304,56 @@ impl Report {
     }
 }
 
+/// The table rows of the generated section in `old` whose scenario is not in `measured`, each
+/// marked with the date of the run that measured it (a row already marked keeps its mark).
+fn carried_rows(old: &str, measured: &[usize]) -> Vec<(usize, String)> {
+    let (Some(begin), Some(end)) = (old.find(BEGIN), old.find(END)) else {
+        return Vec::new();
+    };
+    if begin >= end {
+        return Vec::new();
+    }
+    let section = &old[begin..end];
+    let date = section
+        .lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix("Run of `ferry bench")?;
+            let after_on = &rest[rest.find("` on ")? + 5..];
+            Some(after_on[..after_on.find(',')?].to_owned())
+        })
+        .unwrap_or_else(|| "an earlier date".to_owned());
+    let mut rows = Vec::new();
+    for line in section.lines() {
+        let Some(rest) = line.strip_prefix("| ") else {
+            continue;
+        };
+        let Some(scenario) = rest
+            .split(" |")
+            .next()
+            .and_then(|cell| cell.trim().parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if measured.contains(&scenario) {
+            continue;
+        }
+        let mut cells: Vec<String> = line.split('|').map(str::to_owned).collect();
+        // "", scenario, figure, Ferry, baseline, baseline value, ratio, aim, note, "".
+        if cells.len() >= 10 {
+            let note = cells[8].trim().to_owned();
+            if !note.starts_with("*earlier run") {
+                cells[8] = if note.is_empty() {
+                    format!(" *earlier run ({date})* ")
+                } else {
+                    format!(" *earlier run ({date})*: {note} ")
+                };
+            }
+        }
+        rows.push((scenario, format!("{}\n", cells.join("|"))));
+    }
+    rows
+}
+
 /// Replaces the generated section of `old` with `section`, or inserts it before the first `## `
 /// heading (after the file's title and intro), or appends it.
 fn splice(old: &str, section: &str) -> String {
@@ -341,6 +414,39 @@ mod tests {
         assert_eq!(ratio_text(0.5), "0.50x");
         assert_eq!(ratio_text(0.0312), "0.031x");
         assert_eq!(ratio_text(0.00123), "0.0012x");
+    }
+
+    #[test]
+    fn rows_of_scenarios_not_measured_are_carried_with_their_run_date() {
+        let old = format!(
+            "# R\n\n{BEGIN}\nRun of `ferry bench` on 2026-11-26 17:27 UTC, 373 s. x\n\n\
+             | # | figure | Ferry | baseline | baseline value | ratio | aim | note |\n\
+             |---|---|---|---|---|---|---|---|\n\
+             | 1 | init | 0.16 GB/s | qemu | 0.45 GB/s | **0.36x** | aim | verified |\n\
+             | 7 | failover | — | — | — | — | — | not available |\n\
+             | 5 | link | 1.5 GB/s | quinn | 0.6 GB/s | **2.6x** | met |  |\n{END}\n"
+        );
+        let carried = carried_rows(&old, &[7]);
+        assert_eq!(carried.len(), 2);
+        assert_eq!(carried[0].0, 1);
+        assert!(
+            carried[0]
+                .1
+                .contains("*earlier run (2026-11-26 17:27 UTC)*: verified"),
+            "{}",
+            carried[0].1
+        );
+        assert!(carried[1]
+            .1
+            .contains("*earlier run (2026-11-26 17:27 UTC)*"));
+        assert!(!carried.iter().any(|(_, row)| row.contains("not available")));
+        // A carried row carried again keeps its original date.
+        let again = format!(
+            "{BEGIN}\nRun of `ferry bench` on 2026-11-27 03:00 UTC, 9 s.\n{}{END}\n",
+            carried[0].1
+        );
+        let twice = carried_rows(&again, &[7]);
+        assert_eq!(twice[0].1, carried[0].1);
     }
 
     #[test]
