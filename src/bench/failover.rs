@@ -17,7 +17,7 @@ use super::pair::{DiskSpec, Pair, PairOptions, MACHINE};
 use super::tools::{self, Tool};
 use super::{Env, Scenario};
 
-pub const STEPS: u64 = 3;
+pub const STEPS: u64 = 4;
 
 const GROUP: &str = "app";
 const NAME: &str = "failover to a readable export";
@@ -201,6 +201,7 @@ pub fn run(env: &Env) -> anyhow::Result<Vec<Figure>> {
         let _ = std::fs::remove_file(&to);
         result.map_err(|error| format!("qemu-img failed: {error:#}"))
     };
+    let cut_cost = cut_cost(env, &pair)?;
     let identical = pair.verify(verify_timeout(env.size));
     pair.stop_source()?;
     pair.stop_target()?;
@@ -208,13 +209,104 @@ pub fn run(env: &Env) -> anyhow::Result<Vec<Figure>> {
         "  test failover to point {point}: export readable after {seconds:.2} s; full copy of the replica {}",
         shown(&copy, "s")
     ));
-    Ok(vec![with_baseline(
+    let mut figures = vec![with_baseline(
         Figure::new(title, seconds, "s", Better::Lower),
         "qemu-img convert -n of the replica to a new file (a full point-in-time copy)",
         &copy,
     )
     .note(checked)
-    .note(verified_note(identical))])
+    .note(verified_note(identical))];
+    figures.extend(cut_cost);
+    Ok(figures)
+}
+
+/// Points cut per second while the cut-cost job runs (one `ferry recovery-point create` every
+/// `1 / CUTS_PER_S` s: far more often than any interval an operator sets, to make the cost show).
+const CUTS_PER_S: u64 = 10;
+
+/// The write-latency cost of cutting group points: the same 4 KiB random-write job at QD1
+/// through the source export, alone and then while points are cut `CUTS_PER_S` times a second.
+fn cut_cost(env: &Env, pair: &Pair) -> anyhow::Result<Vec<Figure>> {
+    let seconds: u64 = env.size.pick(2, 4, 10);
+    env.progress.step(&format!(
+        "write latency alone, then with {CUTS_PER_S} cuts/s ({seconds} s each)"
+    ));
+    let job: Vec<String> = vec![
+        "--name=cut-cost".into(),
+        "--ioengine=nbd".into(),
+        format!("--uri={}", pair.export_uri("os")),
+        "--rw=randwrite".into(),
+        "--bs=4k".into(),
+        "--iodepth=1".into(),
+        "--size=256M".into(),
+        "--time_based".into(),
+        format!("--runtime={seconds}"),
+    ];
+    let alone = tools::fio(&job, "write")?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cutter = {
+        let stop = stop.clone();
+        let exe = env.exe.clone();
+        let socket = pair.socket_path("source");
+        // Bounded by count as well as by the job's end.
+        let cuts_max = (seconds + 30) * CUTS_PER_S;
+        std::thread::spawn(move || {
+            let mut cut = 0u64;
+            let mut failed = 0u64;
+            let period = Duration::from_millis(1000 / CUTS_PER_S);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && cut + failed < cuts_max {
+                let started = Instant::now();
+                let created = Command::new(&exe)
+                    .args(["recovery-point", "create", "--group", GROUP, "--socket"])
+                    .arg(&socket)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+                match created {
+                    Ok(status) if status.success() => cut += 1,
+                    _ => failed += 1,
+                }
+                // Pacing, not synchronisation: one cut per period.
+                std::thread::sleep(period.saturating_sub(started.elapsed()));
+            }
+            (cut, failed)
+        })
+    };
+    let with_cuts = tools::fio(&job, "write");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (cut, failed) = cutter
+        .join()
+        .map_err(|_| anyhow::anyhow!("the cutting thread panicked"))?;
+    let with_cuts = with_cuts?;
+    env.log(&format!(
+        "  4 KiB QD1 write latency p50/p99: alone {:.3}/{:.3} ms, with {cut} cuts {:.3}/{:.3} ms",
+        alone.latency_p50_ms,
+        alone.latency_p99_ms,
+        with_cuts.latency_p50_ms,
+        with_cuts.latency_p99_ms
+    ));
+    let note = format!(
+        "{cut} points cut during the {seconds} s job ({failed} cuts failed); fio nbd 4 KiB random writes QD1"
+    );
+    let baseline = "the same job with no cut running";
+    Ok(vec![
+        Figure::new(
+            format!("write latency p50 while cutting {CUTS_PER_S} points/s"),
+            with_cuts.latency_p50_ms,
+            "ms",
+            Better::Lower,
+        )
+        .against(baseline, Some(alone.latency_p50_ms))
+        .note(note.clone()),
+        Figure::new(
+            format!("write latency p99 while cutting {CUTS_PER_S} points/s"),
+            with_cuts.latency_p99_ms,
+            "ms",
+            Better::Lower,
+        )
+        .against(baseline, Some(alone.latency_p99_ms))
+        .note(note),
+    ])
 }
 
 /// The export of the bench's machine in `ferry failover --json`'s answer.

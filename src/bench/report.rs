@@ -61,14 +61,9 @@ impl Report {
         text
     }
 
-    /// The generated markdown section, markers included (no rows carried from earlier runs).
-    pub fn markdown(&self) -> String {
-        self.markdown_with(&[])
-    }
-
-    /// The generated section, with `carried` table rows (of scenarios this run did not measure,
+    /// The generated markdown section, markers included, with `carried` table rows (of scenarios this run did not measure,
     /// from the section it replaces) kept in scenario order.
-    fn markdown_with(&self, carried: &[(usize, String)]) -> String {
+    fn markdown(&self, carried: &[(usize, String)]) -> String {
         let machine = &self.machine;
         let mut text = String::new();
         text.push_str(BEGIN);
@@ -183,7 +178,7 @@ impl Report {
         };
         let measured: Vec<usize> = self.figures.iter().map(|figure| figure.scenario).collect();
         let carried = carried_rows(&old, &measured);
-        let new = splice(&old, &self.markdown_with(&carried));
+        let new = splice(&old, &self.markdown(&carried));
         std::fs::write(&path, new).with_context(|| format!("cannot write {}", path.display()))?;
         self.plot(&out.join(PLOT_FILE))
     }
