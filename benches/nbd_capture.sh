@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # NBD capture benchmark: fio's nbd engine against a Ferry capture export (every write journaled
-# into the mmap cache journal, then applied to the image through the disk engine) and, in the
-# same run and on the same image file, against `nbdkit file`. Two workloads: 4 KiB random writes
-# at QD32 and 1 MiB sequential writes at QD8. Servers alternate round by round so drift on this
-# shared machine hits both alike; the medians and the Ferry/nbdkit ratio go into the
-# "## NBD capture" section of benches/RESULTS.md (replaced on every run).
+# into the mmap cache journal, then applied to the image) and, in the same run, against
+# `nbdkit file`. Like is compared with like: Ferry (O_DIRECT image writes, each answered once
+# the device has it) against `nbdkit file cache=none` (page cache, then sync_file_range +
+# FADV_DONTNEED: it too waits for the data to reach the device), and Ferry forced onto the page
+# cache (`direct=off`, comparison only) against plain `nbdkit file` (answered from the page
+# cache). Two workloads:
+# 4 KiB random writes at QD32 and 1 MiB sequential writes at QD8. Each server gets its own
+# warmed image file; servers alternate round by round so drift on this shared machine hits all
+# alike; the medians and the ratios go into the "## NBD capture" section of benches/RESULTS.md
+# (replaced on every run).
 #
 # Usage: benches/nbd_capture.sh [ROUNDS] [SECONDS]      (defaults: 3 rounds of 10 s per job)
 # Env:   FERRY_BENCH_DIR   where the image and journal go (default: a temp dir under /var/tmp)
@@ -17,7 +22,6 @@ image_mib=${FERRY_BENCH_IMAGE_MIB:-2048}
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=${FERRY_BENCH_DIR:-$(mktemp -d /var/tmp/ferry-nbd-bench.XXXXXX)}
 mkdir -p "$work"
-image="$work/image.raw"
 results="$root/benches/RESULTS.md"
 
 for tool in fio nbdkit python3; do
@@ -35,10 +39,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The host disk is thin-provisioned: the first pass over a new file is 2-3x slower. Write the
-# whole image once so both servers see allocated blocks.
-echo "warming a ${image_mib} MiB image in $work" >&2
-dd if=/dev/zero of="$image" bs=1M count="$image_mib" oflag=direct conv=fsync status=none
+kinds="nbdkit ferry-pagecache nbdkit-none ferry ferry-memjournal"
+
+# The host disk is thin-provisioned: the first pass over a new file is 2-3x slower. Write each
+# image once so every server sees allocated blocks. One image per server: pages one server left
+# in the page cache must not slow another's O_DIRECT writes (they would be invalidated first).
+for kind in $kinds; do
+    echo "warming a ${image_mib} MiB image for $kind in $work" >&2
+    dd if=/dev/zero of="$work/$kind.raw" bs=1M count="$image_mib" oflag=direct conv=fsync status=none
+done
 
 wait_for_socket() {
     for _ in $(seq 1 6000); do
@@ -51,9 +60,13 @@ wait_for_socket() {
 
 start_server() { # kind socket
     rm -f "$2"
+    rm -rf "$work/state"
+    local image="$work/$1.raw"
     case "$1" in
         nbdkit) nbdkit --foreground --exit-with-parent --unix "$2" file "$image" 2>"$work/nbdkit.log" & ;;
+        nbdkit-none) nbdkit --foreground --exit-with-parent --unix "$2" file "$image" cache=none 2>"$work/nbdkit.log" & ;;
         ferry) "$serve" "$image" "$2" "$work/state" direct=auto journal_mib=1024 2>"$work/ferry.log" & ;;
+        ferry-pagecache) "$serve" "$image" "$2" "$work/state" direct=off journal_mib=1024 2>"$work/ferry.log" & ;;
         ferry-memjournal) "$serve" "$image" "$2" "$work/state" direct=auto journal_mib=256 journal=mem 2>"$work/ferry.log" & ;;
     esac
     server_pid=$!
@@ -74,7 +87,6 @@ run_fio() { # socket rw bs iodepth -> "bytes_per_s iops"
 }
 
 declare -A figures
-kinds="nbdkit ferry ferry-memjournal"
 for round in $(seq 1 "$rounds"); do
     for kind in $kinds; do
         socket="$work/$kind.sock"
@@ -96,13 +108,20 @@ for line in sys.stdin:
     kind, job, bw, iops = line.split()
     rows[(kind, job)].append((int(bw), int(iops)))
 med = {k: (statistics.median(b for b, _ in v), statistics.median(i for _, i in v)) for k, v in rows.items()}
-def ratio(kind, job): return med[(kind, job)][0] / med[("nbdkit", job)][0]
-print("| server | 4 KiB random write QD32 | ratio | 1 MiB sequential write QD8 | ratio |")
-print("|---|---|---|---|---|")
-for kind, label in [("nbdkit", "nbdkit file (baseline)"), ("ferry", "Ferry capture, mmap journal + O_DIRECT (default)"), ("ferry-memjournal", "Ferry capture, journal in memory (comparison only)")]:
+def ratio(kind, base, job): return med[(kind, job)][0] / med[(base, job)][0]
+print("| server | guarantee before FLUSH/FUA | 4 KiB random write QD32 | ratio | 1 MiB sequential write QD8 | ratio |")
+print("|---|---|---|---|---|---|")
+rows = [
+    ("nbdkit-none", "nbdkit-none", "nbdkit file cache=none (baseline of the next two rows)", "sent to the device (sync_file_range), not flushed"),
+    ("ferry", "nbdkit-none", "Ferry capture, mmap journal + O_DIRECT (default)", "sent to the device (O_DIRECT), not flushed; journal msync every 20 ms"),
+    ("ferry-memjournal", "nbdkit-none", "Ferry capture, O_DIRECT, journal in memory (comparison only)", "disk as above; journal lost in a crash"),
+    ("nbdkit", "nbdkit", "nbdkit file (baseline of the next row)", "in the page cache only"),
+    ("ferry-pagecache", "nbdkit", "Ferry capture, mmap journal + page cache (direct=off, comparison only)", "in the page cache only; journal msync every 20 ms"),
+]
+for kind, base, label, guarantee in rows:
     r, s = med[(kind, "rand")], med[(kind, "seq")]
-    rr, rs = ratio(kind, "rand"), ratio(kind, "seq")
-    print(f"| {label} | {r[1]/1000:.1f}K IOPS ({r[0]/1e6:.0f} MB/s) | {rr:.2f}x | {s[0]/1e9:.2f} GB/s | {rs:.2f}x |")
+    rr, rs = ratio(kind, base, "rand"), ratio(kind, base, "seq")
+    print(f"| {label} | {guarantee} | {r[1]/1000:.1f}K IOPS ({r[0]/1e6:.0f} MB/s) | {rr:.2f}x | {s[0]/1e9:.2f} GB/s | {rs:.2f}x |")
 ')
 echo "$summary"
 
@@ -112,9 +131,12 @@ section=$(cat <<EOF
 \`benches/nbd_capture.sh $rounds $seconds\` on $(date -u +%Y-%m-%d) ($(nproc) cores, $(uname -r)): fio
 \`ioengine=nbd\` over a unix socket against a Ferry capture export (release build of
 \`appliance/examples/capture_serve\`: every write journaled into a 1 GiB mmap journal, which a
-stand-in target flushes and releases every 20 ms, then written to the image by the io_uring disk
-engine) and against \`nbdkit file\` on the same warmed ${image_mib} MiB image, alternating server
-by server, $rounds rounds of ${seconds} s per job; medians, GB = 10^9 B. Ratio = Ferry / nbdkit.
+stand-in target flushes (msync) and releases every 20 ms, then written to the image) and against
+\`nbdkit file\`, each server on its own warmed ${image_mib} MiB image, alternating server by
+server, $rounds rounds of ${seconds} s per job; medians, GB = 10^9 B. Ratio = Ferry / the nbdkit
+row with the same disk guarantee (page cache, or waiting for the device). fio sends no FLUSH and
+no FUA here; with them every server makes the data durable before the reply (Ferry: journal
+msync + image fdatasync).
 
 $summary
 EOF
