@@ -12,6 +12,7 @@
 pub mod catalog;
 mod executor;
 pub mod peer;
+pub mod replica;
 pub mod storage;
 pub mod undo;
 

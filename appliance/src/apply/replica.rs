@@ -1,0 +1,272 @@
+//! The target-storage boundary: where replica disks live and the five operations the apply
+//! path needs from one. Two backends sit behind it — local raw files (the disk engine,
+//! io_uring or pread/pwrite) and Ceph RBD images (librbd aio) — and one conformance suite
+//! (`replica_tests.rs`) runs the same cases on both; only the constructor differs.
+//!
+//! Semantics every backend keeps (the conformance suite checks them):
+//! - `open_replica` creates a missing replica of the announced size reading as zeroes, grows a
+//!   smaller one, refuses a larger one (a replica never shrinks silently), and says whether the
+//!   replica existed before.
+//! - reads and writes at any byte offset and length inside `[0, size)`; outside fails.
+//! - `write_zeroes` makes exactly its range read as zeroes, also a few bytes inside one
+//!   4 MiB RBD object (RBD's discard would not), and leaves neighbouring bytes alone.
+//! - `flush` completes when every write completed before it is durable.
+//! - concurrent operations on disjoint ranges are allowed; overlapping ones are the caller's
+//!   to order (as with the disk engine and NBD).
+
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::io::disk::{Disk, DiskError, DiskOp, DiskOptions, IoBuf};
+use crate::io::rbd::{self, ClusterOptions, RbdError, REPLICA_FEATURES};
+
+use super::storage::sanitize;
+
+/// A boxed future of a replica operation.
+pub type ReplicaFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One replica disk, whichever backend holds it.
+pub trait ReplicaDisk: Send + Sync {
+    fn size(&self) -> u64;
+    /// Where it lives, for messages (`/path/disk.raw`, `rbd:pool/image`).
+    fn location(&self) -> String;
+    fn read_at(&self, offset: u64, buf: IoBuf)
+        -> ReplicaFuture<'_, (Result<(), DiskError>, IoBuf)>;
+    fn write_at(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+    ) -> ReplicaFuture<'_, (Result<(), DiskError>, IoBuf)>;
+    fn write_zeroes(&self, offset: u64, len: u64) -> ReplicaFuture<'_, Result<(), DiskError>>;
+    fn flush(&self) -> ReplicaFuture<'_, Result<(), DiskError>>;
+}
+
+/// A shared handle on one replica.
+pub type Replica = Arc<dyn ReplicaDisk>;
+
+/// Where one source's replicas live.
+pub trait TargetStorage: Send + Sync {
+    /// Opens the replica of `disk` on `machine` of `source`, creating it (zeroed) of
+    /// `size_bytes` if missing; `true` when it existed before with data.
+    fn open_replica(
+        &self,
+        source: &str,
+        machine: &str,
+        disk: &str,
+        size_bytes: u64,
+    ) -> Result<(Replica, bool), DiskError>;
+}
+
+impl ReplicaDisk for Disk {
+    fn size(&self) -> u64 {
+        Disk::size(self)
+    }
+    fn location(&self) -> String {
+        self.path().display().to_string()
+    }
+    fn read_at(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+    ) -> ReplicaFuture<'_, (Result<(), DiskError>, IoBuf)> {
+        Box::pin(Disk::read_at(self, offset, buf))
+    }
+    fn write_at(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+    ) -> ReplicaFuture<'_, (Result<(), DiskError>, IoBuf)> {
+        Box::pin(Disk::write_at(self, offset, buf))
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> ReplicaFuture<'_, Result<(), DiskError>> {
+        Box::pin(Disk::write_zeroes(self, offset, len))
+    }
+    fn flush(&self) -> ReplicaFuture<'_, Result<(), DiskError>> {
+        Box::pin(Disk::flush(self))
+    }
+}
+
+impl ReplicaDisk for rbd::Image {
+    fn size(&self) -> u64 {
+        rbd::Image::size(self)
+    }
+    fn location(&self) -> String {
+        format!("rbd:{}", self.name())
+    }
+    fn read_at(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+    ) -> ReplicaFuture<'_, (Result<(), DiskError>, IoBuf)> {
+        Box::pin(rbd::Image::read_at(self, offset, buf))
+    }
+    fn write_at(
+        &self,
+        offset: u64,
+        buf: IoBuf,
+    ) -> ReplicaFuture<'_, (Result<(), DiskError>, IoBuf)> {
+        Box::pin(rbd::Image::write_at(self, offset, buf))
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> ReplicaFuture<'_, Result<(), DiskError>> {
+        Box::pin(rbd::Image::write_zeroes(self, offset, len))
+    }
+    fn flush(&self) -> ReplicaFuture<'_, Result<(), DiskError>> {
+        Box::pin(rbd::Image::flush(self))
+    }
+}
+
+/// Replicas as raw files `<dir>/<source>/<machine>/<disk>.raw` (see `storage.rs`).
+#[derive(Clone, Debug)]
+pub struct FileStorage {
+    store: super::storage::ReplicaStore,
+    options: DiskOptions,
+}
+
+impl FileStorage {
+    pub fn new(store: super::storage::ReplicaStore) -> FileStorage {
+        FileStorage {
+            store,
+            options: DiskOptions::default(),
+        }
+    }
+}
+
+impl TargetStorage for FileStorage {
+    fn open_replica(
+        &self,
+        source: &str,
+        machine: &str,
+        disk: &str,
+        size_bytes: u64,
+    ) -> Result<(Replica, bool), DiskError> {
+        let path = self.store.replica_path(source, machine, disk);
+        let open_error = |source: io::Error| DiskError {
+            op: DiskOp::Open,
+            path: path.clone(),
+            offset: 0,
+            len: size_bytes,
+            source,
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(open_error)?;
+        }
+        let existed = std::fs::metadata(&path)
+            .map(|meta| meta.len() > 0)
+            .unwrap_or(false);
+        let options = DiskOptions {
+            create_size: Some(size_bytes),
+            ..self.options
+        };
+        let opened = Disk::open(&path, options)?;
+        Ok((Arc::new(opened), existed))
+    }
+}
+
+/// Replicas as RBD images `<prefix><source>+<machine>+<disk>` in one pool, created with
+/// layering, exclusive-lock, object-map and fast-diff and 4 MiB objects. The names are
+/// sanitised like file names (`[A-Za-z0-9._-]`), so `+` separates them unambiguously.
+#[derive(Clone, Debug)]
+pub struct RbdStorage {
+    pool: rbd::Pool,
+    prefix: String,
+}
+
+impl RbdStorage {
+    /// Connects (blocking) and opens `pool`.
+    pub fn connect(
+        options: &ClusterOptions,
+        pool: &str,
+        prefix: &str,
+    ) -> Result<RbdStorage, RbdError> {
+        let cluster = rbd::Cluster::connect(options)?;
+        Ok(RbdStorage {
+            pool: cluster.pool(pool)?,
+            prefix: prefix.to_string(),
+        })
+    }
+
+    pub fn pool(&self) -> &rbd::Pool {
+        &self.pool
+    }
+
+    /// The image name of one replica.
+    pub fn image_name(&self, source: &str, machine: &str, disk: &str) -> String {
+        format!(
+            "{}{}+{}+{}",
+            self.prefix,
+            sanitize(source),
+            sanitize(machine),
+            sanitize(disk)
+        )
+    }
+}
+
+fn rbd_open_error(error: RbdError, size_bytes: u64) -> DiskError {
+    DiskError {
+        op: DiskOp::Open,
+        path: PathBuf::from(format!("rbd:{}", error.target)),
+        offset: 0,
+        len: size_bytes,
+        source: io::Error::new(
+            error.source.kind(),
+            format!("{}: {}", error.operation, error.source),
+        ),
+    }
+}
+
+impl TargetStorage for RbdStorage {
+    fn open_replica(
+        &self,
+        source: &str,
+        machine: &str,
+        disk: &str,
+        size_bytes: u64,
+    ) -> Result<(Replica, bool), DiskError> {
+        let name = self.image_name(source, machine, disk);
+        let mut existed = true;
+        let mut image = match self.pool.open_image(&name) {
+            Ok(image) => image,
+            Err(error) if error.errno() == Some(libc::ENOENT) => {
+                existed = false;
+                match self.pool.create_image(&name, size_bytes, REPLICA_FEATURES) {
+                    // Another session created it meanwhile: open that one.
+                    Ok(()) => {}
+                    Err(error) if error.errno() == Some(libc::EEXIST) => existed = true,
+                    Err(error) => return Err(rbd_open_error(error, size_bytes)),
+                }
+                self.pool
+                    .open_image(&name)
+                    .map_err(|error| rbd_open_error(error, size_bytes))?
+            }
+            Err(error) => return Err(rbd_open_error(error, size_bytes)),
+        };
+        if image.size() > size_bytes {
+            return Err(DiskError {
+                op: DiskOp::Open,
+                path: PathBuf::from(format!("rbd:{}", image.name())),
+                offset: 0,
+                len: size_bytes,
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "image is {} bytes, larger than the disk's {size_bytes}",
+                        image.size()
+                    ),
+                ),
+            });
+        }
+        if image.size() < size_bytes {
+            image
+                .resize(size_bytes)
+                .map_err(|error| rbd_open_error(error, size_bytes))?;
+        }
+        Ok((Arc::new(image), existed))
+    }
+}
+
+#[cfg(test)]
+#[path = "replica_tests.rs"]
+mod tests;
