@@ -2,9 +2,11 @@
 //! real sshd on a loopback port (throwaway host key and authorized key), `ferry tui` inside
 //! `ssh -t` inside tmux; the test navigates with `tmux send-keys`, cuts a recovery point, reads
 //! the screen with `tmux capture-pane`, resizes the window, quits, and drops an ssh session to
-//! check the console exits instead of spinning (crossterm issue 793).
+//! check the console exits instead of spinning (crossterm issue 793). A second test runs
+//! `ferry demo` (source and target appliances, the console attached to both) in tmux and runs a
+//! test failover and its cleanup from the console, the way a newcomer would.
 //!
-//! Needs root (sshd switches to the logged-in user), openssh-server and tmux (tests/ci.sh
+//! Needs root (sshd switches to the logged-in user), openssh-server, tmux and qemu-io (tests/ci.sh
 //! installs them).
 
 use std::fmt::Write as _;
@@ -63,6 +65,16 @@ impl Tmux {
 
     /// Polls the screen until `check` holds; panics with the last screen after the deadline.
     fn wait_for(&self, session: &str, what: &str, check: impl Fn(&str) -> bool) -> String {
+        self.wait_for_within(DEADLINE, session, what, check)
+    }
+
+    fn wait_for_within(
+        &self,
+        deadline: Duration,
+        session: &str,
+        what: &str,
+        check: impl Fn(&str) -> bool,
+    ) -> String {
         let start = Instant::now();
         loop {
             let screen = self.screen(session);
@@ -70,8 +82,8 @@ impl Tmux {
                 return screen;
             }
             assert!(
-                start.elapsed() < DEADLINE,
-                "waited {DEADLINE:?} for {what}; screen:\n{screen}"
+                start.elapsed() < deadline,
+                "waited {deadline:?} for {what}; screen:\n{screen}"
             );
             std::thread::sleep(POLL);
         }
@@ -432,4 +444,145 @@ fn console_over_ssh_in_tmux() {
             break;
         }
     }
+}
+
+/// The overview row of group `group` (its name, the disk count in brackets), if on screen.
+fn group_row<'a>(screen: &'a str, group: &str) -> Option<&'a str> {
+    let heading = format!("{group} (");
+    screen
+        .lines()
+        .find(|line| line.trim_start_matches(['>', ' ']).starts_with(&heading))
+}
+
+/// A newcomer's test failover: `ferry demo` with the console attached to both appliances, the
+/// group replicated and a usable recovery point listed, `t` opens the picker and preview, the
+/// appliance's answer (export URIs) lands in the action ledger, the group shows test-failover
+/// and its exports, and `c` cleans up back to protected.
+#[test]
+fn test_failover_and_cleanup_from_the_console_in_ferry_demo() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo_dir = dir.path().join("demo");
+    let tmux = Tmux {
+        socket: dir.path().join("tmux.sock"),
+    };
+    let command = format!(
+        "env LANG=C.UTF-8 {FERRY} demo --disk-size 16MiB --dir {demo}; echo demo-exited-$?; \
+         exec cat",
+        demo = demo_dir.display(),
+    );
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "demo",
+        "-x",
+        "100",
+        "-y",
+        "30",
+        &command,
+    ]);
+    let log = || std::fs::read_to_string(demo_dir.join("ferry.log")).unwrap_or_default();
+
+    // Initial sync, then a recovery point of group db on the target: the overview's POINT
+    // column shows its age (the demo cuts one every 10 s).
+    let overview = tmux.wait_for_within(
+        Duration::from_secs(90),
+        "demo",
+        "group db protected with a recovery point",
+        |s| {
+            s.contains("demo-exited-")
+                || group_row(s, "db")
+                    .is_some_and(|row| row.contains("protected") && !row.trim_end().ends_with(" -"))
+        },
+    );
+    assert!(
+        !overview.contains("demo-exited-")
+            && overview.contains("site-a + site-b")
+            && overview.contains("replica"),
+        "{overview}\nlog:\n{}",
+        log()
+    );
+
+    // Select group db, then t: the picker offers usable points and previews the chosen one.
+    tmux.keys("demo", &["/", "db-1", "Enter", "g", "t"]);
+    let dialog = tmux.wait_for("demo", "the test failover dialog", |s| {
+        s.contains("Test failover · group db")
+    });
+    for expected in [
+        "usable recovery point",
+        "● #",
+        "data-loss window",
+        "consistency crash-consistent",
+        "machines db-1 (2 disks)",
+        "> Cancel <",
+    ] {
+        assert!(dialog.contains(expected), "no {expected:?} in:\n{dialog}");
+    }
+    tmux.keys("demo", &["Tab", "Enter"]);
+    let answered = tmux.wait_for("demo", "the test failover's answer", |s| {
+        s.contains("done: test failover of group db") || s.contains("failed: test failover")
+    });
+    assert!(
+        answered.contains("done: test failover of group db to point #"),
+        "{answered}\nlog:\n{}",
+        log()
+    );
+    tmux.wait_for("demo", "group db in test-failover", |s| {
+        group_row(s, "db").is_some_and(|row| row.contains("test-failover"))
+    });
+
+    // The action ledger keeps the answer with one export URI per disk.
+    tmux.keys("demo", &["L"]);
+    let ledger = tmux.wait_for("demo", "the export URIs in the action ledger", |s| {
+        s.contains("actions sent from this console") && s.contains("2 exports")
+    });
+    for disk in ["db-1/os", "db-1/data"] {
+        assert!(
+            ledger.contains(&format!("nbd+unix:///{disk}?socket=")),
+            "no export of {disk} in:\n{ledger}"
+        );
+    }
+    eprintln!("the action ledger after a test failover:\n{ledger}");
+    tmux.keys("demo", &["Escape"]);
+    tmux.wait_for("demo", "the overview again", |s| s.contains("JOURNAL"));
+
+    // The group's detail lists the running test failover's exports.
+    tmux.keys("demo", &["g", "Enter"]);
+    let detail = tmux.wait_for("demo", "the exports in group db's detail", |s| {
+        s.contains("test failover exports at point #")
+    });
+    assert!(detail.contains("◇ test-failover"), "{detail}");
+    assert!(detail.contains("nbd+unix:///db-1/data?socket="), "{detail}");
+
+    // c cleans up: the copies go, the group is protected again.
+    tmux.keys("demo", &["c"]);
+    let cleanup = tmux.wait_for("demo", "the cleanup dialog", |s| {
+        s.contains("Clean up test failover · group db")
+    });
+    assert!(cleanup.contains("> Cancel <"), "{cleanup}");
+    tmux.keys("demo", &["Tab", "Enter"]);
+    let cleaned = tmux.wait_for("demo", "the cleanup's answer", |s| {
+        s.contains("done: clean up the test failover of group db")
+            || s.contains("failed: clean up the test failover")
+    });
+    assert!(
+        cleaned.contains("done: clean up the test failover of group db"),
+        "{cleaned}\nlog:\n{}",
+        log()
+    );
+    let detail = tmux.wait_for("demo", "group db protected again", |s| {
+        !s.contains("test failover exports") && !s.contains("◇ test-failover")
+    });
+    assert!(detail.contains("✔ protected"), "{detail}");
+    tmux.keys("demo", &["Escape"]);
+    tmux.wait_for("demo", "group db protected in the overview", |s| {
+        group_row(s, "db").is_some_and(|row| row.contains("protected"))
+    });
+
+    // q quits the console and the demo stops both appliances.
+    tmux.keys("demo", &["q"]);
+    let after = tmux.wait_for_within(Duration::from_secs(60), "demo", "the demo to exit", |s| {
+        s.contains("demo-exited-")
+    });
+    assert!(after.contains("demo-exited-0"), "{after}\nlog:\n{}", log());
 }

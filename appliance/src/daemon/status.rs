@@ -27,6 +27,32 @@ const RPO_BUCKET_SPAN: Duration = Duration::from_millis(100);
 /// overestimate, never an underestimate).
 const RPO_BUCKETS_MAX: usize = 4096;
 
+/// Adds a sample of a growing counter and returns its growth per second over `CHURN_WINDOW`.
+fn windowed_rate(samples: &Mutex<VecDeque<(Instant, u64)>>, now: Instant, value: u64) -> f64 {
+    let mut samples = lock(samples);
+    samples.push_back((now, value));
+    while samples.len() > CHURN_SAMPLES_MAX
+        || samples
+            .front()
+            .is_some_and(|(time, _)| now.saturating_duration_since(*time) > CHURN_WINDOW)
+    {
+        samples.pop_front();
+    }
+    match (samples.front(), samples.back()) {
+        (Some((first_time, first)), Some((last_time, last))) => {
+            let seconds = last_time
+                .saturating_duration_since(*first_time)
+                .as_secs_f64();
+            if seconds > 0.0 {
+                last.saturating_sub(*first) as f64 / seconds
+            } else {
+                0.0
+            }
+        }
+        _ => 0.0,
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain counters behind; keep serving them.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -56,12 +82,14 @@ fn state_from_u8(value: u8) -> DiskState {
     }
 }
 
-/// A run of journaled writes of one disk not yet acknowledged: the first one's time and the
-/// last one's sequence.
+/// A run of journaled writes of one disk not yet acknowledged: the first one's time, the
+/// last one's sequence and the disk's bytes written up to it (what an acknowledgement of the
+/// bucket adds to the bytes shipped).
 #[derive(Clone, Copy, Debug)]
 struct PendingBucket {
     first_time: Instant,
     last_sequence: u64,
+    bytes_written: u64,
 }
 
 /// What a component that keeps its own per-disk counters (capture) reports to the sampler.
@@ -89,10 +117,14 @@ pub struct DiskStats {
     bytes_written: AtomicU64,
     last_sequence: AtomicU64,
     acked_sequence: AtomicU64,
+    /// Bytes of this disk's writes the target acknowledged (from the pending buckets).
+    acked_bytes: AtomicU64,
     /// f64 bits, refreshed by `StatusModel::tick`.
     churn_bytes_per_s: AtomicU64,
+    /// f64 bits: acknowledged write bytes per second over `CHURN_WINDOW`, refreshed by `tick`.
     ship_bytes_per_s: AtomicU64,
     churn_samples: Mutex<VecDeque<(Instant, u64)>>,
+    ship_samples: Mutex<VecDeque<(Instant, u64)>>,
     pending: Mutex<VecDeque<PendingBucket>>,
     sync: Mutex<Option<SyncProgress>>,
 }
@@ -111,9 +143,11 @@ impl DiskStats {
             bytes_written: AtomicU64::new(0),
             last_sequence: AtomicU64::new(0),
             acked_sequence: AtomicU64::new(0),
+            acked_bytes: AtomicU64::new(0),
             churn_bytes_per_s: AtomicU64::new(0f64.to_bits()),
             ship_bytes_per_s: AtomicU64::new(0f64.to_bits()),
             churn_samples: Mutex::new(VecDeque::new()),
+            ship_samples: Mutex::new(VecDeque::new()),
             pending: Mutex::new(VecDeque::new()),
             sync: Mutex::new(None),
         }
@@ -164,14 +198,14 @@ impl DiskStats {
     /// Capture calls this once a write (or trim/zero range) of `bytes` is in the journal as
     /// record `sequence`.
     pub fn record_write(&self, sequence: u64, bytes: u64, now: Instant) {
-        self.bytes_written.fetch_add(bytes, Ordering::Relaxed);
+        let written = self.bytes_written.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.last_sequence.fetch_max(sequence, Ordering::Relaxed);
-        self.note_pending(sequence, now);
+        self.note_pending(sequence, written, now);
     }
 
-    /// Records that writes up to `sequence`, the first of them made at `first_time` or later,
-    /// wait for the target's acknowledgement.
-    fn note_pending(&self, sequence: u64, first_time: Instant) {
+    /// Records that writes up to `sequence` (the disk's first `bytes_written` bytes), the
+    /// first of them made at `first_time` or later, wait for the target's acknowledgement.
+    fn note_pending(&self, sequence: u64, bytes_written: u64, first_time: Instant) {
         let mut pending = lock(&self.pending);
         let full = pending.len() >= RPO_BUCKETS_MAX;
         match pending.back_mut() {
@@ -181,10 +215,12 @@ impl DiskStats {
                         < RPO_BUCKET_SPAN =>
             {
                 bucket.last_sequence = bucket.last_sequence.max(sequence);
+                bucket.bytes_written = bucket.bytes_written.max(bytes_written);
             }
             _ => pending.push_back(PendingBucket {
                 first_time,
                 last_sequence: sequence,
+                bytes_written,
             }),
         }
     }
@@ -201,7 +237,7 @@ impl DiskStats {
             .last_sequence
             .fetch_max(sample.last_sequence, Ordering::Relaxed);
         if sample.last_sequence > previous && sample.last_sequence > self.acked_sequence() {
-            self.note_pending(sample.last_sequence, since);
+            self.note_pending(sample.last_sequence, sample.bytes_written, since);
         }
     }
 
@@ -213,10 +249,12 @@ impl DiskStats {
     /// The target acknowledged every journal record up to `sequence` (all disks).
     fn record_ack(&self, sequence: u64) {
         let mut pending = lock(&self.pending);
-        while pending
+        while let Some(bucket) = pending
             .front()
-            .is_some_and(|bucket| bucket.last_sequence <= sequence)
+            .filter(|bucket| bucket.last_sequence <= sequence)
         {
+            self.acked_bytes
+                .fetch_max(bucket.bytes_written, Ordering::Relaxed);
             pending.pop_front();
         }
         drop(pending);
@@ -230,7 +268,7 @@ impl DiskStats {
     pub fn restore_pending(&self, last_sequence: u64, oldest_write: Instant) {
         self.last_sequence
             .fetch_max(last_sequence, Ordering::Relaxed);
-        self.note_pending(last_sequence, oldest_write);
+        self.note_pending(last_sequence, self.bytes_written(), oldest_write);
     }
 
     /// Restores the sequence figures after a restart (from the journal's recovery scan).
@@ -243,11 +281,6 @@ impl DiskStats {
 
     pub fn set_sync(&self, progress: Option<SyncProgress>) {
         *lock(&self.sync) = progress;
-    }
-
-    pub fn set_ship_bytes_per_s(&self, rate: f64) {
-        self.ship_bytes_per_s
-            .store(rate.to_bits(), Ordering::Relaxed);
     }
 
     pub fn bytes_written(&self) -> u64 {
@@ -270,36 +303,25 @@ impl DiskStats {
         })
     }
 
-    fn sample_churn(&self, now: Instant) {
-        let written = self.bytes_written();
-        let mut samples = lock(&self.churn_samples);
-        samples.push_back((now, written));
-        while samples.len() > CHURN_SAMPLES_MAX
-            || samples
-                .front()
-                .is_some_and(|(time, _)| now.saturating_duration_since(*time) > CHURN_WINDOW)
-        {
-            samples.pop_front();
-        }
-        let rate = match (samples.front(), samples.back()) {
-            (Some((first_time, first_bytes)), Some((last_time, last_bytes))) => {
-                let seconds = last_time
-                    .saturating_duration_since(*first_time)
-                    .as_secs_f64();
-                if seconds > 0.0 {
-                    last_bytes.saturating_sub(*first_bytes) as f64 / seconds
-                } else {
-                    0.0
-                }
-            }
-            _ => 0.0,
-        };
+    /// Refreshes the windowed rates: churn (bytes written) and ship (bytes acknowledged).
+    fn sample_rates(&self, now: Instant) {
+        let churn = windowed_rate(&self.churn_samples, now, self.bytes_written());
         self.churn_bytes_per_s
-            .store(rate.to_bits(), Ordering::Relaxed);
+            .store(churn.to_bits(), Ordering::Relaxed);
+        let acked = self.acked_bytes.load(Ordering::Relaxed);
+        let ship = windowed_rate(&self.ship_samples, now, acked);
+        self.ship_bytes_per_s
+            .store(ship.to_bits(), Ordering::Relaxed);
     }
 
     pub fn churn_bytes_per_s(&self) -> f64 {
         f64::from_bits(self.churn_bytes_per_s.load(Ordering::Relaxed))
+    }
+
+    /// Bytes of writes per second the target acknowledged, over `CHURN_WINDOW` (initial sync
+    /// and resync traffic not included: their progress carries its own rate).
+    pub fn ship_bytes_per_s(&self) -> f64 {
+        f64::from_bits(self.ship_bytes_per_s.load(Ordering::Relaxed))
     }
 
     fn snapshot(&self, now: Instant, journal: (u64, u64)) -> DiskStatus {
@@ -316,7 +338,7 @@ impl DiskStats {
             rpo_lag_seconds: self.rpo_lag_seconds(now),
             group: self.group.clone(),
             size_bytes: self.size_bytes(),
-            ship_bytes_per_s: f64::from_bits(self.ship_bytes_per_s.load(Ordering::Relaxed)),
+            ship_bytes_per_s: self.ship_bytes_per_s(),
             export: self.export.clone(),
             sync: lock(&self.sync).clone(),
         }
@@ -508,7 +530,7 @@ impl StatusModel {
     /// Once a second: refresh rates that are averaged over a window.
     pub fn tick(&self, now: Instant) {
         for disk in &self.disks {
-            disk.sample_churn(now);
+            disk.sample_rates(now);
         }
     }
 
@@ -681,18 +703,43 @@ mod tests {
     fn churn_is_averaged_over_the_window() {
         let disk = disk();
         let start = Instant::now();
-        disk.sample_churn(start);
+        disk.sample_rates(start);
         disk.record_write(1, 1_000_000, start);
-        disk.sample_churn(start + Duration::from_secs(1));
+        disk.sample_rates(start + Duration::from_secs(1));
         assert_eq!(disk.churn_bytes_per_s(), 1_000_000.0);
         disk.record_write(2, 1_000_000, start + Duration::from_secs(1));
-        disk.sample_churn(start + Duration::from_secs(2));
+        disk.sample_rates(start + Duration::from_secs(2));
         assert_eq!(disk.churn_bytes_per_s(), 1_000_000.0);
         // Quiet for longer than the window: churn falls to zero.
         for second in 3..(3 + CHURN_WINDOW.as_secs() + 2) {
-            disk.sample_churn(start + Duration::from_secs(second));
+            disk.sample_rates(start + Duration::from_secs(second));
         }
         assert_eq!(disk.churn_bytes_per_s(), 0.0);
+    }
+
+    #[test]
+    fn ship_rate_counts_acknowledged_write_bytes() {
+        let disk = disk();
+        let start = Instant::now();
+        disk.sample_rates(start);
+        disk.record_write(1, 1_000_000, start);
+        disk.record_write(2, 1_000_000, start + Duration::from_millis(500));
+        disk.sample_rates(start + Duration::from_secs(1));
+        // Written, not acknowledged: churn but no ship.
+        assert_eq!(disk.churn_bytes_per_s(), 2_000_000.0);
+        assert_eq!(disk.ship_bytes_per_s(), 0.0);
+        // The first write acknowledged: its bytes count, the second's do not yet.
+        disk.record_ack(1);
+        disk.sample_rates(start + Duration::from_secs(2));
+        assert_eq!(disk.ship_bytes_per_s(), 500_000.0);
+        disk.record_ack(2);
+        disk.sample_rates(start + Duration::from_secs(3));
+        assert_eq!(disk.ship_bytes_per_s(), 2_000_000.0 / 3.0);
+        // Quiet for longer than the window: the ship rate falls to zero.
+        for second in 4..(4 + CHURN_WINDOW.as_secs() + 2) {
+            disk.sample_rates(start + Duration::from_secs(second));
+        }
+        assert_eq!(disk.ship_bytes_per_s(), 0.0);
     }
 
     #[test]
