@@ -219,7 +219,7 @@ fn journal_overflow_while_the_target_is_down_resyncs() {
     pair.target.stop();
     // 16 x 1 MiB writes overflow an 8 MiB journal.
     let writes: Vec<String> = (0..16u64)
-        .map(|index| format!("write -P {} {} 1m", index + 10, index * 3 << 20))
+        .map(|index| format!("write -P {} {} 1m", index + 10, (index * 3) << 20))
         .collect();
     pair.write(&writes);
     wait_for("the disk to drop to its bitmap", || {

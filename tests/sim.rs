@@ -314,6 +314,9 @@ impl Sim {
         config.resend_timeout_ns = 100 * MS;
         config.handshake_timeout_ns = 100 * MS;
         config.sync_extent_bytes = params.extent_bytes as u32;
+        // Hash-compare blocks from 512 bytes up to the whole extent.
+        config.sync_block_bytes = 512 << rng.gen_range(0..=params.extent_bytes.ilog2() - 9);
+        config.sync_hashed_extents_queued_max = rng.gen_range(1..16);
         config.sync_reads_in_flight_max = rng.gen_range(1..4);
         config.sync_hash_requests_in_flight_max = rng.gen_range(1..3);
         config.sync_hash_extents_per_request = rng.gen_range(1..8);
@@ -863,9 +866,20 @@ impl Sim {
         }
         let snapshot = self.source.dirty[disk].clone();
         self.source.syncing[disk].extend(snapshot);
+        // The daemon resyncs in the bitmap's extents, which may be finer than the sync extent.
+        let extent_bytes = if self.rng.gen_bool(0.5) {
+            extent
+        } else {
+            extent / 2
+        };
         self.source
             .core
-            .start_sync(disk as u32 + 1, &ranges, SyncMode::CompareHashes)
+            .start_sync_in_extents(
+                disk as u32 + 1,
+                &ranges,
+                SyncMode::CompareHashes,
+                extent_bytes as u32,
+            )
             .expect("known disk");
     }
 
@@ -1245,16 +1259,24 @@ impl Sim {
                     sector.copy_from_slice(old);
                 }
             }
-            self.source
-                .core
-                .handle_extent_read(
+            // An all-zero extent may come as a hole of a sparse file (not read).
+            let handled = if data.iter().all(|&byte| byte == 0) && self.rng.gen_bool(0.5) {
+                self.source.core.handle_extent_zero(
+                    read.token,
+                    read.seq_floor,
+                    &mut self.source.journal,
+                    now,
+                )
+            } else {
+                self.source.core.handle_extent_read(
                     read.token,
                     read.seq_floor,
                     &data,
                     &mut self.source.journal,
                     now,
                 )
-                .unwrap_or_else(|error| panic!("extent read failed: {error}"));
+            };
+            handled.unwrap_or_else(|error| panic!("extent read failed: {error}"));
             self.mirror_journal();
         }
     }

@@ -52,6 +52,16 @@ pub const HELLO_DISKS_MAX: usize = 1024;
 /// Most extents hashed by one hash request.
 pub const HASH_EXTENTS_PER_REQUEST_MAX: usize = 256;
 
+/// Smallest block a hash request may ask each extent to be hashed in.
+pub const HASH_BLOCK_BYTES_MIN: usize = 512;
+
+/// Most block hashes one hash response carries (8 bytes each).
+pub const HASH_BLOCKS_PER_RESPONSE_MAX: usize = 65_536;
+
+/// Block size of the hash compare of initial replication, resync and verify: only blocks whose
+/// hash differs from the target's travel.
+pub const SYNC_BLOCK_BYTES_DEFAULT: usize = 4096;
+
 /// Largest extent of initial replication and resync: one extent travels as one record.
 pub const SYNC_EXTENT_BYTES_MAX: usize = RECORD_PAYLOAD_BYTES_MAX;
 
@@ -85,4 +95,10 @@ const _: () = assert!(SHIP_FRAME_BYTES_TARGET <= FRAME_BODY_BYTES_MAX);
 const _: () = assert!(SYNC_EXTENT_BYTES_DEFAULT <= SYNC_EXTENT_BYTES_MAX);
 const _: () =
     assert!(SHIP_WINDOW_BYTES_MAX >= 2 * (RECORD_HEADER_BYTES + RECORD_PAYLOAD_BYTES_MAX));
-const _: () = assert!(32 + HASH_EXTENTS_PER_REQUEST_MAX * 16 <= FRAME_BODY_BYTES_MAX);
+const _: () = assert!(
+    40 + HASH_EXTENTS_PER_REQUEST_MAX / 8 + HASH_BLOCKS_PER_RESPONSE_MAX * 8
+        <= FRAME_BODY_BYTES_MAX
+);
+const _: () =
+    assert!(SYNC_EXTENT_BYTES_DEFAULT / SYNC_BLOCK_BYTES_DEFAULT <= HASH_BLOCKS_PER_RESPONSE_MAX);
+const _: () = assert!(SYNC_BLOCK_BYTES_DEFAULT >= HASH_BLOCK_BYTES_MIN);

@@ -151,6 +151,14 @@ pub struct CaptureStats {
     pub dirty_bytes: u64,
 }
 
+/// What a sync read found.
+#[derive(Debug)]
+pub enum SyncData {
+    Bytes(Vec<u8>),
+    /// A hole of a sparse source file: reads as zeros (not read).
+    Zero,
+}
+
 struct Inner {
     machine: String,
     name: String,
@@ -323,11 +331,12 @@ impl CaptureDisk {
     /// read ran. The read registers as in flight like a write: it waits for every overlapping
     /// write registered before it, and overlapping writes registered after it wait for the read,
     /// so the bytes are never torn, and the floor is the journal's last sequence at registration.
+    /// An extent in a hole of a sparse source file is not read: `SyncData::Zero`.
     pub async fn read_for_sync(
         &self,
         offset: u64,
         length: u64,
-    ) -> (Seq, Result<Vec<u8>, CaptureIoError>) {
+    ) -> (Seq, Result<SyncData, CaptureIoError>) {
         let inner = &self.inner;
         let (ticket, predecessors, seq_floor) = {
             let mut in_flight = lock(&inner.in_flight);
@@ -349,6 +358,11 @@ impl CaptureDisk {
         for mut predecessor in predecessors {
             while predecessor.changed().await.is_ok() {}
         }
+        // Every overlapping write registered before is on the disk, and later ones wait: the
+        // hole test sees the same bytes a read would.
+        if inner.disk.is_hole(offset, length) {
+            return (seq_floor, Ok(SyncData::Zero));
+        }
         let Ok(length) = usize::try_from(length) else {
             return (
                 seq_floor,
@@ -364,7 +378,9 @@ impl CaptureDisk {
         let (result, buf) = inner.disk.read_at(offset, IoBuf::zeroed(length)).await;
         (
             seq_floor,
-            result.map(|()| buf.to_vec()).map_err(CaptureIoError::from),
+            result
+                .map(|()| SyncData::Bytes(buf.to_vec()))
+                .map_err(CaptureIoError::from),
         )
     }
 

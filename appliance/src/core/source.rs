@@ -30,12 +30,19 @@
 //! again (the record already appended is superseded by the later one). Writes after `seq` are
 //! applied after the extent at the target.
 //!
-//! **Hash skip.** The target hashes an extent with every record up to its `applied_seq` applied,
-//! and will replay every later record on top. An extent whose source bytes match that hash is
-//! skipped only if no record of that disk in `(min(applied_seq, seq_floor), last_seq]` touches
-//! it: such a record (a live write racing the read, an older resync record, or a write that was
-//! overtaken by one the journal never saw — bitmap mode, a lost journal tail) would make the
-//! target diverge after the match. Otherwise the extent is sent.
+//! **Hash skip.** The target hashes an extent, block by block (`sync_block_bytes`, 4 KiB by
+//! default, xxh3-64 each), with every record up to its `applied_seq` applied, and will replay
+//! every later record on top. A block whose source bytes match its hash is not sent only if no
+//! record of that disk in `(min(applied_seq, seq_floor), last_seq]` touches the extent: such a
+//! record (a live write racing the read, an older resync record, or a write that was overtaken
+//! by one the journal never saw — bitmap mode, a lost journal tail) would make the target
+//! diverge after the match. Otherwise the whole extent is sent. The blocks that differ travel
+//! as runs of adjacent blocks, one record per run (`Zero` when the run is all zero at the
+//! source), so a 4 KiB change costs one 4 KiB record, not its extent.
+//!
+//! **Holes.** A driver that knows an extent reads as zeros without reading it (a hole of a
+//! sparse file) calls `handle_extent_zero` instead of `handle_extent_read`. With no target
+//! hashes (`CopyNonZero`, a new zero-filled replica) zero blocks are not sent at all.
 //!
 //! **Bounded share.** Extent reads are issued only while the sync records appended and not yet
 //! acknowledged by the target stay under `sync_backlog_bytes_max` (counting the reads in flight),
@@ -142,6 +149,12 @@ pub struct SourceConfig {
     pub resend_timeout_ns: u64,
     pub handshake_timeout_ns: u64,
     pub sync_extent_bytes: u32,
+    /// Hash-compare block: of an extent whose hash differs, only the differing blocks travel.
+    /// A power of two of at least `limits::HASH_BLOCK_BYTES_MIN`.
+    pub sync_block_bytes: u32,
+    /// Hash requests wait while a sync job holds this many hashed extents not yet read (bounds
+    /// the block hashes held in memory).
+    pub sync_hashed_extents_queued_max: usize,
     pub sync_reads_in_flight_max: usize,
     pub sync_hash_requests_in_flight_max: usize,
     pub sync_hash_extents_per_request: u32,
@@ -160,6 +173,8 @@ impl SourceConfig {
             resend_timeout_ns: limits::SHIP_RESEND_TIMEOUT_NS,
             handshake_timeout_ns: limits::SHIP_HANDSHAKE_TIMEOUT_NS,
             sync_extent_bytes: limits::SYNC_EXTENT_BYTES_DEFAULT as u32,
+            sync_block_bytes: limits::SYNC_BLOCK_BYTES_DEFAULT as u32,
+            sync_hashed_extents_queued_max: 4 * limits::HASH_EXTENTS_PER_REQUEST_MAX,
             sync_reads_in_flight_max: limits::SYNC_READS_IN_FLIGHT_MAX,
             sync_hash_requests_in_flight_max: limits::SYNC_HASH_REQUESTS_IN_FLIGHT_MAX,
             sync_hash_extents_per_request: limits::HASH_EXTENTS_PER_REQUEST_MAX as u32,
@@ -171,11 +186,12 @@ impl SourceConfig {
 /// How a sync decides what to send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyncMode {
-    /// Ask the target for extent hashes and send only extents that differ (zero extents as
-    /// zero records).
+    /// Ask the target for the block hashes of each extent and send only the blocks that differ
+    /// (runs of zero blocks as zero records).
     CompareHashes,
-    /// The target has no replica worth comparing (a new, zero-filled one): send every extent
-    /// without asking for hashes — zero extents as zero records, which carry no payload.
+    /// The target has no replica worth comparing (a new, zero-filled one): send every non-zero
+    /// block without asking for hashes; zero blocks are not sent at all (the replica reads as
+    /// zeros already) — except when an extent is read again after a race, which sends it whole.
     CopyNonZero,
 }
 
@@ -193,12 +209,15 @@ pub struct ExtentRead {
 pub struct SyncProgress {
     pub bytes_total: u64,
     pub bytes_done: u64,
-    /// Extents that matched the target's hash and were not sent.
+    /// Extents that matched the target's hashes and were not sent.
     pub extents_skipped: u64,
-    /// Extents sent as zero records.
+    /// Extents that differed only in blocks that are zero at the source (sent as zero records),
+    /// or all-zero extents of a new replica (not sent).
     pub extents_zero: u64,
-    /// Extents sent with their data.
+    /// Extents of which at least one block was sent with its data.
     pub extents_sent: u64,
+    /// Bytes of blocks sent with their data (what travels, headers aside).
+    pub bytes_sent: u64,
     /// Extents read again because a live write raced with the read.
     pub extents_reread: u64,
 }
@@ -287,32 +306,64 @@ enum Phase {
 struct OutstandingHash {
     disk_id: u32,
     offsets: Vec<u64>,
+    extent_bytes: u32,
+    block_bytes: u32,
     sent_ns: u64,
 }
 
 struct SyncJob {
     size_bytes: u64,
+    /// Extent size of this job (ranges are widened to whole extents of it).
+    extent_bytes: u64,
     mode: SyncMode,
     need_hash: BTreeSet<u64>,
-    /// Extent offset → the target's hash, when known.
-    need_read: BTreeMap<u64, Option<TargetHash>>,
+    /// Extent offset → what is known about it.
+    need_read: BTreeMap<u64, ReadPlan>,
     reading: usize,
     last_appended_seq: Seq,
     progress: SyncProgress,
+}
+
+/// What the source knows of an extent it has to read.
+#[derive(Clone, Debug, Default)]
+struct ReadPlan {
+    /// The target's block hashes, when known.
+    target: Option<TargetHashes>,
+    /// Read again after a race: every block travels.
+    reread: bool,
 }
 
 struct PendingRead {
     disk_id: u32,
     offset: u64,
     length: u64,
-    target_hash: Option<TargetHash>,
+    plan: ReadPlan,
 }
 
-/// An extent's hash at the target, with the target's applied sequence when it was taken.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct TargetHash {
-    hash: u128,
+/// An extent's block hashes at the target, with the target's applied sequence when taken.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct TargetHashes {
+    blocks: Vec<u64>,
     applied_seq: Seq,
+}
+
+/// Whether every byte is zero (64-byte chunks the compiler vectorises, early exit between them).
+fn is_zero(bytes: &[u8]) -> bool {
+    let mut chunks = bytes.chunks_exact(64);
+    chunks
+        .by_ref()
+        .all(|chunk| chunk.iter().fold(0u8, |acc, &byte| acc | byte) == 0)
+        && chunks.remainder().iter().all(|&byte| byte == 0)
+}
+
+/// Zeros to hash a zero block without allocating (blocks up to this size).
+static ZEROS: [u8; 65536] = [0; 65536];
+
+fn zero_block_hash(len: usize) -> u64 {
+    match ZEROS.get(..len) {
+        Some(zeros) => wire::block_hash(zeros),
+        None => wire::block_hash(&vec![0; len]),
+    }
 }
 
 /// The source's replication state machine (one per source appliance and target).
@@ -443,12 +494,25 @@ impl Source {
     }
 
     /// Starts (or extends) a sync of `ranges` (offset, length) of a disk. Ranges are widened
-    /// to whole extents and clipped to the disk.
+    /// to whole extents (`config.sync_extent_bytes`) and clipped to the disk.
     pub fn start_sync(
         &mut self,
         disk_id: u32,
         ranges: &[(u64, u64)],
         mode: SyncMode,
+    ) -> Result<(), SourceError> {
+        self.start_sync_in_extents(disk_id, ranges, mode, self.config.sync_extent_bytes)
+    }
+
+    /// `start_sync` in extents of `extent_bytes` (at most `limits::SYNC_EXTENT_BYTES_MAX`): a
+    /// resync of a dirty-extent bitmap passes the bitmap's extent size, so that only the dirty
+    /// extents are read and hashed. A job already running keeps its extent size.
+    pub fn start_sync_in_extents(
+        &mut self,
+        disk_id: u32,
+        ranges: &[(u64, u64)],
+        mode: SyncMode,
+        extent_bytes: u32,
     ) -> Result<(), SourceError> {
         let size_bytes = self
             .config
@@ -457,9 +521,10 @@ impl Source {
             .find(|disk| disk.disk_id == disk_id)
             .map(|disk| disk.size_bytes)
             .ok_or(SourceError::UnknownDisk { disk_id })?;
-        let extent = u64::from(self.config.sync_extent_bytes);
+        let extent_bytes = u64::from(extent_bytes.clamp(1, limits::SYNC_EXTENT_BYTES_MAX as u32));
         let job = self.jobs.entry(disk_id).or_insert_with(|| SyncJob {
             size_bytes,
+            extent_bytes,
             mode,
             need_hash: BTreeSet::new(),
             need_read: BTreeMap::new(),
@@ -470,6 +535,7 @@ impl Source {
         if mode == SyncMode::CompareHashes {
             job.mode = SyncMode::CompareHashes;
         }
+        let extent = job.extent_bytes;
         for &(offset, length) in ranges {
             if length == 0 || offset >= size_bytes {
                 continue;
@@ -487,7 +553,7 @@ impl Source {
                             job.need_hash.insert(extent_offset);
                         }
                         SyncMode::CopyNonZero => {
-                            job.need_read.insert(extent_offset, None);
+                            job.need_read.insert(extent_offset, ReadPlan::default());
                         }
                     }
                 }
@@ -624,23 +690,34 @@ impl Source {
                 let Some(request) = self.hash_requests.remove(&response.request_id) else {
                     return Ok(()); // a duplicate or an answer to a request given up on
                 };
-                if response.hashes.len() != request.offsets.len()
-                    || response.disk_id != request.disk_id
+                let per_extent = wire::blocks_per_extent(request.extent_bytes, request.block_bytes);
+                let answered: Vec<u64> = response.wanted_offsets().collect();
+                if response.disk_id != request.disk_id
+                    || response.extent_bytes != request.extent_bytes
+                    || response.block_bytes != request.block_bytes
+                    || answered != request.offsets
+                    || response.hashes.len() != request.offsets.len() * per_extent
                 {
                     return Err(SourceError::Protocol(format!(
-                        "hash response {} has {} hashes for {} extents",
+                        "hash response {} does not answer its request ({} hashes for {} extents of {} blocks)",
                         response.request_id,
                         response.hashes.len(),
-                        request.offsets.len()
+                        request.offsets.len(),
+                        per_extent
                     )));
                 }
                 if let Some(job) = self.jobs.get_mut(&request.disk_id) {
-                    for (offset, hash) in request.offsets.into_iter().zip(response.hashes) {
-                        let target = TargetHash {
-                            hash,
+                    for (offset, blocks) in request
+                        .offsets
+                        .into_iter()
+                        .zip(response.hashes.chunks_exact(per_extent.max(1)))
+                    {
+                        let target = TargetHashes {
+                            blocks: blocks.to_vec(),
                             applied_seq: response.applied_seq,
                         };
-                        job.need_read.insert(offset, Some(target));
+                        let plan = job.need_read.entry(offset).or_default();
+                        plan.target = Some(target);
                     }
                 }
                 Ok(())
@@ -802,40 +879,50 @@ impl Source {
         if self.hash_requests.len() >= self.config.sync_hash_requests_in_flight_max {
             return None;
         }
-        let extent = u64::from(self.config.sync_extent_bytes);
-        let per_request = self.config.sync_hash_extents_per_request.max(1) as usize;
+        let block_bytes = self.config.sync_block_bytes;
+        let queued_max = self.config.sync_hashed_extents_queued_max.max(1);
         let (disk_id, job) = self
             .jobs
             .iter_mut()
-            .find(|(_, job)| !job.need_hash.is_empty())?;
-        let mut offsets = Vec::new();
-        while offsets.len() < per_request {
-            let Some(&offset) = job.need_hash.first() else {
-                break;
-            };
-            if offsets
-                .last()
-                .is_some_and(|&last: &u64| last + extent != offset)
-            {
-                break;
-            }
-            job.need_hash.pop_first();
-            offsets.push(offset);
+            .find(|(_, job)| !job.need_hash.is_empty() && job.need_read.len() < queued_max)?;
+        let extent = job.extent_bytes;
+        let extent_bytes = extent as u32;
+        // One span of at most `per_request` extents from the first one wanted; only the wanted
+        // ones in it are read and hashed by the target (a mask), so scattered dirty extents
+        // share requests.
+        let per_extent = wire::blocks_per_extent(extent_bytes, block_bytes);
+        let per_request = (self.config.sync_hash_extents_per_request.max(1) as usize)
+            .min(limits::HASH_EXTENTS_PER_REQUEST_MAX)
+            .min(limits::HASH_BLOCKS_PER_RESPONSE_MAX / per_extent.max(1))
+            .max(1);
+        let first = *job.need_hash.first().expect("not empty");
+        let span_end = first.saturating_add(extent * per_request as u64);
+        let offsets: Vec<u64> = job.need_hash.range(first..span_end).copied().collect();
+        for offset in &offsets {
+            job.need_hash.remove(offset);
         }
+        let wanted: Vec<u32> = offsets
+            .iter()
+            .map(|offset| ((offset - first) / extent) as u32)
+            .collect();
         let request_id = self.next_request_id;
         self.next_request_id += 1;
         let request = HashRequest {
             request_id,
             disk_id: *disk_id,
-            offset: offsets[0],
-            extent_bytes: self.config.sync_extent_bytes,
-            extent_count: offsets.len() as u32,
+            offset: first,
+            extent_bytes,
+            extent_count: wanted.last().expect("the first offset") + 1,
+            block_bytes,
+            wanted,
         };
         self.hash_requests.insert(
             request_id,
             OutstandingHash {
                 disk_id: *disk_id,
                 offsets,
+                extent_bytes,
+                block_bytes,
                 sent_ns: now,
             },
         );
@@ -929,14 +1016,13 @@ impl Source {
         {
             return None;
         }
-        let extent = u64::from(self.config.sync_extent_bytes);
         let (disk_id, job) = self
             .jobs
             .iter_mut()
             .find(|(_, job)| !job.need_read.is_empty())?;
-        let (offset, target_hash) = job.need_read.pop_first().expect("not empty");
+        let (offset, plan) = job.need_read.pop_first().expect("not empty");
         job.reading += 1;
-        let length = extent.min(job.size_bytes - offset);
+        let length = job.extent_bytes.min(job.size_bytes - offset);
         let token = self.next_token;
         self.next_token += 1;
         self.reads.insert(
@@ -945,7 +1031,7 @@ impl Source {
                 disk_id: *disk_id,
                 offset,
                 length,
-                target_hash,
+                plan,
             },
         );
         Some(ExtentRead {
@@ -966,6 +1052,88 @@ impl Source {
         journal: &mut impl ShipJournal,
         now: u64,
     ) -> Result<(), SourceError> {
+        self.extent_arrived(token, seq_floor, Some(data), journal, now)
+    }
+
+    /// An `ExtentRead` the driver knows reads as zeros without reading it (a hole of a sparse
+    /// source file, found with `SEEK_DATA`), with the same `seq_floor` rule as a read.
+    pub fn handle_extent_zero(
+        &mut self,
+        token: u64,
+        seq_floor: Seq,
+        journal: &mut impl ShipJournal,
+        now: u64,
+    ) -> Result<(), SourceError> {
+        self.extent_arrived(token, seq_floor, None, journal, now)
+    }
+
+    /// Which blocks of an extent must travel (`None` data: all zero).
+    fn blocks_to_send(
+        &self,
+        journal: &impl ShipJournal,
+        read: &PendingRead,
+        seq_floor: Seq,
+        data: Option<&[u8]>,
+        mode: SyncMode,
+    ) -> Vec<bool> {
+        let block = self.config.sync_block_bytes.max(1) as usize;
+        let length = read.length as usize;
+        let blocks = length.div_ceil(block);
+        if read.plan.reread {
+            return vec![true; blocks];
+        }
+        let Some(target) = &read.plan.target else {
+            // No hashes: a new, zero-filled replica (`CopyNonZero`) needs the non-zero blocks
+            // only; otherwise everything travels.
+            return match (mode, data) {
+                (SyncMode::CopyNonZero, None) => vec![false; blocks],
+                (SyncMode::CopyNonZero, Some(data)) => {
+                    data.chunks(block).map(|chunk| !is_zero(chunk)).collect()
+                }
+                (SyncMode::CompareHashes, _) => vec![true; blocks],
+            };
+        };
+        // The target will replay every record after `target.applied_seq` over the hashed
+        // bytes: a block matching its hash may stay only if none of them touches the extent (a
+        // resync record with older bytes, or a record older than a write the journal never
+        // saw — bitmap mode, a lost journal tail) and no live write raced with the read.
+        let since = target.applied_seq.min(seq_floor);
+        if target.blocks.len() < blocks
+            || self.touched(journal, read, since, journal.last_seq() + 1, true)
+        {
+            return vec![true; blocks];
+        }
+        match data {
+            Some(data) => data
+                .chunks(block)
+                .zip(&target.blocks)
+                .map(|(chunk, hash)| wire::block_hash(chunk) != *hash)
+                .collect(),
+            None => {
+                let full = zero_block_hash(block);
+                (0..blocks)
+                    .map(|index| {
+                        let len = block.min(length - index * block);
+                        let zero = if len == block {
+                            full
+                        } else {
+                            zero_block_hash(len)
+                        };
+                        zero != target.blocks[index]
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    fn extent_arrived(
+        &mut self,
+        token: u64,
+        seq_floor: Seq,
+        data: Option<&[u8]>,
+        journal: &mut impl ShipJournal,
+        now: u64,
+    ) -> Result<(), SourceError> {
         let Some(read) = self.reads.remove(&token) else {
             return Ok(());
         };
@@ -973,8 +1141,9 @@ impl Source {
             return Ok(());
         };
         job.reading -= 1;
-        if data.len() as u64 != read.length {
-            job.need_read.insert(read.offset, read.target_hash);
+        let mode = job.mode;
+        if let Some(data) = data.filter(|data| data.len() as u64 != read.length) {
+            job.need_read.insert(read.offset, read.plan);
             return Err(SourceError::ExtentLength {
                 disk_id: read.disk_id,
                 offset: read.offset,
@@ -982,75 +1151,99 @@ impl Source {
                 got: data.len(),
             });
         }
-        // Hashing costs a pass over the extent: only when there is a target hash to compare.
-        if let Some(target) = read
-            .target_hash
-            .filter(|target| target.hash == wire::extent_hash(data))
-        {
-            // The target will replay every record after `target.applied_seq` over the hashed
-            // bytes: skipping is sound only if none of them touches the extent (a resync record
-            // with older bytes, or a record older than a write the journal never saw —
-            // bitmap mode, a lost journal tail) and no live write raced with the read.
-            let since = target.applied_seq.min(seq_floor);
-            let touched = self.touched(journal, &read, since, journal.last_seq() + 1, true);
-            if !touched {
-                let job = self.jobs.get_mut(&read.disk_id).expect("looked up above");
-                job.progress.bytes_done += read.length;
-                job.progress.extents_skipped += 1;
-                self.check_sync_done();
-                return Ok(());
+        let send = self.blocks_to_send(journal, &read, seq_floor, data, mode);
+        let block = self.config.sync_block_bytes.max(1) as u64;
+        // Runs of blocks to send, as byte ranges within the extent.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (index, _) in send.iter().enumerate().filter(|(_, send)| **send) {
+            let start = index as u64 * block;
+            let end = (start + block).min(read.length);
+            match runs.last_mut() {
+                Some((_, run_end)) if *run_end == start => *run_end = end,
+                _ => runs.push((start, end)),
             }
         }
-        let zero = data.iter().all(|&byte| byte == 0);
-        let spec = RecordSpec {
-            kind: if zero {
-                RecordKind::Zero
+        if runs.is_empty() {
+            let job = self.jobs.get_mut(&read.disk_id).expect("looked up above");
+            job.progress.bytes_done += read.length;
+            if read.plan.target.is_some() {
+                job.progress.extents_skipped += 1;
             } else {
-                RecordKind::ResyncExtent
-            },
-            disk_id: read.disk_id,
-            offset: read.offset,
-            length: read.length,
-            timestamp_ns: now,
-            payload: if zero { &[] } else { data },
-        };
-        let seq = match journal.append(&spec) {
-            Ok(seq) => seq,
-            Err(JournalError::Full { .. }) => {
-                // Try again once the target acknowledged (and the journal released) something.
-                self.sync_blocked_at_ack = Some(self.acked_seq);
-                let job = self.jobs.get_mut(&read.disk_id).expect("looked up above");
-                job.need_read.insert(read.offset, read.target_hash);
-                return Ok(());
+                job.progress.extents_zero += 1;
             }
-            Err(source) => {
-                let job = self.jobs.get_mut(&read.disk_id).expect("looked up above");
-                job.need_read.insert(read.offset, read.target_hash);
-                return Err(SourceError::Journal {
-                    operation: "append",
-                    disk_id: read.disk_id,
-                    offset: read.offset,
-                    source,
-                });
-            }
-        };
-        self.own_appends.insert(seq);
-        let record_bytes = encoded_len_for_payload(spec.payload.len()) as u64;
-        self.sync_unacked.push_back((seq, record_bytes));
-        self.sync_unacked_bytes += record_bytes;
-        let clean = !self.touched(journal, &read, seq_floor, seq, false);
+            self.check_sync_done();
+            return Ok(());
+        }
+        let mut last_seq = 0;
+        let mut bytes_sent = 0;
+        for (start, end) in runs {
+            let payload = data.map_or(&[][..], |data| &data[start as usize..end as usize]);
+            let zero = is_zero(payload);
+            let spec = RecordSpec {
+                kind: if zero {
+                    RecordKind::Zero
+                } else {
+                    RecordKind::ResyncExtent
+                },
+                disk_id: read.disk_id,
+                offset: read.offset + start,
+                length: end - start,
+                timestamp_ns: now,
+                payload: if zero { &[] } else { payload },
+            };
+            let seq = match journal.append(&spec) {
+                Ok(seq) => seq,
+                Err(error) => {
+                    // Records of this extent already appended are superseded when it is read
+                    // again (a reread sends every block).
+                    let plan = ReadPlan {
+                        reread: read.plan.reread || last_seq > 0,
+                        ..read.plan
+                    };
+                    let job = self.jobs.get_mut(&read.disk_id).expect("looked up above");
+                    job.last_appended_seq = job.last_appended_seq.max(last_seq);
+                    job.need_read.insert(read.offset, plan);
+                    if let JournalError::Full { .. } = error {
+                        // Try again once the target acknowledged (and the journal released)
+                        // something.
+                        self.sync_blocked_at_ack = Some(self.acked_seq);
+                        return Ok(());
+                    }
+                    return Err(SourceError::Journal {
+                        operation: "append",
+                        disk_id: read.disk_id,
+                        offset: read.offset,
+                        source: error,
+                    });
+                }
+            };
+            self.own_appends.insert(seq);
+            let record_bytes = encoded_len_for_payload(spec.payload.len()) as u64;
+            self.sync_unacked.push_back((seq, record_bytes));
+            self.sync_unacked_bytes += record_bytes;
+            bytes_sent += spec.payload.len() as u64;
+            last_seq = seq;
+        }
+        let clean = !self.touched(journal, &read, seq_floor, last_seq, false);
         let job = self.jobs.get_mut(&read.disk_id).expect("looked up above");
-        job.last_appended_seq = job.last_appended_seq.max(seq);
+        job.last_appended_seq = job.last_appended_seq.max(last_seq);
+        job.progress.bytes_sent += bytes_sent;
         if clean {
             job.progress.bytes_done += read.length;
-            if zero {
+            if bytes_sent == 0 {
                 job.progress.extents_zero += 1;
             } else {
                 job.progress.extents_sent += 1;
             }
         } else {
             job.progress.extents_reread += 1;
-            job.need_read.insert(read.offset, read.target_hash);
+            job.need_read.insert(
+                read.offset,
+                ReadPlan {
+                    reread: true,
+                    ..read.plan
+                },
+            );
         }
         Ok(())
     }
@@ -1187,6 +1380,8 @@ mod tests {
         replica: Vec<u8>,
         source_disk: Vec<u8>,
         now: u64,
+        /// All-zero extents come back as holes (`handle_extent_zero`), as from a sparse file.
+        holes: bool,
     }
 
     impl Pair {
@@ -1202,6 +1397,7 @@ mod tests {
                 replica: vec![0; 64 << 10],
                 source_disk: vec![0; 64 << 10],
                 now: 0,
+                holes: false,
             }
         }
 
@@ -1265,9 +1461,21 @@ mod tests {
                     let data =
                         self.source_disk[read.offset as usize..][..read.length as usize].to_vec();
                     let floor = self.journal.last_seq();
-                    self.source
-                        .handle_extent_read(read.token, floor, &data, &mut self.journal, self.now)
-                        .unwrap();
+                    if self.holes && data.iter().all(|&byte| byte == 0) {
+                        self.source
+                            .handle_extent_zero(read.token, floor, &mut self.journal, self.now)
+                            .unwrap();
+                    } else {
+                        self.source
+                            .handle_extent_read(
+                                read.token,
+                                floor,
+                                &data,
+                                &mut self.journal,
+                                self.now,
+                            )
+                            .unwrap();
+                    }
                 }
                 // The driver's group commit while a sync runs: its records become durable (and
                 // shippable) here. Tests of live records flush by hand.
@@ -1412,6 +1620,134 @@ mod tests {
         assert_eq!(progress.extents_zero, 1);
         assert_eq!(progress.extents_skipped, 14);
         assert_eq!(progress.bytes_done, 64 << 10);
+    }
+
+    fn sync_done(pair: &mut Pair) -> SyncProgress {
+        let event = std::iter::from_fn(|| pair.source.poll_event())
+            .find(|event| matches!(event, SourceEvent::SyncDone { .. }))
+            .expect("sync done");
+        let SourceEvent::SyncDone { progress, .. } = event else {
+            unreachable!()
+        };
+        progress
+    }
+
+    /// Records (kind, offset, length) the source sends during `run`.
+    fn sent_records(pair: &mut Pair) -> Vec<(RecordKind, u64, u64)> {
+        let mut sent = Vec::new();
+        pair.run(|frame| {
+            if let Ok(Message::Records(records)) = frame.decode() {
+                sent.extend(records.iter().map(|r| (r.kind, r.offset, r.length)));
+            }
+            false
+        });
+        sent
+    }
+
+    #[test]
+    fn sync_sends_only_the_differing_blocks_of_an_extent() {
+        for holes in [false, true] {
+            let mut pair = Pair::new();
+            pair.holes = holes;
+            pair.source.config.sync_extent_bytes = 16 << 10;
+            pair.source.config.sync_block_bytes = 1024;
+            for (index, byte) in pair.source_disk.iter_mut().enumerate() {
+                *byte = (index % 251) as u8 + 1;
+            }
+            // The target: an old copy differing in blocks 5 and 6 (one run) and 13; the source
+            // zeroed blocks 40..42 and the whole last extent, where the copy has data.
+            pair.replica.copy_from_slice(&pair.source_disk);
+            pair.replica[5 * 1024 + 3] ^= 0xff;
+            pair.replica[6 * 1024] ^= 0xff;
+            pair.replica[13 * 1024 + 1023] ^= 0xff;
+            pair.source_disk[40 * 1024..42 * 1024].fill(0);
+            pair.source_disk[48 * 1024..].fill(0);
+            pair.connect();
+            pair.source
+                .start_sync(1, &[(0, 64 << 10)], SyncMode::CompareHashes)
+                .unwrap();
+            let sent = sent_records(&mut pair);
+            assert_eq!(pair.replica, pair.source_disk);
+            assert_eq!(
+                sent,
+                vec![
+                    (RecordKind::ResyncExtent, 5 * 1024, 2048),
+                    (RecordKind::ResyncExtent, 13 * 1024, 1024),
+                    (RecordKind::Zero, 40 * 1024, 2048),
+                    (RecordKind::Zero, 48 * 1024, 16 << 10),
+                ],
+                "holes {holes}"
+            );
+            let progress = sync_done(&mut pair);
+            assert_eq!(progress.bytes_sent, 3 * 1024);
+            assert_eq!(
+                (
+                    progress.extents_sent,
+                    progress.extents_zero,
+                    progress.extents_skipped
+                ),
+                (1, 2, 1)
+            );
+            assert_eq!(progress.bytes_done, 64 << 10);
+        }
+    }
+
+    #[test]
+    fn a_new_replica_gets_only_the_non_zero_blocks() {
+        let mut pair = Pair::new();
+        pair.holes = true;
+        pair.source.config.sync_extent_bytes = 16 << 10;
+        pair.source.config.sync_block_bytes = 4096;
+        pair.source_disk[4096..4196].fill(7);
+        pair.source_disk[12288..16384].fill(9);
+        pair.source_disk[20000] = 1;
+        pair.connect();
+        pair.run(|_| false);
+        pair.source
+            .start_sync(1, &[(0, 64 << 10)], SyncMode::CopyNonZero)
+            .unwrap();
+        let sent = sent_records(&mut pair);
+        assert_eq!(pair.replica, pair.source_disk);
+        assert_eq!(
+            sent,
+            vec![
+                (RecordKind::ResyncExtent, 4096, 4096),
+                (RecordKind::ResyncExtent, 12288, 4096),
+                (RecordKind::ResyncExtent, 16384, 4096),
+            ]
+        );
+        let progress = sync_done(&mut pair);
+        assert_eq!((progress.extents_sent, progress.extents_zero), (2, 2));
+    }
+
+    #[test]
+    fn hash_requests_share_a_span_and_skip_extents_not_wanted() {
+        let mut pair = Pair::new();
+        pair.source.config.sync_extent_bytes = 4096;
+        pair.connect();
+        pair.run(|_| false);
+        // Scattered dirty extents 1, 3 and 9: one request, a mask of three.
+        pair.source
+            .start_sync(
+                1,
+                &[(4096, 4096), (3 * 4096, 100), (9 * 4096, 4096)],
+                SyncMode::CompareHashes,
+            )
+            .unwrap();
+        let frame = pair
+            .source
+            .poll_transmit(&pair.journal, 0)
+            .unwrap()
+            .unwrap();
+        match frame.decode().unwrap() {
+            Message::HashRequest(request) => {
+                assert_eq!(request.offset, 4096);
+                assert_eq!(request.extent_count, 9);
+                assert_eq!(request.wanted, vec![0, 2, 8]);
+                assert_eq!(request.block_bytes, 4096);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

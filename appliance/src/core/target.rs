@@ -157,7 +157,8 @@ struct HashJob {
     request: HashRequest,
     /// Records applied before the job's reads (reads run after every earlier op).
     applied_seq: Seq,
-    hashes: Vec<Option<u128>>,
+    /// Block hashes of each wanted extent, once read.
+    hashes: Vec<Option<Vec<u64>>>,
 }
 
 /// The target's replication state machine for one source.
@@ -399,22 +400,17 @@ impl Target {
                     )));
                 }
                 let size = self.disks.get(&request.disk_id).copied().unwrap_or(0);
-                if request.offset >= size {
+                if let Some(beyond) = request.wanted_offsets().find(|offset| *offset >= size) {
                     return Err(TargetError::OutOfRange {
                         seq: 0,
                         disk_id: request.disk_id,
-                        offset: request.offset,
+                        offset: beyond,
                         length: u64::from(request.extent_bytes),
                     });
                 }
                 let job_id = self.next_job;
                 self.next_job += 1;
-                let mut count = 0usize;
-                for index in 0..request.extent_count as usize {
-                    let offset = request.offset + index as u64 * u64::from(request.extent_bytes);
-                    if offset >= size {
-                        break;
-                    }
+                for (index, offset) in request.wanted_offsets().enumerate() {
                     let length = u64::from(request.extent_bytes).min(size - offset);
                     let token = self.next_token;
                     self.next_token += 1;
@@ -425,8 +421,8 @@ impl Target {
                         offset,
                         length,
                     });
-                    count += 1;
                 }
+                let count = request.wanted.len();
                 self.jobs.insert(
                     job_id,
                     HashJob {
@@ -467,21 +463,26 @@ impl Target {
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
         };
-        job.hashes[index] = Some(wire::extent_hash(data));
+        let per_extent = wire::blocks_per_extent(job.request.extent_bytes, job.request.block_bytes);
+        let mut hashes = Vec::with_capacity(per_extent);
+        wire::block_hashes(data, job.request.block_bytes as usize, &mut hashes);
+        // Blocks past the end of the disk (a short last extent) hash as 0.
+        hashes.resize(per_extent, 0);
+        job.hashes[index] = Some(hashes);
         if job.hashes.iter().all(Option::is_some) {
             let job = self.jobs.remove(&job_id).expect("job present");
-            let hashes = job
-                .hashes
-                .into_iter()
-                .map(|hash| hash.unwrap_or(0))
-                .collect();
+            let hashes = job.hashes.into_iter().flatten().flatten().collect();
             if self.phase == Phase::Open {
+                let request = job.request;
                 self.transmit.push_back(Frame::hash_response(&HashResponse {
-                    request_id: job.request.request_id,
-                    disk_id: job.request.disk_id,
-                    offset: job.request.offset,
+                    request_id: request.request_id,
+                    disk_id: request.disk_id,
+                    offset: request.offset,
                     applied_seq: job.applied_seq,
-                    extent_bytes: job.request.extent_bytes,
+                    extent_bytes: request.extent_bytes,
+                    extent_count: request.extent_count,
+                    block_bytes: request.block_bytes,
+                    wanted: request.wanted,
                     hashes,
                 }));
             }
@@ -696,35 +697,62 @@ mod tests {
         let request = HashRequest {
             request_id: 9,
             disk_id: 1,
-            offset: 4096,
+            offset: 1096,
             extent_bytes: 3000,
             extent_count: 3,
+            block_bytes: 2048,
+            wanted: vec![0, 2],
         };
         target
             .handle_frame(Frame::hash_request(&request).as_bytes())
             .unwrap();
         let ops = drain_ops(&mut target);
-        // 8192-byte disk: extents at 4096 (3000 bytes) and 7096 (1096 bytes); the third is past the end.
+        // 8192-byte disk: wanted extents at 1096 (3000 bytes) and 7096 (1096 bytes, cut short).
         assert_eq!(ops.len(), 2);
+        let mut lengths = Vec::new();
         for op in &ops {
-            let DiskOp::Read { token, length, .. } = op else {
+            let DiskOp::Read {
+                token,
+                offset,
+                length,
+                ..
+            } = op
+            else {
                 panic!("{op:?}")
             };
-            target.handle_read(*token, &vec![0u8; *length as usize]);
+            lengths.push((*offset, *length));
+            target.handle_read(*token, &vec![*offset as u8; *length as usize]);
         }
+        assert_eq!(lengths, vec![(1096, 3000), (7096, 1096)]);
         match target.poll_transmit().unwrap().decode().unwrap() {
             Message::HashResponse(response) => {
                 assert_eq!(response.request_id, 9);
+                assert_eq!(response.wanted, vec![0, 2]);
+                let first = [1096u64 as u8; 3000];
+                let last = [7096u64 as u8; 1096];
                 assert_eq!(
                     response.hashes,
                     vec![
-                        wire::extent_hash(&[0u8; 3000]),
-                        wire::extent_hash(&[0u8; 1096])
+                        wire::block_hash(&first[..2048]),
+                        wire::block_hash(&first[2048..]),
+                        wire::block_hash(&last),
+                        0
                     ]
                 );
             }
             other => panic!("{other:?}"),
         }
+        // A wanted extent past the end of the disk is refused.
+        let beyond = HashRequest {
+            request_id: 10,
+            wanted: vec![0, 3],
+            extent_count: 4,
+            ..request
+        };
+        assert!(matches!(
+            target.handle_frame(Frame::hash_request(&beyond).as_bytes()),
+            Err(TargetError::OutOfRange { offset: 10096, .. })
+        ));
     }
 
     #[test]
@@ -768,9 +796,10 @@ mod tests {
         let mut target = Target::new(0);
         target.handle_connected();
         let mut bytes = Frame::hello("s", 0, 0, &[], &[]).into_bytes();
-        bytes[4..6].copy_from_slice(&2u16.to_le_bytes());
+        // A version 1 source (whole-extent hashes) is refused by name.
+        bytes[4..6].copy_from_slice(&1u16.to_le_bytes());
         let error = target.handle_frame(&bytes).unwrap_err();
-        assert!(error.to_string().contains("version 2"), "{error}");
+        assert!(error.to_string().contains("version 1"), "{error}");
         match target.poll_transmit().unwrap().decode().unwrap() {
             Message::Error { code, .. } => assert_eq!(code, ErrorCode::Version),
             other => panic!("{other:?}"),

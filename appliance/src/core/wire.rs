@@ -31,14 +31,18 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 use crate::config::MachineSettings;
 use crate::core::record::{self, Record, RecordError, Seq};
 use crate::limits::{
-    FRAME_BODY_BYTES_MAX, FRAME_HEADER_BYTES, HASH_EXTENTS_PER_REQUEST_MAX, HELLO_DISKS_MAX,
-    NAME_BYTES_MAX, SYNC_EXTENT_BYTES_MAX,
+    FRAME_BODY_BYTES_MAX, FRAME_HEADER_BYTES, HASH_BLOCKS_PER_RESPONSE_MAX, HASH_BLOCK_BYTES_MIN,
+    HASH_EXTENTS_PER_REQUEST_MAX, HELLO_DISKS_MAX, NAME_BYTES_MAX, SYNC_EXTENT_BYTES_MAX,
 };
 
 /// "FRYW" little-endian: the first bytes of every frame.
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FRYW");
 /// The replication protocol version this build speaks. Peers must match exactly.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// Version 2: hash requests name a span of extents with a mask of the wanted ones and a block
+/// size, and responses carry one xxh3-64 per block of each wanted extent (version 1 had one
+/// xxh3-128 per extent of a contiguous run), so a resync sends only the blocks that differ.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Tag of the Hello's machine-settings extension ("MSET" little-endian).
 const SETTINGS_TAG: u32 = u32::from_le_bytes(*b"MSET");
@@ -287,9 +291,13 @@ struct HashFixed {
     /// Response: the target's applied sequence when it read the extents (0 in requests).
     applied_seq: U64,
     disk_id: U32,
+    /// Extents in the span from `offset`; a mask of `extent_count.div_ceil(8)` bytes follows
+    /// (bit `i` of byte `i / 8`: extent `i` wanted).
     extent_count: U32,
     extent_bytes: U32,
-    reserved: U32,
+    /// Each wanted extent is hashed in blocks of this size (a power of two, at least
+    /// `HASH_BLOCK_BYTES_MIN`); a response carries one xxh3-64 per block after the mask.
+    block_bytes: U32,
 }
 
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -308,19 +316,33 @@ struct ErrorFixed {
     reserved: U32,
 }
 
-/// Which extents of a replica to hash: `extent_count` extents of `extent_bytes` starting at
-/// `offset` (the last one cut short at the end of the disk).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which extents of a replica to hash: of the span of `extent_count` extents of `extent_bytes`
+/// starting at `offset`, those whose index is in `wanted` (ascending, at least one; an extent
+/// is cut short at the end of the disk), each in blocks of `block_bytes`.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HashRequest {
     pub request_id: u64,
     pub disk_id: u32,
     pub offset: u64,
     pub extent_bytes: u32,
     pub extent_count: u32,
+    pub block_bytes: u32,
+    pub wanted: Vec<u32>,
 }
 
-/// The hashes of a `HashRequest`'s extents, in order (xxh3-128 of each extent's bytes), taken
-/// with every record up to `applied_seq` applied (and none after).
+impl HashRequest {
+    /// Offset of each wanted extent, in order.
+    pub fn wanted_offsets(&self) -> impl Iterator<Item = u64> + '_ {
+        self.wanted
+            .iter()
+            .map(|&index| self.offset + u64::from(index) * u64::from(self.extent_bytes))
+    }
+}
+
+/// The block hashes of a `HashRequest`'s wanted extents, taken with every record up to
+/// `applied_seq` applied (and none after): for each wanted extent in order,
+/// `blocks_per_extent(extent_bytes, block_bytes)` xxh3-64 hashes ([`block_hash`]), the blocks
+/// past the end of the disk as 0.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HashResponse {
     pub request_id: u64,
@@ -328,7 +350,44 @@ pub struct HashResponse {
     pub offset: u64,
     pub applied_seq: u64,
     pub extent_bytes: u32,
-    pub hashes: Vec<u128>,
+    pub extent_count: u32,
+    pub block_bytes: u32,
+    pub wanted: Vec<u32>,
+    pub hashes: Vec<u64>,
+}
+
+impl HashResponse {
+    /// Offset of each wanted extent, in order.
+    pub fn wanted_offsets(&self) -> impl Iterator<Item = u64> + '_ {
+        self.wanted
+            .iter()
+            .map(|&index| self.offset + u64::from(index) * u64::from(self.extent_bytes))
+    }
+}
+
+/// Blocks of `block_bytes` one extent of `extent_bytes` is hashed in.
+pub fn blocks_per_extent(extent_bytes: u32, block_bytes: u32) -> usize {
+    extent_bytes.div_ceil(block_bytes.max(1)) as usize
+}
+
+/// The hash of one block of an extent as compared by initial replication, resync and verify.
+pub fn block_hash(block: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(block)
+}
+
+/// Appends the block hashes of `data` (blocks of `block_bytes`, the last one maybe short).
+pub fn block_hashes(data: &[u8], block_bytes: usize, out: &mut Vec<u64>) {
+    out.extend(data.chunks(block_bytes.max(1)).map(block_hash));
+}
+
+fn encode_mask(count: u32, wanted: &[u32]) -> Vec<u8> {
+    let mut mask = vec![0u8; count.div_ceil(8) as usize];
+    for &index in wanted {
+        if let Some(byte) = mask.get_mut(index as usize / 8) {
+            *byte |= 1 << (index % 8);
+        }
+    }
+    mask
 }
 
 /// A decoded frame. Records borrow from the frame's bytes and have been verified (checksums).
@@ -631,7 +690,8 @@ impl Frame {
     }
 
     pub fn hash_request(request: &HashRequest) -> Frame {
-        let mut builder = Builder::new(FrameKind::HashRequest, 32);
+        let mask = encode_mask(request.extent_count, &request.wanted);
+        let mut builder = Builder::new(FrameKind::HashRequest, 40 + mask.len());
         builder.put(
             HashFixed {
                 request_id: request.request_id.into(),
@@ -640,27 +700,33 @@ impl Frame {
                 disk_id: request.disk_id.into(),
                 extent_count: request.extent_count.into(),
                 extent_bytes: request.extent_bytes.into(),
-                reserved: 0.into(),
+                block_bytes: request.block_bytes.into(),
             }
             .as_bytes(),
         );
+        builder.put(&mask);
         builder.finish()
     }
 
     pub fn hash_response(response: &HashResponse) -> Frame {
-        let mut builder = Builder::new(FrameKind::HashResponse, 32 + response.hashes.len() * 16);
+        let mask = encode_mask(response.extent_count, &response.wanted);
+        let mut builder = Builder::new(
+            FrameKind::HashResponse,
+            40 + mask.len() + response.hashes.len() * 8,
+        );
         builder.put(
             HashFixed {
                 request_id: response.request_id.into(),
                 offset: response.offset.into(),
                 applied_seq: response.applied_seq.into(),
                 disk_id: response.disk_id.into(),
-                extent_count: (response.hashes.len() as u32).into(),
+                extent_count: response.extent_count.into(),
                 extent_bytes: response.extent_bytes.into(),
-                reserved: 0.into(),
+                block_bytes: response.block_bytes.into(),
             }
             .as_bytes(),
         );
+        builder.put(&mask);
         for hash in &response.hashes {
             builder.put(&hash.to_le_bytes());
         }
@@ -967,11 +1033,20 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Message<'_>, WireError> {
             let fixed: HashFixed = reader.fixed("hash header")?;
             let extent_count = fixed.extent_count.get();
             let extent_bytes = fixed.extent_bytes.get();
+            let block_bytes = fixed.block_bytes.get();
             if extent_count == 0 || extent_count as usize > HASH_EXTENTS_PER_REQUEST_MAX {
                 return Err(malformed(kind, format!("{extent_count} extents")));
             }
             if extent_bytes == 0 || extent_bytes as usize > SYNC_EXTENT_BYTES_MAX {
                 return Err(malformed(kind, format!("extent of {extent_bytes} bytes")));
+            }
+            if !block_bytes.is_power_of_two() || (block_bytes as usize) < HASH_BLOCK_BYTES_MIN {
+                return Err(malformed(
+                    kind,
+                    format!(
+                        "block of {block_bytes} bytes (a power of two of at least {HASH_BLOCK_BYTES_MIN})"
+                    ),
+                ));
             }
             let offset = fixed.offset.get();
             if offset
@@ -979,6 +1054,27 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                 .is_none()
             {
                 return Err(malformed(kind, "extent range overflows"));
+            }
+            let mask = reader.take(extent_count.div_ceil(8) as usize, "extent mask")?;
+            let wanted: Vec<u32> = (0..extent_count)
+                .filter(|index| mask[*index as usize / 8] & (1 << (index % 8)) != 0)
+                .collect();
+            let spare_bits = mask.len() as u32 * 8 - extent_count;
+            if spare_bits > 0 && mask[mask.len() - 1] >> (8 - spare_bits) != 0 {
+                return Err(malformed(
+                    kind,
+                    "extent mask has bits past the extent count",
+                ));
+            }
+            if wanted.is_empty() {
+                return Err(malformed(kind, "no extent wanted"));
+            }
+            let blocks = wanted.len() * blocks_per_extent(extent_bytes, block_bytes);
+            if blocks > HASH_BLOCKS_PER_RESPONSE_MAX {
+                return Err(malformed(
+                    kind,
+                    format!("{blocks} block hashes (limit {HASH_BLOCKS_PER_RESPONSE_MAX})"),
+                ));
             }
             if kind == FrameKind::HashRequest {
                 reader.finish()?;
@@ -988,15 +1084,19 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                     offset,
                     extent_bytes,
                     extent_count,
+                    block_bytes,
+                    wanted,
                 })
             } else {
-                let mut hashes = Vec::with_capacity(extent_count as usize);
-                for _ in 0..extent_count {
-                    let bytes = reader.take(16, "extent hash")?;
-                    let mut array = [0u8; 16];
-                    array.copy_from_slice(bytes);
-                    hashes.push(u128::from_le_bytes(array));
-                }
+                let bytes = reader.take(blocks * 8, "block hashes")?;
+                let hashes = bytes
+                    .chunks_exact(8)
+                    .map(|chunk| {
+                        let mut array = [0u8; 8];
+                        array.copy_from_slice(chunk);
+                        u64::from_le_bytes(array)
+                    })
+                    .collect();
                 reader.finish()?;
                 Message::HashResponse(HashResponse {
                     request_id: fixed.request_id.get(),
@@ -1004,6 +1104,9 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Message<'_>, WireError> {
                     offset,
                     applied_seq: fixed.applied_seq.get(),
                     extent_bytes,
+                    extent_count,
+                    block_bytes,
+                    wanted,
                     hashes,
                 })
             }
@@ -1164,7 +1267,9 @@ mod tests {
                 disk_id: 1,
                 offset: 1 << 20,
                 extent_bytes: 65536,
-                extent_count: 4,
+                extent_count: 12,
+                block_bytes: 16384,
+                wanted: vec![0, 2, 11],
             }),
             Frame::hash_response(&HashResponse {
                 request_id: 3,
@@ -1172,7 +1277,10 @@ mod tests {
                 offset: 1 << 20,
                 applied_seq: 17,
                 extent_bytes: 65536,
-                hashes: vec![1, u128::MAX, 3, 4],
+                extent_count: 12,
+                block_bytes: 16384,
+                wanted: vec![0, 2, 11],
+                hashes: (1..=12).chain([u64::MAX]).skip(1).collect(),
             }),
             Frame::error(
                 ErrorCode::TargetAhead,
@@ -1243,12 +1351,23 @@ mod tests {
                 gap: true
             }
         );
-        assert!(
-            matches!(frames[4].decode().unwrap(), Message::HashRequest(r) if r.extent_count == 4)
-        );
+        match frames[4].decode().unwrap() {
+            Message::HashRequest(request) => {
+                assert_eq!((request.extent_count, request.block_bytes), (12, 16384));
+                assert_eq!(request.wanted, vec![0, 2, 11]);
+                assert_eq!(
+                    request.wanted_offsets().collect::<Vec<_>>(),
+                    vec![1 << 20, (1 << 20) + 2 * 65536, (1 << 20) + 11 * 65536]
+                );
+            }
+            other => panic!("decoded {other:?}"),
+        }
         match frames[5].decode().unwrap() {
             Message::HashResponse(response) => {
-                assert_eq!(response.hashes, vec![1, u128::MAX, 3, 4])
+                assert_eq!(response.wanted, vec![0, 2, 11]);
+                assert_eq!(response.hashes.len(), 3 * 4);
+                assert_eq!(response.hashes[0], 2);
+                assert_eq!(response.hashes[11], u64::MAX);
             }
             other => panic!("decoded {other:?}"),
         }
@@ -1390,8 +1509,35 @@ mod tests {
         bytes[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(
             decode_header(&bytes).unwrap_err(),
-            WireError::Version { ours: 1, theirs: 7 }
+            WireError::Version {
+                ours: PROTOCOL_VERSION,
+                theirs: 7
+            }
         );
+    }
+
+    #[test]
+    fn a_version_1_peer_is_refused_by_name() {
+        // Version 1 hashed whole extents (xxh3-128 each); its frames must never be read as ours.
+        let mut bytes = Frame::hello("old-site", 0, 0, &[], &[]).into_bytes();
+        bytes[4..6].copy_from_slice(&1u16.to_le_bytes());
+        let error = decode_frame(&bytes).unwrap_err();
+        assert_eq!(error, WireError::Version { ours: 2, theirs: 1 });
+        assert_eq!(
+            error.to_string(),
+            "peer speaks replication protocol version 1, this build speaks 2"
+        );
+    }
+
+    #[test]
+    fn block_hashes_cover_every_block_and_the_short_tail() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let mut hashes = Vec::new();
+        block_hashes(&data, 4096, &mut hashes);
+        assert_eq!(hashes.len(), 3);
+        assert_eq!(hashes[2], block_hash(&data[8192..]));
+        assert_eq!(blocks_per_extent(10_000, 4096), 3);
+        assert_eq!(blocks_per_extent(1 << 20, 4096), 256);
     }
 
     #[test]
@@ -1477,11 +1623,52 @@ mod tests {
             disk_id: 1.into(),
             extent_count: 2.into(),
             extent_bytes: 4096.into(),
-            reserved: 0.into(),
+            block_bytes: 4096.into(),
         };
+        let with_mask = |fixed: HashFixed, mask: &[u8]| {
+            let mut body = fixed.as_bytes().to_vec();
+            body.extend_from_slice(mask);
+            body
+        };
+        // Offset overflow, no mask, no extent wanted, bits past the count.
+        assert!(craft(FrameKind::HashRequest, &with_mask(hash, &[1]))
+            .decode()
+            .is_err());
+        let mut hash = hash;
+        hash.offset = 0.into();
+        assert!(craft(FrameKind::HashRequest, &with_mask(hash, &[1]))
+            .decode()
+            .is_ok());
         assert!(craft(FrameKind::HashRequest, hash.as_bytes())
             .decode()
             .is_err());
+        assert!(craft(FrameKind::HashRequest, &with_mask(hash, &[0]))
+            .decode()
+            .is_err());
+        assert!(craft(FrameKind::HashRequest, &with_mask(hash, &[4]))
+            .decode()
+            .is_err());
+        // Blocks that are too small or not a power of two, too many block hashes.
+        for block_bytes in [0u32, 256, 3000] {
+            let mut bad = hash;
+            bad.block_bytes = block_bytes.into();
+            assert!(craft(FrameKind::HashRequest, &with_mask(bad, &[1]))
+                .decode()
+                .is_err());
+        }
+        let mut many = hash;
+        many.extent_count = 256.into();
+        many.extent_bytes = (1 << 20).into();
+        many.block_bytes = 512.into();
+        assert!(craft(FrameKind::HashRequest, &with_mask(many, &[0xff; 32]))
+            .decode()
+            .is_err());
+        // A response whose hashes are cut short.
+        let mut response = with_mask(hash, &[3]);
+        response.extend_from_slice(&[0u8; 8]);
+        assert!(craft(FrameKind::HashResponse, &response).decode().is_err());
+        response.extend_from_slice(&[0u8; 8]);
+        assert!(craft(FrameKind::HashResponse, &response).decode().is_ok());
         assert!(craft(FrameKind::Ack, &[0u8; 15]).decode().is_err());
         assert!(craft(FrameKind::Ack, &[0u8; 17]).decode().is_err());
         let mut bad_name = hello;

@@ -32,6 +32,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+use crate::capture::disk::SyncData;
 use crate::capture::journal_handle::SharedJournal;
 use crate::capture::CaptureDisk;
 use crate::config::MachineSettings;
@@ -158,7 +159,7 @@ pub struct Shipper {
 }
 
 /// Extent reads in flight for the core's sync: (token, sequence floor, bytes).
-type SyncReads = JoinSet<(u64, Seq, Result<Vec<u8>, String>)>;
+type SyncReads = JoinSet<(u64, Seq, Result<SyncData, String>)>;
 
 /// A sync round of one disk.
 struct Round {
@@ -287,6 +288,7 @@ impl Shipper {
     }
 
     /// One connection. `Ok` only on shutdown; `Err` says why the link ended.
+    #[allow(clippy::too_many_arguments)]
     async fn session(
         &self,
         core: &mut Source,
@@ -463,7 +465,10 @@ impl Shipper {
                     let (handled, before, after) = {
                         let mut journal = self.journal.lock();
                         let before = journal.last_seq();
-                        let handled = core.handle_extent_read(token, seq_floor, &data, &mut *journal, now());
+                        let handled = match &data {
+                            SyncData::Bytes(data) => core.handle_extent_read(token, seq_floor, data, &mut *journal, now()),
+                            SyncData::Zero => core.handle_extent_zero(token, seq_floor, &mut *journal, now()),
+                        };
                         (handled, before, journal.last_seq())
                     };
                     if after > before {
@@ -560,6 +565,7 @@ impl Shipper {
                             Round {
                                 initial: true,
                                 verify: false,
+                                #[allow(clippy::single_range_in_vec_init)]
                                 extents: vec![0..disk.size_bytes()],
                             },
                         );
@@ -716,8 +722,15 @@ impl Shipper {
                 .map(|extent| (extent.start, extent.end - extent.start))
                 .collect();
             tracing::info!(disk = %disk.export_name(), extents = ranges.len(), "resync starts");
-            core.start_sync(disk.disk_id(), &ranges, SyncMode::CompareHashes)
-                .map_err(|error| error.to_string())?;
+            // In the bitmap's extents: only dirty extents are read and hashed at both ends.
+            let extent_bytes = u32::try_from(disk.bitmap().extent_bytes()).unwrap_or(u32::MAX);
+            core.start_sync_in_extents(
+                disk.disk_id(),
+                &ranges,
+                SyncMode::CompareHashes,
+                extent_bytes,
+            )
+            .map_err(|error| error.to_string())?;
             rounds.insert(
                 disk.disk_id(),
                 Round {

@@ -432,6 +432,21 @@ impl Disk {
         self.inner.block_device
     }
 
+    /// Whether `offset..offset + len` lies in a hole of a sparse file (reads as zeros without
+    /// being read): `lseek(SEEK_DATA)` finds no data before its end. `false` whenever the file
+    /// system cannot tell (no SEEK_DATA support, a block device, an error). The caller must
+    /// keep writes to the range out while it asks (capture's in-flight registration).
+    pub fn is_hole(&self, offset: u64, len: u64) -> bool {
+        if self.inner.block_device || len == 0 {
+            return false;
+        }
+        match sys::seek_data(self.inner.fds.buffered, offset) {
+            Ok(None) => true,
+            Ok(Some(data)) => data >= offset.saturating_add(len),
+            Err(_) => false,
+        }
+    }
+
     /// Reads `buf.len()` bytes at `offset` into `buf`. The whole range must lie inside the disk.
     pub async fn read_at(&self, offset: u64, buf: IoBuf) -> (Result<(), DiskError>, IoBuf) {
         let len = buf.len() as u64;

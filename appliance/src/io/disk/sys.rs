@@ -124,6 +124,21 @@ pub(crate) fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Resu
     }
 }
 
+/// `lseek(fd, offset, SEEK_DATA)`: the first data byte at or after `offset`, `None` when only
+/// a hole follows (ENXIO).
+pub(crate) fn seek_data(fd: RawFd, offset: u64) -> io::Result<Option<u64>> {
+    // SAFETY: plain syscall on an fd we own; no memory is passed.
+    let ret = unsafe { libc::lseek64(fd, offset as libc::off64_t, libc::SEEK_DATA) };
+    if ret >= 0 {
+        return Ok(Some(ret as u64));
+    }
+    let error = io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::ENXIO) {
+        return Ok(None);
+    }
+    Err(error)
+}
+
 pub(crate) fn fdatasync(fd: RawFd) -> io::Result<()> {
     loop {
         // SAFETY: plain syscall on an fd we own.
