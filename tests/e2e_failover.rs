@@ -367,6 +367,12 @@ fn planned_failover_loses_nothing_and_failback_brings_the_failover_writes_home()
         ],
     );
     io(&site.export, &["write -P 0x17 14M 64k"]);
+    // Failback leaves the source's disk resyncing its (stale) replica at the target; verify
+    // once it is protected again.
+    wait_for("the source disk to be protected after failback", || {
+        let status = site.source.try_status()?;
+        (status["disks"][0]["state"] == "protected").then_some(())
+    });
     let verify = ferry_on(&site.source, &["verify", "--all"]);
     assert!(
         verify.status.success(),
