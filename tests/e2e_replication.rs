@@ -97,6 +97,13 @@ disks = [{{ name = "os", path = "{disk}", export = "{export}" }}]
         })
     }
 
+    /// The replica file of web-1/os under the (possibly stopped) target's storage dir.
+    fn replica_path_on_disk(&self) -> PathBuf {
+        let replicas = raw_files(&self.target.root.join("storage"));
+        assert_eq!(replicas.len(), 1, "{replicas:?}");
+        replicas.into_iter().next().unwrap()
+    }
+
     /// Waits until the disk is protected and the target acknowledged everything journaled.
     fn wait_caught_up(&self) {
         let start = std::time::Instant::now();
@@ -230,6 +237,51 @@ fn journal_overflow_while_the_target_is_down_resyncs() {
     pair.assert_identical();
 }
 
+/// A change journaled just before the source process died, whose disk write never completed:
+/// the journal still holds it (its release waits for the disk write), so the restart resyncs
+/// its extent, and the replica ends equal to the source disk, not to the lost change.
+#[test]
+fn a_journaled_change_that_never_reached_the_disk_is_resynced_after_a_crash() {
+    let mut pair = Pair::new("64MiB", None);
+    pair.target.start();
+    pair.source.start();
+    pair.assert_identical();
+    // Keep the change in the journal: nothing can be acknowledged while the target is down.
+    pair.target.stop();
+    pair.write(&["write -P 0x5a 2m 64k".to_string()]);
+    pair.source.kill();
+    // Undo the change on the disk (as if the process died before its disk write completed):
+    // the replica still holds what the disk held before.
+    let before = read_range(&pair.replica_path_on_disk(), 2 << 20, 64 << 10);
+    write_range(&pair.disk, 2 << 20, &before);
+    pair.source.start();
+    pair.target.start();
+    pair.assert_identical();
+    let log = pair.source.log();
+    assert!(log.contains("process died"), "{log}");
+}
+
+/// The host went down under the source (another boot id in its running marker): writes may
+/// be on the disk whose journal records died with the page cache, so every extent is
+/// hash-compared with the replica and what differs is sent.
+#[test]
+fn after_the_host_went_down_every_extent_is_compared_with_the_replica() {
+    let mut pair = Pair::new("64MiB", None);
+    pair.target.start();
+    pair.source.start();
+    pair.assert_identical();
+    pair.source.stop();
+    let marker = pair.source.state_dir().join("running");
+    assert!(!marker.exists(), "a clean stop left its running marker");
+    // A write that reached the disk while its journal record was lost with the host.
+    write_range(&pair.disk, 20 << 20, &[0xc3; 4096]);
+    std::fs::write(&marker, "boot_id=an-earlier-boot\npid=1\n").unwrap();
+    pair.source.start();
+    pair.assert_identical();
+    let log = pair.source.log();
+    assert!(log.contains("host went down"), "{log}");
+}
+
 #[test]
 fn a_wrongly_pinned_target_is_refused_and_receives_nothing() {
     let wrong = format!("sha256:{}", "ab".repeat(32));
@@ -258,6 +310,23 @@ fn a_wrongly_pinned_target_is_refused_and_receives_nothing() {
         replicas.is_empty(),
         "the target created replicas: {replicas:?}"
     );
+}
+
+fn read_range(path: &Path, offset: u64, length: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut bytes = vec![0u8; length];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut bytes, offset)
+        .unwrap();
+    bytes
+}
+
+fn write_range(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(bytes, offset).unwrap();
+    file.sync_all().unwrap();
 }
 
 /// Every `.raw` file under `dir`.

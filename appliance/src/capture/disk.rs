@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::capture::bitmap::{BitmapError, DirtyBitmap};
 use crate::capture::gate::WriteGate;
-use crate::capture::journal_handle::SharedJournal;
+use crate::capture::journal_handle::{PendingDiskWrite, SharedJournal};
 use crate::control::DiskState;
 use crate::core::journal::{JournalError, RecordSpec};
 use crate::core::record::{RecordKind, Seq};
@@ -417,9 +417,11 @@ impl CaptureDisk {
                 .push((ticket, start, end, watch::channel(()).0));
             // The sequence is assigned while the write is registered, so journal order and
             // the order overlapping writes reach the disk are the same.
-            let journaled = self.journal_append(&change, offset, length, timestamp_ns);
-            (ticket, predecessors, journaled)
+            let (journaled, pending_disk_write) =
+                self.journal_append(&change, offset, length, timestamp_ns);
+            (ticket, predecessors, (journaled, pending_disk_write))
         };
+        let (journaled, pending_disk_write) = journaled;
         drop(gate_pass);
         // Removes the registration however this function ends, waking overlapping successors.
         let _registration = Registration { inner, ticket };
@@ -459,6 +461,8 @@ impl CaptureDisk {
             Change::Trim => (inner.disk.trim(offset, length).await, None),
         };
         drop(_registration);
+        // Completed or failed: either way nothing of this change is still on its way.
+        drop(pending_disk_write);
         if let Err(error) = result {
             return (Err(error.into()), buf);
         }
@@ -475,21 +479,23 @@ impl CaptureDisk {
     }
 
     /// Appends the records for one change; `None` when the disk is (or just went) on the
-    /// bitmap. Called with the in-flight lock held.
+    /// bitmap. With any record appended, also the guard that keeps those records in the
+    /// journal until the disk write completes. Called with the in-flight lock held.
     fn journal_append(
         &self,
         change: &Change,
         offset: u64,
         length: u64,
         timestamp_ns: u64,
-    ) -> Option<Seq> {
+    ) -> (Option<Seq>, Option<PendingDiskWrite<'_>>) {
         let inner = &self.inner;
         let mut state = lock(&inner.state);
         if *state == DiskState::ResyncNeeded {
             inner.writes_bitmap_only.fetch_add(1, Ordering::Relaxed);
-            return None;
+            return (None, None);
         }
         let mut journal = inner.journal.lock();
+        let first_seq = journal.last_seq() + 1;
         let kind = change.record_kind();
         let mut last = None;
         let result: Result<(), JournalError> = match change {
@@ -524,6 +530,8 @@ impl CaptureDisk {
                 journal.append(&spec).map(|seq| last = Some(seq))
             }
         };
+        // Registered before the lock goes, so no release can pass these records first.
+        let pending = last.map(|_| inner.journal.disk_write_pending(first_seq));
         drop(journal);
         if let Some(seq) = last {
             inner.journal.note_appended(seq);
@@ -532,7 +540,7 @@ impl CaptureDisk {
         match result {
             Ok(()) => {
                 inner.writes_journaled.fetch_add(1, Ordering::Relaxed);
-                last
+                (last, pending)
             }
             Err(error) => {
                 // Records of this change already appended stay (they are true); the bitmap
@@ -547,7 +555,7 @@ impl CaptureDisk {
                     if full { "cache journal full" } else { "cache journal append failed" },
                     inner.bitmap.path().display()
                 );
-                None
+                (None, pending)
             }
         }
     }

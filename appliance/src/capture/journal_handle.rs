@@ -2,6 +2,7 @@
 //! reads and releases, and flushes are group-committed so that one store flush makes every
 //! record appended so far durable for all the FLUSH/FUA requests waiting on it.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -60,6 +61,10 @@ struct Inner {
     last_seq: AtomicU64,
     /// Woken whenever records are appended (the shipper waits on it).
     appended: Notify,
+    /// First sequence of every journaled change whose disk write has not completed. Their
+    /// records are never released (see [`SharedJournal::releasable`]), so after a crash of the
+    /// process the journal still names every extent whose disk write may be missing.
+    disk_pending: Mutex<BTreeSet<Seq>>,
 }
 
 /// A cheaply clonable handle on the one cache journal of an appliance.
@@ -75,6 +80,27 @@ impl std::fmt::Debug for SharedJournal {
             .field("durable_seq", &self.durable_seq())
             .finish()
     }
+}
+
+/// A journaled change whose disk write has not completed yet (see
+/// [`SharedJournal::disk_write_pending`]).
+#[derive(Debug)]
+pub struct PendingDiskWrite<'a> {
+    journal: &'a SharedJournal,
+    first_seq: Seq,
+}
+
+impl Drop for PendingDiskWrite<'_> {
+    fn drop(&mut self) {
+        lock(&self.journal.inner.disk_pending).remove(&self.first_seq);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every update under these locks is a single set operation: a panic cannot leave them torn.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl SharedJournal {
@@ -136,6 +162,7 @@ impl SharedJournal {
                 durable_seq,
                 last_seq,
                 appended: Notify::new(),
+                disk_pending: Mutex::new(BTreeSet::new()),
             }),
         }
     }
@@ -179,9 +206,33 @@ impl SharedJournal {
         self.lock().usage()
     }
 
-    /// Releases every record `<= upto` (the target acknowledged them).
+    /// Releases every record `<= upto` (the target acknowledged them) that
+    /// [`releasable`](Self::releasable) lets go.
     pub fn release(&self, upto: Seq) {
+        let upto = self.releasable(upto);
         self.lock().release(upto);
+    }
+
+    /// How far a release of `upto` may go: never past a record whose disk write is still in
+    /// flight. A write is journaled before it reaches the disk; if the process dies between the
+    /// two, the target may already hold a change the source disk never got, and only a record
+    /// still in the journal tells the restart which extent to resync.
+    pub fn releasable(&self, upto: Seq) -> Seq {
+        match lock(&self.inner.disk_pending).first() {
+            Some(&first_pending) => upto.min(first_pending.saturating_sub(1)),
+            None => upto,
+        }
+    }
+
+    /// Notes that the change whose first record is `first_seq` is journaled and its disk write
+    /// is about to be issued; the returned guard, dropped once the disk write has completed
+    /// (or failed), lets its records be released again.
+    pub fn disk_write_pending(&self, first_seq: Seq) -> PendingDiskWrite<'_> {
+        lock(&self.inner.disk_pending).insert(first_seq);
+        PendingDiskWrite {
+            journal: self,
+            first_seq,
+        }
     }
 
     /// Waits until a record after `seq` has been appended (returns at once if one has).
@@ -248,5 +299,49 @@ impl SharedJournal {
     /// Makes everything appended so far durable (FLUSH, shutdown).
     pub async fn flush_all(&self) -> Result<Seq, JournalError> {
         self.flush_through(self.last_seq()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::journal_mem::MemSegments;
+    use crate::core::record::RecordKind;
+
+    fn append(journal: &SharedJournal) -> Seq {
+        journal
+            .append(&RecordSpec {
+                kind: RecordKind::Write,
+                disk_id: 1,
+                offset: 0,
+                length: 4096,
+                timestamp_ns: 0,
+                payload: &[7; 4096],
+            })
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_release_never_passes_a_change_still_on_its_way_to_the_disk() {
+        let (journal, _) = SharedJournal::open(MemSegments::new(4, 1 << 20)).unwrap();
+        let first = append(&journal);
+        let second = append(&journal);
+        let third = append(&journal);
+        journal.flush_all().await.unwrap();
+        let pending_second = journal.disk_write_pending(second);
+        let pending_third = journal.disk_write_pending(third);
+        assert_eq!(journal.releasable(third), first);
+        journal.release(third);
+        assert_eq!(
+            journal.lock().first_seq(),
+            second,
+            "held from the pending change on"
+        );
+        drop(pending_second);
+        assert_eq!(journal.releasable(third), second);
+        drop(pending_third);
+        assert_eq!(journal.releasable(third), third);
+        journal.release(third);
+        assert_eq!(journal.lock().first_seq(), 0, "nothing held any more");
     }
 }

@@ -16,6 +16,7 @@ pub mod metrics;
 mod notify;
 mod points;
 mod reprotect;
+mod running;
 mod source;
 pub mod status;
 pub mod table;

@@ -17,11 +17,15 @@ use tokio::task::JoinHandle;
 
 use super::layout::StateLayout;
 use super::points::{self, Cutter, GroupCutter};
+use super::running::{PreviousRun, RunningMarker};
 use super::status::{DiskSample, StatusModel};
 use super::DaemonError;
-use crate::capture::{Capture, CaptureConfig, DiskSpec, Endpoint, ListenerSpec, SharedJournal};
+use crate::capture::{
+    Capture, CaptureConfig, CaptureDisk, DiskSpec, Endpoint, ListenerSpec, SharedJournal,
+};
 use crate::config::SourceConfig;
 use crate::control::{DiskState, Request, Response};
+use crate::core::record::RecordKind;
 use crate::io::disk::DiskOptions;
 use crate::io::transport::{Identity, RateLimiter, SourceDialer, Tuning};
 use crate::ship::control::SourceControl;
@@ -29,6 +33,8 @@ use crate::ship::{ShipCommand, ShipStatus, Shipper, VerifyResult};
 
 /// The running source side.
 pub(crate) struct SourceSide {
+    /// Removed by a clean stop; found at start, it says the last run did not stop cleanly.
+    running: RunningMarker,
     journal: SharedJournal,
     capture: Capture,
     ship: Option<ShipSide>,
@@ -56,6 +62,7 @@ impl SourceSide {
         status: &StatusModel,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, DaemonError> {
+        let (running, previous_run) = RunningMarker::take(&layout.root)?;
         let journal = open_journal(layout, source.journal_size_bytes).await?;
         restore_status(&journal, status);
         // Groups failed over to the target stay read-only from the first NBD connection on.
@@ -104,6 +111,7 @@ impl SourceSide {
         let capture = Capture::start(capture_config, journal.clone(), shutdown.clone())
             .await
             .map_err(DaemonError::CaptureStart)?;
+        resync_after_unclean_stop(&previous_run, &journal, &capture)?;
         let ship = match source.target_fingerprint {
             Some(fingerprint) => Some(start_shipper(
                 appliance_name,
@@ -141,6 +149,7 @@ impl SourceSide {
             }));
         }
         let side = Self {
+            running,
             journal,
             capture,
             ship,
@@ -292,8 +301,81 @@ impl SourceSide {
             durable_sequence = journal.durable_seq(),
             "journal and disks flushed"
         );
-        Ok(())
+        self.running.clear()
     }
+}
+
+/// After a run that did not stop cleanly (see [`super::running`]), marks what may differ
+/// between each disk and its replica in the disk's bitmap and makes the disk `resync-needed`,
+/// so the shipper hash-compares those extents with the target and sends what differs.
+fn resync_after_unclean_stop(
+    previous_run: &PreviousRun,
+    journal: &SharedJournal,
+    capture: &Capture,
+) -> Result<(), DaemonError> {
+    let marked_disks: Vec<&CaptureDisk> = match previous_run {
+        PreviousRun::Clean => return Ok(()),
+        PreviousRun::HostDown => {
+            tracing::warn!(
+                "the last run did not stop cleanly and the host went down under it: writes \
+                 may have reached the disks without their journal records; every disk is \
+                 hash-compared with its replica"
+            );
+            for disk in capture.disks() {
+                disk.bitmap().mark_all();
+            }
+            capture.disks().iter().collect()
+        }
+        PreviousRun::ProcessDied { pid } => {
+            // The records still held include every change whose disk write had not completed.
+            let guard = journal.lock();
+            let mut touched = std::collections::BTreeSet::new();
+            for record in guard.iter_from(guard.first_seq()) {
+                let Ok(record) = record else { break };
+                let is_change = matches!(
+                    record.kind,
+                    RecordKind::Write | RecordKind::Zero | RecordKind::Trim
+                );
+                if !is_change {
+                    continue;
+                }
+                if let Some(disk) = capture
+                    .disks()
+                    .iter()
+                    .find(|disk| disk.disk_id() == record.disk_id)
+                {
+                    disk.bitmap().mark(record.offset, record.length);
+                    touched.insert(record.disk_id);
+                }
+            }
+            drop(guard);
+            tracing::warn!(
+                previous_pid = pid.map_or_else(String::new, |pid| pid.to_string()),
+                disks = touched.len(),
+                "the last run's process died: the extents of the changes its journal still \
+                 holds are hash-compared with the replicas (a change journaled just before \
+                 the crash may not have reached the disk)"
+            );
+            capture
+                .disks()
+                .iter()
+                .filter(|disk| touched.contains(&disk.disk_id()))
+                .collect()
+        }
+    };
+    for disk in marked_disks {
+        disk.bitmap()
+            .persist()
+            .map_err(|error| DaemonError::Component {
+                component: "dirty-extent bitmap",
+                message: format!("{}: {error}", disk.export_name()),
+            })?;
+        // A failed-over (fenced) disk stays read-only; unfencing resyncs it whole anyway.
+        if disk.state() != DiskState::FailedOver {
+            disk.set_state(DiskState::ResyncNeeded);
+        }
+    }
+    Ok(())
 }
 
 /// Starts the shipper: this appliance's identity, a dialer pinned to the target's fingerprint,

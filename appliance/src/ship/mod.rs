@@ -350,7 +350,8 @@ impl Shipper {
                     }
                 }
                 if let Some(seq) = core.poll_release() {
-                    journal.release(seq);
+                    // Records of changes still on their way to the source disk stay.
+                    journal.release(self.journal.releasable(seq));
                 }
                 while let Some(read) = core.poll_sync_read(&*journal) {
                     to_read.push(read);
