@@ -86,6 +86,7 @@ run_fio() { # socket rw bs iodepth -> "bytes_per_s iops"
     python3 -c 'import json,sys; w=json.load(open(sys.argv[1]))["jobs"][0]["write"]; print(int(w["bw_bytes"]), int(w["iops"]))' "$work/fio.json"
 }
 
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 declare -A figures
 for round in $(seq 1 "$rounds"); do
     for kind in $kinds; do
@@ -112,7 +113,7 @@ def ratio(kind, base, job): return med[(kind, job)][0] / med[(base, job)][0]
 print("| server | guarantee before FLUSH/FUA | 4 KiB random write QD32 | ratio | 1 MiB sequential write QD8 | ratio |")
 print("|---|---|---|---|---|---|")
 rows = [
-    ("nbdkit-none", "nbdkit-none", "nbdkit file cache=none (baseline of the next two rows)", "sent to the device (sync_file_range), not flushed"),
+    ("nbdkit-none", "nbdkit-none", "nbdkit file cache=none (baseline of the next two rows)", "writeback started (sync_file_range) before the reply, not flushed"),
     ("ferry", "nbdkit-none", "Ferry capture, mmap journal + O_DIRECT (default)", "sent to the device (O_DIRECT), not flushed; journal msync every 20 ms"),
     ("ferry-memjournal", "nbdkit-none", "Ferry capture, O_DIRECT, journal in memory (comparison only)", "disk as above; journal lost in a crash"),
     ("nbdkit", "nbdkit", "nbdkit file (baseline of the next row)", "in the page cache only"),
@@ -124,11 +125,13 @@ for kind, base, label, guarantee in rows:
     print(f"| {label} | {guarantee} | {r[1]/1000:.1f}K IOPS ({r[0]/1e6:.0f} MB/s) | {rr:.2f}x | {s[0]/1e9:.2f} GB/s | {rs:.2f}x |")
 ')
 echo "$summary"
+load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 
 section=$(cat <<EOF
 ## NBD capture
 
-\`benches/nbd_capture.sh $rounds $seconds\` on $(date -u +%Y-%m-%d) ($(nproc) cores, $(uname -r)): fio
+\`benches/nbd_capture.sh $rounds $seconds\` on $(date -u +"%Y-%m-%d %H:%M") UTC, commit $(git -C "$root" rev-parse --short HEAD) ($(nproc) cores, $(uname -r),
+load average 1/5/15 min $load_start at the start, $load_end at the end): fio
 \`ioengine=nbd\` over a unix socket against a Ferry capture export (release build of
 \`appliance/examples/capture_serve\`: every write journaled into a 1 GiB mmap journal, which a
 stand-in target flushes (msync) and releases every 20 ms, then written to the image) and against
