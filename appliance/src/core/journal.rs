@@ -171,7 +171,8 @@ pub enum JournalError {
     Store(#[from] StoreError),
     #[error("journal layout invalid: {0}")]
     Layout(String),
-    /// A held record failed verification on read. Never handed out.
+    /// A record failed verification: on read (never handed out), or right after it was written
+    /// (not appended).
     #[error("journal record seq {seq} at segment {segment} offset {offset} is corrupt: {reason}")]
     Corrupt {
         seq: Seq,
@@ -594,16 +595,32 @@ impl<S: SegmentStore> Journal<S> {
         // A failed write leaves the bytes after the last record undefined, as a torn tail is;
         // nothing was appended and the next append writes over them.
         store.write_parts(head.index, offset, &[&header, record.payload, padding])?;
-        // Verified right after it is written, from what the store now holds.
+        // Verified right after it is written, from what the store now holds: it must be exactly
+        // the bytes whose checksum `linked_header` just computed (header, payload, padding), so
+        // the stored record decodes and its checksum holds. A byte compare proves that as well
+        // as a second xxh3 pass over the payload would, at a fraction of the cost (the second
+        // pass was ~15% of the capture path's CPU for large writes; benches/RESULTS.md).
         let stored = &store.segment(head.index)[offset..offset + needed_bytes];
-        let (decoded, links, used) = decode_linked(stored)?;
-        assert_eq!(used, needed_bytes);
-        assert_eq!(decoded.seq, record.seq);
-        assert_eq!(links.checksum, record_checksum);
+        let (stored_header, rest) = stored.split_at(RECORD_HEADER_BYTES);
+        let (stored_payload, stored_padding) = rest.split_at(record.payload.len());
+        if stored_header != header.as_slice()
+            || stored_payload != record.payload
+            || stored_padding != padding
+        {
+            return Err(JournalError::Corrupt {
+                seq: record.seq,
+                segment: head.index,
+                offset,
+                reason: "right after the write, the store does not hold the bytes written".into(),
+            });
+        }
+        debug_assert!(decode_linked(stored).is_ok_and(|(decoded, links, used)| {
+            used == needed_bytes && decoded.seq == record.seq && links.checksum == record_checksum
+        }));
         head.offsets
             .push(u32::try_from(offset).expect("segment size checked at open"));
         head.end += needed_bytes;
-        self.last_checksum = links.checksum;
+        self.last_checksum = record_checksum;
         self.next_seq += 1;
         Ok(record.seq)
     }
@@ -1060,6 +1077,77 @@ mod tests {
 
     fn payload_for(seq: Seq, len: usize) -> Vec<u8> {
         (0..len).map(|i| (seq as usize * 31 + i) as u8).collect()
+    }
+
+    /// A store that flips one byte of the `nth` write it is given (0: the first).
+    struct FlippingStore {
+        inner: MemSegments,
+        writes: usize,
+        flip_write: usize,
+        flip_at: usize,
+    }
+
+    impl SegmentStore for FlippingStore {
+        fn segment_count(&self) -> usize {
+            self.inner.segment_count()
+        }
+        fn segment_bytes(&self) -> usize {
+            self.inner.segment_bytes()
+        }
+        fn segment(&self, index: usize) -> &[u8] {
+            self.inner.segment(index)
+        }
+        fn segment_mut(&mut self, index: usize) -> &mut [u8] {
+            self.inner.segment_mut(index)
+        }
+        fn write_parts(
+            &mut self,
+            index: usize,
+            offset: usize,
+            parts: &[&[u8]],
+        ) -> Result<(), StoreError> {
+            self.inner.write_parts(index, offset, parts)?;
+            if self.writes == self.flip_write {
+                self.inner.segment_mut(index)[offset + self.flip_at] ^= 0x40;
+            }
+            self.writes += 1;
+            Ok(())
+        }
+        fn flush_range(&self, index: usize, offset: usize, len: usize) -> Result<(), StoreError> {
+            self.inner.flush_range(index, offset, len)
+        }
+    }
+
+    #[test]
+    fn append_refuses_a_record_the_store_did_not_hold() {
+        // A byte of the header, of the payload, and of the padding of the second record.
+        for flip_at in [8, RECORD_HEADER_BYTES + 50, RECORD_HEADER_BYTES + 100 + 2] {
+            let store = FlippingStore {
+                inner: MemSegments::new(4, SEGMENT_BYTES),
+                writes: 0,
+                flip_write: 1,
+                flip_at,
+            };
+            let (mut journal, _) = Journal::open(store).unwrap();
+            assert_eq!(
+                journal.append(&write_spec(&payload_for(1, 100))).unwrap(),
+                1
+            );
+            let refused = journal.append(&write_spec(&payload_for(2, 100)));
+            assert!(
+                matches!(refused, Err(JournalError::Corrupt { seq: 2, .. })),
+                "flip at {flip_at}: {refused:?}"
+            );
+            // Nothing was appended: the next record takes sequence 2 over the bad bytes, and
+            // both records read back.
+            assert_eq!(journal.last_seq(), 1);
+            assert_eq!(
+                journal.append(&write_spec(&payload_for(2, 100))).unwrap(),
+                2
+            );
+            assert_eq!(journal.record(2).unwrap().payload, &payload_for(2, 100)[..]);
+            assert_eq!(journal.record(1).unwrap().payload, &payload_for(1, 100)[..]);
+        }
     }
 
     #[test]
