@@ -80,12 +80,16 @@ pub const SHIP_RESEND_TIMEOUT_NS: u64 = 2_000_000_000;
 pub const SHIP_HANDSHAKE_TIMEOUT_NS: u64 = 2_000_000_000;
 
 /// Resync keeps at most this many extent reads and hash requests outstanding.
-pub const SYNC_READS_IN_FLIGHT_MAX: usize = 8;
+pub const SYNC_READS_IN_FLIGHT_MAX: usize = 16;
 pub const SYNC_HASH_REQUESTS_IN_FLIGHT_MAX: usize = 4;
 
 /// Resync issues no new extent read while the unacknowledged journal backlog exceeds this: live
-/// writes never queue behind more than this much resync data (the "bounded share").
-pub const SYNC_BACKLOG_BYTES_MAX: usize = 16 << 20;
+/// writes never queue behind more than this much resync data (the "bounded share"). The
+/// shipper lowers it to a quarter of a smaller journal. It is the sync's in-flight window too:
+/// every byte waits for the source's group commit and the target's durable commit before it
+/// frees room, so it must cover that round trip at the disk's speed (up to ~0.1 s on a loaded
+/// machine; 16 MiB paced the sync at ~16 extents per 100 ms, benches/RESULTS.md).
+pub const SYNC_BACKLOG_BYTES_MAX: usize = 64 << 20;
 
 /// Target: outstanding disk operations it hands to its driver before it stops taking records.
 pub const APPLY_OPS_QUEUED_MAX: usize = 4096;
@@ -93,6 +97,8 @@ pub const APPLY_OPS_QUEUED_MAX: usize = 4096;
 const _: () = assert!(FRAME_BODY_BYTES_MAX >= 8 + RECORD_HEADER_BYTES + RECORD_PAYLOAD_BYTES_MAX);
 const _: () = assert!(SHIP_FRAME_BYTES_TARGET <= FRAME_BODY_BYTES_MAX);
 const _: () = assert!(SYNC_EXTENT_BYTES_DEFAULT <= SYNC_EXTENT_BYTES_MAX);
+// The sync window fits in the ship window, so sync records never wait for window room alone.
+const _: () = assert!(SYNC_BACKLOG_BYTES_MAX <= SHIP_WINDOW_BYTES_MAX);
 const _: () =
     assert!(SHIP_WINDOW_BYTES_MAX >= 2 * (RECORD_HEADER_BYTES + RECORD_PAYLOAD_BYTES_MAX));
 const _: () = assert!(

@@ -30,9 +30,19 @@ fn gib(bytes: u64) -> String {
     }
 }
 
-/// Scenario 1.
+/// Scenario 1. `FERRY_BENCH_INITIAL_MIB` sets another disk size (issue 4 measures 2 GiB:
+/// `FERRY_BENCH_INITIAL_MIB=2048 ferry bench 1`).
 pub fn random(env: &Env) -> anyhow::Result<Vec<Figure>> {
-    let bytes: u64 = env.size.pick(8 << 20, 512 << 20, 4 << 30);
+    let bytes: u64 = match std::env::var("FERRY_BENCH_INITIAL_MIB") {
+        Ok(text) => {
+            let mib: u64 = text.trim().parse().map_err(|_| {
+                anyhow::anyhow!("FERRY_BENCH_INITIAL_MIB={text:?} is not a number of MiB")
+            })?;
+            anyhow::ensure!(mib > 0, "FERRY_BENCH_INITIAL_MIB must be above 0");
+            mib << 20
+        }
+        Err(_) => env.size.pick(8 << 20, 512 << 20, 4 << 30),
+    };
     let dir = env.scenario_dir(Scenario::Initial)?;
     // The disk, the baseline's copy and the replica.
     tools::need_free(&dir, bytes * 3 + (1 << 30))?;

@@ -3,12 +3,15 @@
 //! group-commits flushes.
 //!
 //! Ordering: writes are submitted concurrently unless one overlaps a write still in flight,
-//! in which case everything in flight completes first (so overlapping writes reach the replica
-//! in sequence order). A read waits for every earlier write. A `Flush { seq }` is not run at
+//! in which case it waits for those writes first (so overlapping writes reach the replica in
+//! sequence order). A read waits for every earlier write. A `Flush { seq }` is not run at
 //! once: while more ops are already queued (the source is streaming) they are applied first,
-//! up to `GROUP_COMMIT_BYTES_MAX` or `GROUP_COMMIT_DELAY`, and then one flush of every touched
-//! replica plus one write of the applied sequence covers them all. The source's window is far
-//! larger than the group, so acknowledgements keep flowing.
+//! up to `GROUP_COMMIT_BYTES_MAX` or `GROUP_COMMIT_DELAY`, and then one commit covers them all:
+//! the batch's writes complete, every touched replica is flushed, the applied sequence is
+//! persisted. Commits are pipelined: a commit runs as a task of its own while the next batch's
+//! writes are issued (one commit at a time, so acknowledgements stay in order), so the replica
+//! keeps writing during a flush's device round trip. An op that must see the committing batch's
+//! writes (an overlapping write, a read, a before-image save, a marker) waits for that commit.
 //!
 //! Recovery points: once a marker listed a disk, every write to it first saves the 4 KiB blocks
 //! it overwrites that were not saved yet since the disk's last marker (`SavedBlocks`): they are
@@ -19,7 +22,7 @@
 //! blocks is held behind it. Markers are recorded in the catalog at the commit that makes them
 //! durable, after the replica flush and before the applied sequence is persisted.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -101,32 +104,91 @@ impl Executor {
     }
 }
 
+/// Replica writes in flight: each task's range, so that an overlapping write waits for it.
 struct InFlight {
     writes: JoinSet<Result<(), DiskError>>,
-    /// (disk, start, end) of every write in flight.
-    ranges: Vec<(u32, u64, u64)>,
+    /// (disk, start, end) of every write in flight, by task.
+    ranges: HashMap<tokio::task::Id, (u32, u64, u64)>,
 }
 
 impl InFlight {
-    fn overlaps(&self, disk_id: u32, start: u64, end: u64) -> bool {
-        self.ranges
-            .iter()
-            .any(|&(disk, s, e)| disk == disk_id && start < e && s < end)
+    fn new() -> Self {
+        InFlight {
+            writes: JoinSet::new(),
+            ranges: HashMap::new(),
+        }
     }
 
-    async fn drain(&mut self) -> Result<(), String> {
-        let mut first_error = None;
-        while let Some(joined) = self.writes.join_next().await {
-            let outcome = joined
-                .map_err(|error| error.to_string())
-                .and_then(|result| result.map_err(|error| error.to_string()));
-            if let Err(error) = outcome {
-                first_error.get_or_insert(error);
+    fn overlaps(&self, disk_id: u32, start: u64, end: u64) -> bool {
+        ranges_overlap(self.ranges.values(), disk_id, start, end)
+    }
+
+    fn spawn(&mut self, disk_id: u32, start: u64, end: u64, write: WriteFuture) {
+        let id = self.writes.spawn(write).id();
+        self.ranges.insert(id, (disk_id, start, end));
+    }
+
+    /// Waits for one write (any); `Ok(false)` when none is in flight.
+    async fn join_one(&mut self) -> Result<bool, String> {
+        let Some(joined) = self.writes.join_next_with_id().await else {
+            return Ok(false);
+        };
+        match joined {
+            Ok((id, result)) => {
+                self.ranges.remove(&id);
+                result.map_err(|error| error.to_string())?;
+            }
+            Err(error) => {
+                self.ranges.remove(&error.id());
+                return Err(error.to_string());
             }
         }
-        self.ranges.clear();
+        Ok(true)
+    }
+
+    /// Waits until no write in flight overlaps the range.
+    async fn wait_clear(&mut self, disk_id: u32, start: u64, end: u64) -> Result<(), String> {
+        while self.overlaps(disk_id, start, end) {
+            self.join_one().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every write in flight; the first error, if any, once all ended.
+    async fn drain(&mut self) -> Result<(), String> {
+        let mut first_error = None;
+        loop {
+            match self.join_one().await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
         first_error.map_or(Ok(()), Err)
     }
+}
+
+fn ranges_overlap<'a>(
+    ranges: impl IntoIterator<Item = &'a (u32, u64, u64)>,
+    disk_id: u32,
+    start: u64,
+    end: u64,
+) -> bool {
+    ranges
+        .into_iter()
+        .any(|&(disk, s, e)| disk == disk_id && start < e && s < end)
+}
+
+/// A commit running as its own task: the batch's writes complete, the touched replicas flush,
+/// markers are recorded and the applied sequence persisted. It holds the applied-sequence file
+/// until it ends.
+struct Committing {
+    seq: Seq,
+    /// Ranges of the batch's writes (possibly still in flight).
+    ranges: Vec<(u32, u64, u64)>,
+    task: tokio::task::JoinHandle<(AppliedSeqFile, Result<(), String>)>,
 }
 
 /// What a write op puts on the replica.
@@ -179,6 +241,10 @@ struct State {
     /// Markers applied but not yet recorded in the catalog.
     markers: Vec<(Seq, PointMarker)>,
     touched: BTreeSet<u32>,
+    /// The applied-sequence file; `None` while a commit task holds it.
+    applied: Option<AppliedSeqFile>,
+    committing: Option<Committing>,
+    outputs: mpsc::UnboundedSender<ExecutorOutput>,
 }
 
 enum Next {
@@ -192,7 +258,7 @@ enum Next {
 async fn run(
     source: String,
     disks: ExecutorDisks,
-    mut applied: AppliedSeqFile,
+    applied: AppliedSeqFile,
     mut ops: mpsc::Receiver<DiskOp>,
     outputs: mpsc::UnboundedSender<ExecutorOutput>,
 ) -> AppliedSeqFile {
@@ -201,10 +267,7 @@ async fn run(
         replicas: disks.replicas,
         records: disks.records,
         recovery: disks.recovery,
-        in_flight: InFlight {
-            writes: JoinSet::new(),
-            ranges: Vec::new(),
-        },
+        in_flight: InFlight::new(),
         undo: BTreeMap::new(),
         held: Vec::new(),
         held_bytes: 0,
@@ -212,6 +275,9 @@ async fn run(
         unsynced: BTreeSet::new(),
         markers: Vec::new(),
         touched: BTreeSet::new(),
+        applied: Some(applied),
+        committing: None,
+        outputs: outputs.clone(),
     };
     let mut pending_flush: Option<Seq> = None;
     let mut bytes_since_flush: u64 = 0;
@@ -236,15 +302,36 @@ async fn run(
     }
 
     loop {
-        let flush_due = pending_flush.is_some()
+        // One commit at a time: a flush requested while one runs waits for it, and the ops
+        // behind it keep being applied meanwhile.
+        let can_commit = pending_flush.is_some() && state.committing.is_none();
+        let flush_due = can_commit
             && (bytes_since_flush >= GROUP_COMMIT_BYTES_MAX
                 || flush_requested_at.elapsed() >= GROUP_COMMIT_DELAY);
         let next = if flush_due {
             Next::Idle
-        } else if pending_flush.is_some() || !state.held.is_empty() {
+        } else if can_commit || !state.held.is_empty() {
             match ops.try_recv() {
                 Ok(op) => Next::Op(op),
                 Err(_) => Next::Idle,
+            }
+        } else if let Some(committing) = state.committing.as_mut() {
+            tokio::select! {
+                op = ops.recv() => match op {
+                    Some(op) => Next::Op(op),
+                    // Closed: the commit is awaited below before the executor ends.
+                    None => Next::Closed,
+                },
+                joined = &mut committing.task => {
+                    if let Err(message) = state.complete_commit(joined) {
+                        tracing::error!(source = %source, "apply failed: {message}");
+                        failed = true;
+                        pending_flush = None;
+                        state.fail();
+                        let _ = outputs.send(ExecutorOutput::Failed(message));
+                    }
+                    continue;
+                }
             }
         } else {
             match ops.recv().await {
@@ -256,36 +343,31 @@ async fn run(
             Next::Op(op) => op,
             Next::Idle => {
                 let outcome = if failed {
-                    Ok(None)
-                } else if let Some(seq) = pending_flush.take() {
-                    state
-                        .commit(&mut applied, seq)
-                        .await
-                        .map(|()| Some(ExecutorOutput::Durable(seq)))
+                    Ok(())
+                } else if let (Some(seq), true) = (pending_flush, state.committing.is_none()) {
+                    pending_flush = None;
+                    bytes_since_flush = 0;
+                    state.start_commit(seq).await
                 } else {
-                    state.release_held().await.map(|()| None)
+                    state.release_held().await
                 };
-                match outcome {
-                    Ok(Some(output)) => {
-                        let _ = outputs.send(output);
-                        state.touched.clear();
-                        bytes_since_flush = 0;
-                    }
-                    Ok(None) => {}
-                    Err(message) => {
-                        tracing::error!(source = %source, "apply failed: {message}");
-                        failed = true;
-                        state.fail();
-                        let _ = outputs.send(ExecutorOutput::Failed(message));
-                    }
+                if let Err(message) = outcome {
+                    tracing::error!(source = %source, "apply failed: {message}");
+                    failed = true;
+                    pending_flush = None;
+                    state.fail();
+                    let _ = outputs.send(ExecutorOutput::Failed(message));
                 }
-                pending_flush = None;
                 continue;
             }
             Next::Closed => {
+                let _ = state.wait_commit().await;
                 let _ = state.in_flight.drain().await;
                 let _ = outputs.send(ExecutorOutput::Stopped("session ended".into()));
-                return applied;
+                return state
+                    .applied
+                    .take()
+                    .expect("the applied-sequence file is back once no commit runs");
             }
         };
         if failed {
@@ -373,9 +455,10 @@ impl State {
                 if self.held_overlaps(disk_id, run_start, run_end) {
                     self.release_held().await?;
                 }
-                if self.in_flight.overlaps(disk_id, run_start, run_end) {
-                    self.in_flight.drain().await?;
-                }
+                self.wait_commit_over(disk_id, run_start, run_end).await?;
+                self.in_flight
+                    .wait_clear(disk_id, run_start, run_end)
+                    .await?;
                 self.save(&undo, disk_id, seq, &runs).await?;
                 self.hold(disk_id, offset, end, payload);
                 if self.held_bytes >= HELD_BYTES_MAX || self.held.len() >= HELD_WRITES_MAX {
@@ -479,6 +562,8 @@ impl State {
     async fn issue(&mut self, disk_id: u32, offset: u64, payload: Payload) -> Result<(), String> {
         self.touched.insert(disk_id);
         let length = payload.len();
+        self.wait_commit_over(disk_id, offset, offset.saturating_add(length))
+            .await?;
         submit(
             &mut self.in_flight,
             &self.replicas,
@@ -499,6 +584,7 @@ impl State {
 
     /// A recovery-point marker: a new before-image interval for each of its disks, saving on.
     async fn marker(&mut self, seq: Seq, payload: &[u8]) -> Result<(), String> {
+        self.wait_commit().await?;
         self.release_held().await?;
         let marker = match PointMarker::decode(payload) {
             Ok(marker) => marker,
@@ -525,14 +611,24 @@ impl State {
     }
 
     async fn read(&mut self, disk_id: u32, offset: u64, length: u64) -> Result<Vec<u8>, String> {
+        self.wait_commit().await?;
         self.release_held().await?;
         read(&mut self.in_flight, &self.replicas, disk_id, offset, length).await
     }
 
-    async fn commit(&mut self, applied: &mut AppliedSeqFile, seq: Seq) -> Result<(), String> {
+    /// Starts the commit of every op up to `seq` as a task of its own (see the module doc).
+    /// No other commit may be running.
+    async fn start_commit(&mut self, seq: Seq) -> Result<(), String> {
+        assert!(self.committing.is_none(), "one commit at a time");
+        // Before-images durable and the held writes issued: they belong to this batch.
         self.release_held().await?;
-        commit(&mut self.in_flight, &self.replicas, &self.touched).await?;
-        // Markers become durable with this flush: record them before the applied sequence, so
+        let mut batch = std::mem::replace(&mut self.in_flight, InFlight::new());
+        let ranges: Vec<(u32, u64, u64)> = batch.ranges.values().copied().collect();
+        let replicas: Vec<Disk> = std::mem::take(&mut self.touched)
+            .iter()
+            .filter_map(|disk_id| self.replicas.get(disk_id).cloned())
+            .collect();
+        // Markers become durable with this flush: recorded before the applied sequence, so
         // that no crash leaves a durable marker the source will not resend unrecorded.
         let later = self.markers.split_off(
             self.markers
@@ -541,12 +637,86 @@ impl State {
                 .unwrap_or(self.markers.len()),
         );
         let due = std::mem::replace(&mut self.markers, later);
-        self.recovery
-            .record_markers(&self.source, &due)
-            .map_err(|error| error.to_string())?;
-        // One small write + fdatasync; brief enough to run on the executor task itself.
-        applied.store(seq).map_err(|error| error.to_string())?;
-        self.recovery.set_recorded_through(&self.source, seq);
+        let mut applied = self
+            .applied
+            .take()
+            .expect("the applied-sequence file is here while no commit runs");
+        let recovery = self.recovery.clone();
+        let source = self.source.clone();
+        let task = tokio::spawn(async move {
+            let flushed = async {
+                batch.drain().await?;
+                let mut flushes = JoinSet::new();
+                for disk in replicas {
+                    flushes.spawn(async move { disk.flush().await });
+                }
+                while let Some(joined) = flushes.join_next().await {
+                    joined
+                        .map_err(|error| error.to_string())?
+                        .map_err(|error| error.to_string())?;
+                }
+                Ok::<(), String>(())
+            }
+            .await;
+            if let Err(message) = flushed {
+                return (applied, Err(message));
+            }
+            // The catalog write and the applied sequence's write + fdatasync block: off the
+            // runtime's worker threads.
+            match tokio::task::spawn_blocking(move || {
+                let stored = recovery
+                    .record_markers(&source, &due)
+                    .map_err(|error| error.to_string())
+                    .and_then(|()| applied.store(seq).map_err(|error| error.to_string()));
+                if stored.is_ok() {
+                    recovery.set_recorded_through(&source, seq);
+                }
+                (applied, stored)
+            })
+            .await
+            {
+                Ok(done) => done,
+                Err(join_error) => panic!("applied-sequence task failed: {join_error}"),
+            }
+        });
+        self.committing = Some(Committing { seq, ranges, task });
+        Ok(())
+    }
+
+    /// Takes back what a finished commit task returned and reports its sequence durable.
+    fn complete_commit(
+        &mut self,
+        joined: Result<(AppliedSeqFile, Result<(), String>), tokio::task::JoinError>,
+    ) -> Result<(), String> {
+        let committing = self.committing.take().expect("a commit was running");
+        let (applied, result) = match joined {
+            Ok(done) => done,
+            Err(join_error) => panic!("apply commit task failed: {join_error}"),
+        };
+        self.applied = Some(applied);
+        result?;
+        let _ = self.outputs.send(ExecutorOutput::Durable(committing.seq));
+        Ok(())
+    }
+
+    /// Waits for the running commit, if any.
+    async fn wait_commit(&mut self) -> Result<(), String> {
+        let Some(committing) = self.committing.as_mut() else {
+            return Ok(());
+        };
+        let joined = (&mut committing.task).await;
+        self.complete_commit(joined)
+    }
+
+    /// Waits for the running commit if one of its batch's writes overlaps the range.
+    async fn wait_commit_over(&mut self, disk_id: u32, start: u64, end: u64) -> Result<(), String> {
+        let overlaps = self
+            .committing
+            .as_ref()
+            .is_some_and(|committing| ranges_overlap(&committing.ranges, disk_id, start, end));
+        if overlaps {
+            self.wait_commit().await?;
+        }
         Ok(())
     }
 }
@@ -575,11 +745,11 @@ async fn submit(
         .ok_or_else(|| format!("no replica for disk {disk_id}"))?
         .clone();
     let end = offset.saturating_add(length);
-    if in_flight.overlaps(disk_id, offset, end) || in_flight.writes.len() >= WRITES_IN_FLIGHT_MAX {
-        in_flight.drain().await?;
+    in_flight.wait_clear(disk_id, offset, end).await?;
+    while in_flight.writes.len() >= WRITES_IN_FLIGHT_MAX {
+        in_flight.join_one().await?;
     }
-    in_flight.ranges.push((disk_id, offset, end));
-    in_flight.writes.spawn(operation(disk));
+    in_flight.spawn(disk_id, offset, end, operation(disk));
     Ok(())
 }
 
@@ -598,26 +768,4 @@ async fn read(
     let (result, buf) = disk.read_at(offset, IoBuf::zeroed(length)).await;
     result.map_err(|error| error.to_string())?;
     Ok(buf.to_vec())
-}
-
-/// Completes every write in flight and flushes every touched replica.
-async fn commit(
-    in_flight: &mut InFlight,
-    replicas: &BTreeMap<u32, Disk>,
-    touched: &BTreeSet<u32>,
-) -> Result<(), String> {
-    in_flight.drain().await?;
-    let mut flushes = JoinSet::new();
-    for disk_id in touched {
-        if let Some(disk) = replicas.get(disk_id) {
-            let disk = disk.clone();
-            flushes.spawn(async move { disk.flush().await });
-        }
-    }
-    while let Some(joined) = flushes.join_next().await {
-        joined
-            .map_err(|error| error.to_string())?
-            .map_err(|error| error.to_string())?;
-    }
-    Ok(())
 }

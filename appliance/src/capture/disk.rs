@@ -22,8 +22,8 @@ use crate::capture::journal_handle::{PendingDiskWrite, SharedJournal};
 use crate::control::DiskState;
 use crate::core::journal::{JournalError, RecordSpec};
 use crate::core::record::{RecordKind, Seq};
-use crate::io::disk::{Disk, DiskError, IoBuf};
-use crate::limits::RECORD_PAYLOAD_BYTES_MAX;
+use crate::io::disk::{BufPool, Disk, DiskError, IoBuf};
+use crate::limits::{self, RECORD_PAYLOAD_BYTES_MAX};
 
 /// What a write-path request changes.
 #[derive(Debug)]
@@ -154,7 +154,8 @@ pub struct CaptureStats {
 /// What a sync read found.
 #[derive(Debug)]
 pub enum SyncData {
-    Bytes(Vec<u8>),
+    /// The extent's bytes, in a buffer of the disk's sync pool (returned to it on drop).
+    Bytes(IoBuf),
     /// A hole of a sparse source file: reads as zeros (not read).
     Zero,
 }
@@ -177,6 +178,19 @@ struct Inner {
     disk_flush: GroupFlush,
     /// The write gate of the disk's consistency group, once the daemon attached one.
     gate: OnceLock<WriteGate>,
+}
+
+/// Buffers of sync reads, reused across the process's disks (the core bounds the reads in
+/// flight for all disks together): a fresh 1 MiB allocation per extent cost page faults and
+/// zeroing on every read (benches/RESULTS.md, initial replication).
+fn sync_bufs() -> &'static BufPool {
+    static POOL: OnceLock<BufPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        BufPool::new(
+            limits::SYNC_EXTENT_BYTES_MAX,
+            limits::SYNC_READS_IN_FLIGHT_MAX + 4,
+        )
+    })
 }
 
 /// Handle on one captured disk; cheap to clone. The daemon reads its stats, the resync reads
@@ -375,11 +389,18 @@ impl CaptureDisk {
                 })),
             );
         };
-        let (result, buf) = inner.disk.read_at(offset, IoBuf::zeroed(length)).await;
+        let buf = if length <= sync_bufs().buf_capacity() {
+            let mut buf = sync_bufs().get();
+            buf.set_len(length);
+            buf
+        } else {
+            IoBuf::zeroed(length)
+        };
+        let (result, buf) = inner.disk.read_at(offset, buf).await;
         (
             seq_floor,
             result
-                .map(|()| SyncData::Bytes(buf.to_vec()))
+                .map(|()| SyncData::Bytes(buf))
                 .map_err(CaptureIoError::from),
         )
     }

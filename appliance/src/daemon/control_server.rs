@@ -23,6 +23,9 @@ pub const REQUEST_BYTES_MAX: usize = 64 << 10;
 pub const CONTROL_CONNECTIONS_MAX: usize = 64;
 /// How long a command may take in the event loop before the client is told it timed out.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// The same for `verify`, which drains and reads whole disks on both appliances (a 2 GiB disk
+/// took more than 30 s on a loaded machine): the client's own `--timeout` bounds its wait.
+pub const VERIFY_COMMAND_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 /// A bound control socket, ready to serve.
 pub(crate) struct BoundSocket {
@@ -205,6 +208,10 @@ async fn handle(request: Request, status: &StatusModel, events: &mpsc::Sender<Ev
     if request == Request::Status {
         return Response::Status(status.snapshot_now());
     }
+    let timeout = match request {
+        Request::Verify { .. } => VERIFY_COMMAND_TIMEOUT,
+        _ => COMMAND_TIMEOUT,
+    };
     let (reply, answer) = oneshot::channel();
     if events
         .send(Event::Command { request, reply })
@@ -215,13 +222,13 @@ async fn handle(request: Request, status: &StatusModel, events: &mpsc::Sender<Ev
             message: "the appliance is shutting down".to_string(),
         };
     }
-    match tokio::time::timeout(COMMAND_TIMEOUT, answer).await {
+    match tokio::time::timeout(timeout, answer).await {
         Ok(Ok(response)) => response,
         Ok(Err(_)) => Response::Error {
             message: "the appliance is shutting down".to_string(),
         },
         Err(_) => Response::Error {
-            message: format!("command timed out after {COMMAND_TIMEOUT:?}"),
+            message: format!("command timed out after {timeout:?}"),
         },
     }
 }
