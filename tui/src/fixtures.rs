@@ -104,7 +104,6 @@ pub fn healthy() -> StatusSnapshot {
             connected: true,
             last_error: None,
             bandwidth_limit_bytes_per_s: None,
-            sent_bytes: 0,
         }),
     }
 }
@@ -144,7 +143,6 @@ pub fn with_alerts() -> StatusSnapshot {
         connected: false,
         last_error: Some("peer refused: certificate fingerprint mismatch".to_string()),
         bandwidth_limit_bytes_per_s: Some(50_000_000),
-        sent_bytes: 0,
     });
     snapshot
 }
@@ -202,7 +200,6 @@ pub fn large(disk_count: usize, step: u64) -> StatusSnapshot {
             connected: true,
             last_error: None,
             bandwidth_limit_bytes_per_s: None,
-            sent_bytes: 0,
         }),
     }
 }
