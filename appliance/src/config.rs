@@ -308,6 +308,57 @@ pub struct TargetConfig {
     /// Per-machine overrides of the mapping.
     #[serde(default)]
     pub machine: Vec<TargetMachineConfig>,
+    /// Where replica disks live: raw files under `storage_dir` (default) or RBD images.
+    #[serde(default)]
+    pub storage: StorageKind,
+    /// `[target.rbd]`: the Ceph cluster and pool of `storage = "rbd"`.
+    #[serde(default)]
+    pub rbd: Option<RbdConfig>,
+}
+
+/// `target.storage`: the backend of replica disks. Metadata (applied sequence, catalog,
+/// settings) stays under `storage_dir` with either.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// Raw image files `<storage_dir>/<source>/<machine>/<disk>.raw`.
+    #[default]
+    File,
+    /// One RBD image per disk in `target.rbd.pool`.
+    Rbd,
+}
+
+/// `[target.rbd]`: how the target reaches its Ceph cluster. The defaults are the `rbd` CLI's,
+/// so a host where `rbd ls <pool>` works needs only `pool`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RbdConfig {
+    /// The RBD pool the images live in (initialised with `rbd pool init`).
+    pub pool: String,
+    /// The cluster's `ceph.conf` (at least `mon_host`).
+    #[serde(default = "default_ceph_conf")]
+    pub conf: PathBuf,
+    /// The client's keyring; default: the `keyring` the conf names (or Ceph's search path).
+    #[serde(default)]
+    pub keyring: Option<PathBuf>,
+    /// The cephx client name without `client.` (`ferry` for `client.ferry`).
+    #[serde(default = "default_ceph_client")]
+    pub client: String,
+    /// Prefix of every image name (`<prefix><source>+<machine>+<disk>`), to share a pool.
+    #[serde(default = "default_image_prefix")]
+    pub image_prefix: String,
+}
+
+fn default_ceph_conf() -> PathBuf {
+    PathBuf::from("/etc/ceph/ceph.conf")
+}
+
+fn default_ceph_client() -> String {
+    "admin".to_string()
+}
+
+fn default_image_prefix() -> String {
+    "ferry.".to_string()
 }
 
 /// A source appliance pinned by its certificate fingerprint.
@@ -629,6 +680,12 @@ impl Config {
         }
         if let Some(target) = &mut self.target {
             resolve(&mut target.storage_dir);
+            if let Some(rbd) = &mut target.rbd {
+                resolve(&mut rbd.conf);
+                if let Some(keyring) = &mut rbd.keyring {
+                    resolve(keyring);
+                }
+            }
         }
     }
 
@@ -934,6 +991,48 @@ fn validate_target(target: &TargetConfig) -> Result<(), ConfigError> {
             "target.storage_dir",
             "must not be empty",
         ));
+    }
+    match (target.storage, &target.rbd) {
+        (StorageKind::Rbd, None) => {
+            return Err(ConfigError::invalid(
+                "target.rbd",
+                "missing: target.storage = \"rbd\" needs a [target.rbd] table with at least `pool`",
+            ))
+        }
+        (StorageKind::File, Some(_)) => {
+            return Err(ConfigError::invalid(
+                "target.rbd",
+                "set, but target.storage is \"file\": add storage = \"rbd\" to [target] or remove [target.rbd]",
+            ))
+        }
+        (StorageKind::Rbd, Some(rbd)) => {
+            if rbd.pool.is_empty() {
+                return Err(ConfigError::invalid("target.rbd.pool", "must not be empty"));
+            }
+            if rbd.conf.as_os_str().is_empty() {
+                return Err(ConfigError::invalid("target.rbd.conf", "must not be empty"));
+            }
+            if rbd.keyring.as_ref().is_some_and(|keyring| keyring.as_os_str().is_empty()) {
+                return Err(ConfigError::invalid("target.rbd.keyring", "must not be empty"));
+            }
+            if rbd.client.is_empty() || rbd.client.starts_with("client.") {
+                return Err(ConfigError::invalid(
+                    "target.rbd.client",
+                    "must be the client's name without `client.` (e.g. \"ferry\")",
+                ));
+            }
+            if !rbd
+                .image_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                return Err(ConfigError::invalid(
+                    "target.rbd.image_prefix",
+                    "may hold only letters, digits, '-', '_' and '.'",
+                ));
+            }
+        }
+        (StorageKind::File, None) => {}
     }
     let mut peers: HashMap<&str, usize> = HashMap::new();
     for (index, peer) in target.peers.iter().enumerate() {

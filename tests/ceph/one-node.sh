@@ -4,7 +4,7 @@
 # foreground (-f) in the background of this script; their PIDs go to DIR/pids, one a line, so
 # the caller stops them by PID. Prints nothing on success; DIR/ceph.conf and
 # DIR/ceph.client.admin.keyring are then ready, with pool `rbd` initialised.
-# Usage: one-node.sh DIR PORT
+# Usage: one-node.sh DIR PORT   (env FERRY_CEPH_OSD_BYTES: size of the sparse OSD file, 4 GiB)
 set -euo pipefail
 dir=$1
 port=$2
@@ -37,6 +37,8 @@ pid_file = $dir/run/\$name.pid
 ms_bind_ipv4 = true
 ms_bind_ipv6 = false
 [client]
+rados_osd_op_timeout = 30
+rados_mon_op_timeout = 30
 admin_socket =
 log_file = $dir/log/\$name.\$pid.log
 keyring = $dir/ceph.client.admin.keyring
@@ -52,7 +54,7 @@ keyring = \$osd_data/keyring
 osd_data = $dir/osd/\$name
 osd_objectstore = bluestore
 bluestore_block_create = true
-bluestore_block_size = 4294967296
+bluestore_block_size = ${FERRY_CEPH_OSD_BYTES:-4294967296}
 bluestore_fsck_on_mkfs = false
 osd_memory_target = 1073741824
 bluestore_cache_autotune = false

@@ -245,3 +245,55 @@ pub fn same_bytes(a: &Path, b: &Path) -> bool {
         .unwrap();
     status.success()
 }
+
+/// Where the target keeps replicas in a test: local files, or a real one-node Ceph cluster
+/// started for the test (and stopped, by PID, when the backend is dropped).
+pub enum Backend {
+    Files,
+    Rbd(ferry_appliance::io::rbd::test_cluster::TestCluster),
+}
+
+impl Backend {
+    pub fn files() -> Backend {
+        Backend::Files
+    }
+
+    /// Starts a one-node Ceph cluster (~13 s) with pool `rbd`.
+    pub fn rbd() -> Backend {
+        Backend::Rbd(ferry_appliance::io::rbd::test_cluster::TestCluster::start())
+    }
+
+    /// Lines to add to `[target]` (before any sub-table): nothing for files, the storage key
+    /// and the `[target.rbd]` table for RBD. Put it last in the `[target]` table's text.
+    pub fn target_keys(&self) -> String {
+        match self {
+            Backend::Files => String::new(),
+            Backend::Rbd(cluster) => format!(
+                "storage = \"rbd\"\n\n[target.rbd]\npool = \"rbd\"\nconf = \"{}\"\nkeyring = \"{}\"\nclient = \"admin\"\n",
+                cluster.conf().display(),
+                cluster.keyring().display()
+            ),
+        }
+    }
+
+    /// The replica's bytes as a file: the file itself, or an `rbd export` of the image into
+    /// `scratch` (`location` is what the target's status reports: `rbd:<pool>/<image>`).
+    pub fn replica_file(&self, location: &str, scratch: &Path) -> PathBuf {
+        match self {
+            Backend::Files => PathBuf::from(location),
+            Backend::Rbd(cluster) => {
+                let spec = location
+                    .strip_prefix("rbd:")
+                    .unwrap_or_else(|| panic!("not an RBD replica: {location}"));
+                let _ = std::fs::remove_file(scratch);
+                let output = cluster.rbd(&["export", spec, scratch.to_str().unwrap()]);
+                assert!(
+                    output.status.success(),
+                    "rbd export {spec}: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+                scratch.to_path_buf()
+            }
+        }
+    }
+}

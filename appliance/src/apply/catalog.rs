@@ -16,6 +16,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::replica::{Replica, Storage};
 use super::storage::{write_bytes_atomic, ReplicaRecord, ReplicaStore, StorageError};
 use super::undo::{UndoError, UndoLog};
 use crate::control::{PointConsistency, RecoveryPointStatus};
@@ -117,6 +118,8 @@ struct StoreState {
 /// The recovery-point store of one target appliance.
 pub struct RecoveryStore {
     replicas: ReplicaStore,
+    /// Where the replica disks live (views read the replica there, see `view`).
+    storage: Storage,
     catalog_path: PathBuf,
     /// `[target]` retention for every group, overriding what the sources' markers carry.
     retention_default_ms: Option<u64>,
@@ -132,9 +135,20 @@ pub struct PruneReport {
 }
 
 impl RecoveryStore {
-    /// Opens the store of a storage directory: reads `catalog.json` if present.
+    /// Opens the store of a storage directory with replicas in local files: reads
+    /// `catalog.json` if present.
     pub fn open(
         replicas: ReplicaStore,
+        retention_default_ms: Option<u64>,
+    ) -> Result<Arc<RecoveryStore>, RecoveryError> {
+        let storage = Storage::files(&replicas);
+        Self::open_with_storage(replicas, storage, retention_default_ms)
+    }
+
+    /// Opens the store of a storage directory whose replica disks live in `storage`.
+    pub fn open_with_storage(
+        replicas: ReplicaStore,
+        storage: Storage,
         retention_default_ms: Option<u64>,
     ) -> Result<Arc<RecoveryStore>, RecoveryError> {
         let catalog_path = replicas.storage_dir().join(CATALOG_FILE);
@@ -155,6 +169,7 @@ impl RecoveryStore {
         };
         Ok(Arc::new(RecoveryStore {
             replicas,
+            storage,
             catalog_path,
             retention_default_ms,
             state: Mutex::new(StoreState {
@@ -167,6 +182,11 @@ impl RecoveryStore {
 
     pub fn replicas(&self) -> &ReplicaStore {
         &self.replicas
+    }
+
+    /// Where the replica disks live.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
     }
 
     /// A copy of the catalog.
@@ -410,6 +430,48 @@ impl RecoveryStore {
         lock(&self.state).catalog.groups()
     }
 
+    /// The replica of a view, read-only: the file (and a plain `File` for blocking reads), or
+    /// the RBD image's head (read through librbd, blocking reads with `rbd_read`).
+    fn open_view_replica(
+        &self,
+        source: &str,
+        record: &ReplicaRecord,
+    ) -> Result<(Replica, Option<File>, PathBuf), RecoveryError> {
+        if let Some(rbd) = self.storage.as_rbd() {
+            let name = rbd.image_name(source, &record.machine, &record.name);
+            let image = rbd
+                .pool()
+                .open_image(&name)
+                .map_err(|error| RecoveryError::Read {
+                    machine: record.machine.clone(),
+                    name: record.name.clone(),
+                    message: format!("opening the replica: {error}"),
+                })?;
+            let path = PathBuf::from(format!("rbd:{}", image.name()));
+            return Ok((Replica::Rbd(image), None, path));
+        }
+        let replica_path = self
+            .replicas
+            .replica_path(source, &record.machine, &record.name);
+        let replica = Disk::open(
+            &replica_path,
+            DiskOptions {
+                read_only: true,
+                ..DiskOptions::default()
+            },
+        )
+        .map_err(|source| RecoveryError::Replica {
+            path: replica_path.display().to_string(),
+            source,
+        })?;
+        let replica_file = File::open(&replica_path).map_err(|error| RecoveryError::Read {
+            machine: record.machine.clone(),
+            name: record.name.clone(),
+            message: format!("open {}: {error}", replica_path.display()),
+        })?;
+        Ok((Replica::File(replica), Some(replica_file), replica_path))
+    }
+
     /// The state of every disk of `group` at the selected (usable) point, readable range by
     /// range. Pin the point first (`pin`) if the views must outlive the retention window.
     pub fn view(
@@ -436,28 +498,9 @@ impl RecoveryStore {
                         machine: record.machine.clone(),
                         name: record.name.clone(),
                     })?;
-            let replica_path = self
-                .replicas
-                .replica_path(&source, &record.machine, &record.name);
-            let replica = Disk::open(
-                &replica_path,
-                DiskOptions {
-                    read_only: true,
-                    ..DiskOptions::default()
-                },
-            )
-            .map_err(|source| RecoveryError::Replica {
-                path: replica_path.display().to_string(),
-                source,
-            })?;
-            let replica_file = File::open(&replica_path).map_err(|error| RecoveryError::Read {
-                machine: record.machine.clone(),
-                name: record.name.clone(),
-                message: format!("open {}: {error}", replica_path.display()),
-            })?;
+            let (replica, replica_file, replica_path) = self.open_view_replica(&source, &record)?;
             let map = undo.log().index().view(point_seq);
             views.push(DiskView {
-                replica_file,
                 source: source.clone(),
                 disk_id,
                 machine: record.machine.clone(),
@@ -466,6 +509,7 @@ impl RecoveryStore {
                 replica_path,
                 point: point.clone(),
                 replica,
+                replica_file,
                 undo,
                 map: Mutex::new(map),
             });
@@ -498,19 +542,21 @@ pub(crate) fn point_status(point: &PointInfo) -> RecoveryPointStatus {
     }
 }
 
-/// One disk of a group at one recovery point: the replica overlaid with the before-images of
-/// every write after the point. Reads stay exact while replication keeps applying.
+/// One disk of a group at one recovery point: the replica (file or RBD image) overlaid with
+/// the before-images of every write after the point. Reads stay exact while replication keeps
+/// applying.
 pub struct DiskView {
     pub source: String,
     pub disk_id: u32,
     pub machine: String,
     pub name: String,
     pub size_bytes: u64,
+    /// The replica file, or `rbd:<pool>/<image>`.
     pub replica_path: PathBuf,
     pub point: PointInfo,
-    replica: Disk,
-    /// The same replica for blocking reads (`read_into`).
-    replica_file: File,
+    replica: Replica,
+    /// The same replica file for blocking reads (`read_into`); `None` on RBD.
+    replica_file: Option<File>,
     undo: Arc<DiskUndo>,
     /// Extended before each read with the entries appended since.
     map: Mutex<PointMap>,
@@ -576,13 +622,31 @@ impl DiskView {
                 size_bytes: self.size_bytes,
             });
         }
-        self.replica_file
-            .read_exact_at(buf, offset)
-            .map_err(|error| RecoveryError::Read {
-                machine: self.machine.clone(),
-                name: self.name.clone(),
-                message: format!("replica {}: {error}", self.replica_path.display()),
-            })?;
+        match (&self.replica_file, &self.replica) {
+            (Some(file), _) => {
+                file.read_exact_at(buf, offset)
+                    .map_err(|error| RecoveryError::Read {
+                        machine: self.machine.clone(),
+                        name: self.name.clone(),
+                        message: format!("replica {}: {error}", self.replica_path.display()),
+                    })?
+            }
+            (None, Replica::Rbd(image)) => {
+                image
+                    .read_blocking(offset, buf)
+                    .map_err(|source| RecoveryError::Replica {
+                        path: self.replica_path.display().to_string(),
+                        source,
+                    })?
+            }
+            (None, Replica::File(_)) => {
+                return Err(RecoveryError::Read {
+                    machine: self.machine.clone(),
+                    name: self.name.clone(),
+                    message: "replica file not open for blocking reads".into(),
+                })
+            }
+        }
         let reads = self.undo_reads(offset, length)?;
         read_undo_pieces(&self.machine, &self.name, reads, buf)
     }

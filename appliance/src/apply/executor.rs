@@ -30,12 +30,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::catalog::{DiskUndo, RecoveryStore};
+use super::replica::Replica;
 use super::storage::{AppliedSeqFile, ReplicaRecord};
 use super::undo::ENTRY_BYTES_MAX;
 use crate::core::record::Seq;
 use crate::core::recovery::{PointMarker, UNDO_BLOCK_BYTES};
 use crate::core::target::DiskOp;
-use crate::io::disk::{Disk, DiskError, IoBuf};
+use crate::io::disk::{DiskError, IoBuf};
 
 /// What the executor reports to its session.
 #[derive(Debug)]
@@ -72,7 +73,7 @@ pub(super) struct Executor {
 
 /// What the executor works on: the source's replicas and the shared recovery-point store.
 pub(super) struct ExecutorDisks {
-    pub replicas: BTreeMap<u32, Disk>,
+    pub replicas: BTreeMap<u32, Replica>,
     pub records: BTreeMap<u32, ReplicaRecord>,
     pub recovery: Arc<RecoveryStore>,
 }
@@ -226,7 +227,7 @@ fn block_span(offset: u64, end: u64) -> (u64, u64) {
 
 struct State {
     source: String,
-    replicas: BTreeMap<u32, Disk>,
+    replicas: BTreeMap<u32, Replica>,
     records: BTreeMap<u32, ReplicaRecord>,
     recovery: Arc<RecoveryStore>,
     in_flight: InFlight,
@@ -582,7 +583,8 @@ impl State {
         .await
     }
 
-    /// A recovery-point marker: a new before-image interval for each of its disks, saving on.
+    /// A recovery-point marker: a new before-image interval for each of its disks, saving on
+    /// (on either backend: before-images are read from the replica, RBD image or file).
     async fn marker(&mut self, seq: Seq, payload: &[u8]) -> Result<(), String> {
         self.wait_commit().await?;
         self.release_held().await?;
@@ -624,7 +626,7 @@ impl State {
         self.release_held().await?;
         let mut batch = std::mem::replace(&mut self.in_flight, InFlight::new());
         let ranges: Vec<(u32, u64, u64)> = batch.ranges.values().copied().collect();
-        let replicas: Vec<Disk> = std::mem::take(&mut self.touched)
+        let replicas: Vec<Replica> = std::mem::take(&mut self.touched)
             .iter()
             .filter_map(|disk_id| self.replicas.get(disk_id).cloned())
             .collect();
@@ -734,11 +736,11 @@ type WriteFuture =
 
 async fn submit(
     in_flight: &mut InFlight,
-    replicas: &BTreeMap<u32, Disk>,
+    replicas: &BTreeMap<u32, Replica>,
     disk_id: u32,
     offset: u64,
     length: u64,
-    operation: impl FnOnce(Disk) -> WriteFuture,
+    operation: impl FnOnce(Replica) -> WriteFuture,
 ) -> Result<(), String> {
     let disk = replicas
         .get(&disk_id)
@@ -755,7 +757,7 @@ async fn submit(
 
 async fn read(
     in_flight: &mut InFlight,
-    replicas: &BTreeMap<u32, Disk>,
+    replicas: &BTreeMap<u32, Replica>,
     disk_id: u32,
     offset: u64,
     length: u64,

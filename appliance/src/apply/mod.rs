@@ -26,12 +26,12 @@ use crate::config::{MachineSettings, MappingConfig, TargetConfig, TargetMachineC
 use crate::control::ReplicaStatus;
 use crate::core::target::{Target, TargetEvent};
 use crate::core::wire::{ReplicaState, WelcomeDisk};
-use crate::io::disk::{Disk, DiskOptions};
 use crate::io::transport::{ConnectionHandle, PeerConnection, TargetEndpoint};
 
 pub use catalog::{DiskView, PruneReport, RecoveryError, RecoveryStore};
 pub use executor::ExecutorOutput;
 pub use peer::PeerControl;
+pub use replica::{Replica, Storage, TargetStorage};
 pub use storage::{ReplicaRecord, ReplicaStore, StorageError, StoredSettings};
 
 /// How this target derives each machine's settings from its source's: `[target.mapping]` and
@@ -87,7 +87,7 @@ impl ApplyStatus {
     }
 
     /// Lists replicas found in target storage (at start, before their sources reconnect).
-    pub fn load_from(&self, store: &ReplicaStore, sources: &[String]) {
+    pub fn load_from(&self, store: &ReplicaStore, storage: &Storage, sources: &[String]) {
         for source in sources {
             let applied = store
                 .open_applied(source)
@@ -100,7 +100,7 @@ impl ApplyStatus {
             for disk in disks {
                 replicas.insert(
                     (source.clone(), disk.disk_id),
-                    replica_status(store, source, &disk, applied),
+                    replica_status(storage, source, &disk, applied),
                 );
             }
         }
@@ -108,7 +108,7 @@ impl ApplyStatus {
 }
 
 fn replica_status(
-    store: &ReplicaStore,
+    storage: &Storage,
     source: &str,
     disk: &ReplicaRecord,
     applied_sequence: u64,
@@ -116,10 +116,7 @@ fn replica_status(
     ReplicaStatus {
         machine: disk.machine.clone(),
         name: disk.name.clone(),
-        replica_path: store
-            .replica_path(source, &disk.machine, &disk.name)
-            .display()
-            .to_string(),
+        replica_path: storage.location(source, &disk.machine, &disk.name),
         applied_sequence,
         source_appliance: source.to_string(),
         size_bytes: disk.size_bytes,
@@ -351,7 +348,8 @@ async fn run_session(
                     tracing::info!(source = %source, announced_name = %source_name, disks = disks.len(), "source hello");
                     let records: Vec<ReplicaRecord> =
                         disks.iter().map(ReplicaRecord::from).collect();
-                    let (replicas, welcome) = open_replicas(store, &source, &records).await?;
+                    let (replicas, welcome) =
+                        open_replicas(recovery.storage(), &source, &records).await?;
                     store.save_disks(&source, &records)?;
                     for machine in &machines {
                         let settings = mapping.derive(machine);
@@ -363,7 +361,7 @@ async fn run_session(
                         for disk in &records {
                             map.insert(
                                 (source.clone(), disk.disk_id),
-                                replica_status(store, &source, disk, applied.seq()),
+                                replica_status(recovery.storage(), &source, disk, applied.seq()),
                             );
                         }
                     }
@@ -435,46 +433,46 @@ async fn recv_output(executor: &mut Option<executor::Executor>) -> Option<Execut
     }
 }
 
-/// Opens or creates each announced replica and says what the target holds for it.
+/// Opens or creates each announced replica in target storage and says what the target holds
+/// for it. Runs off the runtime: opening an RBD image is a blocking librbd call.
 async fn open_replicas(
-    store: &ReplicaStore,
+    storage: &Storage,
     source: &str,
     disks: &[ReplicaRecord],
-) -> Result<(BTreeMap<u32, Disk>, Vec<WelcomeDisk>), ApplyError> {
-    let mut replicas = BTreeMap::new();
-    let mut welcome = Vec::new();
-    for disk in disks {
-        let path = store.replica_path(source, &disk.machine, &disk.name);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| StorageError {
-                operation: "create directory",
-                path: parent.to_path_buf(),
-                source,
-            })?;
+) -> Result<(BTreeMap<u32, Replica>, Vec<WelcomeDisk>), ApplyError> {
+    let storage = storage.clone();
+    let source = source.to_owned();
+    let disks = disks.to_vec();
+    let opened = tokio::task::spawn_blocking(move || {
+        let mut replicas = BTreeMap::new();
+        let mut welcome = Vec::new();
+        for disk in &disks {
+            let (opened, existed) = storage
+                .open_replica(&source, &disk.machine, &disk.name, disk.size_bytes)
+                .map_err(|error| ApplyError::Disk {
+                    path: storage.location(&source, &disk.machine, &disk.name),
+                    source: error,
+                })?;
+            welcome.push(WelcomeDisk {
+                disk_id: disk.disk_id,
+                replica: if existed {
+                    ReplicaState::Present
+                } else {
+                    ReplicaState::Absent
+                },
+                size_bytes: opened.size(),
+            });
+            replicas.insert(disk.disk_id, opened);
         }
-        let existed = std::fs::metadata(&path)
-            .map(|meta| meta.len() > 0)
-            .unwrap_or(false);
-        let options = DiskOptions {
-            create_size: Some(disk.size_bytes),
-            ..DiskOptions::default()
-        };
-        let opened = Disk::open(&path, options).map_err(|source| ApplyError::Disk {
-            path: path.display().to_string(),
-            source,
-        })?;
-        welcome.push(WelcomeDisk {
-            disk_id: disk.disk_id,
-            replica: if existed {
-                ReplicaState::Present
-            } else {
-                ReplicaState::Absent
-            },
-            size_bytes: opened.size(),
-        });
-        replicas.insert(disk.disk_id, opened);
-    }
-    Ok((replicas, welcome))
+        Ok((replicas, welcome))
+    })
+    .await;
+    opened.unwrap_or_else(|error| {
+        Err(ApplyError::Session {
+            source_name: String::new(),
+            message: format!("opening replicas: task failed: {error}"),
+        })
+    })
 }
 
 #[cfg(test)]

@@ -14,38 +14,73 @@
 //! - concurrent operations on disjoint ranges are allowed; overlapping ones are the caller's
 //!   to order (as with the disk engine and NBD).
 
-use std::future::Future;
 use std::io;
 use std::path::PathBuf;
-use std::pin::Pin;
-use std::sync::Arc;
 
 use crate::io::disk::{Disk, DiskError, DiskOp, DiskOptions, IoBuf};
 use crate::io::rbd::{self, ClusterOptions, RbdError, REPLICA_FEATURES};
 
 use super::storage::sanitize;
 
-/// A boxed future of a replica operation.
-pub type ReplicaFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// One replica disk, whichever backend holds it.
-pub trait ReplicaDisk: Send + Sync {
-    fn size(&self) -> u64;
-    /// Where it lives, for messages (`/path/disk.raw`, `rbd:pool/image`).
-    fn location(&self) -> String;
-    fn read_at(&self, offset: u64, buf: IoBuf)
-        -> ReplicaFuture<'_, (Result<(), DiskError>, IoBuf)>;
-    fn write_at(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-    ) -> ReplicaFuture<'_, (Result<(), DiskError>, IoBuf)>;
-    fn write_zeroes(&self, offset: u64, len: u64) -> ReplicaFuture<'_, Result<(), DiskError>>;
-    fn flush(&self) -> ReplicaFuture<'_, Result<(), DiskError>>;
+/// One replica disk, whichever backend holds it. Cheap to clone (both variants share their
+/// handle). Dispatch is a `match` per call, with no boxing: the local-file path costs what a
+/// bare [`Disk`] costs.
+#[derive(Clone)]
+pub enum Replica {
+    File(Disk),
+    Rbd(rbd::Image),
 }
 
-/// A shared handle on one replica.
-pub type Replica = Arc<dyn ReplicaDisk>;
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.location())
+    }
+}
+
+impl Replica {
+    pub fn size(&self) -> u64 {
+        match self {
+            Replica::File(disk) => disk.size(),
+            Replica::Rbd(image) => image.size(),
+        }
+    }
+
+    /// Where it lives, for messages (`/path/disk.raw`, `rbd:pool/image`).
+    pub fn location(&self) -> String {
+        match self {
+            Replica::File(disk) => disk.path().display().to_string(),
+            Replica::Rbd(image) => format!("rbd:{}", image.name()),
+        }
+    }
+
+    pub async fn read_at(&self, offset: u64, buf: IoBuf) -> (Result<(), DiskError>, IoBuf) {
+        match self {
+            Replica::File(disk) => disk.read_at(offset, buf).await,
+            Replica::Rbd(image) => image.read_at(offset, buf).await,
+        }
+    }
+
+    pub async fn write_at(&self, offset: u64, buf: IoBuf) -> (Result<(), DiskError>, IoBuf) {
+        match self {
+            Replica::File(disk) => disk.write_at(offset, buf).await,
+            Replica::Rbd(image) => image.write_at(offset, buf).await,
+        }
+    }
+
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        match self {
+            Replica::File(disk) => disk.write_zeroes(offset, len).await,
+            Replica::Rbd(image) => image.write_zeroes(offset, len).await,
+        }
+    }
+
+    pub async fn flush(&self) -> Result<(), DiskError> {
+        match self {
+            Replica::File(disk) => disk.flush().await,
+            Replica::Rbd(image) => image.flush().await,
+        }
+    }
+}
 
 /// Where one source's replicas live.
 pub trait TargetStorage: Send + Sync {
@@ -58,63 +93,78 @@ pub trait TargetStorage: Send + Sync {
         disk: &str,
         size_bytes: u64,
     ) -> Result<(Replica, bool), DiskError>;
+
+    /// Where that replica lives (as [`Replica::location`] says), without opening it.
+    fn location(&self, source: &str, machine: &str, disk: &str) -> String;
 }
 
-impl ReplicaDisk for Disk {
-    fn size(&self) -> u64 {
-        Disk::size(self)
+/// The target appliance's storage, as `[target] storage` chose it.
+#[derive(Clone, Debug)]
+pub enum Storage {
+    Files(FileStorage),
+    Rbd(RbdStorage),
+}
+
+impl Storage {
+    /// Local files under the replica store's directory.
+    pub fn files(store: &super::storage::ReplicaStore) -> Storage {
+        Storage::Files(FileStorage::new(store.clone()))
     }
-    fn location(&self) -> String {
-        self.path().display().to_string()
+
+    /// The configured backend: connects to the cluster (blocking) for `storage = "rbd"`.
+    pub fn from_config(
+        target: &crate::config::TargetConfig,
+        store: &super::storage::ReplicaStore,
+    ) -> Result<Storage, String> {
+        match (target.storage, &target.rbd) {
+            (crate::config::StorageKind::Rbd, Some(config)) => {
+                let options = ClusterOptions {
+                    conf: config.conf.clone(),
+                    keyring: config.keyring.clone(),
+                    client: config.client.clone(),
+                };
+                RbdStorage::connect(&options, &config.pool, &config.image_prefix)
+                    .map(Storage::Rbd)
+                    .map_err(|error| {
+                        format!(
+                            "target.rbd: cannot reach pool {:?} as client.{} (conf {}): {error}",
+                            config.pool,
+                            config.client,
+                            config.conf.display()
+                        )
+                    })
+            }
+            _ => Ok(Storage::files(store)),
+        }
     }
-    fn read_at(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-    ) -> ReplicaFuture<'_, (Result<(), DiskError>, IoBuf)> {
-        Box::pin(Disk::read_at(self, offset, buf))
-    }
-    fn write_at(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-    ) -> ReplicaFuture<'_, (Result<(), DiskError>, IoBuf)> {
-        Box::pin(Disk::write_at(self, offset, buf))
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> ReplicaFuture<'_, Result<(), DiskError>> {
-        Box::pin(Disk::write_zeroes(self, offset, len))
-    }
-    fn flush(&self) -> ReplicaFuture<'_, Result<(), DiskError>> {
-        Box::pin(Disk::flush(self))
+
+    pub fn as_rbd(&self) -> Option<&RbdStorage> {
+        match self {
+            Storage::Rbd(rbd) => Some(rbd),
+            Storage::Files(_) => None,
+        }
     }
 }
 
-impl ReplicaDisk for rbd::Image {
-    fn size(&self) -> u64 {
-        rbd::Image::size(self)
-    }
-    fn location(&self) -> String {
-        format!("rbd:{}", self.name())
-    }
-    fn read_at(
+impl TargetStorage for Storage {
+    fn open_replica(
         &self,
-        offset: u64,
-        buf: IoBuf,
-    ) -> ReplicaFuture<'_, (Result<(), DiskError>, IoBuf)> {
-        Box::pin(rbd::Image::read_at(self, offset, buf))
+        source: &str,
+        machine: &str,
+        disk: &str,
+        size_bytes: u64,
+    ) -> Result<(Replica, bool), DiskError> {
+        match self {
+            Storage::Files(files) => files.open_replica(source, machine, disk, size_bytes),
+            Storage::Rbd(rbd) => rbd.open_replica(source, machine, disk, size_bytes),
+        }
     }
-    fn write_at(
-        &self,
-        offset: u64,
-        buf: IoBuf,
-    ) -> ReplicaFuture<'_, (Result<(), DiskError>, IoBuf)> {
-        Box::pin(rbd::Image::write_at(self, offset, buf))
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> ReplicaFuture<'_, Result<(), DiskError>> {
-        Box::pin(rbd::Image::write_zeroes(self, offset, len))
-    }
-    fn flush(&self) -> ReplicaFuture<'_, Result<(), DiskError>> {
-        Box::pin(rbd::Image::flush(self))
+
+    fn location(&self, source: &str, machine: &str, disk: &str) -> String {
+        match self {
+            Storage::Files(files) => files.location(source, machine, disk),
+            Storage::Rbd(rbd) => rbd.location(source, machine, disk),
+        }
     }
 }
 
@@ -161,7 +211,14 @@ impl TargetStorage for FileStorage {
             ..self.options
         };
         let opened = Disk::open(&path, options)?;
-        Ok((Arc::new(opened), existed))
+        Ok((Replica::File(opened), existed))
+    }
+
+    fn location(&self, source: &str, machine: &str, disk: &str) -> String {
+        self.store
+            .replica_path(source, machine, disk)
+            .display()
+            .to_string()
     }
 }
 
@@ -263,7 +320,15 @@ impl TargetStorage for RbdStorage {
                 .resize(size_bytes)
                 .map_err(|error| rbd_open_error(error, size_bytes))?;
         }
-        Ok((Arc::new(image), existed))
+        Ok((Replica::Rbd(image), existed))
+    }
+
+    fn location(&self, source: &str, machine: &str, disk: &str) -> String {
+        format!(
+            "rbd:{}/{}",
+            self.pool.name(),
+            self.image_name(source, machine, disk)
+        )
     }
 }
 

@@ -154,8 +154,7 @@ async fn conformance(storage: &dyn TargetStorage, backend: &str) {
     drop(replica);
     let error = storage
         .open_replica("src", "vm1", "root", SIZE)
-        .err()
-        .expect("shrinking a replica must fail");
+        .expect_err("shrinking a replica must fail");
     assert!(
         error.to_string().contains("root"),
         "{backend}: error does not name the replica: {error}"

@@ -7,12 +7,14 @@ use std::time::{Duration, Instant};
 
 use super::catalog::RecoveryStore;
 use super::executor::{Executor, ExecutorDisks};
+use super::replica::{RbdStorage, Storage, TargetStorage};
 use super::storage::{ReplicaRecord, ReplicaStore};
 use super::{open_replicas, ExecutorOutput};
 use crate::core::record::{Record, RecordKind, Seq};
 use crate::core::recovery::{PointKind, PointMarker, PointSelector};
 use crate::core::target::{Target, TargetEvent};
 use crate::core::wire::{DiskAnnouncement, Frame};
+use crate::io::rbd::test_cluster::TestCluster;
 
 const SOURCE: &str = "site-a";
 const DISK_BYTES: u64 = 1 << 20;
@@ -51,7 +53,9 @@ impl Session {
             panic!("no hello event");
         };
         let records: Vec<ReplicaRecord> = disks.iter().map(ReplicaRecord::from).collect();
-        let (replicas, welcome) = open_replicas(store, SOURCE, &records).await.unwrap();
+        let (replicas, welcome) = open_replicas(recovery.storage(), SOURCE, &records)
+            .await
+            .unwrap();
         store.save_disks(SOURCE, &records).unwrap();
         let executor = Executor::spawn(
             SOURCE.into(),
@@ -444,13 +448,60 @@ async fn apply_throughput_with_and_without_points() {
 /// saves and issues them concurrently): every point reads back as the model at its marker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_streams_read_back_at_every_point() {
-    use rand::{Rng, SeedableRng};
-    let seed: u64 = rand::random();
-    eprintln!("random_streams seed {seed}");
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let store = ReplicaStore::new(dir.path());
     let recovery = RecoveryStore::open(store.clone(), None).unwrap();
+    random_streams(&store, &recovery).await;
+}
+
+/// The same stream into an RBD image (a real one-node cluster): before-images are read from
+/// the image; then retention keeps the pinned and the newest point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_streams_read_back_at_every_point_on_rbd() {
+    let cluster = TestCluster::start();
+    let options = cluster.options();
+    let rbd = tokio::task::spawn_blocking(move || RbdStorage::connect(&options, "rbd", "t."))
+        .await
+        .unwrap()
+        .expect("connect to the test cluster");
+    let dir = tempfile::tempdir().unwrap();
+    let store = ReplicaStore::new(dir.path());
+    let recovery =
+        RecoveryStore::open_with_storage(store.clone(), Storage::Rbd(rbd.clone()), None).unwrap();
+    let ids = random_streams(&store, &recovery).await;
+    assert!(ids.len() >= 3, "too few points to prune: {ids:?}");
+
+    // Retention: every point is past it; the pinned one and the newest stay and still read
+    // back, their before-images read from the local undo log over the image.
+    let pinned = ids[1];
+    recovery.pin("app", pinned).unwrap();
+    let report = tokio::task::spawn_blocking({
+        let recovery = recovery.clone();
+        move || recovery.prune(u64::MAX / 2)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(report.points_removed.len(), ids.len() - 2, "{report:?}");
+    let kept: Vec<u64> = recovery.list("app").unwrap().iter().map(|p| p.id).collect();
+    assert_eq!(kept, [pinned, *ids.last().unwrap()]);
+    for id in kept {
+        read_point(&recovery, id).await;
+    }
+}
+
+/// Streams random overlapping writes, zeroes and markers; checks every point and the replica
+/// against the model; returns the point ids, oldest first.
+async fn random_streams(store: &ReplicaStore, recovery: &Arc<RecoveryStore>) -> Vec<u64> {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("FERRY_SEED")
+        .ok()
+        .and_then(|seed| seed.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("random_streams seed {seed} (FERRY_SEED reruns it)");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let store = store.clone();
+    let recovery = recovery.clone();
     let mut session = Session::open(&store, &recovery).await;
     let mut model = Model(vec![0; DISK_BYTES as usize]);
     let mut snapshots = Vec::new();
@@ -497,9 +548,15 @@ async fn random_streams_read_back_at_every_point() {
         );
     }
     session.close().await;
-    assert_eq!(
-        std::fs::read(store.replica_path(SOURCE, "web-1", "os")).unwrap(),
-        model.0,
-        "replica differs (seed {seed})"
-    );
+    let (replica, existed) = recovery
+        .storage()
+        .open_replica(SOURCE, "web-1", "os", DISK_BYTES)
+        .unwrap();
+    assert!(existed);
+    let (result, bytes) = replica
+        .read_at(0, crate::io::disk::IoBuf::zeroed(DISK_BYTES as usize))
+        .await;
+    result.unwrap();
+    assert!(bytes.to_vec() == model.0, "replica differs (seed {seed})");
+    snapshots.iter().map(|(id, _)| *id).collect()
 }

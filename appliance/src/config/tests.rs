@@ -628,3 +628,68 @@ fn bad_group_members_name_their_key() {
         assert!(message.contains(reason), "{extra}: {message}");
     }
 }
+
+#[test]
+fn rbd_target_storage_parses_with_defaults_and_bad_keys_are_named() {
+    let target = |body: &str| {
+        format!(
+            "[appliance]\nname = \"t\"\nstate_dir = \"/s\"\n[target]\nlisten = \"127.0.0.1:7400\"\nstorage_dir = \"/r\"\n{body}"
+        )
+    };
+    let config = Config::parse(&target("")).unwrap();
+    assert_eq!(config.target.unwrap().storage, StorageKind::File);
+
+    let config = Config::parse(&target(
+        "storage = \"rbd\"\n[target.rbd]\npool = \"replicas\"\nkeyring = \"/etc/ceph/ceph.client.ferry.keyring\"\nclient = \"ferry\"\n",
+    ))
+    .unwrap();
+    let target_config = config.target.unwrap();
+    assert_eq!(target_config.storage, StorageKind::Rbd);
+    let rbd = target_config.rbd.unwrap();
+    assert_eq!(rbd.pool, "replicas");
+    assert_eq!(rbd.conf, Path::new("/etc/ceph/ceph.conf"));
+    assert_eq!(
+        rbd.keyring.as_deref(),
+        Some(Path::new("/etc/ceph/ceph.client.ferry.keyring"))
+    );
+    assert_eq!(rbd.client, "ferry");
+    assert_eq!(rbd.image_prefix, "ferry.");
+
+    let cases: [(&str, &str, &str); 7] = [
+        ("storage = \"rbd\"\n", "target.rbd", "[target.rbd]"),
+        (
+            "[target.rbd]\npool = \"p\"\n",
+            "target.rbd",
+            "target.storage is \"file\"",
+        ),
+        ("storage = \"ceph\"\n", "target.storage", "unknown variant"),
+        (
+            "storage = \"rbd\"\n[target.rbd]\nconf = \"/c\"\n",
+            "target.rbd",
+            "pool",
+        ),
+        (
+            "storage = \"rbd\"\n[target.rbd]\npool = \"\"\n",
+            "target.rbd.pool",
+            "must not be empty",
+        ),
+        (
+            "storage = \"rbd\"\n[target.rbd]\npool = \"p\"\nclient = \"client.ferry\"\n",
+            "target.rbd.client",
+            "without `client.`",
+        ),
+        (
+            "storage = \"rbd\"\n[target.rbd]\npool = \"p\"\nimage_prefix = \"a/b\"\n",
+            "target.rbd.image_prefix",
+            "letters",
+        ),
+    ];
+    for (body, key, reason) in cases {
+        let (error_key, message) = error_of(&target(body));
+        assert!(
+            error_key.starts_with(key),
+            "{body}: key {error_key:?}: {message}"
+        );
+        assert!(message.contains(reason), "{body}: {message}");
+    }
+}

@@ -68,10 +68,11 @@ impl TargetSide {
         let store = ReplicaStore::new(&target.storage_dir);
         let status = ApplyStatus::default();
         let sources: Vec<String> = target.peers.iter().map(|peer| peer.name.clone()).collect();
-        status.load_from(&store, &sources);
+        let storage = apply::Storage::from_config(target, &store).map_err(component)?;
+        status.load_from(&store, &storage, &sources);
         let peers = PeerControl::new();
-        let recovery =
-            RecoveryStore::open(store.clone(), None).map_err(|e| component(e.to_string()))?;
+        let recovery = RecoveryStore::open_with_storage(store.clone(), storage, None)
+            .map_err(|e| component(e.to_string()))?;
         // Failovers recorded before a restart pin their points again before the first prune.
         let failovers = Arc::new(FailoverManager::new(
             recovery.clone(),

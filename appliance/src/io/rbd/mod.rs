@@ -51,6 +51,8 @@ type rbd_completion_t = *mut c_void;
 #[allow(non_camel_case_types)]
 type rbd_callback_t = extern "C" fn(rbd_completion_t, *mut c_void);
 #[allow(non_camel_case_types)]
+type progress_fn_t = extern "C" fn(u64, u64, *mut c_void) -> c_int;
+#[allow(non_camel_case_types)]
 type diff_callback_t = extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
 
 #[repr(C)]
@@ -100,12 +102,25 @@ extern "C" {
         image: *mut rbd_image_t,
         snap_name: *const c_char,
     ) -> c_int;
+    fn rbd_open_read_only(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        image: *mut rbd_image_t,
+        snap_name: *const c_char,
+    ) -> c_int;
     fn rbd_close(image: rbd_image_t) -> c_int;
+    fn rbd_read(image: rbd_image_t, offset: u64, len: usize, buf: *mut c_char) -> isize;
     fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
     fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int;
     fn rbd_resize(image: rbd_image_t, size: u64) -> c_int;
 
-    fn rbd_snap_create(image: rbd_image_t, name: *const c_char) -> c_int;
+    fn rbd_snap_create2(
+        image: rbd_image_t,
+        name: *const c_char,
+        flags: u32,
+        progress: progress_fn_t,
+        progress_arg: *mut c_void,
+    ) -> c_int;
     fn rbd_snap_remove(image: rbd_image_t, name: *const c_char) -> c_int;
     fn rbd_snap_protect(image: rbd_image_t, name: *const c_char) -> c_int;
     fn rbd_snap_unprotect(image: rbd_image_t, name: *const c_char) -> c_int;
@@ -153,6 +168,9 @@ extern "C" {
     ) -> c_int;
     fn rbd_aio_flush(image: rbd_image_t, completion: rbd_completion_t) -> c_int;
 }
+
+/// `RBD_SNAP_CREATE_SKIP_QUIESCE` (librbd.h).
+const SNAP_CREATE_SKIP_QUIESCE: u32 = 1 << 0;
 
 /// `RBD_IMAGE_OPTION_FEATURES` / `RBD_IMAGE_OPTION_ORDER` (librbd.h).
 const IMAGE_OPTION_FEATURES: c_int = 1;
@@ -382,11 +400,33 @@ impl Pool {
 
     /// Opens image `name` for reading and writing (the head, not a snapshot).
     pub fn open_image(&self, name: &str) -> Result<Image, RbdError> {
-        let target = self.target(name);
+        self.open(name, None)
+    }
+
+    /// Opens snapshot `snapshot` of image `name`, read-only (a recovery point's view). Takes no
+    /// exclusive lock, so it reads beside the target's writer.
+    pub fn open_snapshot(&self, name: &str, snapshot: &str) -> Result<Image, RbdError> {
+        self.open(name, Some(snapshot))
+    }
+
+    fn open(&self, name: &str, snapshot: Option<&str>) -> Result<Image, RbdError> {
+        let target = match snapshot {
+            Some(snapshot) => format!("{}@{snapshot}", self.target(name)),
+            None => self.target(name),
+        };
         let c_name = c_string(name, "open image", &target)?;
+        let c_snapshot = snapshot
+            .map(|snapshot| c_string(snapshot, "open image", &target))
+            .transpose()?;
         let mut raw: rbd_image_t = ptr::null_mut();
-        // SAFETY: live ioctx; valid out-pointer; NULL snapshot name means the image head.
-        let ret = unsafe { rbd_open(self.inner.raw, c_name.as_ptr(), &mut raw, ptr::null()) };
+        let ret = match &c_snapshot {
+            // SAFETY: live ioctx; valid out-pointer; NULL snapshot name means the image head.
+            None => unsafe { rbd_open(self.inner.raw, c_name.as_ptr(), &mut raw, ptr::null()) },
+            // SAFETY: live ioctx; valid out-pointer; both names NUL-terminated and alive.
+            Some(snapshot) => unsafe {
+                rbd_open_read_only(self.inner.raw, c_name.as_ptr(), &mut raw, snapshot.as_ptr())
+            },
+        };
         check(ret, "open image", &target)?;
         let handle = ImageHandle {
             raw,
@@ -642,6 +682,36 @@ impl Image {
         (result, buf.unwrap_or_else(|| IoBuf::zeroed(0)))
     }
 
+    /// Reads `buf.len()` bytes at `offset`, blocking the calling thread (`rbd_read`): for
+    /// readers that are not on the runtime (a failover export's point view).
+    pub fn read_blocking(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        self.check_range(DiskOp::Read, offset, buf.len() as u64)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            // SAFETY: open image; `rest` is `rest.len()` writable bytes borrowed for the whole
+            // synchronous call.
+            let ret = unsafe {
+                rbd_read(
+                    self.inner.raw,
+                    offset + done as u64,
+                    rest.len(),
+                    rest.as_mut_ptr().cast(),
+                )
+            };
+            if ret <= 0 {
+                let source = if ret == 0 {
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "read returned no bytes")
+                } else {
+                    io::Error::from_raw_os_error(i32::try_from(-ret).unwrap_or(libc::EIO))
+                };
+                return Err(self.disk_error(DiskOp::Read, offset, buf.len() as u64, source));
+            }
+            done += ret as usize;
+        }
+        Ok(())
+    }
+
     /// Makes `[offset, offset+len)` read as zeroes (`rbd_aio_write_zeroes`: unlike a discard,
     /// a partial object is really zeroed).
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError> {
@@ -704,9 +774,26 @@ impl Image {
         check(ret, operation, &target)
     }
 
-    /// Creates snapshot `name` of the image head (blocking; flushes first).
+    /// Creates snapshot `name` of the image head (blocking; flushes first). Skips the quiesce
+    /// notification (`RBD_SNAP_CREATE_SKIP_QUIESCE`): Ferry is the image's only writer.
     pub fn create_snapshot(&self, name: &str) -> Result<(), RbdError> {
-        self.snap_call("create snapshot", name, rbd_snap_create)
+        extern "C" fn no_progress(_offset: u64, _total: u64, _arg: *mut c_void) -> c_int {
+            0
+        }
+        unsafe extern "C" fn create(image: rbd_image_t, name: *const c_char) -> c_int {
+            // SAFETY: forwarded from `snap_call`'s contract (open image, NUL-terminated name);
+            // the progress callback ignores its null argument.
+            unsafe {
+                rbd_snap_create2(
+                    image,
+                    name,
+                    SNAP_CREATE_SKIP_QUIESCE,
+                    no_progress,
+                    ptr::null_mut(),
+                )
+            }
+        }
+        self.snap_call("create snapshot", name, create)
     }
 
     /// Removes snapshot `name` (it must be unprotected).
