@@ -282,6 +282,38 @@ fn after_the_host_went_down_every_extent_is_compared_with_the_replica() {
     assert!(log.contains("host went down"), "{log}");
 }
 
+/// A full hash scan after 1% of the 4 KiB blocks changed behind Ferry's back (the source down,
+/// the blocks written straight into its disk file, its "initial replication finished" marker
+/// removed, so it compares every extent with the replica) sends about the changed bytes — the
+/// differing blocks — not the extents holding them. Counted by the source's link byte counter
+/// (`ferry status`), which starts at zero with the restarted process.
+#[test]
+fn a_full_hash_scan_sends_about_the_changed_bytes() {
+    let mut pair = Pair::new("16MiB", None);
+    pair.target.start();
+    pair.source.start();
+    pair.assert_identical();
+    pair.source.stop();
+    let blocks = DISK_BYTES / 4096;
+    let changed: Vec<u64> = (0..blocks / 100).map(|index| index * 99 + 7).collect();
+    for block in &changed {
+        write_range(&pair.disk, block * 4096, &[0xa5; 4096]);
+    }
+    std::fs::remove_file(pair.source.state_dir().join("sync/web-1__os.synced")).unwrap();
+    pair.source.start();
+    pair.wait_caught_up();
+    let status = pair.source.status();
+    let sent = status["link"]["sent_bytes"].as_u64().unwrap();
+    let changed_bytes = changed.len() as u64 * 4096;
+    eprintln!("full hash scan: {sent} bytes sent for {changed_bytes} changed");
+    assert!(
+        sent >= changed_bytes && sent * 10 <= changed_bytes * 12,
+        "a full hash scan sent {sent} bytes for {changed_bytes} changed (aim: at most 1.2x)\nsource log:\n{}",
+        pair.source.log()
+    );
+    pair.assert_identical();
+}
+
 #[test]
 fn a_wrongly_pinned_target_is_refused_and_receives_nothing() {
     let wrong = format!("sha256:{}", "ab".repeat(32));

@@ -217,6 +217,10 @@ pub struct LinkStatus {
     pub last_error: Option<String>,
     #[serde(default)]
     pub bandwidth_limit_bytes_per_s: Option<u64>,
+    /// Bytes of replication frames (records, hash requests, Hello) the source handed to the
+    /// link since it started; QUIC and UDP/IP headers are not counted.
+    #[serde(default)]
+    pub sent_bytes: u64,
 }
 
 /// A full status snapshot of one appliance.

@@ -1,14 +1,15 @@
 //! A counting UDP relay between the bench's source and target appliances: the source dials the
 //! relay, the relay forwards every datagram to the target and back, and counts the bytes of each
 //! direction (UDP payload: QUIC packets with their headers, retransmissions and acks). Scenario 4
-//! reads "bytes sent" from it without root or a network namespace. It survives a restart of the
-//! target on the same address.
+//! reads "bytes sent" from it without root or a network namespace, and when the target first
+//! answered after a restart (the link's reconnection). It survives a restart of the target on the
+//! same address.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
@@ -22,6 +23,8 @@ struct Counters {
     source_to_target_bytes: AtomicU64,
     target_to_source_bytes: AtomicU64,
     stop: AtomicBool,
+    /// When the target first sent a datagram after the last `mark_answers`.
+    first_answer: Mutex<Option<Instant>>,
 }
 
 pub struct Relay {
@@ -77,6 +80,11 @@ impl Relay {
                         counters
                             .target_to_source_bytes
                             .fetch_add(length as u64, Ordering::Relaxed);
+                        counters
+                            .first_answer
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert_with(Instant::now);
                         let to = *client.lock().unwrap_or_else(|e| e.into_inner());
                         if let Some(to) = to {
                             let _ = front.send_to(&buffer[..length], to);
@@ -105,6 +113,25 @@ impl Relay {
     /// Bytes relayed from the target to the source so far.
     pub fn target_to_source_bytes(&self) -> u64 {
         self.counters.target_to_source_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Forgets when the target last answered: `first_answer` reports the next datagram from it.
+    pub fn mark_answers(&self) {
+        *self
+            .counters
+            .first_answer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// When the target first sent a datagram after `mark_answers` (a restarted target's first
+    /// answer: the link is back).
+    pub fn first_answer(&self) -> Option<Instant> {
+        *self
+            .counters
+            .first_answer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -149,6 +176,7 @@ mod tests {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
         let relay = Relay::start(target.local_addr().expect("addr")).expect("relay");
+        relay.mark_answers();
         let source = UdpSocket::bind("127.0.0.1:0").expect("bind source");
         source
             .set_read_timeout(Some(Duration::from_secs(5)))
@@ -164,5 +192,11 @@ mod tests {
         assert_eq!(&buffer[..length], b"hi!");
         assert_eq!(relay.source_to_target_bytes(), 5);
         assert_eq!(relay.target_to_source_bytes(), 3);
+        let answered = relay.first_answer().expect("the target answered");
+        relay.mark_answers();
+        assert_eq!(relay.first_answer(), None);
+        target.send_to(b"again", from).expect("answer");
+        source.recv_from(&mut buffer).expect("source receives");
+        assert!(relay.first_answer().expect("answered again") >= answered);
     }
 }

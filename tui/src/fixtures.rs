@@ -104,6 +104,7 @@ pub fn healthy() -> StatusSnapshot {
             connected: true,
             last_error: None,
             bandwidth_limit_bytes_per_s: None,
+            sent_bytes: 0,
         }),
     }
 }
@@ -143,6 +144,7 @@ pub fn with_alerts() -> StatusSnapshot {
         connected: false,
         last_error: Some("peer refused: certificate fingerprint mismatch".to_string()),
         bandwidth_limit_bytes_per_s: Some(50_000_000),
+        sent_bytes: 0,
     });
     snapshot
 }
@@ -200,6 +202,7 @@ pub fn large(disk_count: usize, step: u64) -> StatusSnapshot {
             connected: true,
             last_error: None,
             bandwidth_limit_bytes_per_s: None,
+            sent_bytes: 0,
         }),
     }
 }

@@ -199,6 +199,16 @@ pub fn render(snapshot: &StatusSnapshot) -> String {
             &labels,
             if link.connected { 1.0 } else { 0.0 },
         );
+        family.header(
+            "ferry_link_sent_bytes_total",
+            "counter",
+            "Bytes of replication frames sent to the target since start (transport headers not counted).",
+        );
+        family.sample(
+            "ferry_link_sent_bytes_total",
+            &labels,
+            link.sent_bytes as f64,
+        );
         if let Some(limit) = link.bandwidth_limit_bytes_per_s {
             family.header(
                 "ferry_link_bandwidth_limit_bytes_per_second",
@@ -362,6 +372,7 @@ mod tests {
                 connected: false,
                 last_error: None,
                 bandwidth_limit_bytes_per_s: Some(1000),
+                sent_bytes: 123_456,
             }),
         };
         let text = render(&snapshot);
@@ -379,6 +390,7 @@ mod tests {
             "# TYPE ferry_disk_bytes_written_total counter".to_string(),
             "ferry_link_connected{peer=\"127.0.0.1:7400\"} 0".to_string(),
             "ferry_link_bandwidth_limit_bytes_per_second{peer=\"127.0.0.1:7400\"} 1000".to_string(),
+            "ferry_link_sent_bytes_total{peer=\"127.0.0.1:7400\"} 123456".to_string(),
         ] {
             assert!(
                 text.lines().any(|line| line == expected),

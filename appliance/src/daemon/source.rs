@@ -190,7 +190,11 @@ impl SourceSide {
         }
         if let Some(ship) = &self.ship {
             status.record_ack(ship.status.acked_seq());
-            status.set_link(ship.status.connected(), ship.status.last_error());
+            status.set_link(
+                ship.status.connected(),
+                ship.status.last_error(),
+                ship.status.shipped_bytes(),
+            );
             for capture_disk in self.capture.disks() {
                 if let Some(stats) = status.disk_by_id(capture_disk.disk_id()) {
                     stats.set_sync(ship.status.sync_progress(capture_disk.disk_id()));

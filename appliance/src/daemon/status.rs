@@ -412,6 +412,7 @@ impl StatusModel {
                     .is_none()
                     .then(|| "unpaired: source.target_fingerprint is not set".to_string()),
                 bandwidth_limit_bytes_per_s: source.bandwidth_limit_bytes_per_s,
+                sent_bytes: 0,
             });
         }
         Self {
@@ -489,10 +490,11 @@ impl StatusModel {
     }
 
     /// The shipper reports connects, disconnects and refusals.
-    pub fn set_link(&self, connected: bool, last_error: Option<String>) {
+    pub fn set_link(&self, connected: bool, last_error: Option<String>, sent_bytes: u64) {
         if let Some(link) = lock(&self.link).as_mut() {
             link.connected = connected;
             link.last_error = last_error;
+            link.sent_bytes = sent_bytes;
         }
     }
 

@@ -610,6 +610,8 @@ impl Shipper {
                     skipped = progress.extents_skipped,
                     zero = progress.extents_zero,
                     sent = progress.extents_sent,
+                    reread = progress.extents_reread,
+                    bytes_sent = progress.bytes_sent,
                     "{} done",
                     if round.initial { "initial replication" } else { "resync" }
                 );
