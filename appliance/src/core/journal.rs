@@ -979,11 +979,23 @@ fn scan_segment(index: usize, bytes: &[u8], header: &SegmentHeader) -> ScannedSe
         if record.seq != scanned.seq_end() || links.prev_checksum != scanned.last_checksum {
             break;
         }
+        // The checksum does not cover the alignment padding: a tear there (an unflushed
+        // record's last bytes) would reach the wire, where non-zero padding is refused.
+        if !padding_is_zero(&bytes[scanned.end..scanned.end + used], &record) {
+            break;
+        }
         scanned.offsets.push(scanned.end as u32);
         scanned.end += used;
         scanned.last_checksum = links.checksum;
     }
     scanned
+}
+
+/// Whether the alignment padding after `record`'s payload in its encoded `bytes` is zero.
+fn padding_is_zero(bytes: &[u8], record: &Record<'_>) -> bool {
+    bytes
+        .get(RECORD_HEADER_BYTES + record.payload.len()..)
+        .is_some_and(|padding| padding.iter().all(|&byte| byte == 0))
 }
 
 /// Whether `next` continues the log right after `prev`.
@@ -1017,10 +1029,15 @@ fn torn_tail(bytes: &[u8], start: usize, next_seq: Seq) -> TornTail {
                     break;
                 }
                 reason.get_or_insert_with(|| {
-                    format!(
-                        "record seq {} at offset {pos} does not continue the log (next seq {next_seq})",
-                        record.seq
-                    )
+                    if record.seq == next_seq && !padding_is_zero(&bytes[pos..pos + used], &record)
+                    {
+                        format!("record seq {} at offset {pos} has non-zero padding", record.seq)
+                    } else {
+                        format!(
+                            "record seq {} at offset {pos} does not continue the log (next seq {next_seq})",
+                            record.seq
+                        )
+                    }
                 });
                 pos += used;
             }
