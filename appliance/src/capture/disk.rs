@@ -422,7 +422,7 @@ impl CaptureDisk {
             None => None,
         };
         let timestamp_ns = unix_time_ns();
-        let (ticket, predecessors, journaled) = {
+        let (ticket, predecessors, journaled, pending_disk_write) = {
             let mut in_flight = lock(&inner.in_flight);
             let (start, end) = (offset, offset + length);
             let predecessors: Vec<watch::Receiver<()>> = in_flight
@@ -440,9 +440,8 @@ impl CaptureDisk {
             // the order overlapping writes reach the disk are the same.
             let (journaled, pending_disk_write) =
                 self.journal_append(&change, offset, length, timestamp_ns);
-            (ticket, predecessors, (journaled, pending_disk_write))
+            (ticket, predecessors, journaled, pending_disk_write)
         };
-        let (journaled, pending_disk_write) = journaled;
         drop(gate_pass);
         // Removes the registration however this function ends, waking overlapping successors.
         let _registration = Registration { inner, ticket };

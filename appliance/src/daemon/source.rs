@@ -332,6 +332,11 @@ fn resync_after_unclean_stop(
         }
         PreviousRun::ProcessDied { pid } => {
             // The records still held include every change whose disk write had not completed.
+            let by_id: HashMap<u32, &CaptureDisk> = capture
+                .disks()
+                .iter()
+                .map(|disk| (disk.disk_id(), disk))
+                .collect();
             let guard = journal.lock();
             let mut touched = std::collections::BTreeSet::new();
             for record in guard.iter_from(guard.first_seq()) {
@@ -343,11 +348,7 @@ fn resync_after_unclean_stop(
                 if !is_change {
                     continue;
                 }
-                if let Some(disk) = capture
-                    .disks()
-                    .iter()
-                    .find(|disk| disk.disk_id() == record.disk_id)
-                {
+                if let Some(disk) = by_id.get(&record.disk_id) {
                     disk.bitmap().mark(record.offset, record.length);
                     touched.insert(record.disk_id);
                 }
