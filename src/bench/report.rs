@@ -150,7 +150,7 @@ impl Report {
         if !carried.is_empty() {
             text.push_str(
                 "\nRows whose note starts with *earlier run* were not measured by this run: they \
-                 are kept from the run named there (the plot shows this run's figures only).\n",
+                 are kept from the run named there (the plot shows them in a paler shade).\n",
             );
         }
         text.push_str(&format!(
@@ -180,32 +180,39 @@ impl Report {
         let carried = carried_rows(&old, &measured);
         let new = splice(&old, &self.markdown(&carried));
         std::fs::write(&path, new).with_context(|| format!("cannot write {}", path.display()))?;
-        self.plot(&out.join(PLOT_FILE))
+        self.plot(&out.join(PLOT_FILE), &carried)
     }
 
     /// A horizontal bar per figure from 1 to its ratio, log scale; green where the aim is met,
-    /// red where not, blue for figures without an aim.
-    fn plot(&self, path: &Path) -> anyhow::Result<()> {
-        // (label, ratio, aim met, measured)
-        let rows: Vec<(String, Option<f64>, Option<bool>, bool)> = self
+    /// red where not, blue for figures without an aim. `carried` rows (scenarios this run did not
+    /// measure, kept in RESULTS.md from an earlier run) are drawn too, paler, so the plot always
+    /// shows every scenario the table shows.
+    fn plot(&self, path: &Path, carried: &[(usize, String)]) -> anyhow::Result<()> {
+        let mut rows: Vec<PlotRow> = self
             .figures
             .iter()
-            .map(|figure| {
-                let label = format!(
+            .map(|figure| PlotRow {
+                scenario: figure.scenario,
+                label: format!(
                     "{} {} vs {}",
                     figure.scenario,
                     short(&figure.name, 52),
                     short(figure.baseline.as_deref().unwrap_or("—"), 34)
-                );
-                (
-                    label,
-                    figure.ratio(),
-                    figure.aim_met(),
-                    figure.value.is_some(),
-                )
+                ),
+                ratio: figure.ratio(),
+                aim_met: figure.aim_met(),
+                measured: figure.value.is_some(),
+                earlier: false,
             })
             .collect();
-        let ratios: Vec<f64> = rows.iter().filter_map(|row| row.1).collect();
+        rows.extend(
+            carried
+                .iter()
+                .filter_map(|(scenario, line)| PlotRow::carried(*scenario, line)),
+        );
+        // Stable: within a scenario, rows keep the table's order.
+        rows.sort_by_key(|row| row.scenario);
+        let ratios: Vec<f64> = rows.iter().filter_map(|row| row.ratio).collect();
         let low = ratios.iter().copied().fold(0.5f64, f64::min).max(1e-4);
         let high = ratios.iter().copied().fold(2.0f64, f64::max).min(1e4);
         let low_decade = low.log10().floor() as i32;
@@ -258,12 +265,20 @@ impl Report {
                 small.clone(),
             )))?;
         }
-        for (index, (text, ratio, met, measured)) in rows.iter().enumerate() {
+        for (index, row) in rows.iter().enumerate() {
             let y = (top_px + row_px * index as u32) as i32;
-            draw(root.draw(&Text::new(text.clone(), (10, y + 4), label.clone())))?;
-            let Some(ratio) = ratio else {
+            draw(root.draw(&Text::new(
+                row.label.clone(),
+                (10, y + 4),
+                if row.earlier {
+                    small.clone()
+                } else {
+                    label.clone()
+                },
+            )))?;
+            let Some(ratio) = row.ratio else {
                 draw(root.draw(&Text::new(
-                    if *measured {
+                    if row.measured {
                         "no baseline"
                     } else {
                         "not measured"
@@ -277,17 +292,20 @@ impl Report {
                 let (a, b) = (x_of(1.0), x_of(ratio.clamp(1e-4, 1e4)));
                 (a.min(b), a.max(b).max(a.min(b) + 1))
             };
-            let color = match met {
-                Some(true) => RGBColor(60, 150, 80),
-                Some(false) => RGBColor(200, 60, 50),
-                None => RGBColor(90, 130, 190),
+            let color = match (row.aim_met, row.earlier) {
+                (Some(true), false) => RGBColor(60, 150, 80),
+                (Some(true), true) => RGBColor(160, 205, 170),
+                (Some(false), false) => RGBColor(200, 60, 50),
+                (Some(false), true) => RGBColor(230, 165, 160),
+                (None, false) => RGBColor(90, 130, 190),
+                (None, true) => RGBColor(175, 195, 225),
             };
             draw(root.draw(&Rectangle::new(
                 [(from, y + 3), (to, y + row_px as i32 - 5)],
                 color.filled(),
             )))?;
-            let shown = ratio_text(*ratio);
-            let text_x = if *ratio >= 1.0 {
+            let shown = ratio_text(ratio);
+            let text_x = if ratio >= 1.0 {
                 to + 4
             } else {
                 from - 4 - 8 * shown.len() as i32
@@ -296,6 +314,54 @@ impl Report {
         }
         draw(root.present())?;
         Ok(())
+    }
+}
+
+/// One bar of the plot.
+struct PlotRow {
+    scenario: usize,
+    label: String,
+    ratio: Option<f64>,
+    aim_met: Option<bool>,
+    /// The figure had a value (a row without a ratio says "no baseline", else "not measured").
+    measured: bool,
+    /// Kept from an earlier run's table, not measured by this run.
+    earlier: bool,
+}
+
+impl PlotRow {
+    /// A bar for a table row carried from an earlier run (`| # | figure | Ferry | baseline |
+    /// baseline value | ratio | aim | note |`); `None` for a line that is not such a row.
+    fn carried(scenario: usize, line: &str) -> Option<PlotRow> {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if cells.len() < 10 {
+            return None;
+        }
+        let ratio = cells[6]
+            .trim_matches('*')
+            .strip_suffix('x')
+            .and_then(|number| number.parse::<f64>().ok())
+            .filter(|ratio| ratio.is_finite() && *ratio > 0.0);
+        let aim = cells[7];
+        let aim_met = if aim.ends_with("**not met**") {
+            Some(false)
+        } else if aim.ends_with(": met") {
+            Some(true)
+        } else {
+            None
+        };
+        Some(PlotRow {
+            scenario,
+            label: format!(
+                "{scenario} {} vs {} (earlier run)",
+                short(cells[2], 52),
+                short(cells[4], 22)
+            ),
+            ratio,
+            aim_met,
+            measured: cells[3] != "—",
+            earlier: true,
+        })
     }
 }
 
@@ -461,5 +527,31 @@ mod tests {
         );
         let appended = splice("# Title\n", &format!("{BEGIN}\nC\n{END}\n"));
         assert_eq!(appended, format!("# Title\n\n{BEGIN}\nC\n{END}\n"));
+    }
+
+    #[test]
+    fn carried_rows_become_pale_bars_with_their_ratio_and_aim() {
+        let met = PlotRow::carried(
+            4,
+            "| 4 | resync bytes | 43.9 MB | changed | 42.9 MB | **1.02x** | ≤ 1.2x: met | *earlier run (x)* |\n",
+        )
+        .expect("a table row");
+        assert_eq!(met.ratio, Some(1.02));
+        assert_eq!(met.aim_met, Some(true));
+        assert!(met.earlier && met.measured);
+        assert!(met.label.ends_with("(earlier run)"), "{}", met.label);
+        let missed = PlotRow::carried(
+            1,
+            "| 1 | init | 0.21 GB/s | qemu | 0.46 GB/s | **0.44x** | ≥ 1.0x: **not met** | n |\n",
+        )
+        .expect("a table row");
+        assert_eq!((missed.ratio, missed.aim_met), (Some(0.44), Some(false)));
+        let none =
+            PlotRow::carried(7, "| 7 | failover | — | — | — | — | — | n |\n").expect("a table row");
+        assert_eq!(
+            (none.ratio, none.aim_met, none.measured),
+            (None, None, false)
+        );
+        assert!(PlotRow::carried(7, "| not | a row |\n").is_none());
     }
 }
