@@ -5,6 +5,7 @@
 //! failover loses nothing; reprotect and failback bring the writes made during the failover back
 //! to the source; an unplanned failover with the source gone survives a target restart.
 
+#[macro_use]
 mod support;
 
 use std::path::{Path, PathBuf};
@@ -47,11 +48,13 @@ struct Site {
     target: Appliance,
     disk: PathBuf,
     export: PathBuf,
+    /// Last: the appliances stop before the cluster does.
+    _backend: Backend,
 }
 
-/// A source protecting one disk of machine web-1 (group "app") and a target mapping its
-/// network; both started and the disk protected.
-fn site() -> Site {
+/// A source protecting one disk of machine web-1 (group "app") and a target on `backend`
+/// mapping its network; both started and the disk protected.
+fn site(backend: Backend) -> Site {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     let mut source = Appliance::new(&root, "site-a");
@@ -65,7 +68,7 @@ fn site() -> Site {
 listen = "127.0.0.1:{port}"
 storage_dir = "{storage}"
 peers = [{{ name = "site-a", fingerprint = "{fingerprint}" }}]
-
+{backend_keys}
 [target.mapping]
 resource_group = "rg-dr"
 networks = {{ prod = "dr-prod" }}
@@ -73,6 +76,7 @@ test_network = "dr-test"
 "#,
         storage = target.root.join("storage").display(),
         fingerprint = source.fingerprint(),
+        backend_keys = backend.target_keys(),
     ));
     source.write_config(&format!(
         r#"[source]
@@ -108,6 +112,7 @@ disks = [{{ name = "os", path = "{disk}", export = "{export}" }}]
         target,
         disk,
         export,
+        _backend: backend,
     }
 }
 
@@ -200,9 +205,17 @@ fn expected_image(path: &Path, writes: &[(u8, u64, u64)]) {
     std::fs::write(path, bytes).unwrap();
 }
 
-#[test]
-fn test_failovers_to_two_points_read_each_points_data_while_replication_continues() {
-    let site = site();
+on_both_backends!(
+    test_failovers_to_two_points_read_each_points_data_while_replication_continues,
+    planned_failover_loses_nothing_and_failback_brings_the_failover_writes_home,
+    unplanned_failover_without_the_source_survives_a_target_restart,
+    dependent_writes_across_two_source_appliances_never_split_a_failed_over_point,
+);
+
+fn test_failovers_to_two_points_read_each_points_data_while_replication_continues(
+    backend: Backend,
+) {
+    let site = site(backend);
     io(&site.export, &["write -P 0xa1 0 1M"]);
     let p1 = cut_point(&site);
     io(
@@ -324,9 +337,8 @@ fn test_failovers_to_two_points_read_each_points_data_while_replication_continue
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("999999"));
 }
 
-#[test]
-fn planned_failover_loses_nothing_and_failback_brings_the_failover_writes_home() {
-    let mut site = site();
+fn planned_failover_loses_nothing_and_failback_brings_the_failover_writes_home(backend: Backend) {
+    let mut site = site(backend);
     io(&site.export, &["write -P 0xa1 0 1M"]);
     cut_point(&site);
     // Written after the last point: a planned failover must still carry it.
@@ -396,9 +408,8 @@ fn planned_failover_loses_nothing_and_failback_brings_the_failover_writes_home()
     site.target.stop();
 }
 
-#[test]
-fn unplanned_failover_without_the_source_survives_a_target_restart() {
-    let mut site = site();
+fn unplanned_failover_without_the_source_survives_a_target_restart(backend: Backend) {
+    let mut site = site(backend);
     io(&site.export, &["write -P 0xa1 0 1M"]);
     let p1 = cut_point(&site);
     site.source.kill();
@@ -435,51 +446,17 @@ fn unplanned_failover_without_the_source_survives_a_target_restart() {
 /// workload writes block i on db-1, waits for the acknowledgement, then writes block i on
 /// app-1, while points are cut. Each point, failed over and materialised, may hold app-1's
 /// block i only if it holds db-1's block i.
-#[test]
-fn dependent_writes_across_two_source_appliances_never_split_a_failed_over_point() {
+fn dependent_writes_across_two_source_appliances_never_split_a_failed_over_point(backend: Backend) {
     const BLOCKS: u64 = 24;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
-    let mut a = Appliance::new(&root, "site-a");
-    let mut b = Appliance::new(&root, "site-b");
-    let mut target = Appliance::new(&root, "site-dr");
-    let (port_a, port_b, port_target) = (free_udp_port(), free_udp_port(), free_udp_port());
-    let (fingerprint_a, fingerprint_b) = (a.fingerprint(), b.fingerprint());
-    let fingerprint_target = target.fingerprint();
-    target.write_config(&format!(
-        "[target]\nlisten = \"127.0.0.1:{port_target}\"\nstorage_dir = \"{}\"\npeers = [{{ name = \"site-a\", fingerprint = \"{fingerprint_a}\" }}, {{ name = \"site-b\", fingerprint = \"{fingerprint_b}\" }}]\n",
-        target.root.join("storage").display(),
-    ));
-    let mut exports = Vec::new();
-    for (appliance, machine, own_port, other, other_port, other_fingerprint) in [
-        (&a, "db-1", port_a, "site-b", port_b, &fingerprint_b),
-        (&b, "app-1", port_b, "site-a", port_a, &fingerprint_a),
-    ] {
-        let disk = appliance.root.join("data.raw");
-        make_disk(&disk, DISK_BYTES, 0, 1);
-        let export = appliance.root.join("data.sock");
-        appliance.write_config(&format!(
-            r#"[source]
-journal_size = "64MiB"
-target = "127.0.0.1:{port_target}"
-target_fingerprint = "{fingerprint_target}"
-
-[[source.group]]
-name = "app"
-recovery_point_interval = "1h"
-barrier_listen = "127.0.0.1:{own_port}"
-members = [{{ name = "{other}", address = "127.0.0.1:{other_port}", fingerprint = "{other_fingerprint}" }}]
-
-[[source.machine]]
-name = "{machine}"
-group = "app"
-disks = [{{ name = "data", path = "{disk}", export = "{export}" }}]
-"#,
-            disk = disk.display(),
-            export = export.display(),
-        ));
-        exports.push((export, format!("{machine}/data")));
-    }
+    let TwoSourceGroup {
+        mut a,
+        mut b,
+        target,
+        exports,
+    } = two_source_group(&root, DISK_BYTES, 0, "1h", Some(&backend));
+    let mut target = target.unwrap();
     target.start();
     b.start();
     a.start();

@@ -4,6 +4,7 @@
 //! acknowledged its marker; the timer cuts points on its own; a failing freeze hook refuses an
 //! app-consistent point with the hook's status and stderr.
 
+#[macro_use]
 mod support;
 
 use std::process::Output;
@@ -24,7 +25,9 @@ fn run_ferry(args: &[String]) -> Output {
     ferry(&args)
 }
 
-fn list(appliance: &Appliance, group: &str) -> serde_json::Value {
+/// `recovery-point list --json`, or the command's stderr when it fails (a target answers an
+/// error until the group's first point reached it).
+fn try_list(appliance: &Appliance, group: &str) -> Result<serde_json::Value, String> {
     let mut args = vec![
         "recovery-point".to_string(),
         "list".to_string(),
@@ -34,28 +37,66 @@ fn list(appliance: &Appliance, group: &str) -> serde_json::Value {
     ];
     args.extend(socket_args(appliance));
     let output = run_ferry(&args);
-    assert!(
-        output.status.success(),
-        "recovery-point list: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    serde_json::from_slice(&output.stdout).map_err(|error| error.to_string())
 }
 
-#[test]
-fn create_prints_an_id_the_point_replicates_and_hooks_are_enforced() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut source = Appliance::new(dir.path(), "site-a");
-    let mut target = Appliance::new(dir.path(), "site-b");
+/// `recovery-point create` on `appliance`; asserts success and returns the printed id.
+fn create_point(appliance: &Appliance, group: &str) -> u64 {
+    let mut create = vec![
+        "recovery-point".to_string(),
+        "create".to_string(),
+        "--group".to_string(),
+        group.to_string(),
+    ];
+    create.extend(socket_args(appliance));
+    let output = run_ferry(&create);
+    assert!(
+        output.status.success(),
+        "recovery-point create on {}: {}",
+        appliance.name,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("create printed {stdout:?}, not just an id"))
+}
+
+fn list(appliance: &Appliance, group: &str) -> serde_json::Value {
+    try_list(appliance, group).unwrap_or_else(|error| panic!("recovery-point list: {error}"))
+}
+
+on_both_backends!(
+    create_prints_an_id_the_point_replicates_and_hooks_are_enforced,
+    points_age_out_of_retention_and_the_newest_stays_usable,
+    a_group_across_two_sources_is_complete_at_the_target,
+);
+
+/// A source appliance site-a protecting disk web-1/os (`DISK_BYTES`, the first `random_bytes`
+/// seeded random) in group "app", with `groups` as its `[[source.group]]` tables, shipping to a
+/// target site-b on `backend`; both started and the disk protected. Returns (source, target,
+/// the disk's export socket).
+fn start_one_source(
+    root: &std::path::Path,
+    backend: &Backend,
+    groups: &str,
+    random_bytes: u64,
+) -> (Appliance, Appliance, std::path::PathBuf) {
+    let mut source = Appliance::new(root, "site-a");
+    let mut target = Appliance::new(root, "site-b");
     let port = free_udp_port();
-    let disk = dir.path().join("web-1-os.raw");
-    make_disk(&disk, DISK_BYTES, 1 << 20, 3);
+    let disk = root.join("web-1-os.raw");
+    make_disk(&disk, DISK_BYTES, random_bytes, 3);
     let export = source.root.join("web-1-os.sock");
-    let thawed = dir.path().join("thawed");
     target.write_config(&format!(
-        "[target]\nlisten = \"127.0.0.1:{port}\"\nstorage_dir = \"{}\"\npeers = [{{ name = \"site-a\", fingerprint = \"{}\" }}]\n",
+        "[target]\nlisten = \"127.0.0.1:{port}\"\nstorage_dir = \"{}\"\npeers = [{{ name = \"site-a\", fingerprint = \"{}\" }}]\n{}",
         target.root.join("storage").display(),
         source.fingerprint(),
+        backend.target_keys(),
     ));
     source.write_config(&format!(
         r#"[source]
@@ -63,23 +104,13 @@ journal_size = "64MiB"
 target = "127.0.0.1:{port}"
 target_fingerprint = "{fingerprint}"
 
-[[source.group]]
-name = "app"
-recovery_point_interval = "2s"
-
-[[source.group]]
-name = "frozen"
-recovery_point_interval = "1s"
-freeze_hook = "echo database refuses to freeze >&2; exit 4"
-thaw_hook = "touch {thawed}"
-
+{groups}
 [[source.machine]]
 name = "web-1"
 group = "app"
 disks = [{{ name = "os", path = "{disk}", export = "{export}" }}]
 "#,
         fingerprint = target.fingerprint(),
-        thawed = thawed.display(),
         disk = disk.display(),
         export = export.display(),
     ));
@@ -89,6 +120,26 @@ disks = [{{ name = "os", path = "{disk}", export = "{export}" }}]
         let status = source.try_status()?;
         (status["disks"][0]["state"] == "protected").then_some(())
     });
+    (source, target, export)
+}
+
+fn create_prints_an_id_the_point_replicates_and_hooks_are_enforced(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let thawed = dir.path().join("thawed");
+    let groups = format!(
+        r#"[[source.group]]
+name = "app"
+recovery_point_interval = "2s"
+
+[[source.group]]
+name = "frozen"
+recovery_point_interval = "1s"
+freeze_hook = "echo database refuses to freeze >&2; exit 4"
+thaw_hook = "touch {}"
+"#,
+        thawed.display()
+    );
+    let (mut source, mut target, export) = start_one_source(dir.path(), &backend, &groups, 1 << 20);
 
     qemu_io(&export, "web-1/os", &["write -P 0x5a 0 64k".to_string()]);
     let mut create = vec![
@@ -195,6 +246,105 @@ disks = [{{ name = "os", path = "{disk}", export = "{export}" }}]
     target.stop();
 }
 
+/// The timer cuts a point every second; points older than the group's 3 s retention leave the
+/// target's catalog (pruned every 5 s) with the before-images only they needed, the newest
+/// usable point stays, and a test failover to it reads the data written before it.
+fn points_age_out_of_retention_and_the_newest_stays_usable(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let groups =
+        "[[source.group]]\nname = \"app\"\nrecovery_point_interval = \"1s\"\nretention = \"3s\"\n";
+    let (mut source, mut target, export) = start_one_source(dir.path(), &backend, groups, 0);
+    qemu_io(&export, "web-1/os", &["write -P 0x11 0 1m".to_string()]);
+    let first = wait_for("a usable point at the target", || {
+        let points = try_list(&target, "app").ok()?;
+        points["points"]
+            .as_array()?
+            .iter()
+            .find(|point| point["usable"] == true)?["id"]
+            .as_u64()
+    });
+    // Overwrite: the before-images of 0x11 belong to the points before this write.
+    qemu_io(&export, "web-1/os", &["write -P 0x22 0 1m".to_string()]);
+    let retained = wait_for("the first point to age out of retention", || {
+        let points = try_list(&target, "app").ok()?;
+        let ids: Vec<u64> = points["points"]
+            .as_array()?
+            .iter()
+            .filter_map(|point| point["id"].as_u64())
+            .collect();
+        (!ids.contains(&first) && !ids.is_empty()).then_some(points)
+    });
+    let points = retained["points"].as_array().unwrap();
+    assert!(
+        points
+            .iter()
+            .all(|point| point["id"].as_u64().unwrap() > first),
+        "a point older than the pruned one survived: {retained}"
+    );
+    assert!(
+        points.iter().any(|point| point["usable"] == true),
+        "no usable point left: {retained}"
+    );
+    let log = target.log();
+    assert!(log.contains("recovery points pruned"), "{log}");
+
+    // Every point cut after the overwrite holds 0x22; the newest usable one is never pruned.
+    let after = create_point(&source, "app");
+    wait_for("a usable point at or after the overwrite's", || {
+        let points = try_list(&target, "app").ok()?;
+        points["points"]
+            .as_array()?
+            .iter()
+            .any(|point| {
+                point["usable"] == true && point["id"].as_u64().is_some_and(|id| id >= after)
+            })
+            .then_some(())
+    });
+    let output = ferry(&[
+        "failover",
+        "--group",
+        "app",
+        "--point",
+        "latest",
+        "--test",
+        "--json",
+        "--socket",
+        target.socket().to_str().unwrap(),
+    ]);
+    assert!(
+        output.status.success(),
+        "test failover ({}): {}\n{}",
+        backend.name(),
+        String::from_utf8_lossy(&output.stderr),
+        target.log()
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let socket = std::path::PathBuf::from(answer["exports"][0]["socket"].as_str().unwrap());
+    qemu_io(
+        &socket,
+        "web-1/os",
+        &[
+            "read -P 0x22 0 1m".to_string(),
+            "read -P 0 1m 1m".to_string(),
+        ],
+    );
+    let output = ferry(&[
+        "failover",
+        "cleanup",
+        "--group",
+        "app",
+        "--socket",
+        target.socket().to_str().unwrap(),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    source.stop();
+    target.stop();
+}
+
 /// Writes and markers of one source's journal (read after the appliance stopped).
 struct JournalView {
     /// offset → sequence of the (single) write at that offset.
@@ -241,40 +391,12 @@ fn read_journal(appliance: &Appliance) -> JournalView {
 #[test]
 fn dependent_writes_across_two_source_appliances_never_split_a_point() {
     let dir = tempfile::tempdir().unwrap();
-    let mut a = Appliance::new(dir.path(), "site-a");
-    let mut b = Appliance::new(dir.path(), "site-b");
-    let (port_a, port_b) = (free_udp_port(), free_udp_port());
-    let (fingerprint_a, fingerprint_b) = (a.fingerprint(), b.fingerprint());
-    let mut exports = Vec::new();
-    for (appliance, machine, own_port, other, other_port, other_fingerprint) in [
-        (&a, "db-1", port_a, "site-b", port_b, &fingerprint_b),
-        (&b, "app-1", port_b, "site-a", port_a, &fingerprint_a),
-    ] {
-        let disk = appliance.root.join("data.raw");
-        make_disk(&disk, DISK_BYTES, 0, 1);
-        let export = appliance.root.join("data.sock");
-        // No target: nothing is shipped or released, so the journals keep every record.
-        appliance.write_config(&format!(
-            r#"[source]
-journal_size = "64MiB"
-target = "127.0.0.1:9"
-
-[[source.group]]
-name = "app"
-recovery_point_interval = "1s"
-barrier_listen = "127.0.0.1:{own_port}"
-members = [{{ name = "{other}", address = "127.0.0.1:{other_port}", fingerprint = "{other_fingerprint}" }}]
-
-[[source.machine]]
-name = "{machine}"
-group = "app"
-disks = [{{ name = "data", path = "{disk}", export = "{export}" }}]
-"#,
-            disk = disk.display(),
-            export = export.display(),
-        ));
-        exports.push((export, format!("{machine}/data")));
-    }
+    let TwoSourceGroup {
+        mut a,
+        mut b,
+        exports,
+        ..
+    } = two_source_group(dir.path(), DISK_BYTES, 0, "1s", None);
     b.start();
     a.start();
 
@@ -408,33 +530,10 @@ disks = [{{ name = "data", path = "{disk}", export = "{export}" }}]
 #[test]
 fn a_missing_member_fails_the_point_without_stalling_writes() {
     let dir = tempfile::tempdir().unwrap();
-    let mut a = Appliance::new(dir.path(), "site-a");
-    let b = Appliance::new(dir.path(), "site-b");
-    let disk = a.root.join("data.raw");
-    make_disk(&disk, DISK_BYTES, 0, 1);
-    let export = a.root.join("data.sock");
-    a.write_config(&format!(
-        r#"[source]
-journal_size = "64MiB"
-target = "127.0.0.1:9"
-
-[[source.group]]
-name = "app"
-recovery_point_interval = "1h"
-barrier_listen = "127.0.0.1:{own_port}"
-members = [{{ name = "site-b", address = "127.0.0.1:{other_port}", fingerprint = "{fingerprint}" }}]
-
-[[source.machine]]
-name = "db-1"
-group = "app"
-disks = [{{ name = "data", path = "{disk}", export = "{export}" }}]
-"#,
-        own_port = free_udp_port(),
-        other_port = free_udp_port(),
-        fingerprint = b.fingerprint(),
-        disk = disk.display(),
-        export = export.display(),
-    ));
+    // site-b is configured but never started.
+    let TwoSourceGroup { mut a, exports, .. } =
+        two_source_group(dir.path(), DISK_BYTES, 0, "1h", None);
+    let (export, export_name) = exports[0].clone();
     a.start();
     let mut create = vec![
         "recovery-point".to_string(),
@@ -453,7 +552,7 @@ disks = [{{ name = "data", path = "{disk}", export = "{export}" }}]
         "{stderr}"
     );
     assert!(elapsed < std::time::Duration::from_secs(10), "{elapsed:?}");
-    qemu_io(&export, "db-1/data", &["write -P 7 0 4k".to_string()]);
+    qemu_io(&export, &export_name, &["write -P 7 0 4k".to_string()]);
     assert!(list(&a, "app")["points"].as_array().unwrap().is_empty());
     a.stop();
 }
@@ -461,49 +560,15 @@ disks = [{{ name = "data", path = "{disk}", export = "{export}" }}]
 /// Two source appliances of one group shipping to one target: once both disks are protected,
 /// a point created on the coordinator is complete and usable in the target's catalog (the
 /// markers' `members` are the names the target knows its peers by).
-#[test]
-fn a_group_across_two_sources_is_complete_at_the_target() {
+fn a_group_across_two_sources_is_complete_at_the_target(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let mut a = Appliance::new(dir.path(), "site-a");
-    let mut b = Appliance::new(dir.path(), "site-b");
-    let mut target = Appliance::new(dir.path(), "site-dr");
-    let (port_a, port_b, port_target) = (free_udp_port(), free_udp_port(), free_udp_port());
-    let (fingerprint_a, fingerprint_b) = (a.fingerprint(), b.fingerprint());
-    let fingerprint_target = target.fingerprint();
-    target.write_config(&format!(
-        "[target]\nlisten = \"127.0.0.1:{port_target}\"\nstorage_dir = \"{}\"\npeers = [{{ name = \"site-a\", fingerprint = \"{fingerprint_a}\" }}, {{ name = \"site-b\", fingerprint = \"{fingerprint_b}\" }}]\n",
-        target.root.join("storage").display(),
-    ));
-    let mut exports = Vec::new();
-    for (appliance, machine, own_port, other, other_port, other_fingerprint) in [
-        (&a, "db-1", port_a, "site-b", port_b, &fingerprint_b),
-        (&b, "app-1", port_b, "site-a", port_a, &fingerprint_a),
-    ] {
-        let disk = appliance.root.join("data.raw");
-        make_disk(&disk, DISK_BYTES, 1 << 20, 5);
-        let export = appliance.root.join("data.sock");
-        appliance.write_config(&format!(
-            r#"[source]
-journal_size = "64MiB"
-target = "127.0.0.1:{port_target}"
-target_fingerprint = "{fingerprint_target}"
-
-[[source.group]]
-name = "app"
-recovery_point_interval = "1h"
-barrier_listen = "127.0.0.1:{own_port}"
-members = [{{ name = "{other}", address = "127.0.0.1:{other_port}", fingerprint = "{other_fingerprint}" }}]
-
-[[source.machine]]
-name = "{machine}"
-group = "app"
-disks = [{{ name = "data", path = "{disk}", export = "{export}" }}]
-"#,
-            disk = disk.display(),
-            export = export.display(),
-        ));
-        exports.push((export, format!("{machine}/data")));
-    }
+    let TwoSourceGroup {
+        mut a,
+        mut b,
+        target,
+        exports,
+    } = two_source_group(dir.path(), DISK_BYTES, 1 << 20, "1h", Some(&backend));
+    let mut target = target.unwrap();
     target.start();
     b.start();
     a.start();
@@ -523,38 +588,9 @@ disks = [{{ name = "data", path = "{disk}", export = "{export}" }}]
         &exports[1].1,
         &["write -P 2 0 4k".to_string()],
     );
-    let mut create = vec![
-        "recovery-point".to_string(),
-        "create".to_string(),
-        "--group".to_string(),
-        "app".to_string(),
-    ];
-    create.extend(socket_args(&a));
-    let output = run_ferry(&create);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let id: u64 = String::from_utf8(output.stdout)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let id = create_point(&a, "app");
     wait_for("the point to be complete and usable at the target", || {
-        let mut args = vec![
-            "recovery-point".to_string(),
-            "list".to_string(),
-            "--group".to_string(),
-            "app".to_string(),
-            "--json".to_string(),
-        ];
-        args.extend(socket_args(&target));
-        let output = run_ferry(&args);
-        if !output.status.success() {
-            return None;
-        }
-        let listed: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        let listed = try_list(&target, "app").ok()?;
         let point = listed["points"]
             .as_array()?
             .iter()

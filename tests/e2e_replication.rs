@@ -4,6 +4,7 @@
 //! either side mid-stream, after a journal overflow while the target is down, and never with a
 //! wrongly pinned target.
 
+#[macro_use]
 mod support;
 
 use std::path::{Path, PathBuf};
@@ -13,16 +14,19 @@ use support::*;
 const DISK_BYTES: u64 = 64 << 20;
 
 struct Pair {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     source: Appliance,
     target: Appliance,
     disk: PathBuf,
     export: PathBuf,
+    /// Last: the appliances stop before the cluster does.
+    backend: Backend,
 }
 
 impl Pair {
-    /// Writes both configs; the source pins `target_fingerprint` (the real one unless given).
-    fn new(journal_size: &str, target_fingerprint: Option<&str>) -> Pair {
+    /// Writes both configs, the target storing replicas on `backend`; the source pins
+    /// `target_fingerprint` (the real one unless given).
+    fn new(backend: Backend, journal_size: &str, target_fingerprint: Option<&str>) -> Pair {
         let dir = tempfile::tempdir().unwrap();
         let source = Appliance::new(dir.path(), "site-a");
         let target = Appliance::new(dir.path(), "site-b");
@@ -37,7 +41,7 @@ impl Pair {
 listen = "127.0.0.1:{port}"
 storage_dir = "{storage}"
 peers = [{{ name = "site-a", fingerprint = "{source_fingerprint}" }}]
-
+{backend_keys}
 [target.mapping]
 resource_group = "rg-dr"
 networks = {{ prod = "dr-prod" }}
@@ -49,6 +53,7 @@ name = "web-1"
 resource_group = "rg-web-dr"
 "#,
             storage = target.root.join("storage").display(),
+            backend_keys = backend.target_keys(),
         ));
         source.write_config(&format!(
             r#"[source]
@@ -72,11 +77,12 @@ disks = [{{ name = "os", path = "{disk}", export = "{export}" }}]
             export = export.display(),
         ));
         Pair {
-            _dir: dir,
+            dir,
             source,
             target,
             disk,
             export,
+            backend,
         }
     }
 
@@ -84,17 +90,12 @@ disks = [{{ name = "os", path = "{disk}", export = "{export}" }}]
         qemu_io(&self.export, "web-1/os", commands);
     }
 
-    /// The replica path the target reports for web-1/os.
-    fn replica(&self) -> PathBuf {
-        wait_for("the target to list the replica", || {
-            let status = self.target.try_status()?;
-            let replica = status["replicas"]
-                .as_array()?
-                .iter()
-                .find(|replica| replica["machine"] == "web-1" && replica["name"] == "os")?
-                .clone();
-            Some(PathBuf::from(replica["replica_path"].as_str()?))
-        })
+    /// The bytes of the replica of web-1/os as a file: the replica file itself, or an
+    /// `rbd export` of its image.
+    fn replica_bytes(&self) -> PathBuf {
+        let location = self.target.replica_location("web-1", "os");
+        self.backend
+            .replica_file(&location, &self.dir.path().join("replica-export.raw"))
     }
 
     /// The replica file of web-1/os under the (possibly stopped) target's storage dir.
@@ -124,7 +125,8 @@ disks = [{{ name = "os", path = "{disk}", export = "{export}" }}]
         });
     }
 
-    /// `ferry verify --all` says identical, and so does cmp.
+    /// `ferry verify --all` says identical, and so does cmp of the source disk with the
+    /// replica's bytes (read from the file, or exported from the RBD image).
     fn assert_identical(&self) {
         self.wait_caught_up();
         let output = ferry(&[
@@ -142,8 +144,9 @@ disks = [{{ name = "os", path = "{disk}", export = "{export}" }}]
             self.target.log()
         );
         assert!(
-            same_bytes(&self.disk, &self.replica()),
-            "cmp found a difference"
+            same_bytes(&self.disk, &self.replica_bytes()),
+            "cmp found a difference ({})",
+            self.backend.name()
         );
     }
 }
@@ -179,9 +182,13 @@ fn pattern_writes(round: u64) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn writes_during_initial_replication_reach_an_identical_replica() {
-    let mut pair = Pair::new("64MiB", None);
+on_both_backends!(
+    writes_during_initial_replication_reach_an_identical_replica,
+    target_killed_mid_stream_restarts_and_converges,
+);
+
+fn writes_during_initial_replication_reach_an_identical_replica(backend: Backend) {
+    let mut pair = Pair::new(backend, "64MiB", None);
     pair.target.start();
     pair.source.start();
     pair.write(&pattern_writes(0));
@@ -194,7 +201,7 @@ fn writes_during_initial_replication_reach_an_identical_replica() {
 
 #[test]
 fn source_killed_mid_stream_restarts_and_converges() {
-    let mut pair = Pair::new("64MiB", None);
+    let mut pair = Pair::new(Backend::files(), "64MiB", None);
     pair.target.start();
     pair.source.start();
     pair.write(&pattern_writes(0));
@@ -204,22 +211,132 @@ fn source_killed_mid_stream_restarts_and_converges() {
     pair.assert_identical();
 }
 
-#[test]
-fn target_killed_mid_stream_restarts_and_converges() {
-    let mut pair = Pair::new("64MiB", None);
+/// On RBD the killed target held its image's exclusive lock; the restarted one breaks that
+/// dead client's lock when it opens the image (and says so) instead of waiting ~30 s for the
+/// OSDs to time the dead client's watch out.
+fn target_killed_mid_stream_restarts_and_converges(backend: Backend) {
+    let mut pair = Pair::new(backend, "64MiB", None);
     pair.target.start();
     pair.source.start();
     pair.write(&pattern_writes(0));
+    if let Some(cluster) = pair.backend.cluster() {
+        let location = pair.target.replica_location("web-1", "os");
+        let image = location.strip_prefix("rbd:").unwrap().to_string();
+        wait_for("the target to hold its image's exclusive lock", || {
+            let output = cluster.rbd(&["lock", "ls", &image, "--format", "json"]);
+            let locks: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+            (!locks.as_array()?.is_empty()).then_some(())
+        });
+    }
     pair.target.kill();
     pair.write(&pattern_writes(1));
     pair.target.start();
     pair.write(&pattern_writes(2));
     pair.assert_identical();
+    if pair.backend.cluster().is_some() {
+        let log = pair.target.log();
+        assert!(
+            log.contains("broke the exclusive lock of another client"),
+            "the restarted target did not break the dead one's lock:\n{log}"
+        );
+    }
+}
+
+/// Losing the cluster mid-stream: with the only OSD stopped, writes through the source's export
+/// still complete (capture never waits for the target), the target receives the records but
+/// cannot make them durable, so neither its applied sequence nor the source's acknowledged one
+/// moves, and the source journal holds the backlog. Once the OSD is back, replication catches
+/// up in order: the last of two writes to one block wins, and verify and the exported image
+/// say identical.
+#[test]
+fn an_osd_stopped_mid_stream_stalls_acknowledgements_until_it_is_back() {
+    let mut pair = Pair::new(Backend::rbd(), "64MiB", None);
+    pair.target.start();
+    pair.source.start();
+    pair.assert_identical();
+    // One live write, acknowledged: the baseline sequence (a disk's status sequences follow
+    // its live writes; the initial sync's records do not move them).
+    pair.write(&["write -P 0x70 44m 64k".to_string()]);
+    let acked = wait_for("the live write to be acknowledged", || {
+        let disk = pair.source.try_status()?["disks"][0].clone();
+        let (last, acked) = (
+            disk["last_sequence"].as_u64()?,
+            disk["acked_sequence"].as_u64()?,
+        );
+        (last > 0 && acked >= last).then_some(acked)
+    });
+    let disk_status = |pair: &Pair| pair.source.status()["disks"][0].clone();
+    let applied = |pair: &Pair| {
+        let status = pair.target.status();
+        status["replicas"][0]["applied_sequence"].as_u64().unwrap()
+    };
+    let applied_before = wait_for("the target's status to show the baseline applied", || {
+        let applied = pair.target.try_status()?["replicas"][0]["applied_sequence"].as_u64()?;
+        (applied >= acked).then_some(applied)
+    });
+    let sent_before = pair.source.status()["link"]["sent_bytes"].as_u64().unwrap();
+
+    pair.backend.cluster_mut().unwrap().stop_osd();
+    let mut writes = pattern_writes(3);
+    writes.push("write -P 0x71 40m 64k".to_string());
+    writes.push("write -P 0x72 40m 64k".to_string());
+    pair.write(&writes);
+    // Status is sampled every 250 ms: wait until it shows every write journaled.
+    wait_for("the writes to be journaled", || {
+        let last = pair.source.try_status()?["disks"][0]["last_sequence"].as_u64()?;
+        (last >= acked + writes.len() as u64).then_some(())
+    });
+    // The records reach the target: what holds them back is the cluster, not the link.
+    wait_for("the source to ship the writes", || {
+        let sent = pair.source.try_status()?["link"]["sent_bytes"].as_u64()?;
+        (sent >= sent_before + (1 << 20)).then_some(())
+    });
+    // A bounded observation window: nothing is acknowledged or applied, and both appliances
+    // keep answering (a stalled replica write blocks neither control socket).
+    let window = std::time::Instant::now();
+    let mut samples = 0;
+    while window.elapsed() < std::time::Duration::from_secs(4) || samples < 5 {
+        let disk = disk_status(&pair);
+        assert_eq!(
+            disk["acked_sequence"].as_u64().unwrap(),
+            acked,
+            "acknowledged while the OSD is down: {disk}\ntarget log:\n{}",
+            pair.target.log()
+        );
+        assert_eq!(disk["state"], "protected", "{disk}");
+        assert!(disk["journal_used_bytes"].as_u64().unwrap() > 0, "{disk}");
+        assert_eq!(applied(&pair), applied_before);
+        samples += 1;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
+    let last = disk_status(&pair)["last_sequence"].as_u64().unwrap();
+    pair.backend.cluster_mut().unwrap().start_osd();
+    let mut acked_seen = acked;
+    wait_for(
+        "the source to be acknowledged through its last write",
+        || {
+            let disk = pair.source.try_status()?["disks"][0].clone();
+            let now = disk["acked_sequence"].as_u64()?;
+            assert!(
+                now >= acked_seen,
+                "the acknowledged sequence went back: {now} < {acked_seen}"
+            );
+            acked_seen = now;
+            (now >= last).then_some(())
+        },
+    );
+    assert!(applied(&pair) >= last);
+    pair.assert_identical();
+    let replica = std::fs::read(pair.replica_bytes()).unwrap();
+    assert!(replica[40 << 20..(40 << 20) + (64 << 10)]
+        .iter()
+        .all(|&byte| byte == 0x72));
 }
 
 #[test]
 fn journal_overflow_while_the_target_is_down_resyncs() {
-    let mut pair = Pair::new("8MiB", None);
+    let mut pair = Pair::new(Backend::files(), "8MiB", None);
     pair.target.start();
     pair.source.start();
     pair.assert_identical();
@@ -242,7 +359,7 @@ fn journal_overflow_while_the_target_is_down_resyncs() {
 /// its extent, and the replica ends equal to the source disk, not to the lost change.
 #[test]
 fn a_journaled_change_that_never_reached_the_disk_is_resynced_after_a_crash() {
-    let mut pair = Pair::new("64MiB", None);
+    let mut pair = Pair::new(Backend::files(), "64MiB", None);
     pair.target.start();
     pair.source.start();
     pair.assert_identical();
@@ -266,7 +383,7 @@ fn a_journaled_change_that_never_reached_the_disk_is_resynced_after_a_crash() {
 /// hash-compared with the replica and what differs is sent.
 #[test]
 fn after_the_host_went_down_every_extent_is_compared_with_the_replica() {
-    let mut pair = Pair::new("64MiB", None);
+    let mut pair = Pair::new(Backend::files(), "64MiB", None);
     pair.target.start();
     pair.source.start();
     pair.assert_identical();
@@ -289,7 +406,7 @@ fn after_the_host_went_down_every_extent_is_compared_with_the_replica() {
 /// (`ferry status`), which starts at zero with the restarted process.
 #[test]
 fn a_full_hash_scan_sends_about_the_changed_bytes() {
-    let mut pair = Pair::new("16MiB", None);
+    let mut pair = Pair::new(Backend::files(), "16MiB", None);
     pair.target.start();
     pair.source.start();
     pair.assert_identical();
@@ -317,7 +434,7 @@ fn a_full_hash_scan_sends_about_the_changed_bytes() {
 #[test]
 fn a_wrongly_pinned_target_is_refused_and_receives_nothing() {
     let wrong = format!("sha256:{}", "ab".repeat(32));
-    let mut pair = Pair::new("64MiB", Some(&wrong));
+    let mut pair = Pair::new(Backend::files(), "64MiB", Some(&wrong));
     pair.target.start();
     pair.source.start();
     pair.write(&pattern_writes(0));

@@ -200,6 +200,23 @@ impl Appliance {
         serde_json::from_slice(&output.stdout).ok()
     }
 
+    /// Where the target keeps the replica of `machine`/`disk`, as its status reports it (a
+    /// file path, or `rbd:<pool>/<image>`); waits until the target lists it.
+    pub fn replica_location(&self, machine: &str, disk: &str) -> String {
+        wait_for(
+            &format!("{} to list the replica of {machine}/{disk}", self.name),
+            || {
+                let status = self.try_status()?;
+                let replica = status["replicas"]
+                    .as_array()?
+                    .iter()
+                    .find(|replica| replica["machine"] == machine && replica["name"] == disk)?
+                    .clone();
+                Some(replica["replica_path"].as_str()?.to_string())
+            },
+        )
+    }
+
     pub fn status(&self) -> serde_json::Value {
         self.try_status()
             .unwrap_or_else(|| panic!("{} does not answer status: {}", self.name, self.log()))
@@ -247,10 +264,33 @@ pub fn same_bytes(a: &Path, b: &Path) -> bool {
 }
 
 /// Where the target keeps replicas in a test: local files, or a real one-node Ceph cluster
-/// started for the test (and stopped, by PID, when the backend is dropped).
+/// started for the test (and stopped, by PID, when the backend is dropped — also when the test
+/// panics). Under nextest every test runs in its own process, so a cluster cannot be shared
+/// between tests; each RBD test pays one bring-up (~13 s).
 pub enum Backend {
     Files,
     Rbd(ferry_appliance::io::rbd::test_cluster::TestCluster),
+}
+
+/// Runs each named test body (a `fn(Backend)`) twice, as `<name>::files` and `<name>::rbd`:
+/// the same test on both target-storage backends, only the constructor differs.
+#[allow(unused_macros)]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn files() {
+                    super::$name(super::Backend::files());
+                }
+
+                #[test]
+                fn rbd() {
+                    super::$name(super::Backend::rbd());
+                }
+            }
+        )*
+    };
 }
 
 impl Backend {
@@ -261,6 +301,30 @@ impl Backend {
     /// Starts a one-node Ceph cluster (~13 s) with pool `rbd`.
     pub fn rbd() -> Backend {
         Backend::Rbd(ferry_appliance::io::rbd::test_cluster::TestCluster::start())
+    }
+
+    /// "files" or "rbd", for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Files => "files",
+            Backend::Rbd(_) => "rbd",
+        }
+    }
+
+    pub fn cluster(&self) -> Option<&ferry_appliance::io::rbd::test_cluster::TestCluster> {
+        match self {
+            Backend::Files => None,
+            Backend::Rbd(cluster) => Some(cluster),
+        }
+    }
+
+    pub fn cluster_mut(
+        &mut self,
+    ) -> Option<&mut ferry_appliance::io::rbd::test_cluster::TestCluster> {
+        match self {
+            Backend::Files => None,
+            Backend::Rbd(cluster) => Some(cluster),
+        }
     }
 
     /// Lines to add to `[target]` (before any sub-table): nothing for files, the storage key
@@ -280,7 +344,13 @@ impl Backend {
     /// `scratch` (`location` is what the target's status reports: `rbd:<pool>/<image>`).
     pub fn replica_file(&self, location: &str, scratch: &Path) -> PathBuf {
         match self {
-            Backend::Files => PathBuf::from(location),
+            Backend::Files => {
+                assert!(
+                    !location.starts_with("rbd:"),
+                    "an RBD replica on the files backend: {location}"
+                );
+                PathBuf::from(location)
+            }
             Backend::Rbd(cluster) => {
                 let spec = location
                     .strip_prefix("rbd:")
@@ -295,5 +365,83 @@ impl Backend {
                 scratch.to_path_buf()
             }
         }
+    }
+}
+
+/// Two source appliances of one consistency group "app": site-a protects machine db-1 and
+/// site-b machine app-1, one disk `data` each (`disk_bytes`, the first `random_bytes` seeded
+/// random), with the recovery-point barrier between them. With a `target` backend both ship to
+/// one target appliance site-dr storing replicas there; without, they point at a closed port
+/// (nothing is shipped or released, so their journals keep every record). Nothing is started.
+pub struct TwoSourceGroup {
+    pub a: Appliance,
+    pub b: Appliance,
+    pub target: Option<Appliance>,
+    /// (socket, export name) of db-1/data on site-a, then of app-1/data on site-b.
+    pub exports: Vec<(PathBuf, String)>,
+}
+
+pub fn two_source_group(
+    root: &Path,
+    disk_bytes: u64,
+    random_bytes: u64,
+    recovery_point_interval: &str,
+    target: Option<&Backend>,
+) -> TwoSourceGroup {
+    let a = Appliance::new(root, "site-a");
+    let b = Appliance::new(root, "site-b");
+    let (port_a, port_b) = (free_udp_port(), free_udp_port());
+    let (fingerprint_a, fingerprint_b) = (a.fingerprint(), b.fingerprint());
+    let (target, target_keys) = match target {
+        Some(backend) => {
+            let appliance = Appliance::new(root, "site-dr");
+            let port = free_udp_port();
+            appliance.write_config(&format!(
+                "[target]\nlisten = \"127.0.0.1:{port}\"\nstorage_dir = \"{}\"\npeers = [{{ name = \"site-a\", fingerprint = \"{fingerprint_a}\" }}, {{ name = \"site-b\", fingerprint = \"{fingerprint_b}\" }}]\n{}",
+                appliance.root.join("storage").display(),
+                backend.target_keys(),
+            ));
+            let keys = format!(
+                "target = \"127.0.0.1:{port}\"\ntarget_fingerprint = \"{}\"",
+                appliance.fingerprint()
+            );
+            (Some(appliance), keys)
+        }
+        None => (None, "target = \"127.0.0.1:9\"".to_string()),
+    };
+    let mut exports = Vec::new();
+    for (appliance, machine, own_port, other, other_port, other_fingerprint, seed) in [
+        (&a, "db-1", port_a, "site-b", port_b, &fingerprint_b, 5),
+        (&b, "app-1", port_b, "site-a", port_a, &fingerprint_a, 6),
+    ] {
+        let disk = appliance.root.join("data.raw");
+        make_disk(&disk, disk_bytes, random_bytes, seed);
+        let export = appliance.root.join("data.sock");
+        appliance.write_config(&format!(
+            r#"[source]
+journal_size = "64MiB"
+{target_keys}
+
+[[source.group]]
+name = "app"
+recovery_point_interval = "{recovery_point_interval}"
+barrier_listen = "127.0.0.1:{own_port}"
+members = [{{ name = "{other}", address = "127.0.0.1:{other_port}", fingerprint = "{other_fingerprint}" }}]
+
+[[source.machine]]
+name = "{machine}"
+group = "app"
+disks = [{{ name = "data", path = "{disk}", export = "{export}" }}]
+"#,
+            disk = disk.display(),
+            export = export.display(),
+        ));
+        exports.push((export, format!("{machine}/data")));
+    }
+    TwoSourceGroup {
+        a,
+        b,
+        target,
+        exports,
     }
 }

@@ -320,6 +320,25 @@ impl TargetStorage for RbdStorage {
                 .resize(size_bytes)
                 .map_err(|error| rbd_open_error(error, size_bytes))?;
         }
+        // The target owns its images: a lock still held by another client is a previous target
+        // process that died (kill -9, host crash), whose lock would stall every write here
+        // until the OSDs time its watch out (~30 s). Break it (and blocklist that client) now.
+        // Not fatal: without the blocklist capability writes still resume after that timeout.
+        match image.break_other_clients_lock() {
+            Ok(broken) => {
+                for owner in broken {
+                    tracing::warn!(
+                        image = %image.name(),
+                        owner = %owner,
+                        "broke the exclusive lock of another client (a target process that died?) and blocklisted it"
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(
+                image = %image.name(),
+                "could not break a stale exclusive lock (writes wait until the cluster times it out): {error}"
+            ),
+        }
         Ok((Replica::Rbd(image), existed))
     }
 

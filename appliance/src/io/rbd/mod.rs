@@ -81,6 +81,7 @@ extern "C" {
         ioctx: *mut rados_ioctx_t,
     ) -> c_int;
     fn rados_ioctx_destroy(ioctx: rados_ioctx_t);
+    fn rados_getaddrs(cluster: rados_t, addrs: *mut *mut c_char) -> c_int;
 }
 
 #[link(name = "rbd")]
@@ -167,7 +168,19 @@ extern "C" {
         op_flags: c_int,
     ) -> c_int;
     fn rbd_aio_flush(image: rbd_image_t, completion: rbd_completion_t) -> c_int;
+
+    fn rbd_lock_get_owners(
+        image: rbd_image_t,
+        lock_mode: *mut c_int,
+        lock_owners: *mut *mut c_char,
+        max_lock_owners: *mut usize,
+    ) -> c_int;
+    fn rbd_lock_get_owners_cleanup(lock_owners: *mut *mut c_char, lock_owner_count: usize);
+    fn rbd_lock_break(image: rbd_image_t, lock_mode: c_int, lock_owner: *const c_char) -> c_int;
 }
+
+/// `RBD_LOCK_MODE_EXCLUSIVE` (librbd.h's `rbd_lock_mode_t`, an int-sized enum).
+const LOCK_MODE_EXCLUSIVE: c_int = 0;
 
 /// `RBD_SNAP_CREATE_SKIP_QUIESCE` (librbd.h).
 const SNAP_CREATE_SKIP_QUIESCE: u32 = 1 << 0;
@@ -295,6 +308,16 @@ impl Cluster {
             let ret = unsafe { rados_conf_set(handle.raw, key.as_ptr(), value.as_ptr()) };
             check(ret, "set keyring", &label)?;
         }
+        // An OSD request waits for its placement group however long it is down, rather than
+        // failing with ETIMEDOUT after a conf's `rados_osd_op_timeout`: a replica write then
+        // stalls (and the acknowledgements behind it) instead of failing mid-batch, and a
+        // request that timed out on the client can still never land late, after the retry
+        // that replaced it. 0 is librados' default; this overrides a conf that sets one.
+        let key = c_string("rados_osd_op_timeout", "set rados_osd_op_timeout", &label)?;
+        let value = c_string("0", "set rados_osd_op_timeout", &label)?;
+        // SAFETY: unconnected handle; both strings NUL-terminated, copied by librados.
+        let ret = unsafe { rados_conf_set(handle.raw, key.as_ptr(), value.as_ptr()) };
+        check(ret, "set rados_osd_op_timeout", &label)?;
         // SAFETY: configured, unconnected handle; connect may block, which callers allow for.
         let ret = unsafe { rados_connect(handle.raw) };
         check(ret, "connect", &format!("{label} as {client}"))?;
@@ -319,6 +342,56 @@ impl Cluster {
             }),
         })
     }
+}
+
+impl ClusterHandle {
+    /// This client's messenger addresses, each as `ip:port/nonce` (`rados_getaddrs` prints an
+    /// address vector, `[v2:ip:port/nonce,v1:...]` or a single address).
+    fn addresses(&self) -> Result<Vec<String>, RbdError> {
+        let mut raw: *mut c_char = ptr::null_mut();
+        // SAFETY: connected handle; valid out-pointer, set to a strdup'ed string on success.
+        let ret = unsafe { rados_getaddrs(self.raw, &mut raw) };
+        check(ret, "get client addresses", "cluster")?;
+        if raw.is_null() {
+            return Ok(Vec::new());
+        }
+        // SAFETY: librados returned a NUL-terminated, malloc'ed string; copied, then freed once.
+        let text = unsafe { CStr::from_ptr(raw) }
+            .to_string_lossy()
+            .into_owned();
+        // SAFETY: `raw` came from strdup in librados and nothing refers to it any more.
+        unsafe { libc::free(raw.cast()) };
+        Ok(text
+            .trim_matches(|c| c == '[' || c == ']')
+            .split(',')
+            .map(|address| strip_address_type(address.trim()).to_string())
+            .filter(|address| !address.is_empty())
+            .collect())
+    }
+}
+
+/// `v2:1.2.3.4:0/42` → `1.2.3.4:0/42` (lock owners are printed without the type).
+fn strip_address_type(address: &str) -> &str {
+    for prefix in ["v1:", "v2:", "any:"] {
+        if let Some(rest) = address.strip_prefix(prefix) {
+            return rest;
+        }
+    }
+    address
+}
+
+/// Whether two printed client addresses name the same client instance: same IP and nonce (a
+/// client's port is 0 in one rendering and the bound port in another, so it is not compared).
+fn same_client(a: &str, b: &str) -> bool {
+    let key = |address: &str| {
+        let address = strip_address_type(address);
+        let (host_port, nonce) = address.rsplit_once('/').unwrap_or((address, ""));
+        let host = host_port
+            .rsplit_once(':')
+            .map_or(host_port, |(host, _)| host);
+        (host.to_string(), nonce.to_string())
+    };
+    key(a) == key(b)
 }
 
 struct PoolHandle {
@@ -749,6 +822,82 @@ impl Image {
         let ret = unsafe { rbd_get_features(self.inner.raw, &mut features) };
         check(ret, "get features", &self.inner.label)?;
         Ok(features)
+    }
+
+    /// The addresses of the clients holding the image's exclusive lock (as `ip:port/nonce`);
+    /// empty when nobody holds it. Blocking.
+    pub fn lock_owners(&self) -> Result<Vec<String>, RbdError> {
+        let mut capacity = 4usize;
+        loop {
+            let mut owners: Vec<*mut c_char> = vec![ptr::null_mut(); capacity];
+            let mut count = capacity;
+            let mut mode: c_int = 0;
+            // SAFETY: open image; `owners` has room for `count` pointers, which librbd fills
+            // with strdup'ed strings (or returns ERANGE with the needed count); valid
+            // out-pointers.
+            let ret = unsafe {
+                rbd_lock_get_owners(self.inner.raw, &mut mode, owners.as_mut_ptr(), &mut count)
+            };
+            if ret == -libc::ENOENT {
+                return Ok(Vec::new());
+            }
+            if ret == -libc::ERANGE {
+                capacity = count.max(capacity * 2);
+                continue;
+            }
+            check(ret, "get lock owners", &self.inner.label)?;
+            let list = owners[..count]
+                .iter()
+                .map(|&owner| {
+                    // SAFETY: each of the first `count` entries is a NUL-terminated string
+                    // librbd allocated; it stays valid until the cleanup call below.
+                    unsafe { CStr::from_ptr(owner) }
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .collect();
+            // SAFETY: frees exactly the `count` strings librbd allocated above, once.
+            unsafe { rbd_lock_get_owners_cleanup(owners.as_mut_ptr(), count) };
+            return Ok(list);
+        }
+    }
+
+    /// Breaks the exclusive lock held by any client other than this process's own connection,
+    /// blocklisting it first (`rbd_lock_break`, with librbd's default
+    /// `rbd_blocklist_on_break_lock`), and returns the owners it broke. Blocking.
+    ///
+    /// For a writer that owns the image: after its previous process died (`kill -9`, a host
+    /// crash) the dead client's lock and watch linger until the OSDs time the watch out
+    /// (`osd_client_watch_timeout`, 30 s), and every write of the new process waits that long
+    /// for the lock. A live other writer is fenced: from then on the cluster refuses its
+    /// writes. The client's key needs the blocklist capability (`profile rbd` has it).
+    pub fn break_other_clients_lock(&self) -> Result<Vec<String>, RbdError> {
+        let owners = self.lock_owners()?;
+        if owners.is_empty() {
+            return Ok(owners);
+        }
+        let own = self.inner._pool._cluster.addresses()?;
+        let mut broken = Vec::new();
+        for owner in owners {
+            if own.iter().any(|address| same_client(address, &owner)) {
+                continue;
+            }
+            let c_owner = c_string(&owner, "break lock", &self.inner.label)?;
+            // SAFETY: open image; `c_owner` is NUL-terminated and outlives the call.
+            let ret =
+                unsafe { rbd_lock_break(self.inner.raw, LOCK_MODE_EXCLUSIVE, c_owner.as_ptr()) };
+            // ENOENT/EBUSY: the lock went away or changed hands meanwhile (not ours to break).
+            if ret == -libc::ENOENT || ret == -libc::EBUSY {
+                continue;
+            }
+            check(
+                ret,
+                "break lock",
+                &format!("{} held by {owner}", self.inner.label),
+            )?;
+            broken.push(owner);
+        }
+        Ok(broken)
     }
 
     /// Grows (or shrinks) the image. Blocking. Returns the resized image handle's new size.

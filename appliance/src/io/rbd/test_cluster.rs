@@ -9,7 +9,7 @@
 use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{Cluster, ClusterOptions, Pool, RbdError};
@@ -20,7 +20,10 @@ pub const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/ceph/one
 /// A running one-node cluster with pool `rbd` initialised.
 pub struct TestCluster {
     dir: tempfile::TempDir,
+    /// mon, mgr, OSD (the script's order); the OSD's entry is replaced when it restarts.
     pids: Vec<i32>,
+    /// An OSD restarted by [`TestCluster::start_osd`] is this process's child: reaped on stop.
+    osd_child: Option<Child>,
     /// How long bring-up took.
     pub bring_up: Duration,
 }
@@ -46,6 +49,7 @@ impl TestCluster {
             .expect("run tests/ceph/one-node.sh (bash)");
         let mut cluster = TestCluster {
             pids: read_pids(dir.path()),
+            osd_child: None,
             dir,
             bring_up: started.elapsed(),
         };
@@ -103,6 +107,78 @@ impl TestCluster {
         &self.pids
     }
 
+    /// The OSD's PID (the script starts mon, mgr, then the OSD).
+    fn osd_pid(&self) -> Option<i32> {
+        self.pids.get(2).copied()
+    }
+
+    /// Stops the OSD (SIGTERM: it tells the monitor it goes down, then exits; SIGKILL after
+    /// 30 s). With one OSD every placement group is then down: client I/O waits.
+    pub fn stop_osd(&mut self) {
+        let pid = self.osd_pid().expect("the cluster's OSD PID");
+        terminate(&[pid], Duration::from_secs(30));
+        if let Some(mut child) = self.osd_child.take() {
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the OSD again (same id, data and conf) in the foreground of a child process and
+    /// waits, bounded, until the monitor sees it up. Its placement groups then peer, and client
+    /// I/O waiting for them resumes.
+    pub fn start_osd(&mut self) {
+        let id = fs::read_dir(self.dir.path().join("osd"))
+            .ok()
+            .and_then(|entries| {
+                entries.flatten().find_map(|entry| {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    name.strip_prefix("osd.").map(str::to_string)
+                })
+            })
+            .expect("the OSD's data directory osd/osd.<id>");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("log/osd.out"))
+            .expect("open the OSD's log");
+        let child = Command::new("ceph-osd")
+            .arg("-c")
+            .arg(self.conf())
+            .args(["-f", "-i", &id])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone the OSD log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("start ceph-osd");
+        let pid = i32::try_from(child.id()).expect("PID fits in i32");
+        if let Some(slot) = self.pids.get_mut(2) {
+            *slot = pid;
+        } else {
+            self.pids.push(pid);
+        }
+        self.osd_child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let output = Command::new("ceph")
+                .arg("-c")
+                .arg(self.conf())
+                .args(["osd", "stat", "--format", "json"])
+                .output()
+                .expect("run ceph osd stat");
+            let text = String::from_utf8_lossy(&output.stdout);
+            if output.status.success() && text.contains("\"num_up_osds\":1") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the restarted OSD did not come up: {text}\n{}",
+                self.log_tails()
+            );
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+    }
+
     fn log_tails(&self) -> String {
         let mut text = String::new();
         let logs = self.dir.path().join("log");
@@ -122,23 +198,31 @@ impl TestCluster {
 
     /// Sends SIGTERM to every daemon, waits (bounded) for them to go, then SIGKILLs the rest.
     fn stop(&mut self) {
-        for &pid in &self.pids {
-            // SAFETY: kill(2) with a PID this cluster started; no memory is involved.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut delay = Duration::from_millis(10);
-        while self.pids.iter().any(|&pid| alive(pid)) && Instant::now() < deadline {
-            std::thread::sleep(delay);
-            delay = (delay * 2).min(Duration::from_millis(200));
-        }
-        for &pid in &self.pids {
-            if alive(pid) {
-                // SAFETY: as above.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
+        terminate(&self.pids, Duration::from_secs(10));
+        if let Some(mut child) = self.osd_child.take() {
+            let _ = child.wait();
         }
         self.pids.clear();
+    }
+}
+
+/// SIGTERM to each of `pids`, a bounded wait for them to go, then SIGKILL to the rest.
+fn terminate(pids: &[i32], grace: Duration) {
+    for &pid in pids {
+        // SAFETY: kill(2) with a PID this cluster started; no memory is involved.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + grace;
+    let mut delay = Duration::from_millis(10);
+    while pids.iter().any(|&pid| alive(pid)) && Instant::now() < deadline {
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+    for &pid in pids {
+        if alive(pid) {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 }
 
