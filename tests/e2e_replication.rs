@@ -242,14 +242,14 @@ fn target_killed_mid_stream_restarts_and_converges(backend: Backend) {
     }
 }
 
-/// Losing the cluster mid-stream: with the only OSD stopped, writes through the source's export
-/// still complete (capture never waits for the target), the target receives the records but
-/// cannot make them durable, so neither its applied sequence nor the source's acknowledged one
-/// moves, and the source journal holds the backlog. Once the OSD is back, replication catches
-/// up in order: the last of two writes to one block wins, and verify and the exported image
-/// say identical.
+/// Losing the cluster mid-stream: with the only OSD stopped, and then the only monitor too,
+/// writes through the source's export still complete (capture never waits for the target); the
+/// target receives the records but cannot make them durable, so neither its applied sequence
+/// nor the source's acknowledged one moves, and the source journal holds the backlog. Once the
+/// monitor and the OSD are back, replication catches up in order: the last of two writes to one
+/// block wins, and verify and the exported image say identical.
 #[test]
-fn an_osd_stopped_mid_stream_stalls_acknowledgements_until_it_is_back() {
+fn the_cluster_stopped_mid_stream_stalls_acknowledgements_until_it_is_back() {
     let mut pair = Pair::new(Backend::rbd(), "64MiB", None);
     pair.target.start();
     pair.source.start();
@@ -265,11 +265,6 @@ fn an_osd_stopped_mid_stream_stalls_acknowledgements_until_it_is_back() {
         );
         (last > 0 && acked >= last).then_some(acked)
     });
-    let disk_status = |pair: &Pair| pair.source.status()["disks"][0].clone();
-    let applied = |pair: &Pair| {
-        let status = pair.target.status();
-        status["replicas"][0]["applied_sequence"].as_u64().unwrap()
-    };
     let applied_before = wait_for("the target's status to show the baseline applied", || {
         let applied = pair.target.try_status()?["replicas"][0]["applied_sequence"].as_u64()?;
         (applied >= acked).then_some(applied)
@@ -279,38 +274,43 @@ fn an_osd_stopped_mid_stream_stalls_acknowledgements_until_it_is_back() {
     pair.backend.cluster_mut().unwrap().stop_osd();
     let mut writes = pattern_writes(3);
     writes.push("write -P 0x71 40m 64k".to_string());
-    writes.push("write -P 0x72 40m 64k".to_string());
     pair.write(&writes);
-    // Status is sampled every 250 ms: wait until it shows every write journaled.
+    let mut journaled = acked + writes.len() as u64;
     wait_for("the writes to be journaled", || {
         let last = pair.source.try_status()?["disks"][0]["last_sequence"].as_u64()?;
-        (last >= acked + writes.len() as u64).then_some(())
+        (last >= journaled).then_some(())
     });
     // The records reach the target: what holds them back is the cluster, not the link.
     wait_for("the source to ship the writes", || {
         let sent = pair.source.try_status()?["link"]["sent_bytes"].as_u64()?;
         (sent >= sent_before + (1 << 20)).then_some(())
     });
-    // A bounded observation window: nothing is acknowledged or applied, and both appliances
-    // keep answering (a stalled replica write blocks neither control socket).
-    let window = std::time::Instant::now();
-    let mut samples = 0;
-    while window.elapsed() < std::time::Duration::from_secs(4) || samples < 5 {
-        let disk = disk_status(&pair);
-        assert_eq!(
-            disk["acked_sequence"].as_u64().unwrap(),
-            acked,
-            "acknowledged while the OSD is down: {disk}\ntarget log:\n{}",
-            pair.target.log()
-        );
-        assert_eq!(disk["state"], "protected", "{disk}");
-        assert!(disk["journal_used_bytes"].as_u64().unwrap() > 0, "{disk}");
-        assert_eq!(applied(&pair), applied_before);
-        samples += 1;
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    assert_stalled(
+        &pair,
+        acked,
+        applied_before,
+        std::time::Duration::from_secs(4),
+    );
 
-    let last = disk_status(&pair)["last_sequence"].as_u64().unwrap();
+    // The monitor goes too: still nothing is acknowledged.
+    pair.backend.cluster_mut().unwrap().stop_mon();
+    pair.write(&["write -P 0x72 40m 64k".to_string()]);
+    journaled += 1;
+    wait_for("the last write to be journaled", || {
+        let last = pair.source.try_status()?["disks"][0]["last_sequence"].as_u64()?;
+        (last >= journaled).then_some(())
+    });
+    assert_stalled(
+        &pair,
+        acked,
+        applied_before,
+        std::time::Duration::from_secs(2),
+    );
+
+    let last = pair.source.status()["disks"][0]["last_sequence"]
+        .as_u64()
+        .unwrap();
+    pair.backend.cluster_mut().unwrap().start_mon();
     pair.backend.cluster_mut().unwrap().start_osd();
     let mut acked_seen = acked;
     wait_for(
@@ -326,12 +326,39 @@ fn an_osd_stopped_mid_stream_stalls_acknowledgements_until_it_is_back() {
             (now >= last).then_some(())
         },
     );
-    assert!(applied(&pair) >= last);
     pair.assert_identical();
     let replica = std::fs::read(pair.replica_bytes()).unwrap();
     assert!(replica[40 << 20..(40 << 20) + (64 << 10)]
         .iter()
         .all(|&byte| byte == 0x72));
+}
+
+/// A bounded observation window of at least `window` and 5 samples: the source's acknowledged
+/// sequence stays `acked`, the target's applied sequence stays `applied`, the disk stays
+/// protected with its backlog in the journal, and both appliances keep answering status (a
+/// replica write stalled on the cluster blocks neither control socket).
+fn assert_stalled(pair: &Pair, acked: u64, applied: u64, window: std::time::Duration) {
+    let start = std::time::Instant::now();
+    let mut samples = 0;
+    while start.elapsed() < window || samples < 5 {
+        let disk = pair.source.status()["disks"][0].clone();
+        assert_eq!(
+            disk["acked_sequence"].as_u64().unwrap(),
+            acked,
+            "acknowledged while the cluster is down: {disk}\ntarget log:\n{}",
+            pair.target.log()
+        );
+        assert_eq!(disk["state"], "protected", "{disk}");
+        assert!(disk["journal_used_bytes"].as_u64().unwrap() > 0, "{disk}");
+        let target = pair.target.status();
+        assert_eq!(
+            target["replicas"][0]["applied_sequence"].as_u64().unwrap(),
+            applied,
+            "applied while the cluster is down: {target}"
+        );
+        samples += 1;
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 #[test]

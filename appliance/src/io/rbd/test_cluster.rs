@@ -20,10 +20,11 @@ pub const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/ceph/one
 /// A running one-node cluster with pool `rbd` initialised.
 pub struct TestCluster {
     dir: tempfile::TempDir,
-    /// mon, mgr, OSD (the script's order); the OSD's entry is replaced when it restarts.
+    /// mon, mgr, OSD (the script's order, [`Daemon`] indexes it); a restarted daemon's entry
+    /// is replaced.
     pids: Vec<i32>,
-    /// An OSD restarted by [`TestCluster::start_osd`] is this process's child: reaped on stop.
-    osd_child: Option<Child>,
+    /// A daemon restarted here is this process's child, reaped when it stops.
+    children: [Option<Child>; 3],
     /// How long bring-up took.
     pub bring_up: Duration,
 }
@@ -49,7 +50,7 @@ impl TestCluster {
             .expect("run tests/ceph/one-node.sh (bash)");
         let mut cluster = TestCluster {
             pids: read_pids(dir.path()),
-            osd_child: None,
+            children: [None, None, None],
             dir,
             bring_up: started.elapsed(),
         };
@@ -107,71 +108,93 @@ impl TestCluster {
         &self.pids
     }
 
-    /// The OSD's PID (the script starts mon, mgr, then the OSD).
-    fn osd_pid(&self) -> Option<i32> {
-        self.pids.get(2).copied()
-    }
-
     /// Stops the OSD (SIGTERM: it tells the monitor it goes down, then exits; SIGKILL after
     /// 30 s). With one OSD every placement group is then down: client I/O waits.
     pub fn stop_osd(&mut self) {
-        let pid = self.osd_pid().expect("the cluster's OSD PID");
+        self.stop_daemon(Daemon::Osd);
+    }
+
+    /// Starts the OSD again (same id, data and conf) and waits, bounded, until the monitor sees
+    /// it up. Its placement groups then peer, and client I/O waiting for them resumes.
+    pub fn start_osd(&mut self) {
+        self.start_daemon(Daemon::Osd);
+    }
+
+    /// Stops the monitor (the only one: no quorum, no map updates, no new sessions; I/O on
+    /// established OSD sessions goes on).
+    pub fn stop_mon(&mut self) {
+        self.stop_daemon(Daemon::Mon);
+    }
+
+    /// Starts the monitor again from its store and waits, bounded, until it answers.
+    pub fn start_mon(&mut self) {
+        self.start_daemon(Daemon::Mon);
+    }
+
+    fn stop_daemon(&mut self, daemon: Daemon) {
+        let index = daemon as usize;
+        let pid = *self.pids.get(index).expect("the daemon's PID");
         terminate(&[pid], Duration::from_secs(30));
-        if let Some(mut child) = self.osd_child.take() {
+        if let Some(mut child) = self.children[index].take() {
             let _ = child.wait();
         }
     }
 
-    /// Starts the OSD again (same id, data and conf) in the foreground of a child process and
-    /// waits, bounded, until the monitor sees it up. Its placement groups then peer, and client
-    /// I/O waiting for them resumes.
-    pub fn start_osd(&mut self) {
-        let id = fs::read_dir(self.dir.path().join("osd"))
-            .ok()
-            .and_then(|entries| {
-                entries.flatten().find_map(|entry| {
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    name.strip_prefix("osd.").map(str::to_string)
-                })
-            })
-            .expect("the OSD's data directory osd/osd.<id>");
+    fn start_daemon(&mut self, daemon: Daemon) {
+        let index = daemon as usize;
+        let (program, id, log) = match daemon {
+            Daemon::Mon => ("ceph-mon", "a".to_string(), "mon.out"),
+            Daemon::Osd => {
+                let id = fs::read_dir(self.dir.path().join("osd"))
+                    .ok()
+                    .and_then(|entries| {
+                        entries.flatten().find_map(|entry| {
+                            let name = entry.file_name().to_string_lossy().into_owned();
+                            name.strip_prefix("osd.").map(str::to_string)
+                        })
+                    })
+                    .expect("the OSD's data directory osd/osd.<id>");
+                ("ceph-osd", id, "osd.out")
+            }
+        };
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.path().join("log/osd.out"))
-            .expect("open the OSD's log");
-        let child = Command::new("ceph-osd")
+            .open(self.dir.path().join("log").join(log))
+            .expect("open the daemon's log");
+        let child = Command::new(program)
             .arg("-c")
             .arg(self.conf())
             .args(["-f", "-i", &id])
             .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone the OSD log handle"))
+            .stdout(log.try_clone().expect("clone the daemon's log handle"))
             .stderr(log)
             .spawn()
-            .expect("start ceph-osd");
-        let pid = i32::try_from(child.id()).expect("PID fits in i32");
-        if let Some(slot) = self.pids.get_mut(2) {
-            *slot = pid;
-        } else {
-            self.pids.push(pid);
-        }
-        self.osd_child = Some(child);
+            .unwrap_or_else(|error| panic!("start {program}: {error}"));
+        self.pids[index] = i32::try_from(child.id()).expect("PID fits in i32");
+        self.children[index] = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut delay = Duration::from_millis(100);
         loop {
-            let output = Command::new("ceph")
+            let output = Command::new("timeout")
+                .arg("10")
+                .arg("ceph")
                 .arg("-c")
                 .arg(self.conf())
                 .args(["osd", "stat", "--format", "json"])
                 .output()
                 .expect("run ceph osd stat");
             let text = String::from_utf8_lossy(&output.stdout);
-            if output.status.success() && text.contains("\"num_up_osds\":1") {
+            let up = match daemon {
+                Daemon::Mon => output.status.success(),
+                Daemon::Osd => output.status.success() && text.contains("\"num_up_osds\":1"),
+            };
+            if up {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "the restarted OSD did not come up: {text}\n{}",
+                "the restarted {program} did not come up: {text}\n{}",
                 self.log_tails()
             );
             std::thread::sleep(delay);
@@ -199,7 +222,7 @@ impl TestCluster {
     /// Sends SIGTERM to every daemon, waits (bounded) for them to go, then SIGKILLs the rest.
     fn stop(&mut self) {
         terminate(&self.pids, Duration::from_secs(10));
-        if let Some(mut child) = self.osd_child.take() {
+        for mut child in self.children.iter_mut().filter_map(Option::take) {
             let _ = child.wait();
         }
         self.pids.clear();
@@ -224,6 +247,13 @@ fn terminate(pids: &[i32], grace: Duration) {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
+}
+
+/// The daemons a test stops and restarts, by their index in the PID list.
+#[derive(Clone, Copy)]
+enum Daemon {
+    Mon = 0,
+    Osd = 2,
 }
 
 impl Drop for TestCluster {
