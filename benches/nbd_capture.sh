@@ -9,7 +9,10 @@
 # 4 KiB random writes at QD32 and 1 MiB sequential writes at QD8. Each server gets its own
 # warmed image file; servers alternate round by round so drift on this shared machine hits all
 # alike; the medians and the ratios go into the "## NBD capture" section of benches/RESULTS.md
-# (replaced on every run).
+# (replaced on every run). Each round also measures the device with fio alone (io_uring,
+# O_DIRECT, 1 MiB sequential writes QD8): one stream, and two streams at once on two files.
+# Ferry writes every byte twice on this one disk (journal, then image), so half of the two
+# streams' total is the most its 1 MiB figure can reach; the table states that bound.
 #
 # Usage: benches/nbd_capture.sh [ROUNDS] [SECONDS]      (defaults: 3 rounds of 10 s per job)
 # Env:   FERRY_BENCH_DIR   where the image and journal go (default: a temp dir under /var/tmp)
@@ -44,7 +47,7 @@ kinds="nbdkit ferry-pagecache nbdkit-none ferry ferry-memjournal"
 # The host disk is thin-provisioned: the first pass over a new file is 2-3x slower. Write each
 # image once so every server sees allocated blocks. One image per server: pages one server left
 # in the page cache must not slow another's O_DIRECT writes (they would be invalidated first).
-for kind in $kinds; do
+for kind in $kinds device-a device-b; do
     echo "warming a ${image_mib} MiB image for $kind in $work" >&2
     dd if=/dev/zero of="$work/$kind.raw" bs=1M count="$image_mib" oflag=direct conv=fsync status=none
 done
@@ -86,6 +89,15 @@ run_fio() { # socket rw bs iodepth -> "bytes_per_s iops"
     python3 -c 'import json,sys; w=json.load(open(sys.argv[1]))["jobs"][0]["write"]; print(int(w["bw_bytes"]), int(w["iops"]))' "$work/fio.json"
 }
 
+run_device() { # streams -> total bytes_per_s of that many 1 MiB O_DIRECT write streams at once
+    local jobs=(--name=a --filename="$work/device-a.raw")
+    if [ "$1" = 2 ]; then jobs+=(--name=b --filename="$work/device-b.raw"); fi
+    fio --ioengine=io_uring --direct=1 --rw=write --bs=1M --iodepth=8 --size="${image_mib}M" \
+        --time_based --runtime="$seconds" --ramp_time=1 --output-format=json \
+        --output="$work/fio.json" "${jobs[@]}" >/dev/null 2>&1
+    python3 -c 'import json,sys; print(int(sum(j["write"]["bw_bytes"] for j in json.load(open(sys.argv[1]))["jobs"])), 0)' "$work/fio.json"
+}
+
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 declare -A figures
 for round in $(seq 1 "$rounds"); do
@@ -97,12 +109,17 @@ for round in $(seq 1 "$rounds"); do
         stop_server
         echo "round $round $kind: rand ${figures[$kind,rand,$round]} seq ${figures[$kind,seq,$round]}" >&2
     done
+    figures[device1,seq,$round]=$(run_device 1)
+    figures[device2,seq,$round]=$(run_device 2)
+    echo "round $round device: one stream ${figures[device1,seq,$round]} two streams ${figures[device2,seq,$round]}" >&2
 done
 
 # Medians per server and workload.
-summary=$(for kind in $kinds; do for job in rand seq; do
+summary=$( (for kind in $kinds; do for job in rand seq; do
     for round in $(seq 1 "$rounds"); do echo "$kind $job ${figures[$kind,$job,$round]}"; done
-done; done | python3 -c '
+done; done; for kind in device1 device2; do
+    for round in $(seq 1 "$rounds"); do echo "$kind seq ${figures[$kind,seq,$round]}"; done
+done) | python3 -c '
 import sys, statistics, collections
 rows = collections.defaultdict(list)
 for line in sys.stdin:
@@ -123,6 +140,15 @@ for kind, base, label, guarantee in rows:
     r, s = med[(kind, "rand")], med[(kind, "seq")]
     rr, rs = ratio(kind, base, "rand"), ratio(kind, base, "seq")
     print(f"| {label} | {guarantee} | {r[1]/1000:.1f}K IOPS ({r[0]/1e6:.0f} MB/s) | {rr:.2f}x | {s[0]/1e9:.2f} GB/s | {rs:.2f}x |")
+one, two = med[("device1", "seq")][0], med[("device2", "seq")][0]
+base = med[("nbdkit-none", "seq")][0]
+bound = two / 2
+print()
+print(f"Device alone (fio io_uring O_DIRECT, 1 MiB sequential QD8): one stream {one/1e9:.2f} GB/s, "
+      f"two streams at once {two/1e9:.2f} GB/s in total. Ferry writes each byte to this disk twice "
+      f"(journal and image), so its 1 MiB bound here is about {bound/1e9:.2f} GB/s, "
+      f"{bound/base:.2f}x the same-run nbdkit file cache=none figure (which writes each byte once, "
+      f"at {base/one:.2f}x the one-stream device figure).")
 ')
 echo "$summary"
 load_end=$(cut -d' ' -f1-3 /proc/loadavg)
