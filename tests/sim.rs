@@ -29,7 +29,7 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
 use ferry_appliance::core::journal::{Journal, JournalError, RecordSpec};
 use ferry_appliance::core::journal_mem::{CrashMode, MemSegments};
-use ferry_appliance::core::record::{RecordKind, Seq};
+use ferry_appliance::core::record::{self, RecordKind, Seq};
 use ferry_appliance::core::recovery::{
     Catalog, Piece, PointError, PointKind, PointMap, PointMarker, PointSelector, SavedBlocks,
     UndoEntry, UndoIndex,
@@ -249,8 +249,14 @@ struct Sim {
     reference_seq: Seq,
     last_marker_seq: Seq,
     target_tainted_until: Seq,
+    /// Bytes of the reference model that are not known: the range of a sync record whose
+    /// payload a source crash lost (the target applies nothing there, over bytes a target crash
+    /// may have left half-written by an earlier copy of it), until a later record covers them.
+    reference_unknown: Vec<Vec<bool>>,
     /// The reference model at each point's marker: (marker seq, disks).
     point_references: BTreeMap<u64, (Seq, Vec<Vec<u8>>)>,
+    /// `reference_unknown` at each point's marker, for the points that had any.
+    point_unknown: BTreeMap<u64, Vec<Vec<bool>>>,
     pruned: BTreeSet<u64>,
     stats: Stats,
 }
@@ -270,6 +276,8 @@ struct Stats {
     points_read: u64,
     undo_entries: u64,
     undo_entries_lost: u64,
+    /// Sync records whose in-memory payloads a source crash lost (`RecordKind::SyncRef`).
+    sync_payloads_lost: u64,
 }
 
 impl Stats {
@@ -287,6 +295,7 @@ impl Stats {
         self.points_read += other.points_read;
         self.undo_entries += other.undo_entries;
         self.undo_entries_lost += other.undo_entries_lost;
+        self.sync_payloads_lost += other.sync_payloads_lost;
     }
 }
 
@@ -389,6 +398,10 @@ impl Sim {
                 recorded_through: 0,
                 pinned: BTreeMap::new(),
             },
+            reference_unknown: replicas
+                .iter()
+                .map(|disk| vec![false; disk.len()])
+                .collect(),
             reference: replicas,
             reference_seq: 0,
             params,
@@ -402,6 +415,7 @@ impl Sim {
             last_marker_seq: 0,
             target_tainted_until: 0,
             point_references: BTreeMap::new(),
+            point_unknown: BTreeMap::new(),
             pruned: BTreeSet::new(),
             stats: Stats::default(),
         }
@@ -592,6 +606,7 @@ impl Sim {
             assert!(!pinned.contains(&point.id), "a pinned point was pruned");
             self.stats.points_pruned += 1;
             self.point_references.remove(&point.id);
+            self.point_unknown.remove(&point.id);
             self.source.cuts.remove(&point.id);
             self.pruned.insert(point.id);
         }
@@ -662,7 +677,11 @@ impl Sim {
                 let map = self.target.undo[disk].index.view(seq);
                 let data = self.read_at_point(disk, &map);
                 self.stats.points_read += 1;
-                if let Some(at) = first_difference(&data, &reference[disk]) {
+                let unknown = self
+                    .point_unknown
+                    .get(&point.id)
+                    .map(|masks| &masks[disk][..]);
+                if let Some(at) = first_known_difference(&data, &reference[disk], unknown) {
                     panic!(
                         "point {} (marker seq {seq}) disk {disk} differs from the model at byte {at}",
                         point.id
@@ -731,7 +750,11 @@ impl Sim {
                     "live view of point {id} disk {disk} differs from a fresh one"
                 );
                 let data = self.read_at_point(disk, &map);
-                assert!(data == *reference, "pinned point {id} disk {disk} changed");
+                let unknown = self.point_unknown.get(&id).map(|masks| &masks[disk][..]);
+                assert!(
+                    first_known_difference(&data, reference, unknown).is_none(),
+                    "pinned point {id} disk {disk} changed"
+                );
                 self.target.pinned.get_mut(&id).expect("pinned")[disk] = map;
             }
         }
@@ -828,14 +851,37 @@ impl Sim {
                 .journal
                 .record(seq)
                 .unwrap_or_else(|| panic!("journal lost record {seq} it just appended"));
+            // A sync record's payload is held by the source state machine, shipped in its place.
+            let held = (record.kind == RecordKind::SyncRef)
+                .then(|| self.source.core.held_sync_record(seq))
+                .flatten()
+                .map(|bytes| {
+                    let (held, _) = record::decode(bytes).expect("a held sync record decodes");
+                    assert_eq!(
+                        (held.kind, held.seq, held.disk_id, held.offset, held.length),
+                        (
+                            RecordKind::ResyncExtent,
+                            seq,
+                            record.disk_id,
+                            record.offset,
+                            record.length
+                        ),
+                        "the held record differs from its SyncRef"
+                    );
+                    held.payload.to_vec()
+                });
             self.shadow.insert(
                 seq,
                 ShadowRecord {
-                    kind: record.kind,
+                    kind: if held.is_some() {
+                        RecordKind::ResyncExtent
+                    } else {
+                        record.kind
+                    },
                     disk_id: record.disk_id,
                     offset: record.offset,
                     length: record.length,
-                    payload: record.payload.to_vec(),
+                    payload: held.unwrap_or_else(|| record.payload.to_vec()),
                 },
             );
         }
@@ -958,7 +1004,20 @@ impl Sim {
                 );
                 continue;
             };
-            if let Some(shadow) = self.shadow.get(&seq) {
+            if let Some(shadow) = self.shadow.get_mut(&seq) {
+                if record.kind == RecordKind::SyncRef {
+                    // Its payload lived in the state machine, lost now: the target will apply
+                    // nothing for it, and its extent is resynced.
+                    assert!(matches!(
+                        shadow.kind,
+                        RecordKind::ResyncExtent | RecordKind::SyncRef
+                    ));
+                    if shadow.kind == RecordKind::ResyncExtent {
+                        self.stats.sync_payloads_lost += 1;
+                    }
+                    shadow.kind = RecordKind::SyncRef;
+                    shadow.payload.clear();
+                }
                 assert_eq!(
                     record.payload,
                     &shadow.payload[..],
@@ -984,6 +1043,22 @@ impl Sim {
             self.mark_dirty(undo.disk, undo.offset, undo.before.len());
         }
         self.shadow.retain(|&seq, _| seq <= last);
+        // Sync records whose payloads died with the state machine: their extents are resynced
+        // (as the daemon marks them in the bitmap at start).
+        let lost: Vec<(usize, usize, usize)> = (self.source.journal.first_seq().max(1)..=last)
+            .filter_map(|seq| self.source.journal.record(seq))
+            .filter(|record| record.kind == RecordKind::SyncRef)
+            .map(|record| {
+                (
+                    record.disk_id as usize - 1,
+                    record.offset as usize,
+                    record.length as usize,
+                )
+            })
+            .collect();
+        for (disk, offset, length) in lost {
+            self.mark_dirty(disk, offset, length);
+        }
         self.source.reads.clear();
         self.source.syncing.iter_mut().for_each(BTreeMap::clear);
         self.source
@@ -1442,10 +1517,24 @@ impl Sim {
                     .unwrap_or_else(|error| panic!("marker payload: {error}"));
                 self.point_references
                     .insert(marker.point_id, (next, self.reference.clone()));
+                if self
+                    .reference_unknown
+                    .iter()
+                    .flatten()
+                    .any(|&unknown| unknown)
+                {
+                    self.point_unknown
+                        .insert(marker.point_id, self.reference_unknown.clone());
+                }
                 continue;
             }
             let disk = record.disk_id as usize - 1;
             let range = record.offset as usize..(record.offset + record.length) as usize;
+            if record.kind == RecordKind::SyncRef {
+                self.reference_unknown[disk][range].fill(true);
+                continue;
+            }
+            self.reference_unknown[disk][range.clone()].fill(false);
             if record.kind.carries_data() {
                 self.reference[disk][range].copy_from_slice(&record.payload);
             } else {
@@ -1456,9 +1545,11 @@ impl Sim {
         if sampled && seq >= self.target_tainted_until {
             self.stats.checks += 1;
             for disk in 0..self.params.disk_count {
-                if let Some(at) =
-                    first_difference(&self.target.volatile[disk], &self.reference[disk])
-                {
+                if let Some(at) = first_known_difference(
+                    &self.target.volatile[disk],
+                    &self.reference[disk],
+                    Some(&self.reference_unknown[disk]),
+                ) {
                     panic!("at seq {seq} replica {disk} differs from the reference at byte {at}");
                 }
             }
@@ -1526,6 +1617,17 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
             .position(|(x, y)| x != y)
             .unwrap_or(a.len().min(b.len())),
     )
+}
+
+/// Like `first_difference`, skipping the bytes `unknown` marks.
+fn first_known_difference(a: &[u8], b: &[u8], unknown: Option<&[bool]>) -> Option<usize> {
+    let at = first_difference(a, b)?;
+    let Some(unknown) = unknown else {
+        return Some(at);
+    };
+    (at..a.len().min(b.len()))
+        .find(|&index| a[index] != b[index] && !unknown[index])
+        .or((a.len() != b.len()).then_some(a.len().min(b.len())))
 }
 
 fn run_seed(seed: u64) -> Stats {

@@ -29,6 +29,12 @@ pub enum RecordKind {
     Marker = 4,
     /// An extent copied from the source disk by initial replication or resync; payload as Write.
     ResyncExtent = 5,
+    /// The journal's stand-in for a `ResyncExtent` whose payload the source holds in memory
+    /// until the target acknowledges it (`core::source`, "Sync payloads"): header only, with
+    /// the extent's `offset` and `length`. Shipped as the full `ResyncExtent` while the payload
+    /// is held; one left in the journal after a restart lost its payload, and is shipped as is:
+    /// the target does nothing with it, and the source resyncs its extent.
+    SyncRef = 6,
 }
 
 impl RecordKind {
@@ -39,6 +45,7 @@ impl RecordKind {
             3 => Self::Trim,
             4 => Self::Marker,
             5 => Self::ResyncExtent,
+            6 => Self::SyncRef,
             _ => return None,
         })
     }
@@ -216,6 +223,19 @@ impl<'a> Record<'a> {
         self.encode_into(&mut out)?;
         Ok(out)
     }
+
+    /// Encodes into a new vector with one hash pass and one copy of the payload, and without
+    /// decoding it again: for a record that is kept in memory until it is sent (a sync
+    /// payload), where no store could have changed it; the receiver verifies it.
+    pub fn to_vec_in_memory(&self) -> Result<Vec<u8>, RecordError> {
+        let (header, _checksum) = self.linked_header(0)?;
+        let total = self.encoded_len();
+        let mut out = Vec::with_capacity(total);
+        out.extend_from_slice(&header);
+        out.extend_from_slice(self.payload);
+        out.resize(total, 0);
+        Ok(out)
+    }
 }
 
 /// Bytes a record with `payload_len` bytes of payload occupies, padding included.
@@ -334,6 +354,23 @@ mod tests {
             let mut flipped = bytes.clone();
             flipped[bit / 8] ^= 1 << (bit % 8);
             assert!(decode(&flipped).is_err(), "bit {bit} flip went unnoticed");
+        }
+    }
+
+    #[test]
+    fn the_in_memory_encoding_is_the_verified_one() {
+        for len in [0usize, 1, 7, 8, 4096, 4099] {
+            let payload: Vec<u8> = (0..len).map(|index| (index * 31) as u8).collect();
+            let record = Record {
+                kind: RecordKind::ResyncExtent,
+                disk_id: 3,
+                seq: 9,
+                offset: 8192,
+                length: len as u64,
+                timestamp_ns: 5,
+                payload: &payload,
+            };
+            assert_eq!(record.to_vec_in_memory().unwrap(), record.to_vec().unwrap());
         }
     }
 }

@@ -21,7 +21,7 @@
 //! **Release** happens only up to the target's durable sequence (`poll_release`).
 //!
 //! **Resync ordering.** An extent copied by initial replication or resync is appended to the
-//! journal as a `ResyncExtent` (or `Zero`) record, so it is ordered with live writes in the one
+//! journal as a `ResyncExtent` (its `SyncRef`, see "Sync payloads") or `Zero` record, so it is ordered with live writes in the one
 //! stream and the target applies them in sequence order. The one race is a live write that
 //! lands on the source disk while the extent is being read: the driver reports `seq_floor`, a
 //! sequence such that every journaled write at or below it was already on the source disk when
@@ -42,6 +42,17 @@
 //! block that *is* sent is the read race below. So only the blocks that differ or that such a
 //! record touches travel, as runs of adjacent blocks, one record per run (`Zero` when the run is
 //! all zero at the source): a 4 KiB change costs one 4 KiB record, not its extent.
+//!
+//! **Sync payloads.** A sync run that carries data is journaled as a header-only `SyncRef`
+//! (its sequence number, disk and range: the stream's order) while the state machine keeps the
+//! encoded `ResyncExtent` in memory and ships it in the `SyncRef`'s place, once the `SyncRef`
+//! is durable like any record; it is dropped when the target acknowledges it. So sync data is
+//! never written to the journal's disk, and the memory is bounded by the sync backlog (below).
+//! A restart loses the held payloads: a `SyncRef` still in the journal is then shipped as is and
+//! the target does nothing with it, and the driver marks its extent dirty (the daemon at every
+//! start, the simulator after a crash) so that a resync hash-compares it — its sync was not
+//! complete anyway (`SyncDone` waits for the acknowledgement of the last record), so the round
+//! that appended it runs again too. A reconnect keeps the payloads: they are resent from memory.
 //!
 //! **Touch index.** The rules above need the extent of every record in those ranges, also of
 //! records the target acknowledged (and the journal released) while the extent waited to be
@@ -520,14 +531,24 @@ pub struct Source {
     /// The records a running sync may still judge (its own appends marked as such), kept past
     /// their release; empty while no sync runs.
     touches: TouchIndex,
-    /// Sync records appended and not yet acknowledged durable: (seq, bytes), in sequence order.
-    sync_unacked: VecDeque<(Seq, u64)>,
+    /// Sync records appended and not yet acknowledged durable, in sequence order, with the
+    /// encoded `ResyncExtent` of each `SyncRef` (see "Sync payloads").
+    sync_unacked: VecDeque<SyncUnacked>,
     sync_unacked_bytes: u64,
     /// Set when a sync append found the journal full: the acknowledged sequence at that time.
     /// Reads wait until an acknowledgement frees space (or nothing is left to acknowledge).
     sync_blocked_at_ack: Option<Seq>,
     next_request_id: u64,
     next_token: u64,
+}
+
+/// A sync record appended and not yet acknowledged durable.
+struct SyncUnacked {
+    seq: Seq,
+    /// Bytes it occupies on the wire (the backlog's unit).
+    bytes: u64,
+    /// For a `SyncRef`: the encoded `ResyncExtent` shipped in its place.
+    record: Option<Vec<u8>>,
 }
 
 fn overlaps(a_offset: u64, a_length: u64, b_offset: u64, b_length: u64) -> bool {
@@ -906,12 +927,12 @@ impl Source {
 
     /// Drops acknowledged sync records from the backlog count.
     fn forget_acked_sync(&mut self) {
-        while let Some(&(seq, bytes)) = self.sync_unacked.front() {
-            if seq > self.acked_seq {
+        while let Some(front) = self.sync_unacked.front() {
+            if front.seq > self.acked_seq {
                 break;
             }
+            self.sync_unacked_bytes -= front.bytes;
             self.sync_unacked.pop_front();
-            self.sync_unacked_bytes -= bytes;
         }
     }
 
@@ -1121,13 +1142,16 @@ impl Source {
             && self.in_flight.len() + seqs.len() < self.config.window_records_max
             && frame_bytes < self.config.frame_bytes_target
         {
-            let record = journal
-                .record_bytes(seq)
-                .ok_or(SourceError::MissingRecord {
-                    seq,
-                    first_seq: journal.first_seq(),
-                    last_seq: journal.last_seq(),
-                })?;
+            let record = match self.held_sync_record(seq) {
+                Some(held) => held,
+                None => journal
+                    .record_bytes(seq)
+                    .ok_or(SourceError::MissingRecord {
+                        seq,
+                        first_seq: journal.first_seq(),
+                        last_seq: journal.last_seq(),
+                    })?,
+            };
             let bytes = record.len();
             let window_full =
                 self.in_flight_bytes + frame_bytes + bytes > self.config.window_bytes_max;
@@ -1157,6 +1181,16 @@ impl Source {
         }
         self.next_send_seq = seq;
         Ok(Some(frame))
+    }
+
+    /// The encoded `ResyncExtent` held for the journal's `SyncRef` at `seq` (not yet
+    /// acknowledged by the target), if this state machine appended it.
+    pub fn held_sync_record(&self, seq: Seq) -> Option<&[u8]> {
+        let index = self
+            .sync_unacked
+            .binary_search_by_key(&seq, |held| held.seq)
+            .ok()?;
+        self.sync_unacked[index].record.as_deref()
     }
 
     /// Journal space the target acknowledged durable: pass to `journal.release`.
@@ -1374,17 +1408,18 @@ impl Source {
         for &(start, end) in &runs {
             let payload = data.map_or(&[][..], |data| &data[start as usize..end as usize]);
             let zero = is_zero(payload);
+            // The journal gets the header only; the payload stays here until acknowledged.
             let spec = RecordSpec {
                 kind: if zero {
                     RecordKind::Zero
                 } else {
-                    RecordKind::ResyncExtent
+                    RecordKind::SyncRef
                 },
                 disk_id: read.disk_id,
                 offset: read.offset + start,
                 length: end - start,
                 timestamp_ns: now,
-                payload: if zero { &[] } else { payload },
+                payload: &[],
             };
             let seq = match journal.append(&spec) {
                 Ok(seq) => seq,
@@ -1421,10 +1456,28 @@ impl Source {
                     own: true,
                 },
             );
-            let record_bytes = encoded_len_for_payload(spec.payload.len()) as u64;
-            self.sync_unacked.push_back((seq, record_bytes));
+            let payload = if zero { &[][..] } else { payload };
+            let record = (!zero).then(|| {
+                Record {
+                    kind: RecordKind::ResyncExtent,
+                    disk_id: spec.disk_id,
+                    seq,
+                    offset: spec.offset,
+                    length: spec.length,
+                    timestamp_ns: now,
+                    payload,
+                }
+                .to_vec_in_memory()
+                .expect("a run of one extent fits a record (SYNC_EXTENT_BYTES_MAX)")
+            });
+            let record_bytes = encoded_len_for_payload(payload.len()) as u64;
+            self.sync_unacked.push_back(SyncUnacked {
+                seq,
+                bytes: record_bytes,
+                record,
+            });
             self.sync_unacked_bytes += record_bytes;
-            bytes_sent += spec.payload.len() as u64;
+            bytes_sent += payload.len() as u64;
             last_seq = seq;
         }
         // A live record after the floor over a block just sent: those bytes may be torn or

@@ -364,6 +364,9 @@ impl Target {
                                 })
                             }
                         }
+                        // A sync extent whose payload the source lost in a restart: the
+                        // source resyncs that extent; nothing to apply.
+                        RecordKind::SyncRef => {}
                         RecordKind::Marker => {
                             self.disk_ops.push_back(DiskOp::Marker {
                                 seq: record.seq,

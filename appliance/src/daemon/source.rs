@@ -309,16 +309,53 @@ impl SourceSide {
     }
 }
 
-/// After a run that did not stop cleanly (see [`super::running`]), marks what may differ
-/// between each disk and its replica in the disk's bitmap and makes the disk `resync-needed`,
-/// so the shipper hash-compares those extents with the target and sends what differs.
+/// Marks what may differ between each disk and its replica after the last run in the disk's
+/// bitmap and makes the disk `resync-needed`, so the shipper hash-compares those extents with
+/// the target and sends what differs: after any run, the extents of the sync records whose
+/// payloads that run held in memory (`RecordKind::SyncRef`, `core::source` "Sync payloads");
+/// after a run that did not stop cleanly (see [`super::running`]), more.
 fn resync_after_unclean_stop(
     previous_run: &PreviousRun,
     journal: &SharedJournal,
     capture: &Capture,
 ) -> Result<(), DaemonError> {
+    let by_id: HashMap<u32, &CaptureDisk> = capture
+        .disks()
+        .iter()
+        .map(|disk| (disk.disk_id(), disk))
+        .collect();
+    // Held records whose kinds are in `kinds`: their extents are marked.
+    let mark_held = |is_marked: &dyn Fn(RecordKind) -> bool| {
+        let guard = journal.lock();
+        let mut touched = std::collections::BTreeSet::new();
+        for record in guard.iter_from(guard.first_seq()) {
+            let Ok(record) = record else { break };
+            if !is_marked(record.kind) {
+                continue;
+            }
+            if let Some(disk) = by_id.get(&record.disk_id) {
+                disk.bitmap().mark(record.offset, record.length);
+                touched.insert(record.disk_id);
+            }
+        }
+        touched
+    };
     let marked_disks: Vec<&CaptureDisk> = match previous_run {
-        PreviousRun::Clean => return Ok(()),
+        PreviousRun::Clean => {
+            let touched = mark_held(&|kind| kind == RecordKind::SyncRef);
+            if !touched.is_empty() {
+                tracing::info!(
+                    disks = touched.len(),
+                    "the journal holds sync extents the last run had not shipped durably: \
+                     they are hash-compared with the replicas again"
+                );
+            }
+            capture
+                .disks()
+                .iter()
+                .filter(|disk| touched.contains(&disk.disk_id()))
+                .collect()
+        }
         PreviousRun::HostDown => {
             tracing::warn!(
                 "the last run did not stop cleanly and the host went down under it: writes \
@@ -331,29 +368,14 @@ fn resync_after_unclean_stop(
             capture.disks().iter().collect()
         }
         PreviousRun::ProcessDied { pid } => {
-            // The records still held include every change whose disk write had not completed.
-            let by_id: HashMap<u32, &CaptureDisk> = capture
-                .disks()
-                .iter()
-                .map(|disk| (disk.disk_id(), disk))
-                .collect();
-            let guard = journal.lock();
-            let mut touched = std::collections::BTreeSet::new();
-            for record in guard.iter_from(guard.first_seq()) {
-                let Ok(record) = record else { break };
-                let is_change = matches!(
-                    record.kind,
-                    RecordKind::Write | RecordKind::Zero | RecordKind::Trim
-                );
-                if !is_change {
-                    continue;
-                }
-                if let Some(disk) = by_id.get(&record.disk_id) {
-                    disk.bitmap().mark(record.offset, record.length);
-                    touched.insert(record.disk_id);
-                }
-            }
-            drop(guard);
+            // The records still held include every change whose disk write had not completed
+            // (and the sync extents whose payloads died with the process).
+            let touched = mark_held(&|kind| {
+                matches!(
+                    kind,
+                    RecordKind::Write | RecordKind::Zero | RecordKind::Trim | RecordKind::SyncRef
+                )
+            });
             tracing::warn!(
                 previous_pid = pid.map_or_else(String::new, |pid| pid.to_string()),
                 disks = touched.len(),
