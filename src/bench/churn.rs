@@ -114,6 +114,7 @@ pub fn run(env: &Env) -> anyhow::Result<Vec<Figure>> {
             }],
             journal_size: env.size.pick("64MiB", "256MiB", "1GiB").into(),
             relay: false,
+            rbd: None,
         },
     )?;
     pair.start_target()?;

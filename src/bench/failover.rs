@@ -13,13 +13,12 @@ use anyhow::{bail, Context};
 
 use super::figure::{Better, Figure};
 use super::initial::{replication_deadline, shown, verified_note, verify_timeout, with_baseline};
-use super::pair::{DiskSpec, Pair, PairOptions, MACHINE};
+use super::pair::{DiskSpec, Pair, PairOptions, GROUP, MACHINE};
 use super::tools::{self, Tool};
 use super::{Env, Scenario};
 
 pub const STEPS: u64 = 4;
 
-const GROUP: &str = "app";
 const NAME: &str = "failover to a readable export";
 
 /// Whether this binary has `subcommand` (clap exits 0 on `SUBCOMMAND --help`).
@@ -70,6 +69,7 @@ pub fn run(env: &Env) -> anyhow::Result<Vec<Figure>> {
             }],
             journal_size: env.size.pick("64MiB", "256MiB", "1GiB").into(),
             relay: false,
+            rbd: None,
         },
     )?;
     pair.start_target()?;
@@ -243,40 +243,13 @@ fn cut_cost(env: &Env, pair: &Pair) -> anyhow::Result<Vec<Figure>> {
         format!("--runtime={seconds}"),
     ];
     let alone = tools::fio(&job, "write")?;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let cutter = {
-        let stop = stop.clone();
-        let exe = env.exe.clone();
-        let socket = pair.socket_path("source");
-        // Bounded by count as well as by the job's end.
-        let cuts_max = (seconds + 30) * CUTS_PER_S;
-        std::thread::spawn(move || {
-            let mut cut = 0u64;
-            let mut failed = 0u64;
-            let period = Duration::from_millis(1000 / CUTS_PER_S);
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) && cut + failed < cuts_max {
-                let started = Instant::now();
-                let created = Command::new(&exe)
-                    .args(["recovery-point", "create", "--group", GROUP, "--socket"])
-                    .arg(&socket)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
-                match created {
-                    Ok(status) if status.success() => cut += 1,
-                    _ => failed += 1,
-                }
-                // Pacing, not synchronisation: one cut per period.
-                std::thread::sleep(period.saturating_sub(started.elapsed()));
-            }
-            (cut, failed)
-        })
-    };
+    // Bounded by count as well as by the job's end.
+    let cutter = pair.start_cutting(
+        Duration::from_millis(1000 / CUTS_PER_S),
+        (seconds + 30) * CUTS_PER_S,
+    );
     let with_cuts = tools::fio(&job, "write");
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (cut, failed) = cutter
-        .join()
-        .map_err(|_| anyhow::anyhow!("the cutting thread panicked"))?;
+    let (cut, failed) = cutter.stop()?;
     let with_cuts = with_cuts?;
     env.log(&format!(
         "  4 KiB QD1 write latency p50/p99: alone {:.3}/{:.3} ms, with {cut} cuts {:.3}/{:.3} ms",

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::figure::{Better, Figure};
-use super::pair::{DiskSpec, Pair, PairOptions};
+use super::pair::{DiskSpec, Pair, PairOptions, RbdTarget};
 use super::tools::{self, Tool};
 use super::{Env, Scenario, Size};
 
@@ -20,9 +20,9 @@ pub const SPARSE_STEPS: u64 = 2;
 /// The source's journal in scenario 1: 256 MiB (64 MiB segments). Before de892ef a sync stalled
 /// at ~23 MiB with segments larger than its 16 MiB backlog (benches/RESULTS.md); this size keeps
 /// that case covered.
-const RANDOM_JOURNAL: &str = "256MiB";
+pub const RANDOM_JOURNAL: &str = "256MiB";
 
-fn gib(bytes: u64) -> String {
+pub fn gib(bytes: u64) -> String {
     if bytes >= 1 << 30 {
         format!("{} GiB", bytes >> 30)
     } else {
@@ -180,13 +180,31 @@ pub fn sparse(env: &Env) -> anyhow::Result<Vec<Figure>> {
     ])
 }
 
-/// Starts a pair protecting `disk`, times the initial replication, verifies, stops the pair.
+/// Starts a pair protecting `disk` (replica in local files, or in `rbd`), times the initial
+/// replication, verifies, stops the pair.
 fn replicate(
     env: &Env,
     dir: &Path,
     disk: &Path,
     journal_size: &str,
 ) -> anyhow::Result<(Duration, anyhow::Result<bool>)> {
+    let (mut pair, took) = start_replicating(env, dir, disk, journal_size, None)?;
+    let identical = pair.verify(verify_timeout(env.size));
+    pair.stop_source()?;
+    pair.stop_target()?;
+    Ok((took, identical))
+}
+
+/// Starts a pair protecting `disk` under `dir/pair` (replica in local files, or in `rbd`) and
+/// times the initial replication: from the source's start (page cache dropped) until the disk
+/// is protected and the target acknowledged everything. The pair keeps running.
+pub fn start_replicating(
+    env: &Env,
+    dir: &Path,
+    disk: &Path,
+    journal_size: &str,
+    rbd: Option<RbdTarget>,
+) -> anyhow::Result<(Pair, Duration)> {
     let mut pair = Pair::prepare(
         &env.exe,
         &dir.join("pair"),
@@ -197,6 +215,7 @@ fn replicate(
             }],
             journal_size: journal_size.into(),
             relay: false,
+            rbd,
         },
     )?;
     pair.start_target()?;
@@ -207,11 +226,7 @@ fn replicate(
         env.progress
             .detail(&format!("Ferry initial replication: {what}"))
     })?;
-    let took = start.elapsed();
-    let identical = pair.verify(verify_timeout(env.size));
-    pair.stop_source()?;
-    pair.stop_target()?;
-    Ok((took, identical))
+    Ok((pair, start.elapsed()))
 }
 
 /// `qemu-img convert -n -f raw -O raw` onto a new file of the same size, then fsync; the page

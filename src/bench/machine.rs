@@ -88,7 +88,7 @@ fn read_trimmed(path: &str) -> String {
         .unwrap_or_else(|_| "unknown".to_owned())
 }
 
-fn load() -> String {
+pub fn load() -> String {
     let text = read_trimmed("/proc/loadavg");
     text.split_whitespace()
         .take(3)

@@ -13,6 +13,7 @@ mod journal;
 mod machine;
 mod pair;
 mod progress;
+mod rbd;
 mod relay;
 mod report;
 mod resync;
@@ -32,7 +33,8 @@ use progress::Progress;
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// Scenarios to run, by number or name: 1 initial, 2 sparse, 3 churn, 4 resync,
-    /// 5 transport, 6 journal, 7 failover [default: all].
+    /// 5 transport, 6 journal, 7 failover, 8 rbd (starts a one-node Ceph cluster)
+    /// [default: all].
     scenarios: Vec<String>,
     /// Small sizes: every scenario in well under 2 minutes together.
     #[arg(long)]
@@ -62,10 +64,11 @@ pub enum Scenario {
     Transport,
     Journal,
     Failover,
+    Rbd,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 7] = [
+    const ALL: [Scenario; 8] = [
         Scenario::Initial,
         Scenario::Sparse,
         Scenario::Churn,
@@ -73,6 +76,7 @@ impl Scenario {
         Scenario::Transport,
         Scenario::Journal,
         Scenario::Failover,
+        Scenario::Rbd,
     ];
 
     fn number(self) -> usize {
@@ -92,6 +96,7 @@ impl Scenario {
             Scenario::Transport => "transport",
             Scenario::Journal => "journal",
             Scenario::Failover => "failover",
+            Scenario::Rbd => "rbd",
         }
     }
 
@@ -104,6 +109,7 @@ impl Scenario {
             Scenario::Transport => "transport bulk throughput",
             Scenario::Journal => "journal append",
             Scenario::Failover => "failover to a readable export",
+            Scenario::Rbd => "target storage on Ceph RBD",
         }
     }
 
@@ -113,7 +119,7 @@ impl Scenario {
             .find(|scenario| scenario.name() == text || scenario.number().to_string() == text)
             .with_context(|| {
                 format!(
-                    "unknown scenario {text:?}: expected 1-7 or one of {}",
+                    "unknown scenario {text:?}: expected 1-8 or one of {}",
                     Scenario::ALL.map(Scenario::name).join(", ")
                 )
             })
@@ -222,6 +228,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             Scenario::Transport => transport::run(&env),
             Scenario::Journal => journal::run(&env),
             Scenario::Failover => failover::run(&env),
+            Scenario::Rbd => rbd::run(&env),
         };
         match result {
             Ok(mut found) => {
@@ -302,6 +309,7 @@ fn steps(scenario: Scenario) -> u64 {
         Scenario::Transport => transport::STEPS,
         Scenario::Journal => journal::STEPS,
         Scenario::Failover => failover::STEPS,
+        Scenario::Rbd => rbd::STEPS,
     }
 }
 

@@ -17,7 +17,7 @@ use super::tools;
 
 /// The machine and group every bench disk belongs to.
 pub const MACHINE: &str = "web-1";
-const GROUP: &str = "app";
+pub const GROUP: &str = "app";
 /// Status polling period while waiting for replication.
 const POLL: Duration = Duration::from_millis(100);
 /// How long an appliance may take to answer its first status request.
@@ -69,6 +69,17 @@ pub struct PairOptions {
     pub journal_size: String,
     /// Put a counting UDP relay between source and target (scenario 4 counts link bytes).
     pub relay: bool,
+    /// Keep the target's replicas in this Ceph cluster's pool `rbd` (`storage = "rbd"`)
+    /// instead of local files.
+    pub rbd: Option<RbdTarget>,
+}
+
+/// A Ceph cluster the target keeps its replicas in: images `ferry.<source>+<machine>+<disk>`
+/// in pool `rbd`, as `client.admin`.
+#[derive(Debug, Clone)]
+pub struct RbdTarget {
+    pub conf: PathBuf,
+    pub keyring: PathBuf,
 }
 
 pub struct Pair {
@@ -109,6 +120,13 @@ impl Pair {
             .as_ref()
             .map_or(target_address, |relay| relay.address());
 
+        let rbd = options.rbd.as_ref().map_or(String::new(), |rbd| {
+            format!(
+                "storage = \"rbd\"\n\n[target.rbd]\npool = \"rbd\"\nconf = {}\nkeyring = {}\nclient = \"admin\"\nimage_prefix = \"ferry.\"\n",
+                toml_path(&rbd.conf),
+                toml_path(&rbd.keyring)
+            )
+        });
         let target_config = format!(
             r#"[appliance]
 name = "site-b"
@@ -119,7 +137,7 @@ control_socket = {socket}
 listen = "{target_address}"
 storage_dir = {storage}
 peers = [{{ name = "site-a", fingerprint = "{source_fingerprint}" }}]
-"#,
+{rbd}"#,
             state = toml_path(&dir.join("target/state")),
             socket = toml_path(&dir.join("target/ferry.sock")),
             storage = toml_path(&dir.join("target/storage")),
@@ -384,6 +402,39 @@ disks = [
             && disks.iter().all(|disk| disk["identical"] == true))
     }
 
+    /// Starts cutting group points on the source (`ferry recovery-point create`) every `period`
+    /// until the returned cutter is stopped, at most `cuts_max` attempts.
+    pub fn start_cutting(&self, period: Duration, cuts_max: u64) -> Cutter {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            let exe = self.exe.clone();
+            let socket = self.socket_path("source");
+            std::thread::spawn(move || {
+                let mut cut = 0u64;
+                let mut failed = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) && cut + failed < cuts_max {
+                    let started = Instant::now();
+                    let created = Command::new(&exe)
+                        .args(["recovery-point", "create", "--group", GROUP, "--socket"])
+                        .arg(&socket)
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
+                    match created {
+                        Ok(status) if status.success() => cut += 1,
+                        _ => failed += 1,
+                    }
+                    // Pacing, not synchronisation: one cut per period.
+                    std::thread::sleep(period.saturating_sub(started.elapsed()));
+                }
+                (cut, failed)
+            })
+        };
+        Cutter { stop, thread }
+    }
+
     /// The last lines of a side's log, for error messages.
     pub fn log_tail(&self, side: &str) -> String {
         let text =
@@ -395,6 +446,22 @@ disks = [
         } else {
             lines.join(" | ")
         }
+    }
+}
+
+/// A thread cutting recovery points (see [`Pair::start_cutting`]).
+pub struct Cutter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64)>,
+}
+
+impl Cutter {
+    /// Stops cutting; returns (points cut, cuts that failed).
+    pub fn stop(self) -> anyhow::Result<(u64, u64)> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the cutting thread panicked"))
     }
 }
 

@@ -162,6 +162,7 @@ pub fn run(env: &Env) -> anyhow::Result<Vec<Figure>> {
             // change set overflows it.
             journal_size: env.size.pick("4MiB", "4MiB", "16MiB").into(),
             relay: true,
+            rbd: None,
         },
     )?;
     pair.start_target()?;

@@ -17,6 +17,15 @@ use super::{Cluster, ClusterOptions, Pool, RbdError};
 /// The bring-up script, from the workspace root.
 pub const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/ceph/one-node.sh");
 
+/// Where a cluster goes and how large its OSD's sparse file is.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterSpec {
+    /// Directory to create the cluster's directory in (default: the system's temp dir).
+    pub parent: Option<PathBuf>,
+    /// Size of the OSD's sparse block file (default: the script's 4 GiB).
+    pub osd_bytes: Option<u64>,
+}
+
 /// A running one-node cluster with pool `rbd` initialised.
 pub struct TestCluster {
     dir: tempfile::TempDir,
@@ -30,24 +39,35 @@ pub struct TestCluster {
 }
 
 impl TestCluster {
-    /// Starts a cluster; panics (after stopping whatever started) with the script's output and
-    /// the daemons' log tails if bring-up fails.
+    /// Starts a cluster under a temporary directory with a 4 GiB OSD; panics (after stopping
+    /// whatever started) with the script's output and the daemons' log tails if bring-up fails.
     pub fn start() -> TestCluster {
-        let dir = tempfile::Builder::new()
-            .prefix("ferry-ceph-")
-            .tempdir()
-            .expect("temporary directory for the Ceph test cluster");
+        TestCluster::try_start(&ClusterSpec::default()).unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// Starts a cluster as `spec` says; on failure, stops whatever started and returns the
+    /// script's output and the daemons' log tails.
+    pub fn try_start(spec: &ClusterSpec) -> Result<TestCluster, String> {
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("ferry-ceph-");
+        let dir = match &spec.parent {
+            Some(parent) => builder.tempdir_in(parent),
+            None => builder.tempdir(),
+        }
+        .map_err(|error| format!("temporary directory for the Ceph test cluster: {error}"))?;
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
-            .expect("free port for the monitor")
+            .map_err(|error| format!("free port for the monitor: {error}"))?
             .port();
         let started = Instant::now();
-        let output = Command::new("bash")
-            .arg(SCRIPT)
-            .arg(dir.path())
-            .arg(port.to_string())
+        let mut command = Command::new("bash");
+        command.arg(SCRIPT).arg(dir.path()).arg(port.to_string());
+        if let Some(bytes) = spec.osd_bytes {
+            command.env("FERRY_CEPH_OSD_BYTES", bytes.to_string());
+        }
+        let output = command
             .output()
-            .expect("run tests/ceph/one-node.sh (bash)");
+            .map_err(|error| format!("run tests/ceph/one-node.sh (bash): {error}"))?;
         let mut cluster = TestCluster {
             pids: read_pids(dir.path()),
             children: [None, None, None],
@@ -57,14 +77,14 @@ impl TestCluster {
         if !output.status.success() {
             let logs = cluster.log_tails();
             cluster.stop();
-            panic!(
+            return Err(format!(
                 "one-node Ceph cluster did not start ({}):\n{}{}\n{logs}",
                 output.status,
                 String::from_utf8_lossy(&output.stdout),
                 String::from_utf8_lossy(&output.stderr),
-            );
+            ));
         }
-        cluster
+        Ok(cluster)
     }
 
     pub fn dir(&self) -> &Path {

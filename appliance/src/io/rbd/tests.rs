@@ -95,6 +95,58 @@ async fn binding_against_a_real_cluster() {
         vec![(0, 4 * MIB), (40 * MIB, 4 * MIB)]
     );
 
+    // Snapshots beside the apply path's pattern do not hang (issue 8: an earlier per-marker
+    // snapshot attempt hung in the apply path; these are the suspects, none reproduces it):
+    // a snapshot while writes are in flight on the same handle, taken from a blocking thread
+    // and from a runtime thread; one on a second handle of the same image while the writer
+    // holds the exclusive lock (the lock moves and comes back at the writer's next write);
+    // reads on a second handle and a snapshot handle meanwhile.
+    let second = pool.open_image("disk-a").expect("second handle");
+    let bounded = Duration::from_secs(60);
+    tokio::time::timeout(bounded, async {
+        let writer = tokio::spawn(random_writes(image.clone(), 256));
+        let snapshotting = image.clone();
+        tokio::task::spawn_blocking(move || snapshotting.create_snapshot("in-flight"))
+            .await
+            .unwrap()
+            .expect("snapshot with writes in flight");
+        writer.await.unwrap();
+        let writer = tokio::spawn(random_writes(image.clone(), 256));
+        image
+            .create_snapshot("runtime-thread")
+            .expect("snapshot from a runtime thread");
+        writer.await.unwrap();
+        image.flush().await.unwrap();
+        let reader = {
+            let second = second.clone();
+            tokio::spawn(async move {
+                for block in 0..128u64 {
+                    let (result, _) = second.read_at(block * 4096, IoBuf::zeroed(4096)).await;
+                    result.expect("read on a second handle");
+                }
+            })
+        };
+        let snapshotting = second.clone();
+        tokio::task::spawn_blocking(move || snapshotting.create_snapshot("second-handle"))
+            .await
+            .unwrap()
+            .expect("snapshot on a second handle while the writer holds the lock");
+        reader.await.unwrap();
+        random_writes(image.clone(), 64).await;
+        image.flush().await.unwrap();
+        let at_snapshot = pool
+            .open_snapshot("disk-a", "second-handle")
+            .expect("open a snapshot");
+        let (result, _) = at_snapshot.read_at(0, IoBuf::zeroed(1 << 20)).await;
+        result.expect("read at a snapshot");
+    })
+    .await
+    .expect("snapshots beside writes and a second handle hung");
+    for name in ["in-flight", "runtime-thread", "second-handle"] {
+        image.remove_snapshot(name).unwrap();
+    }
+    drop(second);
+
     // Snapshot list, protect (blocks removal), unprotect, remove.
     image.create_snapshot("p2").unwrap();
     let names: Vec<String> = image
@@ -141,4 +193,22 @@ async fn binding_against_a_real_cluster() {
     pool.remove_image("disk-a").expect("remove image");
     let listed = cluster.rbd(&["ls", "rbd"]);
     assert!(String::from_utf8_lossy(&listed.stdout).trim().is_empty());
+}
+
+/// `count` concurrent 4 KiB writes at scattered blocks of the first 16 MiB.
+async fn random_writes(image: Image, count: u64) {
+    let mut writes = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let image = image.clone();
+        writes.spawn(async move {
+            let block = i * 7919 % 4096;
+            image
+                .write_at(block * 4096, IoBuf::from_slice(&[i as u8; 4096]))
+                .await
+                .0
+        });
+    }
+    while let Some(result) = writes.join_next().await {
+        result.unwrap().expect("aio write");
+    }
 }
