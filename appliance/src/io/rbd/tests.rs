@@ -47,6 +47,15 @@ async fn binding_against_a_real_cluster() {
         result.unwrap().expect("aio write");
     }
     image.flush().await.expect("flush");
+    // This client holds the exclusive lock now; breaking "other clients'" locks must never
+    // touch its own (that would blocklist this very connection).
+    let owners = image.lock_owners().expect("lock owners");
+    assert_eq!(owners.len(), 1, "{owners:?}");
+    assert_eq!(
+        image.break_other_clients_lock().expect("break other locks"),
+        Vec::<String>::new()
+    );
+    assert_eq!(image.lock_owners().expect("lock owners"), owners);
     for i in 0..16u64 {
         let (result, buf) = image.read_at(i * MIB, IoBuf::zeroed(4096 + 65536)).await;
         result.expect("aio read");
