@@ -82,6 +82,9 @@ pub const SHIP_HANDSHAKE_TIMEOUT_NS: u64 = 2_000_000_000;
 /// Resync keeps at most this many extent reads and hash requests outstanding.
 pub const SYNC_READS_IN_FLIGHT_MAX: usize = 16;
 pub const SYNC_HASH_REQUESTS_IN_FLIGHT_MAX: usize = 4;
+/// The slowest read-and-hash rate at the target a hash request is allowed before the source
+/// asks again (64 ns per byte: ~16 MB/s), on top of the handshake timeout.
+pub const SYNC_HASH_READ_NS_PER_BYTE_MAX: u64 = 64;
 
 /// Resync issues no new extent read while the unacknowledged journal backlog exceeds this: live
 /// writes never queue behind more than this much resync data (the "bounded share"). The

@@ -634,12 +634,32 @@ impl Source {
         self.requeue_hash_requests(|_| true);
     }
 
-    fn requeue_hash_requests(&mut self, mut which: impl FnMut(&OutstandingHash) -> bool) {
+    /// When each outstanding hash request is given up on and asked again: (request id,
+    /// deadline). The target reads and hashes requests in order, so a request gets the
+    /// handshake timeout plus the time to read its extents and those of every request before
+    /// it at `limits::SYNC_HASH_READ_NS_PER_BYTE_MAX` — a fixed timeout gave up on (and asked
+    /// the target to read again) requests of 256 MiB queued behind others on a slow disk.
+    fn hash_deadlines(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let mut bytes_ahead = 0u64;
+        self.hash_requests
+            .iter()
+            .map(move |(&request_id, request)| {
+                bytes_ahead += request.offsets.len() as u64 * u64::from(request.extent_bytes);
+                let read_ns = bytes_ahead.saturating_mul(limits::SYNC_HASH_READ_NS_PER_BYTE_MAX);
+                let deadline = request
+                    .sent_ns
+                    .saturating_add(self.config.handshake_timeout_ns)
+                    .saturating_add(read_ns);
+                (request_id, deadline)
+            })
+    }
+
+    fn requeue_hash_requests(&mut self, mut which: impl FnMut(u64) -> bool) {
         let ids: Vec<u64> = self
             .hash_requests
-            .iter()
-            .filter(|(_, r)| which(r))
-            .map(|(id, _)| *id)
+            .keys()
+            .copied()
+            .filter(|id| which(*id))
             .collect();
         for id in ids {
             let request = self.hash_requests.remove(&id).expect("listed");
@@ -996,8 +1016,8 @@ impl Source {
                 if self.next_send_seq > self.acked_seq + 1 {
                     consider(self.last_progress_ns + self.config.resend_timeout_ns);
                 }
-                for request in self.hash_requests.values() {
-                    consider(request.sent_ns + self.config.handshake_timeout_ns);
+                for (_, deadline) in self.hash_deadlines() {
+                    consider(deadline);
                 }
             }
             _ => {}
@@ -1027,8 +1047,12 @@ impl Source {
                     self.gap_rewound_for = None;
                     self.last_progress_ns = now;
                 }
-                let timeout = self.config.handshake_timeout_ns;
-                self.requeue_hash_requests(|request| now >= request.sent_ns + timeout);
+                let expired: BTreeSet<u64> = self
+                    .hash_deadlines()
+                    .filter(|&(_, deadline)| now >= deadline)
+                    .map(|(request_id, _)| request_id)
+                    .collect();
+                self.requeue_hash_requests(|request_id| expired.contains(&request_id));
             }
             _ => {}
         }
