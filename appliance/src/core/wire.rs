@@ -47,7 +47,11 @@ pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"FRYW");
 /// Version 3: a records frame's checksum covers the record headers, not the payloads (each
 /// record's own checksum covers its payload), so every shipped byte is hashed once less at
 /// both ends.
-pub const PROTOCOL_VERSION: u16 = 3;
+///
+/// Version 4: records of kind `SyncRef` travel (a sync extent journaled as a header only, whose
+/// payload a restart of the source lost; the target applies nothing for it), so a version 3
+/// target, which would stop at the unknown kind mid-stream, is refused at the handshake.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Tag of the Hello's machine-settings extension ("MSET" little-endian).
 const SETTINGS_TAG: u32 = u32::from_le_bytes(*b"MSET");
@@ -1591,16 +1595,25 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_peer_is_refused_by_name() {
-        // Version 1 hashed whole extents (xxh3-128 each); its frames must never be read as ours.
-        let mut bytes = Frame::hello("old-site", 0, 0, &[], &[]).into_bytes();
-        bytes[4..6].copy_from_slice(&1u16.to_le_bytes());
-        let error = decode_frame(&bytes).unwrap_err();
-        assert_eq!(error, WireError::Version { ours: 3, theirs: 1 });
-        assert_eq!(
-            error.to_string(),
-            "peer speaks replication protocol version 1, this build speaks 3"
-        );
+    fn older_peers_are_refused_by_name() {
+        // Version 1 hashed whole extents (xxh3-128 each); version 3 does not know `SyncRef`
+        // records: their frames must never be read as ours.
+        for old in [1u16, 3] {
+            let mut bytes = Frame::hello("old-site", 0, 0, &[], &[]).into_bytes();
+            bytes[4..6].copy_from_slice(&old.to_le_bytes());
+            let error = decode_frame(&bytes).unwrap_err();
+            assert_eq!(
+                error,
+                WireError::Version {
+                    ours: 4,
+                    theirs: old
+                }
+            );
+            assert_eq!(
+                error.to_string(),
+                format!("peer speaks replication protocol version {old}, this build speaks 4")
+            );
+        }
     }
 
     #[test]
