@@ -325,11 +325,9 @@ async fn run(
                 },
                 joined = &mut committing.task => {
                     if let Err(message) = state.complete_commit(joined) {
-                        tracing::error!(source = %source, "apply failed: {message}");
                         failed = true;
                         pending_flush = None;
-                        state.fail();
-                        let _ = outputs.send(ExecutorOutput::Failed(message));
+                        state.fail(message);
                     }
                     continue;
                 }
@@ -353,11 +351,9 @@ async fn run(
                     state.release_held().await
                 };
                 if let Err(message) = outcome {
-                    tracing::error!(source = %source, "apply failed: {message}");
                     failed = true;
                     pending_flush = None;
-                    state.fail();
-                    let _ = outputs.send(ExecutorOutput::Failed(message));
+                    state.fail(message);
                 }
                 continue;
             }
@@ -414,21 +410,23 @@ async fn run(
             }),
         };
         if let Err(message) = outcome {
-            tracing::error!(source = %source, "apply failed: {message}");
             failed = true;
             pending_flush = None;
-            state.fail();
-            let _ = outputs.send(ExecutorOutput::Failed(message));
+            state.fail(message);
         }
     }
 }
 
 impl State {
-    fn fail(&mut self) {
+    /// The executor stops applying: logs why, drops what was held for a later commit and
+    /// reports the failure (the session ends; nothing after it is acknowledged).
+    fn fail(&mut self, message: String) {
+        tracing::error!(source = %self.source, "apply failed: {message}");
         self.saving.abort_all();
         self.held.clear();
         self.held_bytes = 0;
         self.markers.clear();
+        let _ = self.outputs.send(ExecutorOutput::Failed(message));
     }
 
     fn held_overlaps(&self, disk_id: u32, start: u64, end: u64) -> bool {
