@@ -134,6 +134,25 @@ pub struct VerifyResult {
     pub bytes_compared: u64,
 }
 
+/// Takes a `ferry verify` in: it waits for the journal to drain, and starts over after a loss
+/// of the link (on the next connection). One runs at a time.
+fn queue_verify(verify: &mut Option<PendingVerify>, command: ShipCommand) {
+    let ShipCommand::Verify { disk_ids, reply } = command;
+    if verify
+        .as_ref()
+        .is_some_and(|pending| !pending.reply.is_closed())
+    {
+        let _ = reply.send(Err("a verify is already running".into()));
+        return;
+    }
+    *verify = Some(PendingVerify {
+        disk_ids,
+        started: false,
+        results: Vec::new(),
+        reply,
+    });
+}
+
 struct PendingVerify {
     disk_ids: Vec<u32>,
     started: bool,
@@ -226,6 +245,8 @@ impl Shipper {
                 connection = self.dialer.connect_with_backoff(u32::MAX) => connection,
                 Some(command) = commands.recv() => {
                     match command {
+                        // One already running waits for the link; a new one is refused at once,
+                        // naming why, rather than left waiting for a target that may be gone.
                         ShipCommand::Verify { reply, .. } => {
                             let _ = reply.send(Err(format!(
                                 "not connected to the target: {}",
@@ -259,10 +280,16 @@ impl Shipper {
                     &mut shutdown,
                 )
                 .await;
-            if let Some(pending) = verify.take() {
-                let _ = pending
-                    .reply
-                    .send(Err("the link to the target was lost during verify".into()));
+            // A verify cut short by the link's loss starts over on the next connection: its
+            // rounds end with the link, and what it compared so far may have changed since.
+            if let Some(pending) = verify.as_mut() {
+                if pending.started {
+                    tracing::info!(
+                        "the link was lost during verify: it starts again once the link is back"
+                    );
+                }
+                pending.started = false;
+                pending.results.clear();
             }
             core.handle_disconnected(now());
             self.status.connected.store(false, Ordering::Relaxed);
@@ -514,15 +541,7 @@ impl Shipper {
                     }
                 } => core.handle_timeout(now()),
                 _ = resync_check.tick() => self.start_resyncs(core, rounds)?,
-                Some(command) = commands.recv() => match command {
-                    ShipCommand::Verify { disk_ids, reply } => {
-                        if verify.is_some() {
-                            let _ = reply.send(Err("a verify is already running".into()));
-                        } else {
-                            *verify = Some(PendingVerify { disk_ids, started: false, results: Vec::new(), reply });
-                        }
-                    }
-                },
+                Some(command) = commands.recv() => queue_verify(verify, command),
             }
         };
         reader.abort();
