@@ -28,11 +28,22 @@ impl Pair {
     /// `target_fingerprint` (the real one unless given).
     fn new(backend: Backend, journal_size: &str, target_fingerprint: Option<&str>) -> Pair {
         let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("web-1-os.raw");
+        make_disk(&disk, DISK_BYTES, 40 << 20, 7);
+        Pair::with_disk(dir, disk, backend, journal_size, target_fingerprint)
+    }
+
+    /// As [`Pair::new`], the source protecting `disk` (which the source may create at start).
+    fn with_disk(
+        dir: tempfile::TempDir,
+        disk: PathBuf,
+        backend: Backend,
+        journal_size: &str,
+        target_fingerprint: Option<&str>,
+    ) -> Pair {
         let source = Appliance::new(dir.path(), "site-a");
         let target = Appliance::new(dir.path(), "site-b");
         let port = free_udp_port();
-        let disk = dir.path().join("web-1-os.raw");
-        make_disk(&disk, DISK_BYTES, 40 << 20, 7);
         let export = source.root.join("web-1-os.sock");
         let source_fingerprint = source.fingerprint();
         let real_target_fingerprint = target.fingerprint();
@@ -423,6 +434,84 @@ fn journal_overflow_while_the_target_is_down_resyncs() {
     });
     pair.target.start();
     pair.assert_identical();
+}
+
+/// A disk write refused after its change was journaled — here ENOSPC: the source disk is a
+/// sparse image on a full filesystem (a small tmpfs in the source's own mount namespace) — gets
+/// the client an error, while the journaled change still ships. The disk goes `resync-needed`
+/// with the extent in its bitmap, and the resync makes the replica equal the source disk's
+/// bytes, not the refused ones: verify then finds nothing to repair.
+#[test]
+fn a_disk_write_refused_after_journaling_is_resynced() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small-fs");
+    std::fs::create_dir(&small).unwrap();
+    let disk = small.join("web-1-os.raw");
+    let mut pair = Pair::with_disk(dir, disk.clone(), Backend::files(), "64MiB", None);
+    pair.target.start();
+    // A private mount namespace (as root, or as root of a new user namespace) with a 4 MiB
+    // tmpfs over `small`, holding a sparse 64 MiB disk.
+    let script = format!(
+        "mount -t tmpfs -o size=4m tmpfs '{small}' && truncate -s {DISK_BYTES} '{disk}' && exec \"$@\"",
+        small = small.display(),
+        disk = disk.display()
+    );
+    let root = is_root();
+    let mut wrapper = vec!["unshare", "--mount", "--propagation", "private"];
+    if !root {
+        wrapper.push("--map-root-user");
+    }
+    wrapper.extend(["sh", "-c", &script, "sh"]);
+    pair.source.start_under(&wrapper);
+    // The disk as the source process sees it, through its mount namespace.
+    pair.disk = PathBuf::from(format!(
+        "/proc/{}/root{}",
+        pair.source.pid(),
+        disk.display()
+    ));
+    pair.write(&["write -P 0x11 0 1m".to_string()]);
+    pair.assert_identical();
+    // 1 MiB is used of 4: a 6 MiB write fills the filesystem part-way and fails.
+    let output = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x22 8m 6m"])
+        .arg(format!(
+            "nbd+unix:///web-1/os?socket={}",
+            pair.export.display()
+        ))
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(said.contains("failed"), "the write did not fail: {said}");
+    let log = pair.source.log();
+    assert!(
+        log.contains("the disk refused a journaled change"),
+        "no refusal logged: {log}"
+    );
+    // The resync that follows leaves nothing for verify to repair, and the replica equals
+    // the disk (part of the refused write, then zeros), not the refused 6 MiB of 0x22.
+    // The disk went resync-needed before the client got its error; it is protected again
+    // only once a resync round has finished.
+    wait_for("the resync after the refusal", || {
+        let status = pair.source.try_status()?;
+        (status["disks"][0]["state"] == "protected").then_some(())
+    });
+    pair.assert_identical();
+    let replica = read_range(&pair.replica_bytes(), 8 << 20, 6 << 20);
+    assert!(
+        replica.iter().any(|&byte| byte != 0x22),
+        "the replica holds the whole refused write"
+    );
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|output| output.stdout.trim_ascii() == b"0")
 }
 
 /// A change journaled just before the source process died, whose disk write never completed:

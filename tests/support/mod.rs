@@ -126,14 +126,23 @@ impl Appliance {
 
     /// Starts `ferry run` and waits until its control socket answers.
     pub fn start(&mut self) {
+        self.start_under(&[]);
+    }
+
+    /// Starts `ferry run` as the last arguments of `wrapper` (a command that ends by exec-ing
+    /// its arguments, e.g. `unshare` with a script), and waits until its control socket answers.
+    pub fn start_under(&mut self, wrapper: &[&str]) {
         assert!(self.child.is_none(), "{} already running", self.name);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.root.join("ferry.log"))
             .unwrap();
-        let child = Command::new(FERRY)
-            .args(["run", "--config", self.config.to_str().unwrap()])
+        let run = [FERRY, "run", "--config", self.config.to_str().unwrap()];
+        let mut command: Vec<&str> = wrapper.to_vec();
+        command.extend(run);
+        let child = Command::new(command[0])
+            .args(&command[1..])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -148,6 +157,11 @@ impl Appliance {
             }
             self.try_status().map(|_| ())
         });
+    }
+
+    /// The running process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// SIGKILL, as a crash.

@@ -484,6 +484,9 @@ impl CaptureDisk {
         // Completed or failed: either way nothing of this change is still on its way.
         drop(pending_disk_write);
         if let Err(error) = result {
+            if journaled.is_some() {
+                self.refused_after_journaling(offset, length, &error).await;
+            }
             return (Err(error.into()), buf);
         }
         if buf.is_some() {
@@ -496,6 +499,47 @@ impl CaptureDisk {
             }
         }
         (Ok(()), buf)
+    }
+
+    /// The disk refused a change whose records are already in the journal (EIO, ENOSPC on a
+    /// thin image): they still ship, so the replica would hold bytes the source disk does not.
+    /// The extent goes into the bitmap and the disk to `resync-needed`, and the resync that
+    /// follows (after those records, in stream order) sends the disk's actual bytes.
+    async fn refused_after_journaling(&self, offset: u64, length: u64, error: &DiskError) {
+        let inner = self.inner.clone();
+        let marked =
+            tokio::task::spawn_blocking(move || inner.bitmap.mark_durable(offset, length)).await;
+        let path = self.inner.bitmap.path().display();
+        match marked {
+            Ok(Ok(())) => {
+                let mut state = lock(&self.inner.state);
+                // Fenced: the bits resync at failback.
+                if *state != DiskState::FailedOver {
+                    *state = DiskState::ResyncNeeded;
+                }
+                tracing::warn!(
+                    export = %self.inner.export_name,
+                    %error,
+                    "the disk refused a journaled change; its extent {offset}+{length} is in \
+                     the dirty-extent bitmap {path} and the disk is resync-needed, so the \
+                     replica gets the disk's bytes, not the refused ones"
+                );
+            }
+            Ok(Err(bitmap_error)) => tracing::error!(
+                export = %self.inner.export_name,
+                %error,
+                %bitmap_error,
+                "the disk refused a journaled change and its extent {offset}+{length} could not \
+                 be marked in {path}: the replica may hold the refused bytes until `ferry verify`"
+            ),
+            Err(join_error) => tracing::error!(
+                export = %self.inner.export_name,
+                %error,
+                %join_error,
+                "the disk refused a journaled change and marking its extent {offset}+{length} \
+                 in {path} failed: the replica may hold the refused bytes until `ferry verify`"
+            ),
+        }
     }
 
     /// Appends the records for one change; `None` when the disk is (or just went) on the
