@@ -596,6 +596,9 @@ fn failover(args: FailoverArgs) -> anyhow::Result<()> {
             "  export  {:<24} {}\n",
             export.export_name, export.uri
         ));
+        if let Some(image) = &export.rbd_image {
+            text.push_str(&format!("  rbd     {:<24} {image}\n", export.export_name));
+        }
         if let Some(path) = &export.materialized_path {
             text.push_str(&format!("  image   {:<24} {path}\n", export.export_name));
         }

@@ -4,6 +4,9 @@
 //! materialised image (`cmp`), while the source keeps writing and replicating; a planned
 //! failover loses nothing; reprotect and failback bring the writes made during the failover back
 //! to the source; an unplanned failover with the source gone survives a target restart.
+//! On RBD each failover also makes an RBD clone of the replica at the point (the image a
+//! hypervisor boots from, served by the export too): `rbd export` of it is the point while the
+//! replica keeps replicating, and cleanup or failback leaves no clone and no snapshot.
 
 #[macro_use]
 mod support;
@@ -196,6 +199,77 @@ fn io(socket: &Path, commands: &[&str]) {
     qemu_io(socket, EXPORT, &commands);
 }
 
+/// On RBD: the failover's clone named in the answer (`pool/image`), and its bytes must equal
+/// `expected` now; the replica's failover snapshot exists. On files: no clone is named.
+fn check_clone(site: &Site, answer: &serde_json::Value, expected: &Path) {
+    let named = &answer["exports"][0]["rbd_image"];
+    let Some(cluster) = site._backend.cluster() else {
+        assert!(named.is_null(), "a clone on the files backend: {answer}");
+        return;
+    };
+    let spec = named
+        .as_str()
+        .unwrap_or_else(|| panic!("no rbd_image in {answer}"));
+    assert!(
+        spec.starts_with("rbd/") && spec.ends_with("+failover+app"),
+        "{spec}"
+    );
+    let images = rbd_lines(cluster, &["ls", "rbd"]);
+    assert!(
+        images.iter().any(|image| format!("rbd/{image}") == spec),
+        "{images:?}"
+    );
+    let replica = spec
+        .trim_start_matches("rbd/")
+        .trim_end_matches("+failover+app");
+    let snapshots = rbd_lines(cluster, &["snap", "ls", &format!("rbd/{replica}")]);
+    assert!(
+        snapshots
+            .iter()
+            .any(|line| line.contains(&format!("ferry-failover+app+{}", answer["point"]["id"]))),
+        "{snapshots:?}"
+    );
+    let exported = site.root.join("clone-export.raw");
+    let _ = std::fs::remove_file(&exported);
+    let output = cluster.rbd(&["export", spec, exported.to_str().unwrap()]);
+    assert!(output.status.success(), "rbd export {spec}: {output:?}");
+    assert!(
+        same_bytes(&exported, expected),
+        "the clone {spec} differs from the point"
+    );
+}
+
+/// On RBD: no failover clone and no failover snapshot is left in the pool.
+fn check_no_clone(site: &Site) {
+    let Some(cluster) = site._backend.cluster() else {
+        return;
+    };
+    let images = rbd_lines(cluster, &["ls", "rbd"]);
+    assert!(!images.is_empty());
+    for image in &images {
+        assert!(!image.contains("+failover+"), "clone left: {images:?}");
+        let snapshots = rbd_lines(cluster, &["snap", "ls", &format!("rbd/{image}")]);
+        assert!(
+            snapshots
+                .iter()
+                .all(|line| !line.contains("ferry-failover")),
+            "snapshot left on {image}: {snapshots:?}"
+        );
+    }
+}
+
+fn rbd_lines(
+    cluster: &ferry_appliance::io::rbd::test_cluster::TestCluster,
+    args: &[&str],
+) -> Vec<String> {
+    let output = cluster.rbd(args);
+    assert!(output.status.success(), "rbd {args:?}: {output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
 /// The disk image expected at a point: `writes` of (pattern, offset, length) over zeros.
 fn expected_image(path: &Path, writes: &[(u8, u64, u64)]) {
     let mut bytes = vec![0u8; DISK_BYTES as usize];
@@ -250,6 +324,8 @@ fn test_failovers_to_two_points_read_each_points_data_while_replication_continue
     let expected = site.root.join("expected-p1.raw");
     expected_image(&expected, &[(0xa1, 0, 1 << 20)]);
     assert!(same_bytes(&image, &expected), "materialised P1 differs");
+    // On RBD the clone is P1 too, though the replica holds P2's writes over it.
+    check_clone(&site, &answer, &expected);
 
     // The machine definition: mapped settings, test network, the export as its disk.
     let definition: serde_json::Value =
@@ -260,6 +336,19 @@ fn test_failovers_to_two_points_read_each_points_data_while_replication_continue
     assert_eq!(definition["nics"][0]["ip"], "10.0.0.4");
     assert_eq!(definition["recovery_point"]["id"], p1);
     assert_eq!(definition["disks"][0]["image"], image.display().to_string());
+    if site._backend.cluster().is_some() {
+        assert_eq!(
+            format!(
+                "rbd/{}",
+                definition["disks"][0]["rbd"]["image"].as_str().unwrap()
+            ),
+            answer["exports"][0]["rbd_image"].as_str().unwrap()
+        );
+        assert_eq!(definition["disks"][0]["rbd"]["user"], "admin");
+        assert!(definition["disks"][0]["rbd"]["monitors"][0]["host"]
+            .as_str()
+            .is_some_and(|host| host == "127.0.0.1"));
+    }
     let xml = std::fs::read_to_string(out.join("web-1").join("web-1.xml")).unwrap();
     assert!(xml.contains("<name>web-1-test</name>"), "{xml}");
     assert!(xml.contains("<source network='dr-test'/>"), "{xml}");
@@ -280,6 +369,14 @@ fn test_failovers_to_two_points_read_each_points_data_while_replication_continue
         String::from_utf8_lossy(&verify.stderr)
     );
     io(&site.export, &["read -P 0 12M 64k"]);
+    // On RBD the export serves the clone: the test machine's write is in it, the replication
+    // write is not.
+    let expected_written = site.root.join("expected-p1-written.raw");
+    expected_image(
+        &expected_written,
+        &[(0xa1, 0, 1 << 20), (0xdd, 12 << 20, 64 << 10)],
+    );
+    check_clone(&site, &answer, &expected_written);
 
     // A second failover while the test runs is refused, naming the cleanup.
     let refused = ferry_on(&site.target, &["failover", "--group", "app"]);
@@ -295,6 +392,7 @@ fn test_failovers_to_two_points_read_each_points_data_while_replication_continue
         !socket.exists(),
         "the export's socket is gone after cleanup"
     );
+    check_no_clone(&site);
     // The materialised image is the operator's: cleanup leaves it.
     assert!(image.exists());
 
@@ -323,7 +421,10 @@ fn test_failovers_to_two_points_read_each_points_data_while_replication_continue
     let expected = site.root.join("expected-p2.raw");
     expected_image(&expected, &[(0xb2, 0, 1 << 20), (0xb2, 4 << 20, 64 << 10)]);
     assert!(same_bytes(&out.join("web-1").join("os.raw"), &expected));
+    // Replication wrote 0xc3 at 8M after P2: not in P2's clone.
+    check_clone(&site, &answer, &expected);
     ferry_ok(&site.target, &["failover", "cleanup", "--group", "app"]);
+    check_no_clone(&site);
 
     // Cleanup of a group with no test failover, an unknown point: clear errors.
     let nothing = ferry_on(&site.target, &["failover", "cleanup", "--group", "app"]);
@@ -348,6 +449,12 @@ fn planned_failover_loses_nothing_and_failback_brings_the_failover_writes_home(b
     assert_eq!(answer["test"], false);
     let socket = export_socket(&answer);
     io(&socket, &["read -P 0xa1 0 1M", "read -P 0xc3 2M 256k"]);
+    let expected_planned = site.root.join("expected-planned.raw");
+    expected_image(
+        &expected_planned,
+        &[(0xa1, 0, 1 << 20), (0xc3, 2 << 20, 256 << 10)],
+    );
+    check_clone(&site, &answer, &expected_planned);
     wait_state(&site.target, "failed-over");
     // The source's export refuses writes now; reads still work.
     assert!(!qemu_io_succeeds(&site.export, &["write -P 0xee 0 4k"]));
@@ -367,6 +474,7 @@ fn planned_failover_loses_nothing_and_failback_brings_the_failover_writes_home(b
     io(&socket, &["write -P 0xe5 10M 128k"]);
     ferry_ok(&site.target, &["failback", "--group", "app"]);
     wait_state(&site.target, "protected");
+    check_no_clone(&site);
 
     // The source holds every write made at the target, and takes writes again.
     io(
@@ -432,12 +540,32 @@ fn unplanned_failover_without_the_source_survives_a_target_restart(backend: Back
         serde_json::from_slice(&std::fs::read(definition.as_str().unwrap()).unwrap()).unwrap();
     assert_eq!(definition["nics"][0]["network"], "dr-prod");
     assert_eq!(definition["test"], false);
+    let expected = site.root.join("expected-unplanned.raw");
+    expected_image(&expected, &[(0xa1, 0, 1 << 20), (0x5c, 3 << 20, 64 << 10)]);
+    if site._backend.cluster().is_some() {
+        let xml = answer["definitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|path| path.as_str().unwrap().ends_with("web-1.xml"))
+            .map(|path| std::fs::read_to_string(path.as_str().unwrap()).unwrap())
+            .expect("an XML definition");
+        let spec = answer["exports"][0]["rbd_image"].as_str().unwrap();
+        assert!(
+            xml.contains(&format!("<source protocol='rbd' name='{spec}'>")),
+            "{xml}"
+        );
+        assert!(xml.contains("<host name='127.0.0.1' port="), "{xml}");
+        assert!(xml.contains("<auth username='admin'>"), "{xml}");
+    }
+    check_clone(&site, &answer, &expected);
 
     // A restart of the target brings the failover back with the machine's writes.
     site.target.stop();
     site.target.start();
     wait_state(&site.target, "failed-over");
     io(&socket, &["read -P 0xa1 0 1M", "read -P 0x5c 3M 64k"]);
+    check_clone(&site, &answer, &expected);
     site.target.stop();
 }
 

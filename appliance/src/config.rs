@@ -347,6 +347,11 @@ pub struct RbdConfig {
     /// Prefix of every image name (`<prefix><source>+<machine>+<disk>`), to share a pool.
     #[serde(default = "default_image_prefix")]
     pub image_prefix: String,
+    /// The usage name of the libvirt secret (`<usage type='ceph'><name>`) that holds the
+    /// client's key on the hypervisors: failover definitions reference it in `<auth>`.
+    /// Default: `client.<client> secret`.
+    #[serde(default)]
+    pub libvirt_secret_usage: Option<String>,
 }
 
 fn default_ceph_conf() -> PathBuf {

@@ -160,6 +160,10 @@ pub struct FailoverExport {
     /// The materialised image, when `--materialize` was given.
     #[serde(default)]
     pub materialized_path: Option<String>,
+    /// On RBD target storage: the clone holding the disk at the point (`pool/image`), which
+    /// the export serves and a hypervisor can boot from.
+    #[serde(default)]
+    pub rbd_image: Option<String>,
 }
 
 /// How consistent a recovery point is.

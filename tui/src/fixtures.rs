@@ -289,6 +289,7 @@ pub fn test_failover() -> StatusSnapshot {
                         point_id,
                         test: true,
                         materialized_path: None,
+                        rbd_image: None,
                     }
                 })
                 .collect();

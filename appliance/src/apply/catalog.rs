@@ -651,6 +651,32 @@ impl DiskView {
         read_undo_pieces(&self.machine, &self.name, reads, buf)
     }
 
+    /// The ranges `(offset, length)` where the point differs from the replica as it is now:
+    /// the undo pieces, in offset order, after extending the map with every entry published
+    /// so far. Every write that can have reached the replica before this call had its
+    /// before-image published first (invariant of the executor), so a snapshot of the replica
+    /// taken before this call, overlaid with these ranges read through the view, is the point.
+    pub fn undo_ranges(&self) -> Vec<(u64, u64)> {
+        let log = self.undo.log();
+        let mut map = lock(&self.map);
+        log.index().extend_view(&mut map);
+        let mut cursor = 0u64;
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for piece in map.pieces(0, self.size_bytes) {
+            match piece {
+                Piece::Replica { length, .. } => cursor += length,
+                Piece::Undo { length, .. } => {
+                    match ranges.last_mut() {
+                        Some((start, run)) if *start + *run == cursor => *run += length,
+                        _ => ranges.push((cursor, length)),
+                    }
+                    cursor += length;
+                }
+            }
+        }
+        ranges
+    }
+
     /// The undo pieces of a range at the point, after extending the map with the entries
     /// appended since the last read: (position in the range, length, file, path, file offset).
     fn undo_reads(&self, offset: u64, length: u64) -> Result<Vec<UndoRead>, RecoveryError> {

@@ -124,7 +124,11 @@ impl Storage {
                     client: config.client.clone(),
                 };
                 RbdStorage::connect(&options, &config.pool, &config.image_prefix)
-                    .map(Storage::Rbd)
+                    .map(|storage| {
+                        Storage::Rbd(
+                            storage.with_libvirt_secret_usage(config.libvirt_secret_usage.clone()),
+                        )
+                    })
                     .map_err(|error| {
                         format!(
                             "target.rbd: cannot reach pool {:?} as client.{} (conf {}): {error}",
@@ -229,6 +233,10 @@ impl TargetStorage for FileStorage {
 pub struct RbdStorage {
     pool: rbd::Pool,
     prefix: String,
+    /// The cephx client name without `client.` (failover definitions' `<auth username>`).
+    client: String,
+    /// The libvirt secret holding the client's key (failover definitions' `<secret usage>`).
+    libvirt_secret_usage: Option<String>,
 }
 
 impl RbdStorage {
@@ -242,11 +250,36 @@ impl RbdStorage {
         Ok(RbdStorage {
             pool: cluster.pool(pool)?,
             prefix: prefix.to_string(),
+            client: options
+                .client
+                .strip_prefix("client.")
+                .unwrap_or(&options.client)
+                .to_string(),
+            libvirt_secret_usage: None,
         })
+    }
+
+    /// Names the libvirt secret (its usage name) that failover definitions reference.
+    pub fn with_libvirt_secret_usage(mut self, usage: Option<String>) -> RbdStorage {
+        self.libvirt_secret_usage = usage;
+        self
     }
 
     pub fn pool(&self) -> &rbd::Pool {
         &self.pool
+    }
+
+    /// The cephx client name without `client.`.
+    pub fn client(&self) -> &str {
+        &self.client
+    }
+
+    /// The usage name of the libvirt secret holding the client's key: as configured, else
+    /// `client.<client> secret` (the name libvirt's Ceph examples use).
+    pub fn libvirt_secret_usage(&self) -> String {
+        self.libvirt_secret_usage
+            .clone()
+            .unwrap_or_else(|| format!("client.{} secret", self.client))
     }
 
     /// The image name of one replica.

@@ -1,7 +1,8 @@
 //! Machine definitions of a failover: for each machine of the group, what a hypervisor or an
 //! orchestration script needs to start it at the target site — its target settings (resource
 //! group, availability set, NICs through the network mapping, or the test network for a test
-//! failover) and its disks (the failover's NBD exports, or the materialised images). Written as
+//! failover) and its disks (the failover's NBD exports, the RBD clones on RBD target storage, or
+//! the materialised images). Written as
 //! JSON (for scripts) and as a libvirt domain XML (`virsh define`), both from one
 //! [`MachineDefinition`] so they never disagree.
 
@@ -37,6 +38,30 @@ pub struct DiskDefinition {
     /// The materialised raw image, when the failover wrote one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// The RBD clone holding the disk, on RBD target storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbd: Option<RbdDiskDefinition>,
+}
+
+/// A disk as an RBD image a hypervisor opens itself (libvirt `<source protocol='rbd'>`, qemu
+/// `rbd:` URI).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RbdDiskDefinition {
+    pub pool: String,
+    pub image: String,
+    /// The monitors as (host, port); no port: the client's default.
+    pub monitors: Vec<RbdMonitor>,
+    /// The cephx user (without `client.`).
+    pub user: String,
+    /// The usage name of the libvirt secret holding the user's key.
+    pub secret_usage: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RbdMonitor {
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// The recovery point a definition was made from.
@@ -109,8 +134,8 @@ impl MachineDefinition {
     }
 
     /// A libvirt domain XML (KVM, virtio disks and NICs). Disks are the materialised images when
-    /// present, else the NBD exports over their unix sockets; placement settings libvirt has no
-    /// element for travel in `<metadata>`.
+    /// present, else the RBD clones (on RBD target storage), else the NBD exports over their
+    /// unix sockets; placement settings libvirt has no element for travel in `<metadata>`.
     pub fn libvirt_xml(&self) -> String {
         let mut xml = String::new();
         let _ = writeln!(xml, "<domain type='kvm'>");
@@ -182,13 +207,41 @@ impl MachineDefinition {
         let _ = writeln!(xml, "  <devices>");
         for (index, disk) in self.disks.iter().enumerate() {
             let target_dev = virtio_dev(index);
-            match &disk.image {
-                Some(image) => {
+            match (&disk.image, &disk.rbd) {
+                (Some(image), _) => {
                     let _ = writeln!(xml, "    <disk type='file' device='disk'>");
                     let _ = writeln!(xml, "      <driver name='qemu' type='raw'/>");
                     let _ = writeln!(xml, "      <source file='{}'/>", escape(image));
                 }
-                None => {
+                (None, Some(rbd)) => {
+                    let _ = writeln!(xml, "    <disk type='network' device='disk'>");
+                    let _ = writeln!(
+                        xml,
+                        "      <driver name='qemu' type='raw' cache='writeback'/>"
+                    );
+                    let _ = writeln!(xml, "      <auth username='{}'>", escape(&rbd.user));
+                    let _ = writeln!(
+                        xml,
+                        "        <secret type='ceph' usage='{}'/>",
+                        escape(&rbd.secret_usage)
+                    );
+                    let _ = writeln!(xml, "      </auth>");
+                    let _ = writeln!(
+                        xml,
+                        "      <source protocol='rbd' name='{}/{}'>",
+                        escape(&rbd.pool),
+                        escape(&rbd.image)
+                    );
+                    for monitor in &rbd.monitors {
+                        let _ = write!(xml, "        <host name='{}'", escape(&monitor.host));
+                        if let Some(port) = monitor.port {
+                            let _ = write!(xml, " port='{port}'");
+                        }
+                        let _ = writeln!(xml, "/>");
+                    }
+                    let _ = writeln!(xml, "      </source>");
+                }
+                (None, None) => {
                     let _ = writeln!(xml, "    <disk type='network' device='disk'>");
                     let _ = writeln!(xml, "      <driver name='qemu' type='raw'/>");
                     let _ = writeln!(
@@ -284,6 +337,7 @@ mod tests {
             socket: "/var/lib/ferry/failover/app/web-1-os.sock".into(),
             uri: "nbd+unix:///web-1/os?socket=/var/lib/ferry/failover/app/web-1-os.sock".into(),
             image: image.map(str::to_string),
+            rbd: None,
         }
     }
 
@@ -354,6 +408,45 @@ mod tests {
         let xml = materialised.libvirt_xml();
         assert!(xml.contains("<source file='/out/web-1/os.raw'/>"), "{xml}");
         assert!(!xml.contains("protocol='nbd'"));
+    }
+
+    #[test]
+    fn an_rbd_disk_is_a_network_disk_with_its_monitors_and_auth() {
+        let mut on_rbd = disk(None);
+        on_rbd.rbd = Some(RbdDiskDefinition {
+            pool: "dr".into(),
+            image: "ferry.site-a+web-1+os+failover+app".into(),
+            monitors: vec![
+                RbdMonitor {
+                    host: "10.0.0.1".into(),
+                    port: Some(3300),
+                },
+                RbdMonitor {
+                    host: "mon2".into(),
+                    port: None,
+                },
+            ],
+            user: "ferry".into(),
+            secret_usage: "client.ferry secret".into(),
+        });
+        let definition =
+            MachineDefinition::new("app", "site-a", &settings(), true, point(), vec![on_rbd]);
+        let xml = definition.libvirt_xml();
+        assert!(
+            xml.contains("<source protocol='rbd' name='dr/ferry.site-a+web-1+os+failover+app'>"),
+            "{xml}"
+        );
+        assert!(xml.contains("<host name='10.0.0.1' port='3300'/>"), "{xml}");
+        assert!(xml.contains("<host name='mon2'/>"), "{xml}");
+        assert!(xml.contains("<auth username='ferry'>"), "{xml}");
+        assert!(
+            xml.contains("<secret type='ceph' usage='client.ferry secret'/>"),
+            "{xml}"
+        );
+        assert!(!xml.contains("protocol='nbd'"), "{xml}");
+        let json = serde_json::to_string(&definition).unwrap();
+        let back: MachineDefinition = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, definition);
     }
 
     #[test]

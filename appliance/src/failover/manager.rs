@@ -9,9 +9,15 @@
 //! libvirt XML). A failover that is not a test fences the group's source disks (they turn
 //! read-only when the source connects, at once if it is connected).
 //!
+//! On RBD target storage each disk is an RBD clone of its replica at the point
+//! (`rbd_clone.rs`), made before the exports start: the export serves the clone (writes land
+//! in it), the machine definitions name it, and cleanup (or failback) removes it with its
+//! snapshot.
+//!
 //! Each running failover is recorded in `<state_dir>/failover/<group>/failover.json`: after a
-//! restart of the target appliance the failover comes back with its overlays (the writes of the
-//! failed-over machines), its pin and its fencing.
+//! restart of the target appliance the failover comes back with its overlays or clones (the
+//! writes of the failed-over machines), its pin and its fencing; the record names the clones
+//! and snapshots so they are removed after a restart too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write as _};
@@ -24,8 +30,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::definition::{DiskDefinition, MachineDefinition, PointReference};
+use super::definition::{
+    DiskDefinition, MachineDefinition, PointReference, RbdDiskDefinition, RbdMonitor,
+};
 use super::overlay::{FailoverDisk, PointDisk};
+use super::rbd_clone::{self, FailoverClone};
 use crate::apply::catalog::{point_status, DiskView};
 use crate::apply::peer::{PeerControl, ReadFuture, ReprotectDisk, ReprotectDisks};
 use crate::apply::storage::{sanitize, write_bytes_atomic};
@@ -69,6 +78,9 @@ struct FailoverRecord {
     materialize_dir: Option<String>,
     #[serde(default)]
     definitions: Vec<String>,
+    /// On RBD target storage: each disk's clone and the replica snapshot it was made from.
+    #[serde(default)]
+    rbd_clones: Vec<FailoverClone>,
 }
 
 /// One running failover.
@@ -107,7 +119,7 @@ fn now_unix_ms() -> u64 {
 }
 
 /// A recovery-point view as the overlay reads it.
-struct ViewDisk(DiskView);
+struct ViewDisk(Arc<DiskView>);
 
 impl PointDisk for ViewDisk {
     fn size_bytes(&self) -> u64 {
@@ -294,10 +306,24 @@ impl FailoverManager {
                 .as_ref()
                 .map(|dir| dir.display().to_string()),
             definitions: Vec::new(),
+            rbd_clones: Vec::new(),
         };
-        let running = match self.start_exports(&record, true) {
-            Ok(running) => running,
+        // On RBD: the clones first (the point stays pinned while they are made and until the
+        // exports pin it themselves).
+        let clone_pin = match self.make_clones(&mut record).await {
+            Ok(pinned) => pinned,
             Err(message) => return error(message),
+        };
+        let started_exports = self.start_exports(&record, true);
+        if clone_pin {
+            self.recovery.unpin(&group, record.point_id);
+        }
+        let running = match started_exports {
+            Ok(running) => running,
+            Err(message) => {
+                self.remove_clones(&record).await;
+                return error(message);
+            }
         };
         let exports_ready = started.elapsed();
         // Materialised images and definitions; a failure takes the failover down again.
@@ -306,6 +332,8 @@ impl FailoverManager {
             Ok(done) => done,
             Err(message) => {
                 self.stop_running(&running).await;
+                drop(running);
+                self.remove_clones(&record).await;
                 self.remove_files(&group);
                 return error(message);
             }
@@ -326,6 +354,9 @@ impl FailoverManager {
         };
         if let Err(message) = self.persist(&running.record) {
             self.stop_running(&running).await;
+            let record = running.record.clone();
+            drop(running);
+            self.remove_clones(&record).await;
             self.remove_files(&group);
             return error(message);
         }
@@ -338,6 +369,7 @@ impl FailoverManager {
             test = running.record.test,
             planned = running.record.planned,
             disks = running.exports.len(),
+            rbd_clones = running.record.rbd_clones.len(),
             exports_ready_ms = exports_ready.as_millis() as u64,
             total_ms = started.elapsed().as_millis() as u64,
             "failover up"
@@ -380,8 +412,98 @@ impl FailoverManager {
         }
     }
 
+    /// On RBD target storage, makes every disk's clone at the record's point and names them
+    /// in the record; returns whether the point was pinned for it (the caller unpins once the
+    /// exports hold their own pin). On files: nothing, `false`. On error nothing is left.
+    async fn make_clones(&self, record: &mut FailoverRecord) -> Result<bool, String> {
+        let Some(storage) = self.recovery.storage().as_rbd() else {
+            return Ok(false);
+        };
+        let group = record.group.clone();
+        self.recovery
+            .pin(&group, record.point_id)
+            .map_err(|pin| pin.to_string())?;
+        let started = Instant::now();
+        let views = match self
+            .recovery
+            .view(&group, PointSelector::Id(record.point_id))
+        {
+            Ok(views) => views,
+            Err(view) => {
+                self.recovery.unpin(&group, record.point_id);
+                return Err(view.to_string());
+            }
+        };
+        let mut written = 0u64;
+        for view in views {
+            let clone = FailoverClone::new(
+                storage,
+                &group,
+                record.point_id,
+                &view.source,
+                &view.machine,
+                &view.name,
+            );
+            record.rbd_clones.push(clone.clone());
+            match rbd_clone::make(storage.pool(), &clone, &group, Arc::new(view)).await {
+                Ok(bytes) => written += bytes,
+                Err(message) => {
+                    self.remove_clones(record).await;
+                    record.rbd_clones.clear();
+                    self.recovery.unpin(&group, record.point_id);
+                    return Err(message);
+                }
+            }
+        }
+        tracing::info!(
+            group = %group,
+            point = record.point_id,
+            clones = %record.rbd_clones.iter().map(FailoverClone::spec).collect::<Vec<_>>().join(","),
+            point_bytes_written = written,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "failover RBD clones made"
+        );
+        Ok(true)
+    }
+
+    /// Removes the record's clones and their snapshots (logged, not fatal: the next failover
+    /// of the group removes what is left). Returns the messages of what failed.
+    async fn remove_clones(&self, record: &FailoverRecord) -> Vec<String> {
+        if record.rbd_clones.is_empty() {
+            return Vec::new();
+        }
+        let Some(storage) = self.recovery.storage().as_rbd() else {
+            let message = format!(
+                "failover of {:?} made RBD clones, but the target storage is not RBD now: remove {} by hand",
+                record.group,
+                record
+                    .rbd_clones
+                    .iter()
+                    .map(FailoverClone::spec)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            tracing::warn!("{message}");
+            return vec![message];
+        };
+        let pool = storage.pool().clone();
+        let (clones, group) = (record.rbd_clones.clone(), record.group.clone());
+        let failed = tokio::task::spawn_blocking(move || {
+            clones
+                .iter()
+                .filter_map(|clone| rbd_clone::remove(&pool, clone, &group).err())
+                .collect::<Vec<String>>()
+        })
+        .await
+        .unwrap_or_else(|join| vec![format!("removing the RBD clones: task failed: {join}")]);
+        for message in &failed {
+            tracing::warn!(group = %record.group, "failover RBD clone not removed: {message}");
+        }
+        failed
+    }
+
     /// Pins the record's point, opens every disk's view under its overlay (`fresh`: a new one)
-    /// and serves each on its socket.
+    /// or on its RBD clone, and serves each on its socket.
     fn start_exports(&self, record: &FailoverRecord, fresh: bool) -> Result<Running, String> {
         let group = &record.group;
         let point = self
@@ -407,9 +529,34 @@ impl FailoverManager {
         for view in views {
             let source = view.source.clone();
             let (machine, name) = (view.machine.clone(), view.name.clone());
-            let disk =
-                FailoverDisk::open(&group_dir, &machine, &name, Arc::new(ViewDisk(view)), fresh)
-                    .map_err(|open| unpin(open.to_string()))?;
+            let clone = record.rbd_clones.iter().find(|clone| {
+                clone.source == source && clone.machine == machine && clone.disk == name
+            });
+            let view = Arc::new(ViewDisk(Arc::new(view)));
+            let disk = match clone {
+                Some(clone) => {
+                    let image = self
+                        .recovery
+                        .storage()
+                        .as_rbd()
+                        .ok_or_else(|| {
+                            format!(
+                                "the failover's disk {machine}/{name} is RBD image {}, but the target storage is not RBD",
+                                clone.spec()
+                            )
+                        })
+                        .and_then(|storage| {
+                            storage
+                                .pool()
+                                .open_image(&clone.clone)
+                                .map_err(|open| open.to_string())
+                        })
+                        .map_err(&unpin)?;
+                    FailoverDisk::on_image(&machine, &name, view, image)
+                }
+                None => FailoverDisk::open(&group_dir, &machine, &name, view, fresh)
+                    .map_err(|open| unpin(open.to_string()))?,
+            };
             disks.push((source, disk));
         }
         let (stop, stop_receiver) = watch::channel(false);
@@ -462,6 +609,11 @@ impl FailoverManager {
                 point_id: point.id,
                 test: record.test,
                 materialized_path: None,
+                rbd_image: record
+                    .rbd_clones
+                    .iter()
+                    .find(|clone| clone.machine == disk.machine() && clone.disk == disk.name())
+                    .map(FailoverClone::spec),
             });
         }
         Ok(Running {
@@ -501,14 +653,16 @@ impl FailoverManager {
             .catalog()
             .resolve(&record.group, PointSelector::Id(record.point_id))
             .map_err(|resolve| resolve.to_string())?;
-        let definitions = self.write_definitions(running, record, &point, &materialized)?;
+        let definitions = self
+            .write_definitions(running, record, &point, &materialized)
+            .await?;
         record.definitions = definitions.clone();
         Ok((materialized, definitions))
     }
 
     /// One definition per machine: `<out>/<machine>/<machine>.{json,xml}` when materialising,
     /// else `<state_dir>/failover/<group>/machines/<machine>.{json,xml}`.
-    fn write_definitions(
+    async fn write_definitions(
         &self,
         running: &Running,
         record: &FailoverRecord,
@@ -516,6 +670,25 @@ impl FailoverManager {
         materialized: &BTreeMap<String, PathBuf>,
     ) -> Result<Vec<String>, String> {
         let mut machines: BTreeMap<(String, String), Vec<DiskDefinition>> = BTreeMap::new();
+        let rbd_access = match self.recovery.storage().as_rbd() {
+            Some(storage) if !record.rbd_clones.is_empty() => {
+                let pool = storage.pool().clone();
+                let mon_host = tokio::task::spawn_blocking(move || pool.mon_host())
+                    .await
+                    .map_err(|join| format!("reading mon_host: task failed: {join}"))?
+                    .map_err(|get| format!("the monitors for the definitions: {get}"))?;
+                let monitors = rbd_clone::monitors(&mon_host)
+                    .into_iter()
+                    .map(|(host, port)| RbdMonitor { host, port })
+                    .collect::<Vec<_>>();
+                Some((
+                    monitors,
+                    storage.client().to_string(),
+                    storage.libvirt_secret_usage(),
+                ))
+            }
+            _ => None,
+        };
         for ((source, disk), export) in running.disks.iter().zip(&running.exports) {
             machines
                 .entry((source.clone(), disk.machine().to_string()))
@@ -529,6 +702,24 @@ impl FailoverManager {
                     image: materialized
                         .get(&export.export_name)
                         .map(|path| path.display().to_string()),
+                    rbd: record
+                        .rbd_clones
+                        .iter()
+                        .find(|clone| {
+                            clone.source == *source
+                                && clone.machine == disk.machine()
+                                && clone.disk == disk.name()
+                        })
+                        .zip(rbd_access.as_ref())
+                        .map(
+                            |(clone, (monitors, user, secret_usage))| RbdDiskDefinition {
+                                pool: clone.pool.clone(),
+                                image: clone.clone.clone(),
+                                monitors: monitors.clone(),
+                                user: user.clone(),
+                                secret_usage: secret_usage.clone(),
+                            },
+                        ),
                 });
         }
         let mut written = Vec::new();
@@ -650,9 +841,19 @@ impl FailoverManager {
             return Err(format!("group {group:?} has no failover on this appliance"));
         };
         self.stop_running(&running).await;
+        let (record, exports) = (running.record.clone(), running.exports.len());
+        // The export's handles on the clones close with the last reference.
+        drop(running);
+        let failed = self.remove_clones(&record).await;
         self.remove_files(group);
-        tracing::info!(group = %group, test = running.record.test, "failover removed");
-        Ok(running.exports.len())
+        tracing::info!(group = %group, test = record.test, "failover removed");
+        if !failed.is_empty() {
+            return Err(format!(
+                "failover of {group:?} removed, but not all of its RBD images: {} (the next failover of the group removes them, or remove them with rbd)",
+                failed.join("; ")
+            ));
+        }
+        Ok(exports)
     }
 
     /// At appliance shutdown: stops every export and flushes the overlays; records stay, so

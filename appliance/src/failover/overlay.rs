@@ -3,6 +3,10 @@
 //! disk's size and set bits in a 4 KiB bitmap; reads take overlay blocks where written, else the
 //! view. The replica and the undo log are never written.
 //!
+//! On RBD the failover's disk is instead an RBD clone that already holds the point
+//! ([`FailoverDisk::on_image`], made by `rbd_clone.rs`): every read and write goes to the clone,
+//! which a hypervisor can also open directly; the view is kept for materialisation only.
+//!
 //! Writes not aligned to 4 KiB read-modify-write their edge blocks (under a striped lock, so two
 //! sub-block writes into one block both survive). The bitmap is persisted on flush, after the
 //! overlay's fdatasync: a bit on disk always names data that is durable in the overlay, so a
@@ -15,11 +19,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::apply::replica::Replica;
 use crate::apply::storage::sanitize;
 use crate::capture::disk::Change;
 use crate::capture::server::ExportBackend;
 use crate::core::nbd::ErrorCode;
 use crate::io::disk::{DirectMode, Disk, DiskOptions, IoBuf};
+use crate::io::rbd;
 
 /// Overlay granularity: a written block is served from the overlay as a whole.
 pub const OVERLAY_BLOCK_BYTES: u64 = 4096;
@@ -118,7 +124,10 @@ struct Inner {
     export_name: String,
     size_bytes: u64,
     view: Arc<dyn PointDisk>,
-    overlay: Disk,
+    /// The overlay file, or the RBD clone that holds the whole disk (`image_backed`).
+    overlay: Replica,
+    /// Every block is served from `overlay` (an RBD clone made at the point): no bitmap.
+    image_backed: bool,
     overlay_path: PathBuf,
     bitmap_path: PathBuf,
     /// Blocks the overlay holds (persisted on flush).
@@ -212,26 +221,69 @@ impl FailoverDisk {
             },
         )
         .map_err(|error| file_error(&overlay_path, "open")(io::Error::other(error)))?;
-        Ok(Self {
+        Ok(Self::new(Inner {
+            machine: machine.to_owned(),
+            name: name.to_owned(),
+            export_name,
+            size_bytes,
+            view,
+            overlay: Replica::File(overlay),
+            image_backed: false,
+            overlay_path,
+            bitmap_path,
+            written: Mutex::new(written),
+            dirty: Mutex::new(BlockSet::new(blocks)),
+            bitmap_stale: AtomicBool::new(false),
+            bitmap_write: tokio::sync::Mutex::new(()),
+            read_only: AtomicBool::new(false),
+            edge_locks: Vec::new(),
+        }))
+    }
+
+    /// A failover disk whose every block lives in `image`, an RBD clone that holds the point's
+    /// state (and the failed-over machine's writes since): reads and writes go to the clone;
+    /// `read_point` (materialisation) still reads `view`.
+    pub fn on_image(
+        machine: &str,
+        name: &str,
+        view: Arc<dyn PointDisk>,
+        image: rbd::Image,
+    ) -> Self {
+        let blocks = image.size().div_ceil(OVERLAY_BLOCK_BYTES);
+        let location = PathBuf::from(format!("rbd:{}", image.name()));
+        Self::new(Inner {
+            machine: machine.to_owned(),
+            name: name.to_owned(),
+            export_name: format!("{machine}/{name}"),
+            size_bytes: image.size(),
+            view,
+            overlay: Replica::Rbd(image),
+            image_backed: true,
+            overlay_path: location.clone(),
+            bitmap_path: location,
+            written: Mutex::new(BlockSet::default()),
+            dirty: Mutex::new(BlockSet::new(blocks)),
+            bitmap_stale: AtomicBool::new(false),
+            bitmap_write: tokio::sync::Mutex::new(()),
+            read_only: AtomicBool::new(false),
+            edge_locks: Vec::new(),
+        })
+    }
+
+    fn new(inner: Inner) -> Self {
+        Self {
             inner: Arc::new(Inner {
-                machine: machine.to_owned(),
-                name: name.to_owned(),
-                export_name,
-                size_bytes,
-                view,
-                overlay,
-                overlay_path,
-                bitmap_path,
-                written: Mutex::new(written),
-                dirty: Mutex::new(BlockSet::new(blocks)),
-                bitmap_stale: AtomicBool::new(false),
-                bitmap_write: tokio::sync::Mutex::new(()),
-                read_only: AtomicBool::new(false),
                 edge_locks: (0..EDGE_LOCK_STRIPES)
                     .map(|_| tokio::sync::Mutex::new(()))
                     .collect(),
+                ..inner
             }),
-        })
+        }
+    }
+
+    /// Whether the disk lives in an RBD clone rather than a local overlay.
+    pub fn is_image_backed(&self) -> bool {
+        self.inner.image_backed
     }
 
     pub fn machine(&self) -> &str {
@@ -382,7 +434,7 @@ impl FailoverDisk {
             while block * OVERLAY_BLOCK_BYTES < end {
                 let start = (block * OVERLAY_BLOCK_BYTES).max(offset);
                 let stop = ((block + 1) * OVERLAY_BLOCK_BYTES).min(end);
-                let in_overlay = written.contains(block);
+                let in_overlay = self.inner.image_backed || written.contains(block);
                 match segments.last_mut() {
                     Some(last) if last.2 == in_overlay && last.1 == start => last.1 = stop,
                     _ => segments.push((start, stop, in_overlay)),
@@ -522,9 +574,11 @@ impl FailoverDisk {
             }
         };
         if result.is_ok() {
-            lock(&self.inner.written).insert_range(first_block, end_block);
+            if !self.inner.image_backed {
+                lock(&self.inner.written).insert_range(first_block, end_block);
+                self.inner.bitmap_stale.store(true, Ordering::SeqCst);
+            }
             lock(&self.inner.dirty).insert_range(first_block, end_block);
-            self.inner.bitmap_stale.store(true, Ordering::SeqCst);
         }
         drop(guards);
         (result, data)

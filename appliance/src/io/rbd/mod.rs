@@ -82,6 +82,12 @@ extern "C" {
     ) -> c_int;
     fn rados_ioctx_destroy(ioctx: rados_ioctx_t);
     fn rados_getaddrs(cluster: rados_t, addrs: *mut *mut c_char) -> c_int;
+    fn rados_conf_get(
+        cluster: rados_t,
+        option: *const c_char,
+        buf: *mut c_char,
+        len: usize,
+    ) -> c_int;
 }
 
 #[link(name = "rbd")]
@@ -97,6 +103,14 @@ extern "C" {
         opts: rbd_image_options_t,
     ) -> c_int;
     fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
+    fn rbd_clone3(
+        p_ioctx: rados_ioctx_t,
+        p_name: *const c_char,
+        p_snapname: *const c_char,
+        c_ioctx: rados_ioctx_t,
+        c_name: *const c_char,
+        c_opts: rbd_image_options_t,
+    ) -> c_int;
     fn rbd_open(
         io: rados_ioctx_t,
         name: *const c_char,
@@ -125,6 +139,11 @@ extern "C" {
     fn rbd_snap_remove(image: rbd_image_t, name: *const c_char) -> c_int;
     fn rbd_snap_protect(image: rbd_image_t, name: *const c_char) -> c_int;
     fn rbd_snap_unprotect(image: rbd_image_t, name: *const c_char) -> c_int;
+    fn rbd_snap_is_protected(
+        image: rbd_image_t,
+        name: *const c_char,
+        is_protected: *mut c_int,
+    ) -> c_int;
     fn rbd_snap_list(image: rbd_image_t, snaps: *mut rbd_snap_info_t, max: *mut c_int) -> c_int;
     fn rbd_snap_list_end(snaps: *mut rbd_snap_info_t);
     fn rbd_diff_iterate2(
@@ -345,6 +364,28 @@ impl Cluster {
 }
 
 impl ClusterHandle {
+    /// The value of a configuration option as this client sees it (conf file and overrides).
+    fn conf_get(&self, option: &str) -> Result<String, RbdError> {
+        let key = c_string(option, "get conf option", option)?;
+        let mut capacity = 256usize;
+        loop {
+            let mut buf = vec![0u8; capacity];
+            // SAFETY: connected handle; `key` is NUL-terminated; `buf` has `capacity` writable
+            // bytes, which librados fills with a NUL-terminated value or refuses with
+            // ENAMETOOLONG.
+            let ret = unsafe {
+                rados_conf_get(self.raw, key.as_ptr(), buf.as_mut_ptr().cast(), capacity)
+            };
+            if ret == -libc::ENAMETOOLONG && capacity < 1 << 20 {
+                capacity *= 4;
+                continue;
+            }
+            check(ret, "get conf option", option)?;
+            let end = buf.iter().position(|&byte| byte == 0).unwrap_or(buf.len());
+            return Ok(String::from_utf8_lossy(&buf[..end]).into_owned());
+        }
+    }
+
     /// This client's messenger addresses, each as `ip:port/nonce` (`rados_getaddrs` prints an
     /// address vector, `[v2:ip:port/nonce,v1:...]` or a single address).
     fn addresses(&self) -> Result<Vec<String>, RbdError> {
@@ -469,6 +510,56 @@ impl Pool {
         // SAFETY: live ioctx; `c_name` NUL-terminated.
         let ret = unsafe { rbd_remove(self.inner.raw, c_name.as_ptr()) };
         check(ret, "remove image", &target)
+    }
+
+    /// Creates image `clone`, a copy-on-write child of snapshot `snapshot` of image `parent`
+    /// (`rbd_clone3`, layering; the snapshot must be protected for clone format 1, which a
+    /// cluster with old clients uses), with `features` and the parent's object size. Fails with
+    /// EEXIST if `clone` exists. Blocking.
+    pub fn clone_image(
+        &self,
+        parent: &str,
+        snapshot: &str,
+        clone: &str,
+        features: u64,
+    ) -> Result<(), RbdError> {
+        let target = format!(
+            "{}@{snapshot} -> {}",
+            self.target(parent),
+            self.target(clone)
+        );
+        let c_parent = c_string(parent, "clone image", &target)?;
+        let c_snapshot = c_string(snapshot, "clone image", &target)?;
+        let c_clone = c_string(clone, "clone image", &target)?;
+        let mut opts: rbd_image_options_t = ptr::null_mut();
+        // SAFETY: valid out-pointer; the options object is destroyed below on every path.
+        unsafe { rbd_image_options_create(&mut opts) };
+        // SAFETY: `opts` is a live options object; FEATURES is a uint64 option.
+        let mut ret =
+            unsafe { rbd_image_options_set_uint64(opts, IMAGE_OPTION_FEATURES, features) };
+        if ret == 0 {
+            // SAFETY: live ioctx (parent and child in this pool) and options; the three names
+            // are NUL-terminated and outlive the call.
+            ret = unsafe {
+                rbd_clone3(
+                    self.inner.raw,
+                    c_parent.as_ptr(),
+                    c_snapshot.as_ptr(),
+                    self.inner.raw,
+                    c_clone.as_ptr(),
+                    opts,
+                )
+            };
+        }
+        // SAFETY: `opts` came from rbd_image_options_create and is destroyed once.
+        unsafe { rbd_image_options_destroy(opts) };
+        check(ret, "clone image", &target)
+    }
+
+    /// The monitors as the client's conf names them (`mon_host`), e.g.
+    /// `v2:127.0.0.1:3300/0` or `10.0.0.1,10.0.0.2:6789`.
+    pub fn mon_host(&self) -> Result<String, RbdError> {
+        self.inner._cluster.conf_get("mon_host")
     }
 
     /// Opens image `name` for reading and writing (the head, not a snapshot).
@@ -958,6 +1049,17 @@ impl Image {
     /// Unprotects snapshot `name` (fails with EBUSY while clones of it exist).
     pub fn unprotect_snapshot(&self, name: &str) -> Result<(), RbdError> {
         self.snap_call("unprotect snapshot", name, rbd_snap_unprotect)
+    }
+
+    /// Whether snapshot `name` is protected.
+    pub fn is_snapshot_protected(&self, name: &str) -> Result<bool, RbdError> {
+        let target = format!("{}@{}", self.inner.label, name);
+        let c_name = c_string(name, "query snapshot protection", &target)?;
+        let mut protected: c_int = 0;
+        // SAFETY: open image; `c_name` NUL-terminated and alive; valid out-pointer.
+        let ret = unsafe { rbd_snap_is_protected(self.inner.raw, c_name.as_ptr(), &mut protected) };
+        check(ret, "query snapshot protection", &target)?;
+        Ok(protected != 0)
     }
 
     /// The image's snapshots, oldest first.

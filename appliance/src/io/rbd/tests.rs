@@ -169,6 +169,54 @@ async fn binding_against_a_real_cluster() {
     let error = image.remove_snapshot("p1").expect_err("remove protected");
     assert_eq!(error.errno(), Some(libc::EBUSY), "{error}");
     assert!(error.to_string().contains("rbd/disk-a@p1"), "{error}");
+    assert!(image.is_snapshot_protected("p1").unwrap());
+    assert!(!image.is_snapshot_protected("p2").unwrap());
+
+    // A clone of the protected snapshot (a failover's bootable image): it reads the snapshot,
+    // not the head; writes into it and into the parent stay apart; the snapshot cannot be
+    // unprotected while the clone exists.
+    pool.clone_image("disk-a", "p1", "disk-a+clone", REPLICA_FEATURES)
+        .expect("clone");
+    let error = pool
+        .clone_image("disk-a", "p1", "disk-a+clone", REPLICA_FEATURES)
+        .expect_err("second clone");
+    assert_eq!(error.errno(), Some(libc::EEXIST));
+    assert!(
+        error
+            .to_string()
+            .contains("rbd/disk-a@p1 -> rbd/disk-a+clone"),
+        "{error}"
+    );
+    let error = pool
+        .clone_image("disk-a", "nosnap", "disk-b+clone", REPLICA_FEATURES)
+        .expect_err("clone of a missing snapshot");
+    assert_eq!(error.errno(), Some(libc::ENOENT), "{error}");
+    let clone = pool.open_image("disk-a+clone").expect("open clone");
+    assert_eq!(clone.size(), 64 * MIB);
+    let (result, buf) = clone.read_at(40 * MIB, IoBuf::zeroed(4096)).await;
+    result.unwrap();
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "the clone shows the snapshot, not the head"
+    );
+    let (result, _) = clone
+        .write_at(48 * MIB, IoBuf::from_slice(&[0x5au8; 4096]))
+        .await;
+    result.unwrap();
+    clone.flush().await.unwrap();
+    let (result, buf) = image.read_at(48 * MIB, IoBuf::zeroed(4096)).await;
+    result.unwrap();
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "a clone write reached the parent"
+    );
+    let error = image
+        .unprotect_snapshot("p1")
+        .expect_err("unprotect with a clone");
+    assert_eq!(error.errno(), Some(libc::EBUSY), "{error}");
+    assert!(!pool.mon_host().unwrap().is_empty());
+    drop(clone);
+    pool.remove_image("disk-a+clone").expect("remove clone");
     image.unprotect_snapshot("p1").unwrap();
     image.remove_snapshot("p1").unwrap();
     image.remove_snapshot("p2").unwrap();
