@@ -10,7 +10,9 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_appliance::apply::peer::{PlannedPoint, ReadFuture, ReprotectDisk, ReprotectDisks};
+use ferry_appliance::apply::peer::{
+    DirtyFuture, PlannedPoint, ReadFuture, ReprotectDisk, ReprotectDisks,
+};
 use ferry_appliance::apply::{self, ApplyStatus, PeerControl, ReplicaStore, SettingsMapping};
 use ferry_appliance::capture::journal_handle::SharedJournal;
 use ferry_appliance::capture::{Capture, CaptureConfig, DiskSpec, Endpoint, ListenerSpec};
@@ -99,10 +101,10 @@ impl ReprotectDisk for MemDisk {
             self.bytes.lock().unwrap()[offset as usize..(offset + length) as usize].to_vec();
         Box::pin(async move { Ok(bytes) })
     }
-    fn take_dirty(&self) -> Vec<(u64, u64)> {
+    fn take_dirty(&self) -> DirtyFuture<'_> {
         let mut ranges = std::mem::take(&mut *self.dirty.lock().unwrap());
         ranges.sort_unstable();
-        ranges
+        Box::pin(async move { Ok(ranges) })
     }
 }
 

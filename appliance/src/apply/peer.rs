@@ -48,8 +48,13 @@ pub trait ReprotectDisk: Send + Sync {
     /// Reads `length` bytes at `offset` (inside the disk).
     fn read_at(&self, offset: u64, length: u64) -> ReadFuture<'_>;
     /// The ranges `(offset, length)` written since the previous call, sorted.
-    fn take_dirty(&self) -> Vec<(u64, u64)>;
+    fn take_dirty(&self) -> DirtyFuture<'_>;
 }
+
+/// What [`ReprotectDisk::take_dirty`] returns.
+pub type DirtyFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = std::io::Result<Vec<(u64, u64)>>> + Send + 'a>,
+>;
 
 /// What [`ReprotectDisk::read_at`] returns.
 pub type ReadFuture<'a> =
@@ -590,12 +595,15 @@ async fn answer_reprotect_read(
                 Err(read) => error(format!("reading {length} bytes at {offset}: {read}")),
             }
         }
-        PeerRequest::TakeDirty { .. } => (
-            PeerOutcome::Dirty {
-                ranges: coarsen_ranges(disk.take_dirty(), size),
-            },
-            Vec::new(),
-        ),
+        PeerRequest::TakeDirty { .. } => match disk.take_dirty().await {
+            Ok(ranges) => (
+                PeerOutcome::Dirty {
+                    ranges: coarsen_ranges(ranges, size),
+                },
+                Vec::new(),
+            ),
+            Err(take) => error(format!("the blocks written since the last round: {take}")),
+        },
         _ => error("not a reprotect read".to_string()),
     }
 }

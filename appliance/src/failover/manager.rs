@@ -36,7 +36,7 @@ use super::definition::{
 use super::overlay::{FailoverDisk, PointDisk};
 use super::rbd_clone::{self, FailoverClone};
 use crate::apply::catalog::{point_status, DiskView};
-use crate::apply::peer::{PeerControl, ReadFuture, ReprotectDisk, ReprotectDisks};
+use crate::apply::peer::{DirtyFuture, PeerControl, ReadFuture, ReprotectDisk, ReprotectDisks};
 use crate::apply::storage::{sanitize, write_bytes_atomic};
 use crate::apply::RecoveryStore;
 use crate::capture::server::{self, Endpoint, ExportSet};
@@ -145,8 +145,12 @@ impl ReprotectDisk for FailoverDisk {
         })
     }
 
-    fn take_dirty(&self) -> Vec<(u64, u64)> {
-        FailoverDisk::take_dirty(self)
+    fn take_dirty(&self) -> DirtyFuture<'_> {
+        Box::pin(async move {
+            FailoverDisk::take_changed(self)
+                .await
+                .map_err(io::Error::other)
+        })
     }
 }
 

@@ -139,6 +139,8 @@ struct Inner {
     bitmap_write: tokio::sync::Mutex<()>,
     read_only: AtomicBool,
     edge_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Image-backed: the clone's snapshot of the previous `take_changed` round.
+    round_snapshot: Mutex<Option<String>>,
 }
 
 /// One disk of a failover: a point view under a writable overlay. Cheap to clone.
@@ -237,6 +239,7 @@ impl FailoverDisk {
             bitmap_write: tokio::sync::Mutex::new(()),
             read_only: AtomicBool::new(false),
             edge_locks: Vec::new(),
+            round_snapshot: Mutex::new(None),
         }))
     }
 
@@ -267,6 +270,7 @@ impl FailoverDisk {
             bitmap_write: tokio::sync::Mutex::new(()),
             read_only: AtomicBool::new(false),
             edge_locks: Vec::new(),
+            round_snapshot: Mutex::new(None),
         })
     }
 
@@ -334,6 +338,47 @@ impl FailoverDisk {
                 (offset, end - offset)
             })
             .collect()
+    }
+
+    /// What changed since the previous call, for reprotect's rounds: [`Self::take_dirty`]; on
+    /// an RBD clone also every extent the clone changed since the previous round's snapshot of
+    /// it (the first round: every extent the clone holds itself), so writes of a machine booted
+    /// from the clone directly, not through the export, are found too. Each round snapshots
+    /// the clone (`ferry-reprotect+<n>`) and removes the round's predecessors.
+    pub async fn take_changed(&self) -> Result<Vec<(u64, u64)>, OverlayError> {
+        let mut ranges = self.take_dirty();
+        let Replica::Rbd(image) = &self.inner.overlay else {
+            return Ok(ranges);
+        };
+        let previous = lock(&self.inner.round_snapshot).clone();
+        let image = image.clone();
+        let (snapshot, changed) =
+            tokio::task::spawn_blocking(move || changed_since_round(&image, previous.as_deref()))
+                .await
+                .map_err(|join| io::Error::other(join.to_string()))
+                .and_then(|result| result.map_err(io::Error::other))
+                .map_err(|source| {
+                    self.io_error(
+                        "snapshot and diff the clone",
+                        0,
+                        self.inner.size_bytes,
+                        source,
+                    )
+                })?;
+        *lock(&self.inner.round_snapshot) = Some(snapshot);
+        ranges.extend(changed);
+        ranges.sort_unstable();
+        // Sorted and non-overlapping, as reprotect's callers expect.
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (offset, length) in ranges {
+            match merged.last_mut() {
+                Some((start, run)) if *start + *run >= offset => {
+                    *run = (*run).max(offset + length - *start);
+                }
+                _ => merged.push((offset, length)),
+            }
+        }
+        Ok(merged)
     }
 
     /// The point's bytes at `offset`, without the overlay (blocking: run it off the async
@@ -727,6 +772,42 @@ impl ExportBackend for FailoverDisk {
             _ => ErrorCode::Io,
         }
     }
+}
+
+/// The prefix of the snapshots reprotect's rounds take of a failover clone.
+pub const ROUND_SNAPSHOT_PREFIX: &str = "ferry-reprotect+";
+
+/// Snapshots `image` as the next round and returns that snapshot with the extents changed since
+/// `previous` (or, without one or when it is gone, every extent the image holds itself);
+/// removes every older round snapshot. Blocking.
+fn changed_since_round(
+    image: &rbd::Image,
+    previous: Option<&str>,
+) -> Result<(String, Vec<(u64, u64)>), rbd::RbdError> {
+    let existing = image.snapshots()?;
+    let rounds: Vec<&str> = existing
+        .iter()
+        .map(|snapshot| snapshot.name.as_str())
+        .filter(|name| name.starts_with(ROUND_SNAPSHOT_PREFIX))
+        .collect();
+    let next = rounds
+        .iter()
+        .filter_map(|name| name[ROUND_SNAPSHOT_PREFIX.len()..].parse::<u64>().ok())
+        .max()
+        .map_or(0, |last| last + 1);
+    let name = format!("{ROUND_SNAPSHOT_PREFIX}{next}");
+    image.create_snapshot(&name)?;
+    let from = previous.filter(|previous| rounds.contains(previous));
+    // Head against the previous round: a superset of this round's snapshot against it.
+    let changed = image
+        .diff(from, 0, image.size(), false)?
+        .into_iter()
+        .map(|extent| (extent.offset, extent.len))
+        .collect();
+    for old in rounds {
+        image.remove_snapshot(old)?;
+    }
+    Ok((name, changed))
 }
 
 /// The partial edge blocks of `[offset, end)` inside its 4 KiB-aligned hull

@@ -19,7 +19,7 @@
 //! `rbd ls` lists it beside its parent. The snapshot names the group and the point.
 //!
 //! Removing one (`remove`, at cleanup and failback, and before a new failover of the group):
-//! the clone, then every `ferry-failover+<group>+*` snapshot of the replica (unprotected
+//! the clone's own snapshots (reprotect's rounds), the clone, then every `ferry-failover+<group>+*` snapshot of the replica (unprotected
 //! first), so a failover that died before its record was written leaves nothing behind either.
 //! Everything here blocks on the cluster: callers on the runtime use `spawn_blocking`.
 
@@ -99,6 +99,22 @@ fn missing(error: &RbdError) -> bool {
 /// Removes the clone (if it exists), then every snapshot of its parent that a failover of
 /// `group` took (unprotected first). Blocking. Whatever is already gone is fine.
 pub fn remove(pool: &Pool, clone: &FailoverClone, group: &str) -> Result<(), String> {
+    // The clone's own snapshots (reprotect's rounds) first: RBD keeps an image with snapshots.
+    match pool.open_image(&clone.clone) {
+        Ok(image) => {
+            for snapshot in image.snapshots().map_err(describe)? {
+                if image
+                    .is_snapshot_protected(&snapshot.name)
+                    .map_err(describe)?
+                {
+                    image.unprotect_snapshot(&snapshot.name).map_err(describe)?;
+                }
+                image.remove_snapshot(&snapshot.name).map_err(describe)?;
+            }
+        }
+        Err(error) if missing(&error) => {}
+        Err(error) => return Err(describe(error)),
+    }
     let deadline = Instant::now() + REMOVE_BUSY_WAIT;
     loop {
         match pool.remove_image(&clone.clone) {
