@@ -97,7 +97,7 @@ pub struct GroupStatus {
     /// RPO threshold in seconds; lag above it raises an alert.
     pub rpo_threshold_seconds: f64,
     pub recovery_point_interval_seconds: f64,
-    /// Seconds since the latest recovery point, if any.
+    /// Seconds since the latest usable recovery point (one a failover can use now), if any.
     #[serde(default)]
     pub latest_point_age_seconds: Option<f64>,
     /// The retained recovery points of this group, oldest first (filled where the catalog

@@ -539,10 +539,22 @@ impl Model {
                 } else if state != GroupState::Protected {
                     Some(format!("group {group} is {state_word} already"))
                 } else if self.usable_points(group).is_empty() {
-                    Some(format!(
-                        "group {group} has no usable recovery point yet (one is cut every \
-                         interval once its disks are protected; r cuts one now)"
-                    ))
+                    let newest = self
+                        .group_status(group)
+                        .and_then(|status| status.recovery_points.last());
+                    Some(
+                        match newest.and_then(|point| point.unusable_reason.as_ref()) {
+                            Some(reason) => format!(
+                                "group {group} has no usable recovery point yet (the newest, #{}, \
+                             is {reason})",
+                                newest.map_or(0, |point| point.id)
+                            ),
+                            None => format!(
+                                "group {group} has no usable recovery point yet (one is cut every \
+                             interval once its disks are protected; r cuts one now)"
+                            ),
+                        },
+                    )
                 } else {
                     None
                 }
@@ -768,7 +780,7 @@ pub fn derive_alerts(snapshot: &StatusSnapshot, groups: &[GroupView]) -> Vec<Ale
             alerts.push(Alert {
                 severity: Severity::Warn,
                 text: format!(
-                    "group {} last recovery point {} ago",
+                    "group {} last usable recovery point {} ago",
                     status.name,
                     crate::format::seconds(status.latest_point_age_seconds.unwrap_or(0.0))
                 ),

@@ -1182,7 +1182,7 @@ fn draw_help(model: &Model, area: Rect, frame: &mut Frame) {
         Line::from(
             "  RPO: lag behind the source, ! when over the group's threshold; POINT: age of",
         ),
-        Line::from("  the group's latest recovery point; JOURNAL: cache journal fill."),
+        Line::from("  the group's newest usable recovery point; JOURNAL: cache journal fill."),
         Line::from("  Actions run in the appliance: closing this console never stops one halfway."),
     ]);
     let text = if theme.unicode {

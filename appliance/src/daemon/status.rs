@@ -578,8 +578,10 @@ impl StatusModel {
         }
         for group in &mut groups {
             if let Some(points) = recovery_points.get(&group.name) {
+                // The newest point a failover could use now (replicated, consistent, complete).
                 group.latest_point_age_seconds = points
                     .iter()
+                    .filter(|p| p.usable)
                     .map(|p| p.time_unix_ms)
                     .max()
                     .map(|latest_ms| now_unix_ms.saturating_sub(latest_ms) as f64 / 1000.0);
