@@ -428,14 +428,23 @@ impl FailoverManager {
             .pin(&group, record.point_id)
             .map_err(|pin| pin.to_string())?;
         let started = Instant::now();
-        let views = match self
-            .recovery
-            .view(&group, PointSelector::Id(record.point_id))
-        {
+        // Opening the views opens the replica images: blocking.
+        let views = {
+            let (recovery, view_group, id) =
+                (self.recovery.clone(), group.clone(), record.point_id);
+            tokio::task::spawn_blocking(move || {
+                recovery
+                    .view(&view_group, PointSelector::Id(id))
+                    .map_err(|view| view.to_string())
+            })
+            .await
+            .unwrap_or_else(|join| Err(format!("opening the point's views: task failed: {join}")))
+        };
+        let views = match views {
             Ok(views) => views,
-            Err(view) => {
+            Err(message) => {
                 self.recovery.unpin(&group, record.point_id);
-                return Err(view.to_string());
+                return Err(message);
             }
         };
         let mut written = 0u64;
