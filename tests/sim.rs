@@ -855,8 +855,9 @@ impl Sim {
             let held = (record.kind == RecordKind::SyncRef)
                 .then(|| self.source.core.held_sync_record(seq))
                 .flatten()
-                .map(|bytes| {
-                    let (held, _) = record::decode(bytes).expect("a held sync record decodes");
+                .map(|held| {
+                    let bytes = held.to_vec();
+                    let (held, _) = record::decode(&bytes).expect("a held sync record decodes");
                     assert_eq!(
                         (held.kind, held.seq, held.disk_id, held.offset, held.length),
                         (
@@ -1339,6 +1340,15 @@ impl Sim {
                 self.source.core.handle_extent_zero(
                     read.token,
                     read.seq_floor,
+                    &mut self.source.journal,
+                    now,
+                )
+            } else if self.rng.gen_bool(0.5) {
+                // As the daemon hands them: a shared buffer the held records keep slices of.
+                self.source.core.handle_extent_read_shared(
+                    read.token,
+                    read.seq_floor,
+                    &bytes::Bytes::from(data),
                     &mut self.source.journal,
                     now,
                 )

@@ -319,7 +319,7 @@ async fn run_session(
             },
             frame = frames.recv() => match frame {
                 Some(frame) => {
-                    if let Err(error) = target.handle_frame(&frame) {
+                    if let Err(error) = target.handle_frame_shared(&frame) {
                         tracing::warn!(source = %source, "refusing the source's stream: {error}");
                         result = Err(ApplyError::Session {
                             source_name: source.clone(),

@@ -182,13 +182,17 @@ struct Inner {
 
 /// Buffers of sync reads, reused across the process's disks (the core bounds the reads in
 /// flight for all disks together): a fresh 1 MiB allocation per extent cost page faults and
-/// zeroing on every read (benches/RESULTS.md, initial replication).
+/// zeroing on every read (benches/RESULTS.md, initial replication). The shipper keeps a read's
+/// buffer until the target acknowledges the records that hold slices of it, so the pool keeps
+/// enough for the reads in flight and the sync backlog of default-sized extents.
 fn sync_bufs() -> &'static BufPool {
     static POOL: OnceLock<BufPool> = OnceLock::new();
     POOL.get_or_init(|| {
         BufPool::new(
             limits::SYNC_EXTENT_BYTES_MAX,
-            limits::SYNC_READS_IN_FLIGHT_MAX + 4,
+            limits::SYNC_READS_IN_FLIGHT_MAX
+                + limits::SYNC_BACKLOG_BYTES_MAX / limits::SYNC_EXTENT_BYTES_DEFAULT
+                + 4,
         )
     })
 }

@@ -238,6 +238,51 @@ impl<'a> Record<'a> {
     }
 }
 
+/// An encoded record kept in memory as its header and a shared payload, so that a payload read
+/// into a buffer is neither copied into the record nor into the frame that carries it: its
+/// encoding is `header`, then `payload`, then `padding` zero bytes.
+#[derive(Clone, Debug)]
+pub struct HeldRecord {
+    pub header: [u8; RECORD_HEADER_BYTES],
+    pub payload: bytes::Bytes,
+    pub padding: usize,
+}
+
+impl HeldRecord {
+    /// Bytes of its encoding, padding included.
+    pub fn encoded_len(&self) -> usize {
+        RECORD_HEADER_BYTES + self.payload.len() + self.padding
+    }
+
+    /// Its encoding in one buffer.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        out.extend_from_slice(&self.header);
+        out.extend_from_slice(&self.payload);
+        out.resize(self.encoded_len(), 0);
+        out
+    }
+}
+
+impl Record<'_> {
+    /// Like [`Record::to_vec_in_memory`] (one hash pass, the receiver verifies), but keeps
+    /// `shared` — the same bytes as `self.payload` — as the payload instead of copying it.
+    pub fn to_held(&self, shared: bytes::Bytes) -> Result<HeldRecord, RecordError> {
+        debug_assert_eq!(
+            &shared[..],
+            self.payload,
+            "the shared payload is the record's"
+        );
+        let (header, _checksum) = self.linked_header(0)?;
+        let padding = self.encoded_len() - RECORD_HEADER_BYTES - self.payload.len();
+        Ok(HeldRecord {
+            header,
+            payload: shared,
+            padding,
+        })
+    }
+}
+
 /// Bytes a record with `payload_len` bytes of payload occupies, padding included.
 pub const fn encoded_len_for_payload(payload_len: usize) -> usize {
     let raw = RECORD_HEADER_BYTES + payload_len;

@@ -101,9 +101,10 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::config::MachineSettings;
 use crate::core::journal::{Journal, JournalError, RecordSpec, SegmentStore};
-use crate::core::record::{encoded_len_for_payload, Record, RecordKind, Seq};
+use crate::core::record::{encoded_len_for_payload, HeldRecord, Record, RecordKind, Seq};
 use crate::core::wire::{
-    self, DiskAnnouncement, ErrorCode, Frame, HashRequest, Message, WelcomeDisk, WireError,
+    self, DiskAnnouncement, ErrorCode, Frame, HashRequest, Message, RecordBytes, WelcomeDisk,
+    WireError,
 };
 use crate::limits;
 
@@ -548,7 +549,7 @@ struct SyncUnacked {
     /// Bytes it occupies on the wire (the backlog's unit).
     bytes: u64,
     /// For a `SyncRef`: the encoded `ResyncExtent` shipped in its place.
-    record: Option<Vec<u8>>,
+    record: Option<HeldRecord>,
 }
 
 fn overlaps(a_offset: u64, a_length: u64, b_offset: u64, b_length: u64) -> bool {
@@ -1158,7 +1159,7 @@ impl Source {
     ) -> Result<Option<Frame>, SourceError> {
         let durable = journal.durable_seq();
         // Each record is read (and verified) once: its bytes go into the frame as they are.
-        let mut records: Vec<&[u8]> = Vec::new();
+        let mut records: Vec<RecordBytes<'_>> = Vec::new();
         let mut seqs = Vec::new();
         let mut frame_bytes = 0usize;
         let mut seq = self.next_send_seq;
@@ -1167,16 +1168,19 @@ impl Source {
             && frame_bytes < self.config.frame_bytes_target
         {
             let record = match self.held_sync_record(seq) {
-                Some(held) => held,
-                None => journal
-                    .record_bytes(seq)
-                    .ok_or(SourceError::MissingRecord {
+                Some(held) => RecordBytes::Held(held),
+                None => RecordBytes::Encoded(journal.record_bytes(seq).ok_or(
+                    SourceError::MissingRecord {
                         seq,
                         first_seq: journal.first_seq(),
                         last_seq: journal.last_seq(),
-                    })?,
+                    },
+                )?),
             };
-            let bytes = record.len();
+            let bytes = match record {
+                RecordBytes::Held(held) => held.encoded_len(),
+                RecordBytes::Encoded(encoded) => encoded.len(),
+            };
             let window_full =
                 self.in_flight_bytes + frame_bytes + bytes > self.config.window_bytes_max;
             let frame_full = frame_bytes + bytes > limits::FRAME_BODY_BYTES_MAX - 8;
@@ -1194,8 +1198,9 @@ impl Source {
         if seqs.is_empty() {
             return Ok(None);
         }
-        // The exact journal bytes go on the wire; the target verifies each record again.
-        let frame = Frame::records_sized(records, frame_bytes);
+        // The exact journal bytes go on the wire (held payloads as they are, not copied); the
+        // target verifies each record again.
+        let frame = Frame::records_held(records, frame_bytes);
         if self.in_flight.is_empty() {
             self.last_progress_ns = now;
         }
@@ -1209,12 +1214,12 @@ impl Source {
 
     /// The encoded `ResyncExtent` held for the journal's `SyncRef` at `seq` (not yet
     /// acknowledged by the target), if this state machine appended it.
-    pub fn held_sync_record(&self, seq: Seq) -> Option<&[u8]> {
+    pub fn held_sync_record(&self, seq: Seq) -> Option<&HeldRecord> {
         let index = self
             .sync_unacked
             .binary_search_by_key(&seq, |held| held.seq)
             .ok()?;
-        self.sync_unacked[index].record.as_deref()
+        self.sync_unacked[index].record.as_ref()
     }
 
     /// Journal space the target acknowledged durable: pass to `journal.release`.
@@ -1288,7 +1293,21 @@ impl Source {
         journal: &mut impl ShipJournal,
         now: u64,
     ) -> Result<(), SourceError> {
-        self.extent_arrived(token, seq_floor, Some(data), journal, now)
+        self.extent_arrived(token, seq_floor, Some(data), None, journal, now)
+    }
+
+    /// Like [`Source::handle_extent_read`], with the bytes in a shared buffer: the runs to send
+    /// keep slices of it until acknowledged instead of copies, when they are most of it (a few
+    /// small runs are copied, so that they do not hold a whole extent's buffer).
+    pub fn handle_extent_read_shared(
+        &mut self,
+        token: u64,
+        seq_floor: Seq,
+        data: &bytes::Bytes,
+        journal: &mut impl ShipJournal,
+        now: u64,
+    ) -> Result<(), SourceError> {
+        self.extent_arrived(token, seq_floor, Some(data), Some(data), journal, now)
     }
 
     /// An `ExtentRead` the driver knows reads as zeros without reading it (a hole of a sparse
@@ -1300,7 +1319,7 @@ impl Source {
         journal: &mut impl ShipJournal,
         now: u64,
     ) -> Result<(), SourceError> {
-        self.extent_arrived(token, seq_floor, None, journal, now)
+        self.extent_arrived(token, seq_floor, None, None, journal, now)
     }
 
     /// Which blocks of an extent must travel (`None` data: all zero).
@@ -1383,6 +1402,7 @@ impl Source {
         token: u64,
         seq_floor: Seq,
         data: Option<&[u8]>,
+        shared: Option<&bytes::Bytes>,
         journal: &mut impl ShipJournal,
         now: u64,
     ) -> Result<(), SourceError> {
@@ -1429,6 +1449,9 @@ impl Source {
         }
         let mut last_seq = 0;
         let mut bytes_sent = 0;
+        // Slices of the read's buffer only when the runs are most of it.
+        let run_bytes: u64 = runs.iter().map(|(start, end)| end - start).sum();
+        let shared = shared.filter(|_| run_bytes.saturating_mul(2) >= read.length);
         for &(start, end) in &runs {
             let payload = data.map_or(&[][..], |data| &data[start as usize..end as usize]);
             let zero = is_zero(payload);
@@ -1482,6 +1505,10 @@ impl Source {
             );
             let payload = if zero { &[][..] } else { payload };
             let record = (!zero).then(|| {
+                let kept = match shared {
+                    Some(shared) => shared.slice(start as usize..end as usize),
+                    None => bytes::Bytes::copy_from_slice(payload),
+                };
                 Record {
                     kind: RecordKind::ResyncExtent,
                     disk_id: spec.disk_id,
@@ -1489,9 +1516,9 @@ impl Source {
                     offset: spec.offset,
                     length: spec.length,
                     timestamp_ns: now,
-                    payload,
+                    payload: &kept,
                 }
-                .to_vec_in_memory()
+                .to_held(kept.clone())
                 .expect("a run of one extent fits a record (SYNC_EXTENT_BYTES_MAX)")
             });
             let record_bytes = encoded_len_for_payload(payload.len()) as u64;

@@ -47,7 +47,8 @@ pub enum DiskOp {
         seq: Seq,
         disk_id: u32,
         offset: u64,
-        data: Vec<u8>,
+        /// A slice of the received frame when it came in a shared buffer (not copied).
+        data: bytes::Bytes,
     },
     /// Make `length` bytes at `offset` read as zeroes (zero and trim records).
     Zero {
@@ -255,12 +256,26 @@ impl Target {
 
     /// One complete frame from the source.
     pub fn handle_frame(&mut self, bytes: &[u8]) -> Result<(), TargetError> {
+        self.handle_frame_in(bytes, None)
+    }
+
+    /// Like [`Target::handle_frame`], with the frame in a shared buffer: the payloads of the
+    /// `DiskOp::Write`s it yields are slices of it, not copies.
+    pub fn handle_frame_shared(&mut self, frame: &bytes::Bytes) -> Result<(), TargetError> {
+        self.handle_frame_in(frame, Some(frame))
+    }
+
+    fn handle_frame_in(
+        &mut self,
+        bytes: &[u8],
+        shared: Option<&bytes::Bytes>,
+    ) -> Result<(), TargetError> {
         if matches!(self.phase, Phase::Idle | Phase::Closed) {
             return Ok(());
         }
         let result = wire::decode_frame(bytes)
             .map_err(TargetError::from)
-            .and_then(|message| self.handle_message(message));
+            .and_then(|message| self.handle_message(message, shared));
         if let Err(error) = &result {
             self.phase = Phase::Closed;
             self.transmit.clear();
@@ -272,7 +287,12 @@ impl Target {
         result
     }
 
-    fn handle_message(&mut self, message: Message<'_>) -> Result<(), TargetError> {
+    /// `shared`: the buffer `message` was decoded from, when it is one.
+    fn handle_message(
+        &mut self,
+        message: Message<'_>,
+        shared: Option<&bytes::Bytes>,
+    ) -> Result<(), TargetError> {
         match message {
             Message::Hello {
                 source_name,
@@ -351,7 +371,10 @@ impl Target {
                                 seq: record.seq,
                                 disk_id: record.disk_id,
                                 offset: record.offset,
-                                data: record.payload.to_vec(),
+                                data: match shared {
+                                    Some(frame) => frame.slice_ref(record.payload),
+                                    None => bytes::Bytes::copy_from_slice(record.payload),
+                                },
                             })
                         }
                         RecordKind::Zero | RecordKind::Trim => {

@@ -25,11 +25,12 @@
 //! Hello without machines carries no extension and is byte-identical to one from before it, so
 //! a source that omits it still works with a target that knows it.
 
+use bytes::Bytes;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::config::MachineSettings;
-use crate::core::record::{self, Record, RecordError, Seq};
+use crate::core::record::{self, HeldRecord, Record, RecordError, Seq};
 use crate::limits::{
     FRAME_BODY_BYTES_MAX, FRAME_HEADER_BYTES, HASH_BLOCKS_PER_RESPONSE_MAX, HASH_BLOCK_BYTES_MIN,
     HASH_EXTENTS_PER_REQUEST_MAX, HELLO_DISKS_MAX, NAME_BYTES_MAX, RECORD_HEADER_BYTES,
@@ -106,6 +107,15 @@ impl FrameKind {
     }
 }
 
+/// One record of a records frame being built (`Frame::records_held`).
+#[derive(Clone, Copy, Debug)]
+pub enum RecordBytes<'r> {
+    /// An encoded record (as stored in the journal), copied into the frame.
+    Encoded(&'r [u8]),
+    /// A record held in memory: its payload is shared into the frame, not copied.
+    Held(&'r HeldRecord),
+}
+
 /// The frame header. Little-endian and unaligned so it can be read from any buffer position.
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
@@ -156,14 +166,21 @@ fn malformed(kind: FrameKind, reason: impl Into<String>) -> WireError {
 /// An encoded frame (header and body), ready to be written to a stream.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Frame {
+    /// The frame's bytes, or its first part when `pieces` is not empty.
     bytes: Vec<u8>,
+    /// The rest of the frame, in order, as shared buffers (held sync payloads): sent as they
+    /// are, without being copied into one buffer (`into_pieces`).
+    pieces: Vec<Bytes>,
+    /// `bytes` and `pieces` joined, made only when a contiguous view is asked for (tests, the
+    /// simulator).
+    joined: std::sync::OnceLock<Vec<u8>>,
 }
 
 impl core::fmt::Debug for Frame {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Frame")
             .field("kind", &FrameKind::from_u8(self.bytes[6]))
-            .field("len", &self.bytes.len())
+            .field("len", &self.len())
             .finish()
     }
 }
@@ -533,7 +550,7 @@ impl Builder {
         header.checksum = checksum.into();
         let mut bytes = self.bytes;
         bytes[..FRAME_HEADER_BYTES].copy_from_slice(header.as_bytes());
-        Frame { bytes }
+        Frame::contiguous(bytes)
     }
 }
 
@@ -706,6 +723,87 @@ impl Frame {
         builder.finish()
     }
 
+    /// A records frame of encoded records (`RecordBytes::Encoded`, copied into the frame) and
+    /// held records (`RecordBytes::Held`, whose shared payloads become pieces of the frame,
+    /// not copied); `encoded_bytes` is their total encoded length.
+    pub fn records_held<'r>(
+        records: impl IntoIterator<Item = RecordBytes<'r>>,
+        encoded_bytes: usize,
+    ) -> Frame {
+        let fixed = RecordsFixed {
+            count: 0.into(),
+            reserved: 0.into(),
+        };
+        let fixed_bytes = std::mem::size_of::<RecordsFixed>();
+        let body_len = fixed_bytes + encoded_bytes;
+        // Frames are built by this process from bounded inputs; exceeding the bound is a bug.
+        assert!(
+            body_len <= FRAME_BODY_BYTES_MAX,
+            "frame body {body_len} over the limit"
+        );
+        let mut head = Vec::with_capacity(FRAME_HEADER_BYTES + fixed_bytes + (64 << 10));
+        head.resize(FRAME_HEADER_BYTES, 0);
+        head.extend_from_slice(fixed.as_bytes());
+        let mut pieces: Vec<Bytes> = Vec::new();
+        // Bytes copied after the last piece (they become a piece before the next one).
+        let mut run: Vec<u8> = Vec::new();
+        let mut headers: Vec<[u8; RECORD_HEADER_BYTES]> = Vec::new();
+        let mut count = 0u32;
+        let mut written = 0usize;
+        for record in records {
+            let header = match record {
+                RecordBytes::Encoded(bytes) => bytes,
+                RecordBytes::Held(held) => &held.header[..],
+            };
+            let mut copied = [0u8; RECORD_HEADER_BYTES];
+            let at = header.len().min(RECORD_HEADER_BYTES);
+            copied[..at].copy_from_slice(&header[..at]);
+            headers.push(copied);
+            if pieces.is_empty() {
+                head.extend_from_slice(header);
+            } else {
+                run.extend_from_slice(header);
+            }
+            match record {
+                RecordBytes::Encoded(bytes) => written += bytes.len(),
+                RecordBytes::Held(held) => {
+                    if !run.is_empty() {
+                        pieces.push(Bytes::from(std::mem::take(&mut run)));
+                    }
+                    pieces.push(held.payload.clone());
+                    run.resize(held.padding, 0);
+                    written += held.encoded_len();
+                }
+            }
+            count += 1;
+        }
+        if !run.is_empty() {
+            pieces.push(Bytes::from(run));
+        }
+        assert_eq!(written, encoded_bytes, "records frame size given wrongly");
+        head[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + 4].copy_from_slice(&count.to_le_bytes());
+        let mut header = FrameHeader {
+            magic: FRAME_MAGIC.into(),
+            version: PROTOCOL_VERSION.into(),
+            kind: FrameKind::Records as u8,
+            flags: 0,
+            body_len: (body_len as u32).into(),
+            checksum: 0.into(),
+        };
+        let checksum = records_frame_checksum(
+            &header,
+            &head[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + fixed_bytes],
+            headers.iter().map(|header| &header[..]),
+        );
+        header.checksum = checksum.into();
+        head[..FRAME_HEADER_BYTES].copy_from_slice(header.as_bytes());
+        Frame {
+            bytes: head,
+            pieces,
+            joined: std::sync::OnceLock::new(),
+        }
+    }
+
     /// A records frame encoding `records` (as read from the journal) straight into the frame:
     /// the bytes are exactly the journal encoding, re-verified as they are written.
     pub fn records_from<'r>(
@@ -829,7 +927,7 @@ impl Frame {
     /// Rebuilds a frame from bytes received from a peer, verifying it completely.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Frame, WireError> {
         decode_frame(&bytes)?;
-        Ok(Frame { bytes })
+        Ok(Frame::contiguous(bytes))
     }
 
     pub fn kind(&self) -> FrameKind {
@@ -837,25 +935,57 @@ impl Frame {
         FrameKind::from_u8(self.bytes[6]).expect("frame kind set by a constructor")
     }
 
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
+    fn contiguous(bytes: Vec<u8>) -> Frame {
+        Frame {
+            bytes,
+            pieces: Vec::new(),
+            joined: std::sync::OnceLock::new(),
+        }
     }
 
+    /// The frame in one buffer (joined once if it was built in pieces).
+    pub fn as_bytes(&self) -> &[u8] {
+        if self.pieces.is_empty() {
+            return &self.bytes;
+        }
+        self.joined.get_or_init(|| {
+            let mut joined = Vec::with_capacity(self.len());
+            joined.extend_from_slice(&self.bytes);
+            for piece in &self.pieces {
+                joined.extend_from_slice(piece);
+            }
+            joined
+        })
+    }
+
+    /// The frame in one buffer (joined if it was built in pieces: prefer `into_pieces` to send).
     pub fn into_bytes(self) -> Vec<u8> {
-        self.bytes
+        if self.pieces.is_empty() {
+            return self.bytes;
+        }
+        self.as_bytes().to_vec()
+    }
+
+    /// The frame's bytes as the buffers it was built from, in order: the shared payloads of
+    /// held records are not copied.
+    pub fn into_pieces(self) -> Vec<Bytes> {
+        let mut pieces = Vec::with_capacity(1 + self.pieces.len());
+        pieces.push(Bytes::from(self.bytes));
+        pieces.extend(self.pieces);
+        pieces
     }
 
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.bytes.len() + self.pieces.iter().map(Bytes::len).sum::<usize>()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.len() == 0
     }
 
     /// Decodes this frame (cannot fail for frames built here, but a peer's bytes are checked).
     pub fn decode(&self) -> Result<Message<'_>, WireError> {
-        decode_frame(&self.bytes)
+        decode_frame(self.as_bytes())
     }
 }
 

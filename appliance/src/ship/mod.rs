@@ -408,7 +408,7 @@ impl Shipper {
             let mut send_error = None;
             for frame in out {
                 let bytes = frame.len() as u64;
-                if let Err(error) = sender.send(Bytes::from(frame.into_bytes())).await {
+                if let Err(error) = sender.send_pieces(frame.into_pieces()).await {
                     send_error = Some(error.to_string());
                     break;
                 }
@@ -497,8 +497,10 @@ impl Shipper {
                     let (handled, before, after) = {
                         let mut journal = self.journal.lock();
                         let before = journal.last_seq();
-                        let handled = match &data {
-                            SyncData::Bytes(data) => core.handle_extent_read(token, seq_floor, data, &mut *journal, now()),
+                        let handled = match data {
+                            // Held records keep slices of the read's buffer: not copied again
+                            // before the transport.
+                            SyncData::Bytes(buf) => core.handle_extent_read_shared(token, seq_floor, &Bytes::from_owner(buf), &mut *journal, now()),
                             SyncData::Zero => core.handle_extent_zero(token, seq_floor, &mut *journal, now()),
                         };
                         (handled, before, journal.last_seq())

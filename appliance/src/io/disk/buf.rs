@@ -128,6 +128,13 @@ impl IoBuf {
     }
 }
 
+/// For `bytes::Bytes::from_owner`: a read buffer shared by the records that keep slices of it.
+impl AsRef<[u8]> for IoBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
 impl Deref for IoBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

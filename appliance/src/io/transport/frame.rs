@@ -120,24 +120,31 @@ impl FrameSender {
     /// Not cancel-safe: dropping the future mid-frame leaves a partial frame on the stream, so
     /// the connection must then be closed (the ship layer reconnects and resends).
     pub async fn send(&mut self, frame: Bytes) -> Result<(), TransportError> {
-        if frame.len() > self.frame_bytes_max {
+        self.send_pieces(vec![frame]).await
+    }
+
+    /// Sends one frame given as the buffers it was built from, in order (`wire::Frame::
+    /// into_pieces`): none is copied into another before the stream takes them.
+    pub async fn send_pieces(&mut self, pieces: Vec<Bytes>) -> Result<(), TransportError> {
+        let frame_bytes: usize = pieces.iter().map(Bytes::len).sum();
+        if frame_bytes > self.frame_bytes_max {
             return Err(TransportError::FrameTooLarge {
                 class: self.class,
                 peer_address: self.peer_address,
-                frame_bytes: frame.len() as u64,
+                frame_bytes: frame_bytes as u64,
                 frame_bytes_max: self.frame_bytes_max,
             });
         }
         if self.class.is_rate_limited() {
             if let Some(limiter) = &self.limiter {
                 limiter
-                    .acquire((FRAME_LENGTH_PREFIX_BYTES + frame.len()) as u64)
+                    .acquire((FRAME_LENGTH_PREFIX_BYTES + frame_bytes) as u64)
                     .await;
             }
         }
-        // frame_bytes_max is checked at construction to fit in u32.
-        let length = frame.len() as u32;
-        let mut chunks = [Bytes::copy_from_slice(&length.to_le_bytes()), frame];
+        let mut chunks = Vec::with_capacity(1 + pieces.len());
+        chunks.push(Bytes::copy_from_slice(&(frame_bytes as u32).to_le_bytes()));
+        chunks.extend(pieces.into_iter().filter(|piece| !piece.is_empty()));
         self.stream
             .write_all_chunks(&mut chunks)
             .await
@@ -148,7 +155,6 @@ impl FrameSender {
             })
     }
 
-    /// Writes bytes without a length prefix: only for the stream set-up preamble.
     pub(crate) async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
         self.stream
             .write_all(bytes)
