@@ -223,19 +223,6 @@ impl<'a> Record<'a> {
         self.encode_into(&mut out)?;
         Ok(out)
     }
-
-    /// Encodes into a new vector with one hash pass and one copy of the payload, and without
-    /// decoding it again: for a record that is kept in memory until it is sent (a sync
-    /// payload), where no store could have changed it; the receiver verifies it.
-    pub fn to_vec_in_memory(&self) -> Result<Vec<u8>, RecordError> {
-        let (header, _checksum) = self.linked_header(0)?;
-        let total = self.encoded_len();
-        let mut out = Vec::with_capacity(total);
-        out.extend_from_slice(&header);
-        out.extend_from_slice(self.payload);
-        out.resize(total, 0);
-        Ok(out)
-    }
 }
 
 /// An encoded record kept in memory as its header and a shared payload, so that a payload read
@@ -265,8 +252,10 @@ impl HeldRecord {
 }
 
 impl Record<'_> {
-    /// Like [`Record::to_vec_in_memory`] (one hash pass, the receiver verifies), but keeps
-    /// `shared` — the same bytes as `self.payload` — as the payload instead of copying it.
+    /// Encodes for a record kept in memory until it is sent (a sync payload), with one hash
+    /// pass and without decoding it again — no store could have changed it; the receiver
+    /// verifies it — keeping `shared` (the same bytes as `self.payload`) as the payload
+    /// instead of copying it.
     pub fn to_held(&self, shared: bytes::Bytes) -> Result<HeldRecord, RecordError> {
         debug_assert_eq!(
             &shared[..],
@@ -415,7 +404,11 @@ mod tests {
                 timestamp_ns: 5,
                 payload: &payload,
             };
-            assert_eq!(record.to_vec_in_memory().unwrap(), record.to_vec().unwrap());
+            let shared = bytes::Bytes::from(payload.clone());
+            assert_eq!(
+                record.to_held(shared).unwrap().to_vec(),
+                record.to_vec().unwrap()
+            );
         }
     }
 }

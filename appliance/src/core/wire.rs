@@ -695,32 +695,15 @@ impl Frame {
     /// A records frame from already-encoded records (exact journal bytes, padding included).
     /// Each slice must hold exactly one encoded record; the receiver verifies each.
     pub fn records<'r>(encoded: impl IntoIterator<Item = &'r [u8]>) -> Frame {
-        Self::records_sized(encoded, 64 << 10)
-    }
-
-    /// [`Frame::records`] with the frame allocated once for `encoded_bytes` of records (their
-    /// total length), so that a large frame is not copied again as it grows.
-    pub fn records_sized<'r>(
-        encoded: impl IntoIterator<Item = &'r [u8]>,
-        encoded_bytes: usize,
-    ) -> Frame {
-        let capacity = encoded_bytes.saturating_add(std::mem::size_of::<RecordsFixed>());
-        let mut builder = Builder::new(FrameKind::Records, capacity.min(FRAME_BODY_BYTES_MAX));
-        builder.put(
-            RecordsFixed {
-                count: 0.into(),
-                reserved: 0.into(),
-            }
-            .as_bytes(),
-        );
-        let mut count = 0u32;
-        for bytes in encoded {
-            builder.put(bytes);
-            count += 1;
-        }
-        let count_at = FRAME_HEADER_BYTES;
-        builder.bytes[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
-        builder.finish()
+        let records: Vec<RecordBytes<'r>> = encoded.into_iter().map(RecordBytes::Encoded).collect();
+        let encoded_bytes = records
+            .iter()
+            .map(|record| match record {
+                RecordBytes::Encoded(bytes) => bytes.len(),
+                RecordBytes::Held(held) => held.encoded_len(),
+            })
+            .sum();
+        Self::records_held(records, encoded_bytes)
     }
 
     /// A records frame of encoded records (`RecordBytes::Encoded`, copied into the frame) and
@@ -741,7 +724,16 @@ impl Frame {
             body_len <= FRAME_BODY_BYTES_MAX,
             "frame body {body_len} over the limit"
         );
-        let mut head = Vec::with_capacity(FRAME_HEADER_BYTES + fixed_bytes + (64 << 10));
+        let records: Vec<RecordBytes<'r>> = records.into_iter().collect();
+        // Room for what is copied: encoded records, and the headers and padding of held ones.
+        let copied_bytes: usize = records
+            .iter()
+            .map(|record| match record {
+                RecordBytes::Encoded(bytes) => bytes.len(),
+                RecordBytes::Held(held) => RECORD_HEADER_BYTES + held.padding,
+            })
+            .sum();
+        let mut head = Vec::with_capacity(FRAME_HEADER_BYTES + fixed_bytes + copied_bytes);
         head.resize(FRAME_HEADER_BYTES, 0);
         head.extend_from_slice(fixed.as_bytes());
         let mut pieces: Vec<Bytes> = Vec::new();
@@ -1398,6 +1390,59 @@ pub fn extent_hash(data: &[u8]) -> u128 {
 mod tests {
     use super::*;
     use crate::core::record::RecordKind;
+
+    #[test]
+    fn a_records_frame_built_in_pieces_is_the_contiguous_one() {
+        let payloads: Vec<Vec<u8>> = [4096usize, 5, 0, 1 << 20]
+            .iter()
+            .map(|&len| (0..len).map(|index| (index * 7 + len) as u8).collect())
+            .collect();
+        let records: Vec<Record<'_>> = payloads
+            .iter()
+            .enumerate()
+            .map(|(index, payload)| Record {
+                kind: RecordKind::ResyncExtent,
+                disk_id: 1,
+                seq: 10 + index as u64,
+                offset: 4096 * index as u64,
+                length: payload.len() as u64,
+                timestamp_ns: 3,
+                payload,
+            })
+            .collect();
+        let encoded: Vec<Vec<u8>> = records.iter().map(|r| r.to_vec().unwrap()).collect();
+        let held: Vec<HeldRecord> = records
+            .iter()
+            .map(|record| {
+                record
+                    .to_held(Bytes::copy_from_slice(record.payload))
+                    .unwrap()
+            })
+            .collect();
+        // Held and encoded records mixed, in both orders.
+        let mixed: Vec<RecordBytes<'_>> = (0..records.len())
+            .map(|index| match index % 2 {
+                0 => RecordBytes::Held(&held[index]),
+                _ => RecordBytes::Encoded(&encoded[index]),
+            })
+            .collect();
+        let total: usize = encoded.iter().map(Vec::len).sum();
+        let contiguous = Frame::records(encoded.iter().map(Vec::as_slice));
+        let pieces = Frame::records_held(mixed, total);
+        assert_eq!(pieces.len(), contiguous.len());
+        assert_eq!(pieces.as_bytes(), contiguous.as_bytes());
+        let sent: Vec<u8> = pieces.into_pieces().concat();
+        assert_eq!(sent, contiguous.as_bytes());
+        match decode_frame(&sent).unwrap() {
+            Message::Records(decoded) => {
+                assert_eq!(decoded.len(), records.len());
+                for (decoded, record) in decoded.iter().zip(&records) {
+                    assert_eq!((decoded.seq, decoded.payload), (record.seq, record.payload));
+                }
+            }
+            other => panic!("not records: {other:?}"),
+        }
+    }
 
     fn sample_disks() -> Vec<DiskAnnouncement> {
         vec![
