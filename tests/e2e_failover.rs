@@ -313,7 +313,7 @@ on_both_backends!(
 fn test_failovers_to_two_points_read_each_points_data_while_replication_continues(
     backend: Backend,
 ) {
-    let site = site(backend);
+    let mut site = site(backend);
     io(&site.export, &["write -P 0xa1 0 1M"]);
     let p1 = cut_point(&site);
     io(
@@ -447,6 +447,12 @@ fn test_failovers_to_two_points_read_each_points_data_while_replication_continue
     assert!(same_bytes(&out.join("web-1").join("os.raw"), &expected));
     // Replication wrote 0xc3 at 8M after P2: not in P2's clone.
     check_clone(&site, &answer, &expected);
+    // The failover record is all a restarted target needs to bring the test failover back and
+    // to remove it (with its clone and snapshot on RBD).
+    site.target.stop();
+    site.target.start();
+    wait_state(&site.target, "test-failover");
+    io(&socket, &["read -P 0xb2 0 1M", "read -P 0 8M 1M"]);
     ferry_ok(&site.target, &["failover", "cleanup", "--group", "app"]);
     check_no_clone(&site);
 
