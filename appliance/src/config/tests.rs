@@ -654,6 +654,21 @@ fn rbd_target_storage_parses_with_defaults_and_bad_keys_are_named() {
     );
     assert_eq!(rbd.client, "ferry");
     assert_eq!(rbd.image_prefix, "ferry.");
+    assert_eq!(rbd.libvirt_secret_usage, None);
+    let config = Config::parse(&target(
+        "storage = \"rbd\"\n[target.rbd]\npool = \"replicas\"\nlibvirt_secret_usage = \"ceph ferry\"\n",
+    ))
+    .unwrap();
+    assert_eq!(
+        config
+            .target
+            .unwrap()
+            .rbd
+            .unwrap()
+            .libvirt_secret_usage
+            .as_deref(),
+        Some("ceph ferry")
+    );
 
     let cases: [(&str, &str, &str); 7] = [
         ("storage = \"rbd\"\n", "target.rbd", "[target.rbd]"),
