@@ -614,7 +614,7 @@ fn de_opt_duration<'de, D: Deserializer<'de>>(
 /// the target. Validation refuses the (improbable) collision of two disks' ids.
 pub fn disk_id(machine: &str, disk: &str) -> u32 {
     let key = format!("{machine}/{disk}");
-    let id = xxhash_rust::xxh3::xxh3_64(key.as_bytes()) as u32;
+    let id = twox_hash::XxHash3_64::oneshot(key.as_bytes()) as u32;
     id.max(1)
 }
 

@@ -252,7 +252,7 @@ struct AppliedSlot {
 const SLOT_ENCODED_BYTES: usize = std::mem::size_of::<AppliedSlot>();
 
 fn slot_checksum(slot: &AppliedSlot) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(&slot.as_bytes()[..SLOT_ENCODED_BYTES - 8])
+    twox_hash::XxHash3_64::oneshot(&slot.as_bytes()[..SLOT_ENCODED_BYTES - 8])
 }
 
 fn encode_slot(generation: u64, seq: Seq) -> AppliedSlot {

@@ -81,7 +81,7 @@ const _: () = assert!(std::mem::size_of::<EntryHeader>() == HEADER_BYTES as usiz
 
 fn entry_checksum(header: &EntryHeader, data: &[u8]) -> u64 {
     let header_bytes = &header.as_bytes()[..HEADER_BYTES as usize - 8];
-    xxhash_rust::xxh3::xxh3_64_with_seed(data, xxhash_rust::xxh3::xxh3_64(header_bytes))
+    twox_hash::XxHash3_64::oneshot_with_seed(twox_hash::XxHash3_64::oneshot(header_bytes), data)
 }
 
 fn encode_header(seq: Seq, offset: u64, data: &[u8]) -> EntryHeader {

@@ -266,7 +266,7 @@ impl SegmentHeader {
     fn compute_checksum(&self) -> u64 {
         let mut zeroed = *self;
         zeroed.checksum = 0.into();
-        xxhash_rust::xxh3::xxh3_64(zeroed.as_bytes())
+        twox_hash::XxHash3_64::oneshot(zeroed.as_bytes())
     }
 }
 

@@ -281,10 +281,11 @@ pub const fn encoded_len_for_payload(payload_len: usize) -> usize {
 fn checksum(header: &RecordHeader, payload: &[u8]) -> u64 {
     let mut zeroed = *header;
     zeroed.checksum = 0.into();
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    hasher.update(zeroed.as_bytes());
-    hasher.update(payload);
-    hasher.digest()
+    use std::hash::Hasher as _;
+    let mut hasher = twox_hash::XxHash3_64::new();
+    hasher.write(zeroed.as_bytes());
+    hasher.write(payload);
+    hasher.finish()
 }
 
 /// A record's own checksum and the checksum of the record it follows (its link in the journal's

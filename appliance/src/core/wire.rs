@@ -398,7 +398,7 @@ pub fn blocks_per_extent(extent_bytes: u32, block_bytes: u32) -> usize {
 
 /// The hash of one block of an extent as compared by initial replication, resync and verify.
 pub fn block_hash(block: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(block)
+    twox_hash::XxHash3_64::oneshot(block)
 }
 
 /// Appends the block hashes of `data` (blocks of `block_bytes`, the last one maybe short).
@@ -458,10 +458,11 @@ pub enum Message<'a> {
 fn frame_checksum(header: &FrameHeader, body: &[u8]) -> u32 {
     let mut zeroed = *header;
     zeroed.checksum = 0.into();
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    hasher.update(zeroed.as_bytes());
-    hasher.update(body);
-    hasher.digest() as u32
+    use std::hash::Hasher as _;
+    let mut hasher = twox_hash::XxHash3_64::new();
+    hasher.write(zeroed.as_bytes());
+    hasher.write(body);
+    hasher.finish() as u32
 }
 
 /// Checksum of a records frame: the frame header, the records header and every record's header
@@ -476,13 +477,14 @@ fn records_frame_checksum<'a>(
 ) -> u32 {
     let mut zeroed = *header;
     zeroed.checksum = 0.into();
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    hasher.update(zeroed.as_bytes());
-    hasher.update(fixed);
+    use std::hash::Hasher as _;
+    let mut hasher = twox_hash::XxHash3_64::new();
+    hasher.write(zeroed.as_bytes());
+    hasher.write(fixed);
     for record_header in record_headers {
-        hasher.update(record_header);
+        hasher.write(record_header);
     }
-    hasher.digest() as u32
+    hasher.finish() as u32
 }
 
 /// The header bytes of each record in a records frame body built by this process (after the
@@ -1383,7 +1385,7 @@ fn decode_machine_settings(reader: &mut Reader<'_>) -> Result<Vec<MachineSetting
 
 /// The hash of an extent's bytes as used by initial replication, resync and verify.
 pub fn extent_hash(data: &[u8]) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(data)
+    twox_hash::XxHash3_128::oneshot(data)
 }
 
 #[cfg(test)]
