@@ -687,7 +687,14 @@ impl Shipper {
             return Ok(());
         }
         let drained = core.acked_seq() >= self.journal.last_seq();
-        let busy = pending.disk_ids.iter().any(|id| rounds.contains_key(id));
+        // A disk with a round running, or a resync pending (its next round starts at the next
+        // check), is compared once that round is done: verify reports what replication left.
+        let busy = pending.disk_ids.iter().any(|id| {
+            rounds.contains_key(id)
+                || self
+                    .disk(*id)
+                    .is_some_and(|disk| disk.state() == DiskState::ResyncNeeded)
+        });
         if !drained || busy {
             return Ok(());
         }
