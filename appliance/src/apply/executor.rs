@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -60,19 +61,29 @@ const WRITES_IN_FLIGHT_MAX: usize = 64;
 /// every sync extent (benches/RESULTS.md, initial replication).
 const POOLED_WRITE_BYTES_MIN: usize = 64 << 10;
 
-/// The aligned buffer a replica write of `data` is issued from (O_DIRECT needs the alignment),
-/// with `data` copied in once.
-fn write_buf(data: &[u8]) -> IoBuf {
+/// The aligned buffer a file replica's write of `parts` (one after another) is issued from
+/// (O_DIRECT needs the alignment), with the data copied in once.
+fn write_buf(parts: &[Bytes]) -> IoBuf {
     static POOL: std::sync::OnceLock<BufPool> = std::sync::OnceLock::new();
-    if data.len() < POOLED_WRITE_BYTES_MIN || data.len() > limits::RECORD_PAYLOAD_BYTES_MAX {
-        return IoBuf::from_slice(data);
+    let len: usize = parts.iter().map(Bytes::len).sum();
+    let mut buf = if (POOLED_WRITE_BYTES_MIN..=limits::RECORD_PAYLOAD_BYTES_MAX).contains(&len) {
+        POOL.get_or_init(|| {
+            BufPool::new(limits::RECORD_PAYLOAD_BYTES_MAX, WRITES_IN_FLIGHT_MAX + 4)
+        })
+        .get()
+    } else {
+        IoBuf::with_capacity(len)
+    };
+    for part in parts {
+        buf.extend_from_slice(part);
     }
-    let pool = POOL
-        .get_or_init(|| BufPool::new(limits::RECORD_PAYLOAD_BYTES_MAX, WRITES_IN_FLIGHT_MAX + 4));
-    let mut buf = pool.get();
-    buf.extend_from_slice(data);
     buf
 }
+
+/// Longest write the executor makes of contiguous replica writes queued one behind another,
+/// and the alignment it stays within: one RBD object (4 MiB). `rbd import` writes whole
+/// objects; 1 MiB sync extents cost the OSD four operations per object.
+const MERGED_WRITE_BYTES: u64 = 1 << crate::io::rbd::OBJECT_ORDER;
 /// Bytes applied between two flushes while the source keeps streaming.
 const GROUP_COMMIT_BYTES_MAX: u64 = 32 << 20;
 /// Longest a requested flush waits for more ops.
@@ -214,18 +225,54 @@ struct Committing {
 
 /// What a write op puts on the replica.
 enum Payload {
-    /// A slice of the received frame (see `Target::handle_frame_shared`).
-    Data(bytes::Bytes),
+    /// Slices of received frames (see `Target::handle_frame_shared`), written one after another:
+    /// one write op's data, or several contiguous ones merged (`take_contiguous`).
+    Data(Vec<Bytes>),
     Zeroes(u64),
 }
 
 impl Payload {
     fn len(&self) -> u64 {
         match self {
-            Payload::Data(data) => data.len() as u64,
+            Payload::Data(parts) => parts.iter().map(|part| part.len() as u64).sum(),
             Payload::Zeroes(length) => *length,
         }
     }
+}
+
+/// Appends to `parts` (a write at `offset` on `disk_id`) the data of the writes queued right
+/// behind it that continue it, as long as the whole stays inside one `MERGED_WRITE_BYTES`
+/// block; `Flush` ops among them go to `flush` (a flush covers the ops before it, and the
+/// merged write is before every later op). Takes only what is queued already, never waits.
+/// Returns the first op that does not continue the write, to be run next.
+fn take_contiguous(
+    ops: &mut mpsc::Receiver<DiskOp>,
+    disk_id: u32,
+    offset: u64,
+    parts: &mut Vec<Bytes>,
+    mut flush: impl FnMut(Seq),
+) -> Option<DiskOp> {
+    let block_end = (offset / MERGED_WRITE_BYTES + 1) * MERGED_WRITE_BYTES;
+    let mut end = offset + parts.iter().map(|part| part.len() as u64).sum::<u64>();
+    while end < block_end {
+        match ops.try_recv().ok()? {
+            DiskOp::Flush { seq } => flush(seq),
+            DiskOp::Write {
+                disk_id: next_disk,
+                offset: next_offset,
+                data,
+                ..
+            } if next_disk == disk_id
+                && next_offset == end
+                && end + data.len() as u64 <= block_end =>
+            {
+                end += data.len() as u64;
+                parts.push(data);
+            }
+            other => return Some(other),
+        }
+    }
+    None
 }
 
 /// A write whose before-images are appended but not durable yet.
@@ -302,6 +349,8 @@ async fn run(
         outputs: outputs.clone(),
     };
     let mut pending_flush: Option<Seq> = None;
+    // An op taken from the queue while merging writes (`take_contiguous`): the next to run.
+    let mut peeked: Option<DiskOp> = None;
     let mut bytes_since_flush: u64 = 0;
     let mut flush_requested_at = Instant::now();
     let mut failed = false;
@@ -332,6 +381,8 @@ async fn run(
                 || flush_requested_at.elapsed() >= GROUP_COMMIT_DELAY);
         let next = if flush_due {
             Next::Idle
+        } else if let Some(op) = peeked.take() {
+            Next::Op(op)
         } else if can_commit || !state.held.is_empty() {
             match ops.try_recv() {
                 Ok(op) => Next::Op(op),
@@ -400,8 +451,18 @@ async fn run(
                 offset,
                 data,
             } => {
-                bytes_since_flush += data.len() as u64;
-                state.write(seq, disk_id, offset, Payload::Data(data)).await
+                let mut parts = vec![data];
+                if state.merges_writes(disk_id) {
+                    peeked = take_contiguous(&mut ops, disk_id, offset, &mut parts, |seq| {
+                        if pending_flush.is_none() {
+                            flush_requested_at = Instant::now();
+                        }
+                        pending_flush = Some(seq);
+                    });
+                }
+                let payload = Payload::Data(parts);
+                bytes_since_flush += payload.len();
+                state.write(seq, disk_id, offset, payload).await
             }
             DiskOp::Zero {
                 seq,
@@ -448,6 +509,12 @@ impl State {
         self.held_bytes = 0;
         self.markers.clear();
         let _ = self.outputs.send(ExecutorOutput::Failed(message));
+    }
+
+    /// Whether contiguous writes to this disk are merged (`take_contiguous`): on RBD, where a
+    /// larger write is fewer OSD operations; a file replica gains nothing from it.
+    fn merges_writes(&self, disk_id: u32) -> bool {
+        matches!(self.replicas.get(&disk_id), Some(Replica::Rbd(_)))
     }
 
     fn held_overlaps(&self, disk_id: u32, start: u64, end: u64) -> bool {
@@ -591,9 +658,13 @@ impl State {
             offset,
             length,
             move |disk| match payload {
-                Payload::Data(data) => {
-                    Box::pin(async move { disk.write_at(offset, write_buf(&data)).await.0 })
-                }
+                Payload::Data(parts) => Box::pin(async move {
+                    match &disk {
+                        // librbd takes any buffer: no copy into an aligned one.
+                        Replica::Rbd(image) => image.write_parts_at(offset, parts).await,
+                        Replica::File(_) => disk.write_at(offset, write_buf(&parts)).await.0,
+                    }
+                }),
                 Payload::Zeroes(length) => {
                     Box::pin(async move { disk.write_zeroes(offset, length).await })
                 }

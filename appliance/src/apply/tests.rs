@@ -507,6 +507,7 @@ async fn random_streams(store: &ReplicaStore, recovery: &Arc<RecoveryStore>) -> 
     let mut snapshots = Vec::new();
     let mut seq = 0;
     let mut batch = Vec::new();
+    let mut previous_end: Option<u64> = None;
     for _ in 0..400 {
         seq += 1;
         let roll = rng.gen_range(0..100);
@@ -521,8 +522,17 @@ async fn random_streams(store: &ReplicaStore, recovery: &Arc<RecoveryStore>) -> 
             } else {
                 DISK_BYTES
             };
-            let offset = rng.gen_range(0..span - 1);
-            let length = rng.gen_range(1..=(span - offset).min(20_000));
+            // Some writes continue the previous one (the executor merges contiguous writes
+            // queued together on RBD).
+            let (offset, limit) = match previous_end {
+                Some(end) if end < DISK_BYTES - 1 && rng.gen_bool(0.3) => (end, DISK_BYTES),
+                _ => {
+                    let offset = rng.gen_range(0..span - 1);
+                    (offset, span)
+                }
+            };
+            let length = rng.gen_range(1..=(limit - offset).min(20_000));
+            previous_end = Some(offset + length);
             if roll < 18 {
                 batch.push(zero(seq, offset, length));
                 model.write(offset, &vec![0; length as usize]);

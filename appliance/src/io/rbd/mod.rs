@@ -34,6 +34,7 @@ use std::path::PathBuf;
 use std::ptr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::disk::{DiskError, DiskOp, IoBuf};
@@ -171,6 +172,13 @@ extern "C" {
         buf: *const c_char,
         completion: rbd_completion_t,
     ) -> c_int;
+    fn rbd_aio_writev(
+        image: rbd_image_t,
+        iov: *const libc::iovec,
+        iovcnt: c_int,
+        offset: u64,
+        completion: rbd_completion_t,
+    ) -> c_int;
     fn rbd_aio_read(
         image: rbd_image_t,
         offset: u64,
@@ -267,6 +275,23 @@ unsafe impl Send for ClusterHandle {}
 // SAFETY: as above; every call through `&ClusterHandle` is a thread-safe librados call.
 unsafe impl Sync for ClusterHandle {}
 
+impl ClusterHandle {
+    /// `rados_conf_set` before connecting; `operation` names it in errors (`set <key>`).
+    fn set(
+        &self,
+        key: &str,
+        value: &str,
+        operation: &'static str,
+        label: &str,
+    ) -> Result<(), RbdError> {
+        let key = c_string(key, operation, label)?;
+        let value = c_string(value, operation, label)?;
+        // SAFETY: unconnected handle; both strings NUL-terminated, copied by librados.
+        let ret = unsafe { rados_conf_set(self.raw, key.as_ptr(), value.as_ptr()) };
+        check(ret, operation, label)
+    }
+}
+
 impl Drop for ClusterHandle {
     fn drop(&mut self) {
         // SAFETY: `raw` came from rados_create2 and is shut down exactly once, here; every
@@ -321,22 +346,35 @@ impl Cluster {
         let ret = unsafe { rados_conf_read_file(handle.raw, conf.as_ptr()) };
         check(ret, "read conf", &label)?;
         if let Some(keyring) = &options.keyring {
-            let key = c_string("keyring", "set keyring", &label)?;
-            let value = c_string(&keyring.display().to_string(), "set keyring", &label)?;
-            // SAFETY: unconnected handle; both strings NUL-terminated, copied by librados.
-            let ret = unsafe { rados_conf_set(handle.raw, key.as_ptr(), value.as_ptr()) };
-            check(ret, "set keyring", &label)?;
+            let keyring = keyring.display().to_string();
+            handle.set("keyring", &keyring, "set keyring", &label)?;
         }
         // An OSD request waits for its placement group however long it is down, rather than
         // failing with ETIMEDOUT after a conf's `rados_osd_op_timeout`: a replica write then
         // stalls (and the acknowledgements behind it) instead of failing mid-batch, and a
         // request that timed out on the client can still never land late, after the retry
         // that replaced it. 0 is librados' default; this overrides a conf that sets one.
-        let key = c_string("rados_osd_op_timeout", "set rados_osd_op_timeout", &label)?;
-        let value = c_string("0", "set rados_osd_op_timeout", &label)?;
-        // SAFETY: unconnected handle; both strings NUL-terminated, copied by librados.
-        let ret = unsafe { rados_conf_set(handle.raw, key.as_ptr(), value.as_ptr()) };
-        check(ret, "set rados_osd_op_timeout", &label)?;
+        handle.set(
+            "rados_osd_op_timeout",
+            "0",
+            "set rados_osd_op_timeout",
+            &label,
+        )?;
+        // Replica writes are sent from Ferry's own buffers, which nothing changes while a
+        // write is in flight (`Image::write_parts_at` keeps them until its completion, which
+        // librbd holds back until it released them): librbd's default copies every write
+        // first, a memcpy per replicated byte on the target (benches/RESULTS.md, Ceph RBD).
+        handle.set(
+            "rbd_disable_zero_copy_writes",
+            "false",
+            "set rbd_disable_zero_copy_writes",
+            &label,
+        )?;
+        // No librbd cache: the apply path flushes every group commit and acknowledges only
+        // after the flush, so the default write-around cache gains nothing (it completes a
+        // write before the OSD has it, then the flush waits for it anyway) and costs a layer
+        // that tracks and throttles every write (at `rbd_cache_max_dirty`, 24 MiB in flight).
+        handle.set("rbd_cache", "false", "set rbd_cache", &label)?;
         // SAFETY: configured, unconnected handle; connect may block, which callers allow for.
         let ret = unsafe { rados_connect(handle.raw) };
         check(ret, "connect", &format!("{label} as {client}"))?;
@@ -671,6 +709,8 @@ pub struct DiffExtent {
 /// The state one aio operation hands to librbd and gets back in [`complete`].
 struct InFlight {
     buf: Option<IoBuf>,
+    /// The caller's buffers a vectored write hands librbd (kept until it completes).
+    parts: Vec<Bytes>,
     image: Arc<ImageHandle>,
     reply: oneshot::Sender<(isize, Option<IoBuf>, Arc<ImageHandle>)>,
 }
@@ -684,7 +724,13 @@ extern "C" fn complete(completion: rbd_completion_t, arg: *mut c_void) {
     let ret = unsafe { rbd_aio_get_return_value(completion) };
     // SAFETY: released exactly once, after its result was read; nothing uses it afterwards.
     unsafe { rbd_aio_release(completion) };
-    let InFlight { buf, image, reply } = *state;
+    let InFlight {
+        buf,
+        parts,
+        image,
+        reply,
+    } = *state;
+    drop(parts);
     if let Err((_, buf, image)) = reply.send((ret, buf, image)) {
         // The caller stopped waiting. Dropping the image handle here could be its last
         // reference, and rbd_close on a librbd callback thread waits for this very thread.
@@ -736,7 +782,21 @@ impl Image {
         buf: Option<IoBuf>,
         start: impl FnOnce(rbd_image_t, *mut u8, rbd_completion_t) -> c_int,
     ) -> (Result<(), DiskError>, Option<IoBuf>) {
-        let answer = match self.start(buf, start) {
+        self.submit_parts(op, offset, len, buf, Vec::new(), start)
+            .await
+    }
+
+    /// [`submit`](Self::submit), also keeping `parts` alive until the operation completes.
+    async fn submit_parts(
+        &self,
+        op: DiskOp,
+        offset: u64,
+        len: u64,
+        buf: Option<IoBuf>,
+        parts: Vec<Bytes>,
+        start: impl FnOnce(rbd_image_t, *mut u8, rbd_completion_t) -> c_int,
+    ) -> (Result<(), DiskError>, Option<IoBuf>) {
+        let answer = match self.start(buf, parts, start) {
             Ok(answer) => answer,
             Err((errno, buf)) => {
                 let error = self.disk_error(op, offset, len, io::Error::from_raw_os_error(errno));
@@ -764,12 +824,14 @@ impl Image {
     fn start(
         &self,
         buf: Option<IoBuf>,
+        parts: Vec<Bytes>,
         start: impl FnOnce(rbd_image_t, *mut u8, rbd_completion_t) -> c_int,
     ) -> Result<oneshot::Receiver<(isize, Option<IoBuf>, Arc<ImageHandle>)>, (i32, Option<IoBuf>)>
     {
         let (reply, answer) = oneshot::channel();
         let mut state = Box::new(InFlight {
             buf,
+            parts,
             image: self.inner.clone(),
             reply,
         });
@@ -822,6 +884,57 @@ impl Image {
             )
             .await;
         (result, buf.unwrap_or_else(|| IoBuf::zeroed(0)))
+    }
+
+    /// Writes `parts` one after another from `offset` with one `rbd_aio_writev`, straight from
+    /// the caller's memory: librbd takes any buffer (no alignment), and with zero-copy writes
+    /// on (see [`Cluster::connect`]) it sends from these buffers without copying them.
+    pub async fn write_parts_at(&self, offset: u64, parts: Vec<Bytes>) -> Result<(), DiskError> {
+        let len: usize = parts.iter().map(Bytes::len).sum();
+        self.check_range(DiskOp::Write, offset, len as u64)?;
+        if len == 0 {
+            return Ok(());
+        }
+        // Addresses and lengths (the iovec array is built in the call: raw pointers are not
+        // `Send`, and this future is).
+        let spans: Vec<(usize, usize)> = parts
+            .iter()
+            .map(|part| (part.as_ptr() as usize, part.len()))
+            .collect();
+        let Ok(count) = c_int::try_from(spans.len()) else {
+            return Err(self.disk_error(
+                DiskOp::Write,
+                offset,
+                len as u64,
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "too many buffers for one write",
+                ),
+            ));
+        };
+        self.submit_parts(
+            DiskOp::Write,
+            offset,
+            len as u64,
+            None,
+            parts,
+            |image, _, c| {
+                let iov: Vec<libc::iovec> = spans
+                    .iter()
+                    .map(|&(base, len)| libc::iovec {
+                        iov_base: base as *mut c_void,
+                        iov_len: len,
+                    })
+                    .collect();
+                // SAFETY: `iov` describes `count` live, initialised buffers owned by `parts`, which
+                // the in-flight state keeps (at the same addresses: moving a `Bytes` does not move
+                // its data) until the completion fires; librbd reads the array itself during the
+                // call; `image` is open.
+                unsafe { rbd_aio_writev(image, iov.as_ptr(), count, offset, c) }
+            },
+        )
+        .await
+        .0
     }
 
     /// Reads `buf.len()` bytes at `offset` into `buf`; hands the buffer back.

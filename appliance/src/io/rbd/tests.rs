@@ -63,6 +63,38 @@ async fn binding_against_a_real_cluster() {
         assert!(buf[4096..].iter().all(|&b| b == i as u8 + 1), "block {i}");
     }
 
+    // A vectored write from several unaligned buffers (slices of one, and others), across an
+    // object boundary, lands as their concatenation; an empty one is a no-op; past the end fails.
+    let frame = bytes::Bytes::from((0..20_000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+    let parts = vec![
+        frame.slice(1..3001),
+        bytes::Bytes::from_static(&[0xab]),
+        frame.slice(5000..20_000),
+        bytes::Bytes::from(vec![0xcd; 70_001]),
+    ];
+    let expected: Vec<u8> = parts.iter().flat_map(|part| part.to_vec()).collect();
+    let at = 20 * MIB - 5000;
+    image
+        .write_parts_at(at, parts)
+        .await
+        .expect("vectored write");
+    image
+        .write_parts_at(at, Vec::new())
+        .await
+        .expect("empty write");
+    let (result, buf) = image
+        .read_at(at - 1, IoBuf::zeroed(expected.len() + 2))
+        .await;
+    result.unwrap();
+    assert_eq!(buf[0], 0);
+    assert!(buf[1..=expected.len()] == expected[..]);
+    assert_eq!(buf[expected.len() + 1], 0);
+    let error = image
+        .write_parts_at(image.size() - 1, vec![bytes::Bytes::from_static(&[1, 2])])
+        .await
+        .expect_err("write past the end");
+    assert!(error.to_string().contains("rbd/disk-a"), "{error}");
+
     // Snapshot, then zero a small range inside an object: it reads as zeroes (a discard would
     // leave it), and the diff from the snapshot names exactly that range.
     image.create_snapshot("p1").expect("snapshot p1");
