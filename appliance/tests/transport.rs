@@ -94,6 +94,37 @@ async fn accept(target: &mut TargetEndpoint) -> PeerConnection {
         .expect("endpoint closed")
 }
 
+/// A target endpoint and one connection to it from the source: (endpoint, source's end,
+/// target's end). The endpoint must outlive the connection.
+async fn connected(
+    appliances: &Appliances,
+    source_tuning: &Tuning,
+    target_tuning: &Tuning,
+    limiter: Option<Arc<RateLimiter>>,
+) -> (
+    TargetEndpoint,
+    Result<PeerConnection, TransportError>,
+    PeerConnection,
+) {
+    let mut target = TargetEndpoint::bind(
+        loopback(),
+        &appliances.target,
+        peers_of(&appliances.source),
+        target_tuning,
+    )
+    .unwrap();
+    let dialer = SourceDialer::new(
+        target.local_address(),
+        &appliances.source,
+        appliances.target.fingerprint,
+        source_tuning,
+        limiter,
+    )
+    .unwrap();
+    let (source_side, target_side) = tokio::join!(dialer.connect_once(), accept(&mut target));
+    (target, source_side, target_side)
+}
+
 fn pattern(seed: u8, length: usize) -> Bytes {
     (0..length)
         .map(|index| (index as u8).wrapping_mul(31).wrapping_add(seed))
@@ -413,22 +444,8 @@ async fn oversized_frames_are_rejected_by_sender_and_receiver() {
         frame_bytes_max: 1024,
         ..Tuning::default()
     };
-    let mut target = TargetEndpoint::bind(
-        loopback(),
-        &appliances.target,
-        peers_of(&appliances.source),
-        &target_tuning,
-    )
-    .unwrap();
-    let dialer = SourceDialer::new(
-        target.local_address(),
-        &appliances.source,
-        appliances.target.fingerprint,
-        &source_tuning,
-        None,
-    )
-    .unwrap();
-    let (source_side, target_side) = tokio::join!(dialer.connect_once(), accept(&mut target));
+    let (_target, source_side, target_side) =
+        connected(&appliances, &source_tuning, &target_tuning, None).await;
     let mut source_side = source_side.unwrap();
     let mut target_side = target_side;
 
@@ -496,22 +513,7 @@ async fn live_frames_flow_while_resync_is_blocked() {
         stream_receive_window_bytes: 1 << 20,
         ..Tuning::default()
     };
-    let mut target = TargetEndpoint::bind(
-        loopback(),
-        &appliances.target,
-        peers_of(&appliances.source),
-        &tuning,
-    )
-    .unwrap();
-    let dialer = SourceDialer::new(
-        target.local_address(),
-        &appliances.source,
-        appliances.target.fingerprint,
-        &tuning,
-        None,
-    )
-    .unwrap();
-    let (source_side, target_side) = tokio::join!(dialer.connect_once(), accept(&mut target));
+    let (_target, source_side, target_side) = connected(&appliances, &tuning, &tuning, None).await;
     let PeerConnection {
         live: mut source_live,
         resync: mut source_resync,
@@ -560,24 +562,10 @@ async fn live_frames_flow_while_resync_is_blocked() {
 async fn bandwidth_limit_slows_the_sender_and_can_be_lifted() {
     let appliances = appliances();
     let tuning = Tuning::default();
-    let mut target = TargetEndpoint::bind(
-        loopback(),
-        &appliances.target,
-        peers_of(&appliances.source),
-        &tuning,
-    )
-    .unwrap();
     let rate_bytes_per_s = 4 << 20;
     let limiter = Arc::new(RateLimiter::new(rate_bytes_per_s));
-    let dialer = SourceDialer::new(
-        target.local_address(),
-        &appliances.source,
-        appliances.target.fingerprint,
-        &tuning,
-        Some(limiter.clone()),
-    )
-    .unwrap();
-    let (source_side, target_side) = tokio::join!(dialer.connect_once(), accept(&mut target));
+    let (_target, source_side, target_side) =
+        connected(&appliances, &tuning, &tuning, Some(limiter.clone())).await;
     let mut source_side = source_side.unwrap();
     let mut target_side = target_side;
     let receiver = tokio::spawn(async move {
@@ -631,22 +619,7 @@ async fn bandwidth_limit_slows_the_sender_and_can_be_lifted() {
 async fn frame_receive_survives_cancellation_mid_frame() {
     let appliances = appliances();
     let tuning = Tuning::default();
-    let mut target = TargetEndpoint::bind(
-        loopback(),
-        &appliances.target,
-        peers_of(&appliances.source),
-        &tuning,
-    )
-    .unwrap();
-    let dialer = SourceDialer::new(
-        target.local_address(),
-        &appliances.source,
-        appliances.target.fingerprint,
-        &tuning,
-        None,
-    )
-    .unwrap();
-    let (source_side, target_side) = tokio::join!(dialer.connect_once(), accept(&mut target));
+    let (_target, source_side, target_side) = connected(&appliances, &tuning, &tuning, None).await;
     let PeerConnection {
         live: mut source_live,
         ..
@@ -678,4 +651,44 @@ async fn frame_receive_survives_cancellation_mid_frame() {
     }
     println!("receive calls cancelled: {cancelled}");
     timeout(WAIT_MAX, sender).await.unwrap().unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn aligned_frames_arrive_intact_with_the_chosen_byte_aligned() {
+    let appliances = appliances();
+    let tuning = Tuning::default();
+    let (_target, source_side, target_side) = connected(&appliances, &tuning, &tuning, None).await;
+    let mut source_side = source_side.unwrap();
+    let mut target_side = target_side;
+    let offset = 88;
+    let at_most = offset + (1 << 20) + 64;
+    target_side.live.receiver.align_frames(offset, at_most, 4);
+    // (size, whether it goes through the aligned pool): a full-size frame, one just over half
+    // the pool's buffer, a small one, one too large for the pool, and the largest that fits.
+    let cases = [
+        (1 << 20, true),
+        (at_most / 2 + 4096, true),
+        (70_000, false),
+        (2 << 20, false),
+        (at_most, true),
+    ];
+    for (index, &(size, aligned)) in cases.iter().enumerate() {
+        let frame = pattern(index as u8 + 1, size);
+        source_side.live.sender.send(frame.clone()).await.unwrap();
+        let received = timeout(WAIT_MAX, target_side.live.receiver.recv())
+            .await
+            .expect("frame timed out")
+            .unwrap()
+            .expect("stream open");
+        assert_eq!(received, frame, "frame of {size} bytes");
+        if aligned {
+            let at = received.as_ptr() as usize + offset;
+            assert_eq!(
+                at % 4096,
+                0,
+                "byte {offset} of a {size}-byte frame is not aligned"
+            );
+        }
+    }
+    source_side.handle.close("test done");
 }

@@ -62,9 +62,16 @@ const WRITES_IN_FLIGHT_MAX: usize = 64;
 const POOLED_WRITE_BYTES_MIN: usize = 64 << 10;
 
 /// The aligned buffer a file replica's write of `parts` (one after another) is issued from
-/// (O_DIRECT needs the alignment), with the data copied in once.
-fn write_buf(parts: &[Bytes]) -> IoBuf {
+/// (O_DIRECT needs the alignment): the one part itself when the session received it aligned (a
+/// large record's payload, `FrameReceiver::align_frames`), else a copy of the data.
+fn write_buf(mut parts: Vec<Bytes>) -> IoBuf {
     static POOL: std::sync::OnceLock<BufPool> = std::sync::OnceLock::new();
+    if parts.len() == 1 {
+        match IoBuf::from_shared(parts.remove(0)) {
+            Ok(shared) => return shared,
+            Err(part) => parts.push(part),
+        }
+    }
     let len: usize = parts.iter().map(Bytes::len).sum();
     let mut buf = if (POOLED_WRITE_BYTES_MIN..=limits::RECORD_PAYLOAD_BYTES_MAX).contains(&len) {
         POOL.get_or_init(|| {
@@ -74,7 +81,7 @@ fn write_buf(parts: &[Bytes]) -> IoBuf {
     } else {
         IoBuf::with_capacity(len)
     };
-    for part in parts {
+    for part in &parts {
         buf.extend_from_slice(part);
     }
     buf
@@ -662,7 +669,7 @@ impl State {
                     match &disk {
                         // librbd takes any buffer: no copy into an aligned one.
                         Replica::Rbd(image) => image.write_parts_at(offset, parts).await,
-                        Replica::File(_) => disk.write_at(offset, write_buf(&parts)).await.0,
+                        Replica::File(_) => disk.write_at(offset, write_buf(parts)).await.0,
                     }
                 }),
                 Payload::Zeroes(length) => {

@@ -250,6 +250,10 @@ struct SessionSlot {
 /// full the session stops reading frames, and QUIC flow control slows the source.
 const DISK_OP_QUEUE_LENGTH: usize = 1024;
 
+/// Aligned 1 MiB receive buffers a session keeps for reuse: the frames of a full sync window
+/// (`limits::SYNC_BACKLOG_BYTES_MAX`) plus a few being received.
+const RECEIVE_POOL_BUFFERS: usize = (crate::limits::SYNC_BACKLOG_BYTES_MAX >> 20) + 8;
+
 async fn run_session(
     connection: PeerConnection,
     store: &ReplicaStore,
@@ -269,6 +273,15 @@ async fn run_session(
     let mut sender = control.sender;
     let mut peer = peers.attach(&source, control.receiver);
     let mut live_receiver = live.receiver;
+    // A frame of one large record (every sync extent) arrives with its payload aligned for the
+    // executor's O_DIRECT write, which then needs no copy of its own (`executor::write_buf`).
+    live_receiver.align_frames(
+        crate::core::wire::RECORDS_FIRST_PAYLOAD_OFFSET,
+        crate::core::wire::RECORDS_FIRST_PAYLOAD_OFFSET
+            + crate::limits::RECORD_PAYLOAD_BYTES_MAX
+            + 64,
+        RECEIVE_POOL_BUFFERS,
+    );
     let (frame_tx, mut frames) = mpsc::channel::<Bytes>(64);
     let reader_source = source.clone();
     let reader = tokio::spawn(async move {

@@ -295,6 +295,13 @@ struct WelcomeDiskWire {
     size_bytes: U64,
 }
 
+/// Where the first record's payload starts in a records frame (frame header, records header,
+/// record header). The target receives frames so that this byte lands on an aligned address
+/// (`FrameReceiver::align_frames`): a frame of one large record — every sync extent's — is
+/// then written to the replica with O_DIRECT straight from the received bytes.
+pub const RECORDS_FIRST_PAYLOAD_OFFSET: usize =
+    FRAME_HEADER_BYTES + std::mem::size_of::<RecordsFixed>() + RECORD_HEADER_BYTES;
+
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 struct RecordsFixed {
@@ -1435,6 +1442,12 @@ mod tests {
         assert_eq!(pieces.as_bytes(), contiguous.as_bytes());
         let sent: Vec<u8> = pieces.into_pieces().concat();
         assert_eq!(sent, contiguous.as_bytes());
+        // The first payload starts where the target aligns received frames.
+        let first = &payloads[0];
+        assert_eq!(
+            &sent[RECORDS_FIRST_PAYLOAD_OFFSET..RECORDS_FIRST_PAYLOAD_OFFSET + first.len()],
+            &first[..]
+        );
         match decode_frame(&sent).unwrap() {
             Message::Records(decoded) => {
                 assert_eq!(decoded.len(), records.len());

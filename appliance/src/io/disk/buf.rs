@@ -18,14 +18,22 @@ pub const IO_ALIGN_BYTES: usize = 4096;
 ///
 /// A buffer is moved into a disk operation and handed back by its completion, so the kernel
 /// never touches memory that the caller can also see.
+///
+/// A *shared* buffer ([`IoBuf::from_shared`]) wraps aligned bytes someone else owns (a received
+/// frame assembled into a pooled buffer, `transport::FrameReceiver::align_frames`), so a write
+/// is issued from them without a copy. It is read-only: only writes take it, and `DerefMut`
+/// refuses it.
 pub struct IoBuf {
     ptr: NonNull<u8>,
     len: usize,
     capacity: usize,
     pool: Option<Arc<PoolShared>>,
+    /// What keeps a shared buffer's bytes alive; `None` for an owned allocation.
+    owner: Option<bytes::Bytes>,
 }
 
-// SAFETY: `IoBuf` uniquely owns its allocation (like `Vec<u8>`); nothing else aliases `ptr`.
+// SAFETY: `IoBuf` uniquely owns its allocation (like `Vec<u8>`); nothing else aliases `ptr` —
+// except for a shared buffer, whose bytes are read-only and kept alive by a `Bytes` (Send).
 unsafe impl Send for IoBuf {}
 // SAFETY: shared references only give `&[u8]` access, which is fine to share across threads.
 unsafe impl Sync for IoBuf {}
@@ -54,7 +62,36 @@ impl IoBuf {
             len: 0,
             capacity,
             pool: None,
+            owner: None,
         }
+    }
+
+    /// A read-only buffer over `bytes` without copying them, when they can be one: they start
+    /// at an [`IO_ALIGN_BYTES`]-aligned address and their length is a non-zero multiple of it.
+    /// Otherwise `bytes` come back. The buffer keeps `bytes` alive until it is dropped.
+    pub fn from_shared(bytes: bytes::Bytes) -> Result<IoBuf, bytes::Bytes> {
+        let aligned = bytes.as_ptr() as usize % IO_ALIGN_BYTES == 0
+            && !bytes.is_empty()
+            && bytes.len() % IO_ALIGN_BYTES == 0;
+        if !aligned {
+            return Err(bytes);
+        }
+        // `Bytes` never hands out a null pointer for non-empty contents.
+        let Some(ptr) = NonNull::new(bytes.as_ptr().cast_mut()) else {
+            return Err(bytes);
+        };
+        Ok(IoBuf {
+            ptr,
+            len: bytes.len(),
+            capacity: bytes.len(),
+            pool: None,
+            owner: Some(bytes),
+        })
+    }
+
+    /// Whether this buffer wraps bytes it does not own ([`IoBuf::from_shared`]).
+    pub fn is_shared(&self) -> bool {
+        self.owner.is_some()
     }
 
     /// A buffer of `len` zero bytes.
@@ -123,6 +160,9 @@ impl IoBuf {
         self.ptr.as_ptr()
     }
 
+    /// The start of the buffer for an operation that fills it (a read), or for an FFI call that
+    /// takes a `*mut` for a write (librbd). A shared buffer is never read into: only writes are
+    /// given one.
     pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr.as_ptr()
     }
@@ -145,7 +185,10 @@ impl Deref for IoBuf {
 
 impl DerefMut for IoBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `deref`, and `&mut self` guarantees unique access.
+        // Internal invariant: a shared buffer's bytes are someone else's (`from_shared`).
+        assert!(self.owner.is_none(), "a shared IoBuf is read-only");
+        // SAFETY: as in `deref`, and `&mut self` guarantees unique access to an allocation
+        // this buffer owns (checked above).
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
@@ -156,12 +199,17 @@ impl fmt::Debug for IoBuf {
             .field("len", &self.len)
             .field("capacity", &self.capacity)
             .field("pooled", &self.pool.is_some())
+            .field("shared", &self.owner.is_some())
             .finish()
     }
 }
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
+        if self.owner.is_some() {
+            // Shared: the owner (dropped with the fields) frees the bytes.
+            return;
+        }
         if let Some(pool) = self.pool.take() {
             if pool.capacity == self.capacity {
                 let mut free = pool.free.lock().unwrap_or_else(|e| e.into_inner());
@@ -236,6 +284,7 @@ impl BufPool {
                 len: 0,
                 capacity: self.shared.capacity,
                 pool: None,
+                owner: None,
             },
             None => IoBuf::with_capacity(self.shared.capacity),
         };
@@ -291,5 +340,39 @@ mod tests {
         assert_eq!(pool.cached(), 1);
         let e = pool.get();
         assert!(d.as_ptr() == a_ptr || e.as_ptr() == a_ptr);
+    }
+
+    #[test]
+    fn shared_buffers_wrap_aligned_bytes_without_copying() {
+        let pool = BufPool::new(4 * IO_ALIGN_BYTES, 1);
+        let mut owned = pool.get();
+        owned.set_len(3 * IO_ALIGN_BYTES);
+        owned[IO_ALIGN_BYTES..].fill(9);
+        let start = owned.as_ptr() as usize;
+        let bytes = bytes::Bytes::from_owner(owned);
+        let shared = IoBuf::from_shared(bytes.slice(IO_ALIGN_BYTES..)).expect("aligned");
+        assert!(shared.is_shared());
+        assert_eq!(shared.as_ptr() as usize, start + IO_ALIGN_BYTES);
+        assert_eq!(shared.len(), 2 * IO_ALIGN_BYTES);
+        assert!(shared.iter().all(|&b| b == 9));
+        // Unaligned start, unaligned length, empty: refused, the bytes come back.
+        let refused = IoBuf::from_shared(bytes.slice(1..IO_ALIGN_BYTES + 1)).unwrap_err();
+        assert_eq!(refused.len(), IO_ALIGN_BYTES);
+        assert!(IoBuf::from_shared(bytes.slice(..100)).is_err());
+        assert!(IoBuf::from_shared(bytes::Bytes::new()).is_err());
+        // The pooled allocation goes back only once every holder has dropped it.
+        drop((bytes, refused));
+        assert_eq!(pool.cached(), 0);
+        drop(shared);
+        assert_eq!(pool.cached(), 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "read-only")]
+    fn shared_buffers_refuse_mutation() {
+        let mut owned = IoBuf::with_capacity(IO_ALIGN_BYTES);
+        owned.set_len(IO_ALIGN_BYTES);
+        let mut shared = IoBuf::from_shared(bytes::Bytes::from_owner(owned)).expect("aligned");
+        shared[0] = 1;
     }
 }
