@@ -109,7 +109,9 @@ pub trait SegmentStore {
     /// Writes `parts` back to back into segment `index` from `offset` (the journal appends
     /// records this way). The default copies into `segment_mut`; a file store may write with
     /// `pwritev` instead, which avoids a write fault per page of a mapping whose pages a flush
-    /// cleaned. Afterwards `segment(index)` must show the bytes.
+    /// cleaned. Afterwards `segment(index)` must show the bytes. The bytes after the parts are
+    /// free space (the journal only appends), so a store may also zero them up to a page
+    /// boundary.
     fn write_parts(
         &mut self,
         index: usize,

@@ -386,12 +386,25 @@ impl SegmentStore for MmapSegments {
                 ),
             });
         }
+        // Zeros from the record's end to the end of its last page: a buffered write that covers
+        // only part of a page that is not in the page cache makes the kernel read that block
+        // from the device first (`ext4_block_write_begin`), synchronously and under the
+        // journal's lock — on every append once the ring's earlier laps have left the cache.
+        // Covering the page whole skips that read. The bytes past a record are free (an older,
+        // released lap, or zeros), and the next append overwrites them; recovery reads zeros
+        // after the last record as the journal's clean end.
+        let end = offset + total;
+        let tail_pad = (end.next_multiple_of(TAIL_PAD_BYTES).min(self.segment_bytes) - end)
+            .min(ZERO_PAGE.len());
         let mut slices: Vec<io::IoSlice<'_>> = parts
             .iter()
+            .copied()
+            .chain(std::iter::once(&ZERO_PAGE[..tail_pad]))
             .filter(|part| !part.is_empty())
-            .map(|part| io::IoSlice::new(part))
+            .map(io::IoSlice::new)
             .collect();
         let mut remaining: &mut [io::IoSlice<'_>] = &mut slices;
+        let total = total + tail_pad;
         let mut at = offset;
         // Bounded: every turn writes at least one byte of `total`, or returns.
         while !remaining.is_empty() {
@@ -416,6 +429,11 @@ impl SegmentStore for MmapSegments {
         flush_map(&self.maps, index, offset, len)
     }
 }
+
+/// The granularity appends are padded to with zeros (the page and block size of x86-64 Linux
+/// with ext4 or xfs): see `write_parts`.
+const TAIL_PAD_BYTES: usize = 4096;
+static ZERO_PAGE: [u8; TAIL_PAD_BYTES] = [0; TAIL_PAD_BYTES];
 
 /// One `pwritev(2)` of `slices` at `offset`; retried on EINTR.
 fn pwritev(file: &File, slices: &[io::IoSlice<'_>], offset: usize) -> io::Result<usize> {
@@ -588,6 +606,41 @@ mod tests {
             }
         );
         assert!(JournalGeometry::for_capacity(3 * MIB).is_err());
+    }
+
+    #[test]
+    fn an_append_zeroes_the_rest_of_its_last_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let payload = vec![0x5a; 100];
+        let stale = SEGMENT_HEADER_BYTES + 1024..2 * TAIL_PAD_BYTES;
+        {
+            let (mut journal, _) = open_journal(&path, 8 * MIB).unwrap();
+            assert_eq!(journal.append(&spec(&payload)).unwrap(), 1);
+            // Bytes of an older lap after the append point, in the record's page and the next.
+            let segment = File::options()
+                .write(true)
+                .open(segment_path(&path, 0))
+                .unwrap();
+            segment
+                .write_all_at(&vec![0xee; stale.len()], stale.start as u64)
+                .unwrap();
+            assert_eq!(journal.append(&spec(&payload)).unwrap(), 2);
+            let bytes = journal.store().segment(0);
+            assert!(
+                bytes[stale.start..TAIL_PAD_BYTES].iter().all(|b| *b == 0),
+                "the rest of the appended record's page is zeroed"
+            );
+            assert!(
+                bytes[TAIL_PAD_BYTES..stale.end].iter().all(|b| *b == 0xee),
+                "the page after it is not written"
+            );
+            journal.flush(2).unwrap();
+        }
+        let (journal, report) = open_journal(&path, 8 * MIB).unwrap();
+        assert_eq!((report.records_kept, report.bytes_dropped), (2, 0));
+        assert_eq!(report.drop_reason, None);
+        assert_eq!(journal.record(2).unwrap().payload, &payload[..]);
     }
 
     #[test]
