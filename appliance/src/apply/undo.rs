@@ -30,6 +30,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::core::record::Seq;
 use crate::core::recovery::{UndoEntry, UndoIndex};
+use crate::io::pwritev_all;
 
 /// A segment stops taking entries once it holds this many bytes.
 pub const SEGMENT_BYTES_MAX: u64 = 64 << 20;
@@ -311,12 +312,8 @@ impl UndoLog {
             .get_mut(&number)
             .expect("segment chosen above");
         let header = encode_header(seq, offset, data);
-        let mut bytes = Vec::with_capacity(entry_bytes as usize);
-        bytes.extend_from_slice(header.as_bytes());
-        bytes.extend_from_slice(data);
-        segment
-            .file
-            .write_all_at(&bytes, segment.len)
+        // Header and before-image in one `pwritev`, not copied into one buffer first.
+        pwritev_all(&segment.file, &[header.as_bytes(), data], segment.len)
             .map_err(undo_error("write", &segment.path))?;
         let entry = UndoEntry {
             seq,

@@ -396,34 +396,16 @@ impl SegmentStore for MmapSegments {
         let end = offset + total;
         let tail_pad = (end.next_multiple_of(TAIL_PAD_BYTES).min(self.segment_bytes) - end)
             .min(ZERO_PAGE.len());
-        let mut slices: Vec<io::IoSlice<'_>> = parts
+        let padded: Vec<&[u8]> = parts
             .iter()
             .copied()
             .chain(std::iter::once(&ZERO_PAGE[..tail_pad]))
-            .filter(|part| !part.is_empty())
-            .map(io::IoSlice::new)
             .collect();
-        let mut remaining: &mut [io::IoSlice<'_>] = &mut slices;
-        let total = total + tail_pad;
-        let mut at = offset;
-        // Bounded: every turn writes at least one byte of `total`, or returns.
-        while !remaining.is_empty() {
-            let written = pwritev(file, remaining, at).map_err(|error| StoreError {
-                operation: "pwritev",
-                segment: index,
-                message: format!("bytes {at}..{}: {error}", offset + total),
-            })?;
-            if written == 0 {
-                return Err(StoreError {
-                    operation: "pwritev",
-                    segment: index,
-                    message: format!("wrote nothing at {at} of bytes ..{}", offset + total),
-                });
-            }
-            at += written;
-            io::IoSlice::advance_slices(&mut remaining, written);
-        }
-        Ok(())
+        pwritev_all(file, &padded, offset as u64).map_err(|error| StoreError {
+            operation: "pwritev",
+            segment: index,
+            message: format!("bytes {offset}..{}: {error}", end + tail_pad),
+        })
     }
     fn flush_range(&self, index: usize, offset: usize, len: usize) -> Result<(), StoreError> {
         flush_map(&self.maps, index, offset, len)
@@ -434,6 +416,34 @@ impl SegmentStore for MmapSegments {
 /// with ext4 or xfs): see `write_parts`.
 const TAIL_PAD_BYTES: usize = 4096;
 static ZERO_PAGE: [u8; TAIL_PAD_BYTES] = [0; TAIL_PAD_BYTES];
+
+/// Writes `parts` back to back at `offset` of `file` with `pwritev(2)`, as many calls as a
+/// short write needs (no copy into one buffer first).
+pub(crate) fn pwritev_all(file: &File, parts: &[&[u8]], offset: u64) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'_>> = parts
+        .iter()
+        .filter(|part| !part.is_empty())
+        .map(|part| io::IoSlice::new(part))
+        .collect();
+    let total: usize = parts.iter().map(|part| part.len()).sum();
+    let mut remaining: &mut [io::IoSlice<'_>] = &mut slices;
+    let mut at = usize::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond usize"))?;
+    let end = at + total;
+    // Bounded: every turn writes at least one byte of `total`, or returns.
+    while !remaining.is_empty() {
+        let written = pwritev(file, remaining, at)?;
+        if written == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("wrote nothing at {at} of bytes ..{end}"),
+            ));
+        }
+        at += written;
+        io::IoSlice::advance_slices(&mut remaining, written);
+    }
+    Ok(())
+}
 
 /// One `pwritev(2)` of `slices` at `offset`; retried on EINTR.
 fn pwritev(file: &File, slices: &[io::IoSlice<'_>], offset: usize) -> io::Result<usize> {

@@ -2,6 +2,8 @@
 //! `unsafe` lives only here, each block with a `// SAFETY:` comment.
 
 pub mod mmap_journal;
+/// `pwritev` of several buffers at an offset, short writes retried (journal and undo appends).
+pub(crate) use mmap_journal::pwritev_all;
 
 pub mod disk;
 
