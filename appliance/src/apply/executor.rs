@@ -91,6 +91,9 @@ fn write_buf(mut parts: Vec<Bytes>) -> IoBuf {
 /// and the alignment it stays within: one RBD object (4 MiB). `rbd import` writes whole
 /// objects; 1 MiB sync extents cost the OSD four operations per object.
 const MERGED_WRITE_BYTES: u64 = 1 << crate::io::rbd::OBJECT_ORDER;
+/// Replica reads (hash requests' extents) the executor runs at once: a full hash scan reads
+/// the whole replica, and one 1 MiB read at a time leaves the device mostly idle.
+const READS_IN_FLIGHT_MAX: usize = 8;
 /// Bytes applied between two flushes while the source keeps streaming.
 const GROUP_COMMIT_BYTES_MAX: u64 = 32 << 20;
 /// Longest a requested flush waits for more ops.
@@ -276,6 +279,27 @@ fn take_contiguous(
                 end += data.len() as u64;
                 parts.push(data);
             }
+            other => return Some(other),
+        }
+    }
+    None
+}
+
+/// Moves the reads queued right behind a read into `reads`, up to [`READS_IN_FLIGHT_MAX`] in
+/// all, so they run at once (a hash request asks for up to hundreds of extents); returns the
+/// first other op it took, if any. Reads are not reordered with any other op.
+fn take_reads(
+    ops: &mut mpsc::Receiver<DiskOp>,
+    reads: &mut Vec<(u64, u32, u64, u64)>,
+) -> Option<DiskOp> {
+    while reads.len() < READS_IN_FLIGHT_MAX {
+        match ops.try_recv().ok()? {
+            DiskOp::Read {
+                token,
+                disk_id,
+                offset,
+                length,
+            } => reads.push((token, disk_id, offset, length)),
             other => return Some(other),
         }
     }
@@ -494,9 +518,18 @@ async fn run(
                 disk_id,
                 offset,
                 length,
-            } => state.read(disk_id, offset, length).await.map(|data| {
-                let _ = outputs.send(ExecutorOutput::Read { token, data });
-            }),
+            } => {
+                let mut reads = vec![(token, disk_id, offset, length)];
+                peeked = take_reads(&mut ops, &mut reads);
+                state.read(&reads).await.map(|datas| {
+                    for ((token, ..), data) in reads.iter().zip(datas) {
+                        let _ = outputs.send(ExecutorOutput::Read {
+                            token: *token,
+                            data,
+                        });
+                    }
+                })
+            }
         };
         if let Err(message) = outcome {
             failed = true;
@@ -709,10 +742,36 @@ impl State {
         Ok(())
     }
 
-    async fn read(&mut self, disk_id: u32, offset: u64, length: u64) -> Result<Vec<u8>, String> {
+    /// Reads `(token, disk, offset, length)` ranges once every earlier op has reached the
+    /// replicas, all at once; the bytes in the order asked.
+    async fn read(&mut self, reads: &[(u64, u32, u64, u64)]) -> Result<Vec<Vec<u8>>, String> {
         self.wait_commit().await?;
         self.release_held().await?;
-        read(&mut self.in_flight, &self.replicas, disk_id, offset, length).await
+        self.in_flight.drain().await?;
+        let mut pending = JoinSet::new();
+        for (index, &(_, disk_id, offset, length)) in reads.iter().enumerate() {
+            let disk = self
+                .replicas
+                .get(&disk_id)
+                .cloned()
+                .ok_or_else(|| format!("no replica for disk {disk_id}"))?;
+            let length = usize::try_from(length).map_err(|_| format!("read of {length} bytes"))?;
+            pending.spawn(async move {
+                let (result, buf) = disk.read_at(offset, IoBuf::zeroed(length)).await;
+                (
+                    index,
+                    result
+                        .map(|()| buf.to_vec())
+                        .map_err(|error| error.to_string()),
+                )
+            });
+        }
+        let mut datas = vec![Vec::new(); reads.len()];
+        while let Some(joined) = pending.join_next().await {
+            let (index, data) = joined.map_err(|error| format!("replica read task: {error}"))?;
+            datas[index] = data?;
+        }
+        Ok(datas)
     }
 
     /// Starts the commit of every op up to `seq` as a task of its own (see the module doc).
@@ -850,21 +909,4 @@ async fn submit(
     }
     in_flight.spawn(disk_id, offset, end, operation(disk));
     Ok(())
-}
-
-async fn read(
-    in_flight: &mut InFlight,
-    replicas: &BTreeMap<u32, Replica>,
-    disk_id: u32,
-    offset: u64,
-    length: u64,
-) -> Result<Vec<u8>, String> {
-    in_flight.drain().await?;
-    let disk = replicas
-        .get(&disk_id)
-        .ok_or_else(|| format!("no replica for disk {disk_id}"))?;
-    let length = usize::try_from(length).map_err(|_| format!("read of {length} bytes"))?;
-    let (result, buf) = disk.read_at(offset, IoBuf::zeroed(length)).await;
-    result.map_err(|error| error.to_string())?;
-    Ok(buf.to_vec())
 }
