@@ -88,9 +88,11 @@ pub fn run(env: &Env) -> anyhow::Result<Vec<Figure>> {
         bail!("the churn workload needs fio: {why}");
     }
     let size_bytes: u64 = env.size.pick(64 << 20, 256 << 20, 1 << 30);
+    // Nine runs of this (two jobs on three servers, three offered rates): `--quick`'s share of
+    // its two minutes.
     let runtime = env.size.pick(
         Duration::from_secs(2),
-        Duration::from_secs(3),
+        Duration::from_secs(2),
         Duration::from_secs(15),
     );
     let dir = env.scenario_dir(Scenario::Churn)?;
