@@ -87,8 +87,9 @@ pub const SYNC_HASH_REQUESTS_IN_FLIGHT_MAX: usize = 4;
 pub const SYNC_HASH_READ_NS_PER_BYTE_MAX: u64 = 64;
 
 /// Resync issues no new extent read while the unacknowledged journal backlog exceeds this: live
-/// writes never queue behind more than this much resync data (the "bounded share"). The
-/// shipper lowers it to a quarter of a smaller journal. It is the sync's in-flight window too:
+/// writes never queue behind more than this much resync data (the "bounded share"). Sync data
+/// is held in memory, not in the journal (`SyncRef`), so the journal's size does not bound it;
+/// this does (the target's receive pool is sized by it too). It is the sync's in-flight window too:
 /// every byte waits for the source's group commit and the target's durable commit before it
 /// frees room, so it must cover that round trip at the disk's speed (up to ~0.1 s on a loaded
 /// machine; 16 MiB paced the sync at ~16 extents per 100 ms, benches/RESULTS.md).

@@ -227,7 +227,7 @@ const CUTS_PER_S: u64 = 10;
 /// The write-latency cost of cutting group points: the same 4 KiB random-write job at QD1
 /// through the source export, alone and then while points are cut `CUTS_PER_S` times a second.
 fn cut_cost(env: &Env, pair: &Pair) -> anyhow::Result<Vec<Figure>> {
-    let seconds: u64 = env.size.pick(2, 4, 10);
+    let seconds: u64 = env.size.pick(2, 3, 10);
     env.progress.step(&format!(
         "write latency alone, then with {CUTS_PER_S} cuts/s ({seconds} s each)"
     ));

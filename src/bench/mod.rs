@@ -220,6 +220,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut figures = Vec::new();
     for scenario in &scenarios {
         env.progress.scenario(scenario.number(), scenario.title());
+        let scenario_started = Instant::now();
         let result = match scenario {
             Scenario::Initial => initial::random(&env),
             Scenario::Sparse => initial::sparse(&env),
@@ -251,6 +252,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         // Scenario files can be large (a 4 GiB disk, its replica, a copy): free them now.
         let _ = std::fs::remove_dir_all(env.dir.join(scenario.name()));
+        env.log(&format!(
+            "ferry bench: scenario {} took {:.1} s",
+            scenario.number(),
+            scenario_started.elapsed().as_secs_f64()
+        ));
     }
     env.progress.finish();
     let mut machine = machine_start;

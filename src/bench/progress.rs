@@ -42,6 +42,10 @@ impl Progress {
     pub fn step(&self, what: &str) {
         self.bar.inc(1);
         self.bar.set_message(what.to_owned());
+        if !self.terminal {
+            // A log (CI, a pipe) shows where a slow run spends its time.
+            eprintln!("  · {what}");
+        }
     }
 
     /// Progress within the current step (e.g. bytes replicated), shown after its name.

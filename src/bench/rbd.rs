@@ -2,7 +2,7 @@
 //! under the work directory (`tests/ceph/one-node.sh`: one mon, one mgr, one bluestore OSD on a
 //! sparse file, 127.0.0.1; every daemon stopped by PID at the end). Every figure beside its
 //! baseline in the same run:
-//! - initial replication of a random-data disk (2 GiB; `--quick` 512 MiB) from a source
+//! - initial replication of a random-data disk (2 GiB; `--quick` 256 MiB) from a source
 //!   appliance to a target with `storage = "rbd"`, timed from the source's start until the disk
 //!   is protected and the target acknowledged everything, beside `rbd import` of the same file
 //!   with the same image features, once before and once after Ferry's run (the faster of the two
@@ -48,8 +48,8 @@ pub fn run(env: &Env) -> anyhow::Result<Vec<Figure>> {
     if let Some(why) = env.tools.missing_reason(Tool::Fio) {
         bail!("the RBD scenario needs fio: {why}");
     }
-    let disk_bytes: u64 = env.size.pick(16 << 20, 512 << 20, 2 << 30);
-    let random_bytes: u64 = env.size.pick(4 << 20, 16 << 20, 64 << 20);
+    let disk_bytes: u64 = env.size.pick(16 << 20, 256 << 20, 2 << 30);
+    let random_bytes: u64 = env.size.pick(4 << 20, 8 << 20, 64 << 20);
     let dir = env.scenario_dir(Scenario::Rbd)?;
     // The disk, and in the OSD's file: two imports and the replica (the first import is removed
     // before Ferry runs), with room for the OSD's own metadata.

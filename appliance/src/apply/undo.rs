@@ -313,7 +313,7 @@ impl UndoLog {
             .expect("segment chosen above");
         let header = encode_header(seq, offset, data);
         // Header and before-image in one `pwritev`, not copied into one buffer first.
-        pwritev_all(&segment.file, &[header.as_bytes(), data], segment.len)
+        pwritev_all(&segment.file, [header.as_bytes(), data], segment.len)
             .map_err(undo_error("write", &segment.path))?;
         let entry = UndoEntry {
             seq,

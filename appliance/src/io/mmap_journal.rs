@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
+use smallvec::SmallVec;
 
 use crate::core::journal::{Journal, JournalError, RecoveryReport, SegmentStore, StoreError};
 use crate::limits::{
@@ -396,12 +397,11 @@ impl SegmentStore for MmapSegments {
         let end = offset + total;
         let tail_pad = (end.next_multiple_of(TAIL_PAD_BYTES).min(self.segment_bytes) - end)
             .min(ZERO_PAGE.len());
-        let padded: Vec<&[u8]> = parts
+        let padded = parts
             .iter()
             .copied()
-            .chain(std::iter::once(&ZERO_PAGE[..tail_pad]))
-            .collect();
-        pwritev_all(file, &padded, offset as u64).map_err(|error| StoreError {
+            .chain(std::iter::once(&ZERO_PAGE[..tail_pad]));
+        pwritev_all(file, padded, offset as u64).map_err(|error| StoreError {
             operation: "pwritev",
             segment: index,
             message: format!("bytes {offset}..{}: {error}", end + tail_pad),
@@ -418,14 +418,19 @@ const TAIL_PAD_BYTES: usize = 4096;
 static ZERO_PAGE: [u8; TAIL_PAD_BYTES] = [0; TAIL_PAD_BYTES];
 
 /// Writes `parts` back to back at `offset` of `file` with `pwritev(2)`, as many calls as a
-/// short write needs (no copy into one buffer first).
-pub(crate) fn pwritev_all(file: &File, parts: &[&[u8]], offset: u64) -> io::Result<()> {
-    let mut slices: Vec<io::IoSlice<'_>> = parts
-        .iter()
+/// short write needs (no copy into one buffer first, and no heap allocation for the usual
+/// handful of parts: this is on the journal's append path, under its lock).
+pub(crate) fn pwritev_all<'a>(
+    file: &File,
+    parts: impl IntoIterator<Item = &'a [u8]>,
+    offset: u64,
+) -> io::Result<()> {
+    let mut slices: SmallVec<[io::IoSlice<'a>; 8]> = parts
+        .into_iter()
         .filter(|part| !part.is_empty())
-        .map(|part| io::IoSlice::new(part))
+        .map(io::IoSlice::new)
         .collect();
-    let total: usize = parts.iter().map(|part| part.len()).sum();
+    let total: usize = slices.iter().map(|slice| slice.len()).sum();
     let mut remaining: &mut [io::IoSlice<'_>] = &mut slices;
     let mut at = usize::try_from(offset)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond usize"))?;

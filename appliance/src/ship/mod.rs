@@ -227,10 +227,10 @@ impl Shipper {
         let _ = std::fs::create_dir_all(&self.sync_dir);
         let mut config = SourceConfig::new(self.source_name.clone(), self.announcements());
         config.machines = self.machines.clone();
-        // The sync's share of the journal: at most a quarter of it, so that live writes keep
-        // room (a sync that filled the journal would push them into bitmap mode).
-        let journal_bytes = self.journal.usage().capacity_bytes;
-        config.sync_backlog_bytes_max = config.sync_backlog_bytes_max.min(journal_bytes / 4);
+        // The sync window is not cut down to the journal's size: sync data is held in memory
+        // (`SyncRef` records put only a header in the journal), so a small journal neither
+        // fills with it nor needs a small window (a 4 MiB journal used to pace the sync at
+        // 1 MiB in flight, one extent per durable round trip).
         let mut core = Source::new(config, &*self.journal.lock());
         let mut rounds: BTreeMap<u32, Round> = BTreeMap::new();
         let (_, placeholder) = mpsc::channel(1);
