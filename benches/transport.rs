@@ -52,28 +52,46 @@ fn main() -> anyhow::Result<()> {
     let runs = bench::run(&options)?;
     for run in &runs {
         eprintln!(
-            "  {:<45} {:>6.3} GB/s  {:>8.3} s  lost packets {}",
+            "  {:<45} {:>6.3} GB/s  {:>8.3} s  {:>5.2} cpu-s/GB  lost packets {}",
             run.link.name(),
             run.gigabytes_per_s(),
             run.elapsed.as_secs_f64(),
+            run.cpu_seconds_per_gigabyte(),
             run.lost_packets
                 .map_or_else(|| "-".to_owned(), |lost| lost.to_string())
         );
+        if let (Some(sender), Some(receiver)) = (run.sender_stats, run.receiver_stats) {
+            eprintln!(
+                "      sender: {} datagrams in {} sends, {} ACK frames in {} datagrams received, \
+                 MTU {}; receiver: {} datagrams in {} receives, {} ACK frames sent in {} datagrams",
+                sender.udp_tx.datagrams,
+                sender.udp_tx.ios,
+                sender.frame_rx.acks,
+                sender.udp_rx.datagrams,
+                sender.path.current_mtu,
+                receiver.udp_rx.datagrams,
+                receiver.udp_rx.ios,
+                receiver.frame_tx.acks,
+                receiver.udp_tx.datagrams,
+            );
+        }
     }
     let ferry = bench::median_gigabytes_per_s(&runs, Link::Ferry).unwrap_or(0.0);
     println!(
-        "| link | GB/s (median of {}) | Ferry / link |",
+        "| link | GB/s (median of {}) | Ferry / link | cpu-s per GB (median) |",
         options.rounds
     );
-    println!("|---|---|---|");
+    println!("|---|---|---|---|");
     for link in [Link::Ferry, Link::PlainQuinn, Link::Tcp] {
         let rate = bench::median_gigabytes_per_s(&runs, link).unwrap_or(0.0);
+        let cpu = bench::median_cpu_seconds_per_gigabyte(&runs, link).unwrap_or(0.0);
         println!(
-            "| {} | {:.3} ({:.2} Gbit/s) | {:.2}x |",
+            "| {} | {:.3} ({:.2} Gbit/s) | {:.2}x | {:.2} |",
             link.name(),
             rate,
             rate * 8.0,
-            ferry / rate
+            ferry / rate,
+            cpu
         );
     }
     let lost = |link: Link| -> u64 {

@@ -30,8 +30,15 @@ pub fn run(env: &Env) -> anyhow::Result<Vec<Figure>> {
             .filter_map(|run| run.lost_packets)
             .sum()
     };
+    let cpu = |link: Link| bench::median_cpu_seconds_per_gigabyte(&runs, link).unwrap_or(0.0);
+    let cpu_note = format!(
+        "cpu-s per GB (both sides): Ferry {:.2}, plain quinn {:.2}, TCP {:.2}",
+        cpu(Link::Ferry),
+        cpu(Link::PlainQuinn),
+        cpu(Link::Tcp)
+    );
     env.log(&format!(
-        "  transport: ferry {ferry:.3} GB/s, plain quinn {:.3}, TCP {:.3}; lost packets ferry {}, quinn {}",
+        "  transport: ferry {ferry:.3} GB/s, plain quinn {:.3}, TCP {:.3}; lost packets ferry {}, quinn {}; {cpu_note}",
         rate(Link::PlainQuinn).unwrap_or(0.0),
         rate(Link::Tcp).unwrap_or(0.0),
         lost(Link::Ferry),
@@ -53,7 +60,8 @@ pub fn run(env: &Env) -> anyhow::Result<Vec<Figure>> {
                 "lost packets: Ferry {}, plain quinn {}",
                 lost(Link::Ferry),
                 lost(Link::PlainQuinn)
-            )),
+            ))
+            .note(cpu_note),
         Figure::new(&name, ferry, "GB/s", Better::Higher)
             .against("one TCP stream, unencrypted", rate(Link::Tcp)),
     ])

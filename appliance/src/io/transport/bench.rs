@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::mpsc as std_mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -76,6 +76,13 @@ pub struct Run {
     pub elapsed: Duration,
     /// Packets the sender declared lost (QUIC only).
     pub lost_packets: Option<u64>,
+    /// CPU time (user + system) of the whole process, sender and receiver together, over
+    /// the run: what a link costs per byte, not just how fast it goes.
+    pub cpu: Duration,
+    /// quinn's counters of the sending side at the end of the run (QUIC only).
+    pub sender_stats: Option<quinn::ConnectionStats>,
+    /// quinn's counters of the receiving side once it had every byte (QUIC only).
+    pub receiver_stats: Option<quinn::ConnectionStats>,
 }
 
 impl Run {
@@ -83,6 +90,29 @@ impl Run {
     pub fn gigabytes_per_s(&self) -> f64 {
         self.bytes as f64 / self.elapsed.as_secs_f64() / 1e9
     }
+
+    /// CPU seconds (both sides) per 10^9 bytes delivered.
+    pub fn cpu_seconds_per_gigabyte(&self) -> f64 {
+        self.cpu.as_secs_f64() / (self.bytes as f64 / 1e9)
+    }
+}
+
+/// CPU time (user + system) this process has used so far, all threads: both sides of a run
+/// live in this process.
+fn process_cpu_time() -> Duration {
+    let mut time = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `time` is a valid, writable timespec on this stack frame for the whole call.
+    let result = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut time) };
+    if result != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        u64::try_from(time.tv_sec).unwrap_or(0),
+        u32::try_from(time.tv_nsec).unwrap_or(0),
+    )
 }
 
 /// Failure of a benchmark run.
@@ -127,16 +157,25 @@ pub fn run(options: &BenchOptions) -> Result<Vec<Run>, BenchError> {
 
 /// The median throughput of a link over the runs given.
 pub fn median_gigabytes_per_s(runs: &[Run], link: Link) -> Option<f64> {
-    let mut rates: Vec<f64> = runs
+    median_of(runs, link, Run::gigabytes_per_s)
+}
+
+/// The median CPU seconds per GB of a link over the runs given.
+pub fn median_cpu_seconds_per_gigabyte(runs: &[Run], link: Link) -> Option<f64> {
+    median_of(runs, link, Run::cpu_seconds_per_gigabyte)
+}
+
+fn median_of(runs: &[Run], link: Link, figure: fn(&Run) -> f64) -> Option<f64> {
+    let mut values: Vec<f64> = runs
         .iter()
         .filter(|run| run.link == link)
-        .map(Run::gigabytes_per_s)
+        .map(figure)
         .collect();
-    if rates.is_empty() {
+    if values.is_empty() {
         return None;
     }
-    rates.sort_by(f64::total_cmp);
-    Some(rates[rates.len() / 2])
+    values.sort_by(f64::total_cmp);
+    Some(values[values.len() / 2])
 }
 
 fn pseudo_random_bytes(length: usize) -> Vec<u8> {
@@ -198,6 +237,18 @@ where
     Ok(run)
 }
 
+/// Where the receiving side leaves its quinn counters for the run.
+type StatsSlot = Arc<Mutex<Option<quinn::ConnectionStats>>>;
+
+fn with_receiver_stats(run: Result<Run, BenchError>, slot: &StatsSlot) -> Result<Run, BenchError> {
+    let mut run = run?;
+    run.receiver_stats = slot
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .take();
+    Ok(run)
+}
+
 fn ferry_link(
     options: &BenchOptions,
     source: &Identity,
@@ -213,6 +264,8 @@ fn ferry_link(
         fingerprint: source.fingerprint,
     }];
     let (target_identity, target_tuning) = (target.clone(), options.tuning.clone());
+    let receiver_stats: StatsSlot = Arc::default();
+    let receiver_stats_slot = receiver_stats.clone();
     let target_side = move |address_sender: std_mpsc::Sender<SocketAddr>| {
         runtime().block_on(async move {
             let mut endpoint = TargetEndpoint::bind(
@@ -234,6 +287,9 @@ fn ferry_link(
                     None => break,
                 }
             }
+            *receiver_stats_slot
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(connection.handle.stats());
             connection
                 .control
                 .sender
@@ -254,6 +310,7 @@ fn ferry_link(
                 .map_err(wrap)?;
             let mut connection = dialer.connect_once().await.map_err(wrap)?;
             let started = Instant::now();
+            let cpu_started = process_cpu_time();
             for _ in 0..frames {
                 connection
                     .live
@@ -264,18 +321,22 @@ fn ferry_link(
             }
             connection.control.receiver.recv().await.map_err(wrap)?;
             let elapsed = started.elapsed();
-            let lost_packets = connection.handle.stats().path.lost_packets;
+            let cpu = process_cpu_time().saturating_sub(cpu_started);
+            let stats = connection.handle.stats();
             connection.handle.close("bench done");
             dialer.close().await;
             Ok(Run {
                 link,
                 bytes: total_bytes,
                 elapsed,
-                lost_packets: Some(lost_packets),
+                lost_packets: Some(stats.path.lost_packets),
+                cpu,
+                sender_stats: Some(stats),
+                receiver_stats: None,
             })
         })
     };
-    two_sided(link, target_side, source_side)
+    with_receiver_stats(two_sided(link, target_side, source_side), &receiver_stats)
 }
 
 fn plain_quinn(options: &BenchOptions, target: &Identity, frame: Bytes) -> Result<Run, BenchError> {
@@ -284,6 +345,8 @@ fn plain_quinn(options: &BenchOptions, target: &Identity, frame: Bytes) -> Resul
     let frames = frames_for(options);
     let total_bytes = frames * frame.len() as u64;
     let target_identity = target.clone();
+    let receiver_stats: StatsSlot = Arc::default();
+    let receiver_stats_slot = receiver_stats.clone();
     let target_side = move |address_sender: std_mpsc::Sender<SocketAddr>| {
         runtime().block_on(async move {
             let config = quinn::ServerConfig::with_single_cert(
@@ -319,6 +382,9 @@ fn plain_quinn(options: &BenchOptions, target: &Identity, frame: Bytes) -> Resul
                     None => break,
                 }
             }
+            *receiver_stats_slot
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(connection.stats());
             send.write_all(b"k")
                 .await
                 .map_err(|error| other(error.to_string()))?;
@@ -350,6 +416,7 @@ fn plain_quinn(options: &BenchOptions, target: &Identity, frame: Bytes) -> Resul
                 .await
                 .map_err(|error| other(error.to_string()))?;
             let started = Instant::now();
+            let cpu_started = process_cpu_time();
             for _ in 0..frames {
                 send.write_chunk(frame.clone())
                     .await
@@ -360,18 +427,22 @@ fn plain_quinn(options: &BenchOptions, target: &Identity, frame: Bytes) -> Resul
                 .await
                 .map_err(|error| other(error.to_string()))?;
             let elapsed = started.elapsed();
-            let lost_packets = connection.stats().path.lost_packets;
+            let cpu = process_cpu_time().saturating_sub(cpu_started);
+            let stats = connection.stats();
             connection.close(0u32.into(), b"bench done");
             endpoint.wait_idle().await;
             Ok(Run {
                 link,
                 bytes: total_bytes,
                 elapsed,
-                lost_packets: Some(lost_packets),
+                lost_packets: Some(stats.path.lost_packets),
+                cpu,
+                sender_stats: Some(stats),
+                receiver_stats: None,
             })
         })
     };
-    two_sided(link, target_side, source_side)
+    with_receiver_stats(two_sided(link, target_side, source_side), &receiver_stats)
 }
 
 fn tcp(options: &BenchOptions, frame: Bytes) -> Result<Run, BenchError> {
@@ -419,6 +490,7 @@ fn tcp(options: &BenchOptions, frame: Bytes) -> Result<Run, BenchError> {
                 .await
                 .map_err(|error| other(error.to_string()))?;
             let started = Instant::now();
+            let cpu_started = process_cpu_time();
             for _ in 0..frames {
                 stream
                     .write_all(&frame)
@@ -435,6 +507,9 @@ fn tcp(options: &BenchOptions, frame: Bytes) -> Result<Run, BenchError> {
                 bytes: total_bytes,
                 elapsed: started.elapsed(),
                 lost_packets: None,
+                cpu: process_cpu_time().saturating_sub(cpu_started),
+                sender_stats: None,
+                receiver_stats: None,
             })
         })
     };
@@ -460,5 +535,14 @@ mod tests {
             assert!(rate > 0.0, "{link:?}");
         }
         assert!(runs.iter().all(|run| run.bytes == 8 << 20));
+        assert!(runs.iter().all(|run| run.cpu > Duration::ZERO));
+        for run in runs.iter().filter(|run| run.link != Link::Tcp) {
+            let sender = run
+                .sender_stats
+                .expect("QUIC runs carry the sender's counters");
+            let receiver = run.receiver_stats.expect("and the receiver's");
+            assert!(sender.udp_tx.bytes >= 8 << 20, "{:?}", run.link);
+            assert!(receiver.udp_rx.bytes >= 8 << 20, "{:?}", run.link);
+        }
     }
 }

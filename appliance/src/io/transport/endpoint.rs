@@ -22,7 +22,7 @@ use super::pinning::{
     find_peer, install_ring_provider, ring_provider, Peer, PinnedSourceVerifier,
     PinnedTargetVerifier, ServerCertObservation,
 };
-use super::socket::bind_udp;
+use super::socket::{bind_udp, quinn_socket};
 use super::{TransportError, Tuning, ALPN_PROTOCOL};
 
 /// First bytes of every stream: magic, transport version, then the class tag.
@@ -101,6 +101,30 @@ fn endpoint_config(tuning: &Tuning) -> Result<quinn::EndpointConfig, TransportEr
             ),
         })?;
     Ok(config)
+}
+
+/// A quinn endpoint on `socket` (see `socket::quinn_socket` for why the socket is wrapped).
+fn quinn_endpoint(
+    socket: std::net::UdpSocket,
+    tuning: &Tuning,
+    server_config: Option<quinn::ServerConfig>,
+    local_address: SocketAddr,
+) -> Result<quinn::Endpoint, TransportError> {
+    let endpoint_config = endpoint_config(tuning)?;
+    quinn_socket(socket, tuning)
+        .and_then(|socket| {
+            quinn::Endpoint::new_with_abstract_socket(
+                endpoint_config,
+                server_config,
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )
+        })
+        .map_err(|source| TransportError::Socket {
+            operation: "start the QUIC endpoint on",
+            address: local_address,
+            source,
+        })
 }
 
 fn server_config(
@@ -328,17 +352,7 @@ impl TargetEndpoint {
                 address: listen_address,
                 source,
             })?;
-        let endpoint = quinn::Endpoint::new(
-            endpoint_config(tuning)?,
-            Some(default_server_config),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(|source| TransportError::Socket {
-            operation: "start the QUIC endpoint on",
-            address: local_address,
-            source,
-        })?;
+        let endpoint = quinn_endpoint(socket, tuning, Some(default_server_config), local_address)?;
         let (sender, accepted) = mpsc::channel(ACCEPT_QUEUE_LENGTH);
         let refused_total = Arc::new(AtomicU64::new(0));
         let context = Arc::new(AcceptContext {
@@ -604,17 +618,7 @@ impl SourceDialer {
             (Ipv4Addr::UNSPECIFIED, 0).into()
         };
         let socket = bind_udp(local_address, tuning)?;
-        let endpoint = quinn::Endpoint::new(
-            endpoint_config(tuning)?,
-            None,
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(|source| TransportError::Socket {
-            operation: "start the QUIC endpoint on",
-            address: local_address,
-            source,
-        })?;
+        let endpoint = quinn_endpoint(socket, tuning, None, local_address)?;
         // Jitter seed: differs between processes and between restarts of one.
         let seed = u64::from(std::process::id())
             ^ std::time::SystemTime::now()

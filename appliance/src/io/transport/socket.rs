@@ -1,8 +1,15 @@
 //! The UDP socket under a quinn endpoint, with receive/send buffers large enough for a
 //! multi-Gbit/s burst (the 208 KiB default dropped ~25k packets per 4 GiB here).
 
+use std::io::IoSliceMut;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::{AsyncUdpSocket, Runtime, UdpPoller};
 
 use super::{TransportError, Tuning, SOCKET_BUFFER_BYTES_ADEQUATE};
 
@@ -75,5 +82,69 @@ fn force_buffer_size(socket: &UdpSocket, option: libc::c_int, bytes: usize) {
             error = %std::io::Error::last_os_error(),
             "forcing the UDP buffer size was refused (not root)"
         );
+    }
+}
+
+/// Largest UDP payload of one datagram over IPv4 (65,535 minus IP and UDP headers): a GSO
+/// batch is sent as one datagram, so its packets together must fit this.
+const UDP_DATAGRAM_PAYLOAD_BYTES_MAX: usize = 65_507;
+
+/// Hands `socket` to quinn's tokio runtime with GSO batches capped so that a batch of
+/// `max_udp_payload_bytes` packets fits one UDP datagram. quinn batches up to 10 packets per
+/// send; with packets above ~6,500 bytes ten no longer fit, the kernel refuses the send and
+/// the connection stalls. The cap lets path MTU discovery go above that (jumbo frames,
+/// loopback) at the price of fewer packets per send.
+pub(crate) fn quinn_socket(
+    socket: UdpSocket,
+    tuning: &Tuning,
+) -> std::io::Result<Arc<dyn AsyncUdpSocket>> {
+    let inner = quinn::TokioRuntime.wrap_udp_socket(socket)?;
+    let segments_fitting =
+        (UDP_DATAGRAM_PAYLOAD_BYTES_MAX / usize::from(tuning.max_udp_payload_bytes.max(1))).max(1);
+    Ok(Arc::new(SegmentCappedSocket {
+        max_transmit_segments: inner.max_transmit_segments().min(segments_fitting),
+        inner,
+    }))
+}
+
+/// quinn's socket, reporting at most `max_transmit_segments` packets per GSO batch.
+#[derive(Debug)]
+struct SegmentCappedSocket {
+    inner: Arc<dyn AsyncUdpSocket>,
+    max_transmit_segments: usize,
+}
+
+impl AsyncUdpSocket for SegmentCappedSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> std::io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        context: &mut Context,
+        buffers: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<std::io::Result<usize>> {
+        self.inner.poll_recv(context, buffers, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.max_transmit_segments
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
     }
 }
