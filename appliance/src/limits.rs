@@ -95,6 +95,14 @@ pub const SYNC_HASH_READ_NS_PER_BYTE_MAX: u64 = 64;
 /// machine; 16 MiB paced the sync at ~16 extents per 100 ms, benches/RESULTS.md).
 pub const SYNC_BACKLOG_BYTES_MAX: usize = 64 << 20;
 
+/// The registered I/O buffer arena (`io::disk` arena.rs): memory every io_uring ring registers
+/// once, from which the hot buffer pools carve their buffers, so O_DIRECT requests skip pinning
+/// pages per request. It holds the source's sync reads in flight plus its backlog
+/// (`SYNC_READS_IN_FLIGHT_MAX + SYNC_BACKLOG_BYTES_MAX` of 1 MiB extents: 80 MiB) or the
+/// target's receive pool (72 frames of 1 MiB + 8 KiB); beyond it buffers come from the heap.
+/// All of it is pinned once registered.
+pub const REGISTERED_ARENA_BYTES: usize = 96 << 20;
+
 /// Target: outstanding disk operations it hands to its driver before it stops taking records.
 pub const APPLY_OPS_QUEUED_MAX: usize = 4096;
 

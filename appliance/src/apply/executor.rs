@@ -75,7 +75,7 @@ fn write_buf(mut parts: Vec<Bytes>) -> IoBuf {
     let len: usize = parts.iter().map(Bytes::len).sum();
     let mut buf = if (POOLED_WRITE_BYTES_MIN..=limits::RECORD_PAYLOAD_BYTES_MAX).contains(&len) {
         POOL.get_or_init(|| {
-            BufPool::new(limits::RECORD_PAYLOAD_BYTES_MAX, WRITES_IN_FLIGHT_MAX + 4)
+            BufPool::registered(limits::RECORD_PAYLOAD_BYTES_MAX, WRITES_IN_FLIGHT_MAX + 4)
         })
         .get()
     } else {

@@ -1,11 +1,15 @@
 //! `IoBuf`: a 4096-aligned, owned I/O buffer that an in-flight disk operation can hold, and a
 //! small pool that recycles them so the capture and apply paths do not allocate per request.
+//! A registered pool carves its buffers from the process's registered arena (`arena.rs`), so
+//! io_uring issues their I/O as fixed-buffer requests that skip pinning pages per request.
 
 use std::alloc::{self, Layout};
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
+
+use super::arena;
 
 /// Alignment of every `IoBuf` allocation: the largest logical block size O_DIRECT asks for here,
 /// and the page size, so a buffer is usable for direct I/O on any device we open.
@@ -30,6 +34,8 @@ pub struct IoBuf {
     pool: Option<Arc<PoolShared>>,
     /// What keeps a shared buffer's bytes alive; `None` for an owned allocation.
     owner: Option<bytes::Bytes>,
+    /// An owned allocation carved from the registered arena (returned there, not to the heap).
+    in_arena: bool,
 }
 
 // SAFETY: `IoBuf` uniquely owns its allocation (like `Vec<u8>`); nothing else aliases `ptr` —
@@ -63,6 +69,7 @@ impl IoBuf {
             capacity,
             pool: None,
             owner: None,
+            in_arena: false,
         }
     }
 
@@ -86,12 +93,19 @@ impl IoBuf {
             capacity: bytes.len(),
             pool: None,
             owner: Some(bytes),
+            in_arena: false,
         })
     }
 
     /// Whether this buffer wraps bytes it does not own ([`IoBuf::from_shared`]).
     pub fn is_shared(&self) -> bool {
         self.owner.is_some()
+    }
+
+    /// Whether this buffer's bytes lie in the registered arena (a registered pool's buffer, or
+    /// a shared buffer over one), so io_uring can issue its I/O as a fixed-buffer request.
+    pub fn is_in_registered_arena(&self) -> bool {
+        arena::existing().is_some_and(|arena| arena.contains(self.as_ptr(), self.capacity))
     }
 
     /// A buffer of `len` zero bytes.
@@ -200,6 +214,7 @@ impl fmt::Debug for IoBuf {
             .field("capacity", &self.capacity)
             .field("pooled", &self.pool.is_some())
             .field("shared", &self.owner.is_some())
+            .field("in_arena", &self.in_arena)
             .finish()
     }
 }
@@ -214,19 +229,43 @@ impl Drop for IoBuf {
             if pool.capacity == self.capacity {
                 let mut free = pool.free.lock().unwrap_or_else(|e| e.into_inner());
                 if free.len() < pool.cached_max {
-                    free.push(RawBuf(self.ptr));
+                    free.push(RawBuf {
+                        ptr: self.ptr,
+                        in_arena: self.in_arena,
+                    });
                     return;
                 }
             }
         }
-        // SAFETY: `ptr` was allocated in `with_capacity` with exactly this layout and is not
-        // referenced anywhere else (the pool did not take it).
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout_for(self.capacity)) };
+        // SAFETY: this buffer owns the allocation alone (not shared, the pool did not take it).
+        unsafe { free_allocation(self.ptr, self.capacity, self.in_arena) };
+    }
+}
+
+/// Frees an owned `IoBuf` allocation of `capacity` bytes: back to the arena, or to the heap.
+///
+/// # Safety
+/// `ptr` is an allocation of `capacity` bytes made by `IoBuf::with_capacity` (`in_arena`
+/// false) or carved from the arena by a registered pool (`in_arena` true), and nothing uses it
+/// any more.
+unsafe fn free_allocation(ptr: NonNull<u8>, capacity: usize, in_arena: bool) {
+    if in_arena {
+        // Internal invariant: arena buffers exist only once the arena does.
+        let arena = arena::existing().expect("an arena buffer without the arena");
+        // SAFETY: per this function's contract, the range came from the arena and is unused.
+        unsafe { arena.release(ptr, capacity) };
+    } else {
+        // SAFETY: per this function's contract, `ptr` came from `alloc_zeroed` with exactly
+        // this layout (`with_capacity`).
+        unsafe { alloc::dealloc(ptr.as_ptr(), layout_for(capacity)) };
     }
 }
 
 /// A pooled allocation waiting for reuse.
-struct RawBuf(NonNull<u8>);
+struct RawBuf {
+    ptr: NonNull<u8>,
+    in_arena: bool,
+}
 
 // SAFETY: a `RawBuf` in the free list is owned by the pool alone.
 unsafe impl Send for RawBuf {}
@@ -234,6 +273,8 @@ unsafe impl Send for RawBuf {}
 struct PoolShared {
     capacity: usize,
     cached_max: usize,
+    /// New buffers come from the registered arena while it has room.
+    registered: bool,
     free: Mutex<Vec<RawBuf>>,
 }
 
@@ -241,8 +282,9 @@ impl Drop for PoolShared {
     fn drop(&mut self) {
         let free = self.free.get_mut().unwrap_or_else(|e| e.into_inner());
         for raw in free.drain(..) {
-            // SAFETY: every pooled pointer came from an `IoBuf` of `self.capacity` bytes.
-            unsafe { alloc::dealloc(raw.0.as_ptr(), layout_for(self.capacity)) };
+            // SAFETY: every pooled pointer came from an `IoBuf` of `self.capacity` bytes that
+            // gave it up, with where it was allocated.
+            unsafe { free_allocation(raw.ptr, self.capacity, raw.in_arena) };
         }
     }
 }
@@ -255,11 +297,24 @@ pub struct BufPool {
 }
 
 impl BufPool {
+    /// A pool of heap buffers.
     pub fn new(buf_capacity: usize, cached_max: usize) -> BufPool {
+        BufPool::with_arena(buf_capacity, cached_max, false)
+    }
+
+    /// A pool whose buffers come from the registered arena while it has room (then from the
+    /// heap): for the hot O_DIRECT paths, whose I/O then skips per-request page pinning. The
+    /// arena is mapped by the first registered pool that allocates.
+    pub fn registered(buf_capacity: usize, cached_max: usize) -> BufPool {
+        BufPool::with_arena(buf_capacity, cached_max, true)
+    }
+
+    fn with_arena(buf_capacity: usize, cached_max: usize, registered: bool) -> BufPool {
         BufPool {
             shared: Arc::new(PoolShared {
                 capacity: round_capacity(buf_capacity),
                 cached_max,
+                registered,
                 free: Mutex::new(Vec::with_capacity(cached_max)),
             }),
         }
@@ -278,15 +333,28 @@ impl BufPool {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop();
-        let mut buf = match recycled {
+        let capacity = self.shared.capacity;
+        let carved = || {
+            let arena = arena::get_or_map()?;
+            let ptr = arena.alloc(capacity)?;
+            Some(RawBuf {
+                ptr,
+                in_arena: true,
+            })
+        };
+        let raw = recycled.or_else(|| self.shared.registered.then(carved).flatten());
+        let mut buf = match raw {
+            // A recycled or carved allocation is initialised: zeroes from the mapping or
+            // whatever a previous buffer held.
             Some(raw) => IoBuf {
-                ptr: raw.0,
+                ptr: raw.ptr,
                 len: 0,
-                capacity: self.shared.capacity,
+                capacity,
                 pool: None,
                 owner: None,
+                in_arena: raw.in_arena,
             },
-            None => IoBuf::with_capacity(self.shared.capacity),
+            None => IoBuf::with_capacity(capacity),
         };
         buf.pool = Some(self.shared.clone());
         buf
@@ -340,6 +408,37 @@ mod tests {
         assert_eq!(pool.cached(), 1);
         let e = pool.get();
         assert!(d.as_ptr() == a_ptr || e.as_ptr() == a_ptr);
+    }
+
+    #[test]
+    fn registered_pools_carve_from_the_arena_and_give_back() {
+        let pool = BufPool::registered(3 * IO_ALIGN_BYTES, 1);
+        let mut first = pool.get();
+        assert!(first.is_in_registered_arena());
+        assert_eq!(first.as_ptr() as usize % IO_ALIGN_BYTES, 0);
+        assert_eq!(first.capacity(), 3 * IO_ALIGN_BYTES);
+        // Fresh arena memory reads as zeroes, like a fresh heap buffer.
+        first.set_len(3 * IO_ALIGN_BYTES);
+        assert!(first.iter().all(|&b| b == 0));
+        first.fill(5);
+        let second = pool.get();
+        assert!(second.is_in_registered_arena());
+        assert_ne!(first.as_ptr(), second.as_ptr());
+        let first_ptr = first.as_ptr();
+        // One is kept for reuse (its old contents with it), the other goes back to the arena
+        // (`arena::tests` checks the bookkeeping).
+        drop(first);
+        drop(second);
+        assert_eq!(pool.cached(), 1);
+        let mut reused = pool.get();
+        assert_eq!(reused.as_ptr(), first_ptr);
+        reused.set_len(IO_ALIGN_BYTES);
+        assert!(reused.iter().all(|&b| b == 5));
+        // Heap pools and plain buffers stay outside it.
+        assert!(!BufPool::new(IO_ALIGN_BYTES, 1)
+            .get()
+            .is_in_registered_arena());
+        assert!(!IoBuf::zeroed(10).is_in_registered_arena());
     }
 
     #[test]

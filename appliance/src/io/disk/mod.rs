@@ -17,6 +17,13 @@
 //!
 //! [`EngineChoice::Auto`] tries io_uring and falls back with one log line.
 //!
+//! # Registered buffers
+//! Buffers from a registered pool ([`BufPool::registered`]: the source's sync reads, the
+//! target's receive and write pools) are carved from one arena per process that every ring
+//! registers once (`arena.rs`); io_uring issues their reads and writes as fixed-buffer requests,
+//! so O_DIRECT does not pin their pages per request. Any other buffer works as before, and the
+//! thread-pool engine treats arena memory as ordinary memory.
+//!
 //! # O_DIRECT and unaligned requests
 //! With direct I/O on, a disk holds two descriptors of the same inode: one opened with
 //! O_DIRECT and one without. A request whose offset and length are multiples of the direct
@@ -46,6 +53,7 @@
 //! TRIM as zeroes, so the source and the replica must read the same after a trim — hence a trim
 //! that only "may discard" would be wrong here.
 
+mod arena;
 mod buf;
 mod pool_engine;
 mod sys;
@@ -190,6 +198,21 @@ pub(crate) trait Engine: Send + Sync {
     fn kind(&self) -> EngineKind;
     /// Queues a request; hands it back if the engine has stopped.
     fn submit(&self, request: Request) -> Result<(), Request>;
+    /// Whether requests from the registered arena skip page pinning (only io_uring can).
+    fn fixed_buffers(&self) -> FixedBuffers {
+        FixedBuffers::default()
+    }
+}
+
+/// A disk's use of the registered buffer arena (`arena.rs`), for tests and diagnostics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FixedBuffers {
+    /// The disk's ring registered the arena: reads and writes from arena memory go as
+    /// fixed-buffer requests. Always false on the thread-pool engine.
+    pub registered: bool,
+    /// Reads and writes (each resubmitted part of a short one too) issued as fixed-buffer
+    /// requests so far.
+    pub requests: u64,
 }
 
 const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
@@ -412,6 +435,11 @@ impl Disk {
 
     pub fn engine(&self) -> EngineKind {
         self.inner.engine.kind()
+    }
+
+    /// Whether this disk's I/O from registered pools skips per-request page pinning.
+    pub fn fixed_buffers(&self) -> FixedBuffers {
+        self.inner.engine.fixed_buffers()
     }
 
     /// Whether aligned requests bypass the page cache.

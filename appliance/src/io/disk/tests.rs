@@ -56,6 +56,21 @@ async fn read(disk: &Disk, offset: u64, len: usize) -> Vec<u8> {
     buf.to_vec()
 }
 
+/// Whether this process may pin the registered arena: it has CAP_IPC_LOCK, or RLIMIT_MEMLOCK
+/// leaves room for it.
+fn arena_pinning_allowed() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let capable = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0);
+    capable
+        || uring::memlock_limit()
+            .is_none_or(|limit| limit >= crate::limits::REGISTERED_ARENA_BYTES as u64)
+}
+
 async fn assert_matches_model(disk: &Disk, model: &[u8]) {
     let whole = read(disk, 0, model.len()).await;
     if let Some(first) = whole.iter().zip(model).position(|(a, b)| a != b) {
@@ -85,6 +100,72 @@ mod suite {
         let big = pattern(2 << 20, 2);
         write(&disk, 1 << 20, &big).await;
         assert_eq!(read(&disk, 1 << 20, 2 << 20).await, big);
+    }
+
+    /// Buffers from a registered pool (the arena), a read-only shared buffer over arena memory
+    /// (the target's write straight from a received frame) and heap buffers all round-trip,
+    /// aligned or not. io_uring issues exactly the arena ones as fixed-buffer requests once its
+    /// ring registered the arena (it must, where pinning the arena is allowed); the thread-pool
+    /// engine treats them as ordinary memory.
+    pub async fn registered_buffers_round_trip(options: DiskOptions) {
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, _) = create(&dir, options);
+        let pool = BufPool::registered(256 << 10, 4);
+        // Aligned: O_DIRECT when direct is on.
+        let data = pattern(256 << 10, 3);
+        let mut out = pool.get();
+        out.extend_from_slice(&data);
+        assert!(out.is_in_registered_arena());
+        let (result, out) = disk.write_at(1 << 20, out).await;
+        result.expect("aligned write from the arena");
+        assert_eq!(&out[..], &data[..]);
+        let mut back = pool.get();
+        back.fill_zero(data.len());
+        let (result, back) = disk.read_at(1 << 20, back).await;
+        result.expect("aligned read into the arena");
+        assert_eq!(&back[..], &data[..]);
+        assert_eq!(read(&disk, 1 << 20, data.len()).await, data);
+        // Unaligned: through the buffered descriptor, still from the arena.
+        let odd = pattern(5000, 4);
+        let mut out = pool.get();
+        out.extend_from_slice(&odd);
+        let (result, _) = disk.write_at(100, out).await;
+        result.expect("unaligned write from the arena");
+        let mut back = pool.get();
+        back.fill_zero(odd.len());
+        let (result, back) = disk.read_at(100, back).await;
+        result.expect("unaligned read into the arena");
+        assert_eq!(&back[..], &odd[..]);
+        // A shared buffer whose bytes are an arena buffer's second block.
+        let block = pattern(4096, 5);
+        let mut frame = pool.get();
+        frame.set_len(2 * 4096);
+        frame[4096..].copy_from_slice(&block);
+        let shared = IoBuf::from_shared(bytes::Bytes::from_owner(frame).slice(4096..))
+            .expect("an aligned block");
+        assert!(shared.is_in_registered_arena());
+        let (result, _) = disk.write_at(3 << 20, shared).await;
+        result.expect("write from a shared arena buffer");
+        assert_eq!(read(&disk, 3 << 20, 4096).await, block);
+        // Heap buffers beside them (`write` and `read` use heap buffers).
+        let heap = pattern(12288, 6);
+        write(&disk, 2 << 20, &heap).await;
+        assert_eq!(read(&disk, 2 << 20, heap.len()).await, heap);
+        let fixed = disk.fixed_buffers();
+        match disk.engine() {
+            EngineKind::Uring if fixed.registered => {
+                // Two aligned, two unaligned, one shared; none of the heap ones.
+                assert_eq!(fixed.requests, 5, "{fixed:?}");
+            }
+            EngineKind::Uring => {
+                assert!(
+                    !arena_pinning_allowed(),
+                    "the ring did not register the arena though pinning it is allowed"
+                );
+                assert_eq!(fixed.requests, 0, "{fixed:?}");
+            }
+            EngineKind::Sync => assert_eq!(fixed, FixedBuffers::default()),
+        }
     }
 
     pub async fn unaligned_round_trip(options: DiskOptions) {
@@ -293,6 +374,11 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn aligned_round_trip() {
                 suite::aligned_round_trip(options()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn registered_buffers_round_trip() {
+                suite::registered_buffers_round_trip(options()).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,19 +7,27 @@
 //! in the ring, so one `io_uring_enter` waits for either a completion or new work. After the
 //! poll fires the thread resets the eventfd, clears `wake_pending` (an AcqRel swap, so every
 //! push before a caller's "already pending" swap is visible) and then drains the queue.
+//!
+//! Fixed buffers: once the process has a registered arena (`arena.rs`), the ring thread
+//! registers it as buffer 0 (`IORING_REGISTER_BUFFERS2`, which unlike the first version never
+//! waits for the ring to go idle) before it submits its next request, and from then on issues a
+//! read or write whose memory lies inside the arena as `READ_FIXED`/`WRITE_FIXED`: the kernel
+//! pinned those pages at registration and does not pin them per request. If registration
+//! fails (RLIMIT_MEMLOCK without CAP_IPC_LOCK, an old kernel) the ring keeps plain requests.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 
+use super::arena::{self, Arena};
 use super::buf::IoBuf;
 use super::sys::{Fds, CHUNK_BYTES_MAX};
-use super::{Completion, Engine, EngineKind, Op, Request};
+use super::{Completion, Engine, EngineKind, FixedBuffers, Op, Request};
 
 /// Requests in flight per disk. The reference machine peaks at QD32 for 1 MiB writes and at
 /// QD64 for 4 KiB random writes; more only adds latency.
@@ -33,6 +41,18 @@ const RETRIES_MAX: u32 = 64;
 
 const WAKE_TOKEN: u64 = u64::MAX;
 
+/// The registered arena's index in every ring's buffer table (it is the only buffer).
+const ARENA_BUF_INDEX: u16 = 0;
+
+/// One log line per process when rings register the arena, and one when they cannot.
+static ARENA_REGISTERED_LOGGED: AtomicBool = AtomicBool::new(false);
+static ARENA_REFUSED_LOGGED: AtomicBool = AtomicBool::new(false);
+
+/// Where a ring stands with the registered arena (`Shared::fixed_state`).
+const FIXED_WAITING: u8 = 0;
+const FIXED_REGISTERED: u8 = 1;
+const FIXED_REFUSED: u8 = 2;
+
 struct State {
     queue: VecDeque<Request>,
     closed: bool,
@@ -44,6 +64,10 @@ struct Shared {
     state: Mutex<State>,
     wake_pending: AtomicBool,
     eventfd: OwnedFd,
+    /// `FIXED_*`: whether the ring thread registered the arena.
+    fixed_state: AtomicU8,
+    /// Reads and writes issued as fixed-buffer requests (each resubmitted part counts).
+    fixed_requests: AtomicU64,
 }
 
 impl Shared {
@@ -98,6 +122,8 @@ impl UringEngine {
             }),
             wake_pending: AtomicBool::new(false),
             eventfd,
+            fixed_state: AtomicU8::new(FIXED_WAITING),
+            fixed_requests: AtomicU64::new(0),
         });
         // The ring is created on its own thread: with IORING_SETUP_SINGLE_ISSUER the creating
         // task is the only one allowed to submit.
@@ -168,6 +194,13 @@ impl Engine for UringEngine {
         EngineKind::Uring
     }
 
+    fn fixed_buffers(&self) -> FixedBuffers {
+        FixedBuffers {
+            registered: self.shared.fixed_state.load(Ordering::Relaxed) == FIXED_REGISTERED,
+            requests: self.shared.fixed_requests.load(Ordering::Relaxed),
+        }
+    }
+
     fn submit(&self, request: Request) -> Result<(), Request> {
         {
             let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -216,6 +249,10 @@ struct RingThread {
     backlog: VecDeque<Request>,
     wake_armed: bool,
     completed: Vec<(u64, i32)>,
+    /// The arena once this ring registered it: requests inside it go as fixed-buffer ones.
+    arena: Option<&'static Arena>,
+    /// Registration was tried and failed; never tried again.
+    arena_refused: bool,
 }
 
 impl RingThread {
@@ -229,6 +266,54 @@ impl RingThread {
             backlog: VecDeque::with_capacity(QUEUE_DEPTH),
             wake_armed: false,
             completed: Vec::with_capacity(2 * QUEUE_DEPTH),
+            arena: None,
+            arena_refused: false,
+        }
+    }
+
+    /// Registers the process's arena with this ring once some pool has mapped it. Called
+    /// before submitting, so the first request from arena memory can already go fixed.
+    fn register_arena(&mut self) {
+        let Some(arena) = arena::existing() else {
+            return;
+        };
+        // SAFETY: the arena is a mapping that is never unmapped or remapped (it lives as long
+        // as the process), so the registered memory stays valid for as long as the ring can
+        // use it. Tag 0 asks for no completion when the buffer is unregistered.
+        let result = unsafe {
+            self.ring
+                .submitter()
+                .register_buffers2(&[arena.iovec()], &[0])
+        };
+        match result {
+            Ok(()) => {
+                self.arena = Some(arena);
+                self.shared
+                    .fixed_state
+                    .store(FIXED_REGISTERED, Ordering::Relaxed);
+                if !ARENA_REGISTERED_LOGGED.swap(true, Ordering::Relaxed) {
+                    tracing::info!(
+                        bytes = arena.iovec().iov_len,
+                        "io_uring rings use the registered buffer arena"
+                    );
+                }
+            }
+            Err(error) => {
+                self.arena_refused = true;
+                self.shared
+                    .fixed_state
+                    .store(FIXED_REFUSED, Ordering::Relaxed);
+                if !ARENA_REFUSED_LOGGED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        %error,
+                        bytes = arena.iovec().iov_len,
+                        memlock_limit_bytes = memlock_limit(),
+                        "registering the I/O buffer arena with io_uring failed (raise \
+                         RLIMIT_MEMLOCK, e.g. LimitMEMLOCK=infinity); disks pin their buffers \
+                         per request instead"
+                    );
+                }
+            }
         }
     }
 
@@ -253,6 +338,9 @@ impl RingThread {
                 self.backlog.extend(state.queue.drain(..));
                 state.closed
             };
+            if self.arena.is_none() && !self.arena_refused && !self.backlog.is_empty() {
+                self.register_arena();
+            }
             while !self.backlog.is_empty() {
                 let Some(slot) = self.free_slots.pop() else {
                     break;
@@ -303,8 +391,9 @@ impl RingThread {
 
     fn push(&mut self, entry: squeue::Entry) {
         // SAFETY: every pointer in `entry` refers to a buffer owned by an in-flight slot, which
-        // stays allocated (heap memory of its `IoBuf`, never moved) until this entry's
-        // completion has been reaped; the poll entry references no memory.
+        // stays allocated (heap or arena memory of its `IoBuf`, never moved) until this entry's
+        // completion has been reaped; a fixed-buffer entry's range lies inside the registered
+        // arena (checked in `submit_slot`); the poll entry references no memory.
         let pushed = unsafe { self.ring.submission().push(&entry) };
         // Internal invariant: at most QUEUE_DEPTH + 1 entries are ever unsubmitted, and the
         // ring has RING_ENTRIES > QUEUE_DEPTH + 1 slots.
@@ -313,6 +402,15 @@ impl RingThread {
 
     fn submit_slot(&mut self, slot: usize) {
         let fds = self.fds;
+        let arena = self.arena;
+        let fixed_requests = &self.shared.fixed_requests;
+        let in_arena = |ptr: *const u8, len: usize| {
+            let inside = arena.is_some_and(|arena| arena.contains(ptr, len));
+            if inside {
+                fixed_requests.fetch_add(1, Ordering::Relaxed);
+            }
+            inside
+        };
         let flight = self.slots[slot].as_mut().expect("submit of an empty slot");
         let done = flight.done;
         let entry = match &mut flight.op {
@@ -322,9 +420,15 @@ impl RingThread {
                 let ptr = unsafe { buf.as_mut_ptr().add(done) };
                 let at = *offset + done as u64;
                 let fd = fds.for_io(at, chunk, ptr);
-                opcode::Read::new(types::Fd(fd), ptr, chunk as u32)
-                    .offset(at)
-                    .build()
+                if in_arena(ptr, chunk) {
+                    opcode::ReadFixed::new(types::Fd(fd), ptr, chunk as u32, ARENA_BUF_INDEX)
+                        .offset(at)
+                        .build()
+                } else {
+                    opcode::Read::new(types::Fd(fd), ptr, chunk as u32)
+                        .offset(at)
+                        .build()
+                }
             }
             Op::Write { offset, buf } => {
                 let chunk = (buf.len() - done).min(CHUNK_BYTES_MAX);
@@ -332,9 +436,15 @@ impl RingThread {
                 let ptr = unsafe { buf.as_ptr().add(done) };
                 let at = *offset + done as u64;
                 let fd = fds.for_io(at, chunk, ptr);
-                opcode::Write::new(types::Fd(fd), ptr, chunk as u32)
-                    .offset(at)
-                    .build()
+                if in_arena(ptr, chunk) {
+                    opcode::WriteFixed::new(types::Fd(fd), ptr, chunk as u32, ARENA_BUF_INDEX)
+                        .offset(at)
+                        .build()
+                } else {
+                    opcode::Write::new(types::Fd(fd), ptr, chunk as u32)
+                        .offset(at)
+                        .build()
+                }
             }
             Op::Fallocate { mode, offset, len } => {
                 opcode::Fallocate::new(types::Fd(fds.buffered), *len)
@@ -439,4 +549,16 @@ impl RingThread {
             }
         }
     }
+}
+
+/// The soft RLIMIT_MEMLOCK in bytes, for the log line when registering fails (`None` if unknown
+/// or unlimited).
+pub(super) fn memlock_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` into the live struct we pass.
+    let ret = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) };
+    (ret == 0 && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
 }

@@ -243,12 +243,14 @@ impl FrameReceiver {
     /// session passes where a records frame's first payload starts: a large record's payload
     /// is then written to the replica with O_DIRECT straight from the frame, with no second
     /// copy. Frames of up to `frame_bytes_at_most` bytes use the pool (`cached_max` buffers
-    /// kept); larger ones, smaller ones and frames in one chunk are received as before.
+    /// kept); larger ones, smaller ones and frames in one chunk are received as before. The
+    /// pool is a registered one, so that write goes to io_uring as a fixed-buffer request
+    /// (no page pinning per write).
     pub fn align_frames(&mut self, offset: usize, frame_bytes_at_most: usize, cached_max: usize) {
         let capacity = frame_bytes_at_most + IO_ALIGN_BYTES;
         self.aligned = Some(AlignedFrames {
             offset,
-            pool: BufPool::new(capacity, cached_max),
+            pool: BufPool::registered(capacity, cached_max),
         });
     }
 
