@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_appliance::io::transport::{
-    Backoff, Identity, Peer, PeerConnection, RateLimiter, SourceDialer, StreamClass,
+    Backoff, FrameSender, Identity, Peer, PeerConnection, RateLimiter, SourceDialer, StreamClass,
     TargetEndpoint, TransportError, Tuning,
 };
 use tokio::time::{timeout, Instant};
@@ -161,6 +161,17 @@ fn pattern(seed: u8, length: usize) -> Bytes {
         .map(|index| (index as u8).wrapping_mul(31).wrapping_add(seed))
         .collect::<Vec<u8>>()
         .into()
+}
+
+/// Sends the 1 MiB frames `pattern(index, 1 MiB)` for every index of `indexes`, in order.
+async fn send_mib_patterns(
+    sender: &mut FrameSender,
+    indexes: std::ops::Range<u8>,
+) -> Result<(), TransportError> {
+    for index in indexes {
+        sender.send(pattern(index, 1 << 20)).await?;
+    }
+    Ok(())
 }
 
 /// Sends frames both ways on every class and checks each arrives intact and in order.
@@ -555,9 +566,7 @@ async fn live_frames_flow_while_resync_is_blocked() {
     // The resync sender queues far more than the target's window while the target does not
     // read resync at all: it blocks on flow control.
     let resync_task = tokio::spawn(async move {
-        for index in 0..16u8 {
-            source_resync.sender.send(pattern(index, 1 << 20)).await?;
-        }
+        send_mib_patterns(&mut source_resync.sender, 0..16).await?;
         Ok::<_, TransportError>(source_resync)
     });
     // Live frames still arrive, in order.
@@ -609,14 +618,9 @@ async fn bandwidth_limit_slows_the_sender_and_can_be_lifted() {
 
     // 3 MiB at 4 MiB/s with a 1 MiB burst: the last 2 MiB (plus prefixes) need >= 0.5 s.
     let started = Instant::now();
-    for index in 0..3u8 {
-        source_side
-            .live
-            .sender
-            .send(pattern(index, 1 << 20))
-            .await
-            .unwrap();
-    }
+    send_mib_patterns(&mut source_side.live.sender, 0..3)
+        .await
+        .unwrap();
     let limited = started.elapsed();
     assert!(
         limited >= Duration::from_millis(490),
@@ -628,14 +632,9 @@ async fn bandwidth_limit_slows_the_sender_and_can_be_lifted() {
     limiter.set_rate(0);
     assert_eq!(limiter.rate_bytes_per_s(), 0);
     let started = Instant::now();
-    for index in 0..16u8 {
-        source_side
-            .live
-            .sender
-            .send(pattern(index, 1 << 20))
-            .await
-            .unwrap();
-    }
+    send_mib_patterns(&mut source_side.live.sender, 0..16)
+        .await
+        .unwrap();
     source_side.live.sender.finish().unwrap();
     let received_bytes = timeout(WAIT_MAX, receiver).await.unwrap().unwrap().unwrap();
     let unlimited = started.elapsed();
@@ -812,14 +811,9 @@ async fn bulk_frames_arrive_intact_through_loss_and_reordering() {
     let mut target_side = target_side;
     const FRAMES: u8 = 24;
     let sender = async {
-        for index in 0..FRAMES {
-            source_side
-                .live
-                .sender
-                .send(pattern(index, 1 << 20))
-                .await
-                .unwrap();
-        }
+        send_mib_patterns(&mut source_side.live.sender, 0..FRAMES)
+            .await
+            .unwrap();
     };
     let receiver = async {
         for index in 0..FRAMES {

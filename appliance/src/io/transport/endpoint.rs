@@ -111,7 +111,7 @@ fn quinn_endpoint(
     local_address: SocketAddr,
 ) -> Result<quinn::Endpoint, TransportError> {
     let endpoint_config = endpoint_config(tuning)?;
-    quinn_socket(socket, tuning)
+    quinn_socket(socket)
         .and_then(|socket| {
             quinn::Endpoint::new_with_abstract_socket(
                 endpoint_config,

@@ -92,8 +92,9 @@ impl Default for Tuning {
             // (~9000) and tunnels with a large MTU every packet then carries more payload for
             // the same per-packet cost (6000 instead of 1452 cut CPU ~1.5x on loopback, 32000
             // instead of 6000 another ~16-20%); on a 1500-byte path the probes are lost and the
-            // link stays at 1452. GSO batches are capped to fit one 64 KiB datagram
-            // (`socket::quinn_socket`): two 32000-byte packets per send.
+            // link stays at 1452. A GSO batch larger than one 64 KiB datagram is sent in
+            // pieces that fit (`socket::quinn_socket`): two 32000-byte packets per send, while
+            // a 1500-byte path keeps ten packets per send.
             max_udp_payload_bytes: 32_000,
             mtu_discovery_upper_bound: Some(32_000),
             // 16 MiB per stream and 48 MiB per connection: 10 Gbit/s at ~13 ms RTT per stream,

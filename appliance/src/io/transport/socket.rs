@@ -89,38 +89,47 @@ fn force_buffer_size(socket: &UdpSocket, option: libc::c_int, bytes: usize) {
 /// batch is sent as one datagram, so its packets together must fit this.
 const UDP_DATAGRAM_PAYLOAD_BYTES_MAX: usize = 65_507;
 
-/// Hands `socket` to quinn's tokio runtime with GSO batches capped so that a batch of
-/// `max_udp_payload_bytes` packets fits one UDP datagram. quinn batches up to 10 packets per
-/// send; with packets above ~6,500 bytes ten no longer fit, the kernel refuses the send and
-/// the connection stalls. The cap lets path MTU discovery go above that (jumbo frames,
-/// loopback) at the price of fewer packets per send.
-pub(crate) fn quinn_socket(
-    socket: UdpSocket,
-    tuning: &Tuning,
-) -> std::io::Result<Arc<dyn AsyncUdpSocket>> {
+/// Hands `socket` to quinn's tokio runtime, splitting any GSO batch larger than one UDP
+/// datagram into sends that fit. quinn batches up to 10 packets of the path's current MTU per
+/// send; once path MTU discovery takes packets above ~6,500 bytes (loopback, jumbo frames) ten
+/// no longer fit, the kernel refuses the send and quinn's connection driver fails. Splitting
+/// where the batch is sent keeps 10-packet batches on ordinary 1500-byte paths (a cap on the
+/// batch size derived from the largest packet allowed would cut them to 2 there).
+pub(crate) fn quinn_socket(socket: UdpSocket) -> std::io::Result<Arc<dyn AsyncUdpSocket>> {
     let inner = quinn::TokioRuntime.wrap_udp_socket(socket)?;
-    let segments_fitting =
-        (UDP_DATAGRAM_PAYLOAD_BYTES_MAX / usize::from(tuning.max_udp_payload_bytes.max(1))).max(1);
-    Ok(Arc::new(SegmentCappedSocket {
-        max_transmit_segments: inner.max_transmit_segments().min(segments_fitting),
-        inner,
-    }))
+    Ok(Arc::new(SplittingSocket { inner }))
 }
 
-/// quinn's socket, reporting at most `max_transmit_segments` packets per GSO batch.
+/// quinn's socket, sending each GSO batch in pieces of at most one UDP datagram.
 #[derive(Debug)]
-struct SegmentCappedSocket {
+struct SplittingSocket {
     inner: Arc<dyn AsyncUdpSocket>,
-    max_transmit_segments: usize,
 }
 
-impl AsyncUdpSocket for SegmentCappedSocket {
+impl AsyncUdpSocket for SplittingSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
         self.inner.clone().create_io_poller()
     }
 
     fn try_send(&self, transmit: &Transmit) -> std::io::Result<()> {
-        self.inner.try_send(transmit)
+        let Some(segment_bytes) = transmit
+            .segment_size
+            .filter(|_| transmit.contents.len() > UDP_DATAGRAM_PAYLOAD_BYTES_MAX)
+        else {
+            return self.inner.try_send(transmit);
+        };
+        let piece_bytes = (UDP_DATAGRAM_PAYLOAD_BYTES_MAX / segment_bytes).max(1) * segment_bytes;
+        // A piece refused with WouldBlock after earlier pieces went out makes quinn retry the
+        // whole batch: those packets then arrive twice, and QUIC drops a packet number it has
+        // already seen. Reporting success instead would lose the rest and count it as congestion.
+        for piece in transmit.contents.chunks(piece_bytes) {
+            self.inner.try_send(&Transmit {
+                contents: piece,
+                segment_size: (piece.len() > segment_bytes).then_some(segment_bytes),
+                ..transmit.clone()
+            })?;
+        }
+        Ok(())
     }
 
     fn poll_recv(
@@ -137,7 +146,7 @@ impl AsyncUdpSocket for SegmentCappedSocket {
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.max_transmit_segments
+        self.inner.max_transmit_segments()
     }
 
     fn max_receive_segments(&self) -> usize {
