@@ -69,7 +69,7 @@ pub const SYNC_EXTENT_BYTES_MAX: usize = RECORD_PAYLOAD_BYTES_MAX;
 pub const SYNC_EXTENT_BYTES_DEFAULT: usize = 1 << 20;
 
 /// Ship window: bytes and records sent but not yet acknowledged durable by the target.
-pub const SHIP_WINDOW_BYTES_MAX: usize = 64 << 20;
+pub const SHIP_WINDOW_BYTES_MAX: usize = 128 << 20;
 pub const SHIP_WINDOW_RECORDS_MAX: usize = 16_384;
 
 /// The source resends from the target's last received sequence when no acknowledgement made
@@ -92,16 +92,20 @@ pub const SYNC_HASH_READ_NS_PER_BYTE_MAX: u64 = 64;
 /// this does (the target's receive pool is sized by it too). It is the sync's in-flight window too:
 /// every byte waits for the source's group commit and the target's durable commit before it
 /// frees room, so it must cover that round trip at the disk's speed (up to ~0.1 s on a loaded
-/// machine; 16 MiB paced the sync at ~16 extents per 100 ms, benches/RESULTS.md).
-pub const SYNC_BACKLOG_BYTES_MAX: usize = 64 << 20;
+/// machine into files; 16 MiB paced the sync at ~16 extents per 100 ms). Into Ceph RBD the round
+/// trip is longer (a write to a new object waits for its object-map update, ~70 ms per write
+/// in librbd on the one-node cluster): 128 MiB instead of 64 took a 2 GiB initial replication
+/// from 7.8 to 7.3 s there (benches/RESULTS.md, Ceph RBD). Live writes queue behind at most
+/// this much sync data: ~0.3–0.4 s at those rates.
+pub const SYNC_BACKLOG_BYTES_MAX: usize = 128 << 20;
 
 /// The registered I/O buffer arena (`io::disk` arena.rs): memory every io_uring ring registers
 /// once, from which the hot buffer pools carve their buffers, so O_DIRECT requests skip pinning
 /// pages per request. It holds the source's sync reads in flight plus its backlog
-/// (`SYNC_READS_IN_FLIGHT_MAX + SYNC_BACKLOG_BYTES_MAX` of 1 MiB extents: 80 MiB) or the
-/// target's receive pool (72 frames of 1 MiB + 8 KiB); beyond it buffers come from the heap.
+/// (`SYNC_READS_IN_FLIGHT_MAX + SYNC_BACKLOG_BYTES_MAX` of 1 MiB extents: 144 MiB) or the
+/// target's receive pool (136 frames of 1 MiB + 8 KiB); beyond it buffers come from the heap.
 /// All of it is pinned once registered.
-pub const REGISTERED_ARENA_BYTES: usize = 96 << 20;
+pub const REGISTERED_ARENA_BYTES: usize = 160 << 20;
 
 /// Target: outstanding disk operations it hands to its driver before it stops taking records.
 pub const APPLY_OPS_QUEUED_MAX: usize = 4096;

@@ -49,6 +49,15 @@ type rbd_image_t = *mut c_void;
 type rbd_image_options_t = *mut c_void;
 #[allow(non_camel_case_types)]
 type rbd_completion_t = *mut c_void;
+
+/// librbd.h's `rbd_config_option_t`: one librbd option as an open image sees it.
+#[repr(C)]
+struct ConfigOption {
+    name: *mut c_char,
+    value: *mut c_char,
+    /// `rbd_config_source_t` (client config, pool or image metadata).
+    source: c_int,
+}
 #[allow(non_camel_case_types)]
 type rbd_callback_t = extern "C" fn(rbd_completion_t, *mut c_void);
 #[allow(non_camel_case_types)]
@@ -128,6 +137,12 @@ extern "C" {
     fn rbd_read(image: rbd_image_t, offset: u64, len: usize, buf: *mut c_char) -> isize;
     fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
     fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int;
+    fn rbd_config_image_list(
+        image: rbd_image_t,
+        options: *mut ConfigOption,
+        max_options: *mut c_int,
+    ) -> c_int;
+    fn rbd_config_image_list_cleanup(options: *mut ConfigOption, max_options: c_int);
     fn rbd_resize(image: rbd_image_t, size: u64) -> c_int;
 
     fn rbd_snap_create2(
@@ -639,9 +654,21 @@ impl Pool {
         // SAFETY: `raw` is an open image; `size` a valid out-pointer.
         let ret = unsafe { rbd_get_size(handle.raw, &mut size) };
         check(ret, "get size", &target)?;
+        // The cluster handle turns librbd's cache off, but pool or image metadata
+        // (`rbd config pool set`, `conf_rbd_cache`) may turn it back on for this image: ask
+        // the image what it runs with. If it cannot say, flushes are kept.
+        let cache = match image_option(handle.raw, "rbd_cache") {
+            Ok(Some(value)) => value != "false",
+            Ok(None) => true,
+            Err(errno) => {
+                tracing::warn!(image = %target, errno, "cannot read the image's librbd options; every flush goes to librbd");
+                true
+            }
+        };
         Ok(Image {
             inner: Arc::new(handle),
             size,
+            cache,
         })
     }
 }
@@ -672,12 +699,54 @@ impl Drop for ImageHandle {
     }
 }
 
+/// The value of librbd option `name` as the open `image` runs with it (its client config with
+/// the pool's and the image's overrides applied); `Err(errno)` if librbd cannot list them.
+fn image_option(image: rbd_image_t, name: &str) -> Result<Option<String>, i32> {
+    let mut count: c_int = 0;
+    // SAFETY: `image` is open; with room for 0 options librbd writes none and only sets the
+    // count it needs (returning -ERANGE).
+    let ret = unsafe { rbd_config_image_list(image, ptr::null_mut(), &mut count) };
+    if ret < 0 && ret != -libc::ERANGE {
+        return Err(-ret);
+    }
+    // Room for a few more, in case the list grows in between (it does not for one handle).
+    let mut room = count.saturating_add(8);
+    let mut options: Vec<ConfigOption> = (0..room)
+        .map(|_| ConfigOption {
+            name: ptr::null_mut(),
+            value: ptr::null_mut(),
+            source: 0,
+        })
+        .collect();
+    // SAFETY: `options` has `room` writable entries; librbd fills at most `room` of them and
+    // sets `room` to how many it filled.
+    let ret = unsafe { rbd_config_image_list(image, options.as_mut_ptr(), &mut room) };
+    if ret < 0 {
+        return Err(-ret);
+    }
+    let filled = usize::try_from(room).unwrap_or(0).min(options.len());
+    let value = options[..filled].iter().find_map(|option| {
+        if option.name.is_null() || option.value.is_null() {
+            return None;
+        }
+        // SAFETY: librbd filled these entries with NUL-terminated strings it allocated, alive
+        // until the cleanup below.
+        let (key, value) = unsafe { (CStr::from_ptr(option.name), CStr::from_ptr(option.value)) };
+        (key.to_bytes() == name.as_bytes()).then(|| value.to_string_lossy().into_owned())
+    });
+    // SAFETY: the `filled` entries librbd filled, released once; nothing refers to them after.
+    unsafe { rbd_config_image_list_cleanup(options.as_mut_ptr(), room) };
+    Ok(value)
+}
+
 /// One open RBD image. Clones share the handle; the image closes when the last clone and the
 /// last in-flight operation are gone.
 #[derive(Clone)]
 pub struct Image {
     inner: Arc<ImageHandle>,
     size: u64,
+    /// Whether librbd's cache is on for this image (see [`Image::flush`]).
+    cache: bool,
 }
 
 impl fmt::Debug for Image {
@@ -741,6 +810,12 @@ extern "C" fn complete(completion: rbd_completion_t, arg: *mut c_void) {
 impl Image {
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Whether librbd's cache is on for this image (client config, pool and image overrides
+    /// applied): then [`Image::flush`] sends a flush; otherwise writes are durable once done.
+    pub fn cache_enabled(&self) -> bool {
+        self.cache
     }
 
     /// `pool/image`.
@@ -1010,7 +1085,17 @@ impl Image {
     }
 
     /// Completes when every write acknowledged before it is durable in the cluster.
+    ///
+    /// With librbd's cache off (how Ferry opens replicas, see [`Cluster::connect`]) a write
+    /// completes only once the OSDs committed it (Ceph answers a write when it is on disk on
+    /// every replica), so every acknowledged write is durable already and there is nothing to
+    /// send. An `rbd_aio_flush` there would wait for every write in flight when it is called:
+    /// the apply executor commits one batch while the next batch's writes run, so each commit
+    /// waited for the next batch too (54 ms per flush on the one-node cluster, benches/RESULTS.md).
     pub async fn flush(&self) -> Result<(), DiskError> {
+        if !self.cache {
+            return Ok(());
+        }
         self.submit(DiskOp::Flush, 0, 0, None, |image, _, c| {
             // SAFETY: `image` is open; no buffer is involved.
             unsafe { rbd_aio_flush(image, c) }

@@ -23,6 +23,33 @@ async fn binding_against_a_real_cluster() {
     assert!(error.to_string().contains("rbd/disk-a"), "{error}");
     let image = pool.open_image("disk-a").expect("open image");
     assert_eq!(image.size(), 64 * MIB);
+    // Ferry's handle runs without librbd's cache, so completed writes are durable and flush
+    // sends nothing; image metadata that turns the cache back on is seen at open.
+    assert!(!image.cache_enabled());
+    pool.create_image("disk-cached", 4 * MIB, REPLICA_FEATURES)
+        .expect("create image");
+    let meta = cluster.rbd(&[
+        "image-meta",
+        "set",
+        "rbd/disk-cached",
+        "conf_rbd_cache",
+        "true",
+    ]);
+    assert!(
+        meta.status.success(),
+        "{}",
+        String::from_utf8_lossy(&meta.stderr)
+    );
+    let cached = pool.open_image("disk-cached").expect("open image");
+    assert!(cached.cache_enabled());
+    cached
+        .write_at(0, IoBuf::from_slice(&[7u8; 4096]))
+        .await
+        .0
+        .expect("cached write");
+    cached.flush().await.expect("flush through the cache");
+    drop(cached);
+    pool.remove_image("disk-cached").expect("remove image");
     assert_eq!(
         image.features().unwrap() & REPLICA_FEATURES,
         REPLICA_FEATURES
