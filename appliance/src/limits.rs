@@ -95,7 +95,7 @@ pub const SYNC_HASH_READ_NS_PER_BYTE_MAX: u64 = 64;
 /// machine into files; 16 MiB paced the sync at ~16 extents per 100 ms). Into Ceph RBD the round
 /// trip is longer (a write to a new object waits for its object-map update, ~70 ms per write
 /// in librbd on the one-node cluster): 128 MiB instead of 64 took a 2 GiB initial replication
-/// from 7.8 to 7.3 s there (benches/RESULTS.md, Ceph RBD). Live writes queue behind at most
+/// from 8.0 to 7.4 s there (means of 13 and 12 runs) (benches/RESULTS.md, Ceph RBD). Live writes queue behind at most
 /// this much sync data: ~0.3–0.4 s at those rates.
 pub const SYNC_BACKLOG_BYTES_MAX: usize = 128 << 20;
 

@@ -49,15 +49,6 @@ type rbd_image_t = *mut c_void;
 type rbd_image_options_t = *mut c_void;
 #[allow(non_camel_case_types)]
 type rbd_completion_t = *mut c_void;
-
-/// librbd.h's `rbd_config_option_t`: one librbd option as an open image sees it.
-#[repr(C)]
-struct ConfigOption {
-    name: *mut c_char,
-    value: *mut c_char,
-    /// `rbd_config_source_t` (client config, pool or image metadata).
-    source: c_int,
-}
 #[allow(non_camel_case_types)]
 type rbd_callback_t = extern "C" fn(rbd_completion_t, *mut c_void);
 #[allow(non_camel_case_types)]
@@ -71,6 +62,15 @@ struct rbd_snap_info_t {
     id: u64,
     size: u64,
     name: *const c_char,
+}
+
+/// librbd.h's `rbd_config_option_t`: one librbd option as an open image sees it.
+#[repr(C)]
+struct ConfigOption {
+    name: *mut c_char,
+    value: *mut c_char,
+    /// `rbd_config_source_t` (client config, pool or image metadata).
+    source: c_int,
 }
 
 #[link(name = "rados")]
@@ -702,28 +702,29 @@ impl Drop for ImageHandle {
 /// The value of librbd option `name` as the open `image` runs with it (its client config with
 /// the pool's and the image's overrides applied); `Err(errno)` if librbd cannot list them.
 fn image_option(image: rbd_image_t, name: &str) -> Result<Option<String>, i32> {
-    let mut count: c_int = 0;
-    // SAFETY: `image` is open; with room for 0 options librbd writes none and only sets the
-    // count it needs (returning -ERANGE).
-    let ret = unsafe { rbd_config_image_list(image, ptr::null_mut(), &mut count) };
-    if ret < 0 && ret != -libc::ERANGE {
-        return Err(-ret);
-    }
-    // Room for a few more, in case the list grows in between (it does not for one handle).
-    let mut room = count.saturating_add(8);
-    let mut options: Vec<ConfigOption> = (0..room)
-        .map(|_| ConfigOption {
-            name: ptr::null_mut(),
-            value: ptr::null_mut(),
-            source: 0,
-        })
-        .collect();
-    // SAFETY: `options` has `room` writable entries; librbd fills at most `room` of them and
-    // sets `room` to how many it filled.
-    let ret = unsafe { rbd_config_image_list(image, options.as_mut_ptr(), &mut room) };
-    if ret < 0 {
-        return Err(-ret);
-    }
+    // As `Image::snapshots`: a list too small gets -ERANGE and the count it needs.
+    let mut capacity: c_int = 256;
+    let (mut options, room) = loop {
+        let mut options: Vec<ConfigOption> = (0..capacity)
+            .map(|_| ConfigOption {
+                name: ptr::null_mut(),
+                value: ptr::null_mut(),
+                source: 0,
+            })
+            .collect();
+        let mut room = capacity;
+        // SAFETY: `image` is open; `options` has `room` writable entries; librbd fills at most
+        // that many and sets `room` to how many it filled, or to how many it needs (-ERANGE).
+        let ret = unsafe { rbd_config_image_list(image, options.as_mut_ptr(), &mut room) };
+        if ret == -libc::ERANGE {
+            capacity = room.max(capacity * 2);
+            continue;
+        }
+        if ret < 0 {
+            return Err(-ret);
+        }
+        break (options, room);
+    };
     let filled = usize::try_from(room).unwrap_or(0).min(options.len());
     let value = options[..filled].iter().find_map(|option| {
         if option.name.is_null() || option.value.is_null() {
