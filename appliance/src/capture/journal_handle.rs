@@ -273,14 +273,27 @@ impl SharedJournal {
                     journal.flush(target)
                 }
                 Some(flusher) => {
-                    // Two-phase: plan under the lock, msync without it, record under it.
-                    let plan = {
-                        let journal = lock();
-                        journal.begin_flush(journal.last_seq())?
-                    };
-                    let outcome =
-                        plan.execute_with(|segment, offset, len| flusher(segment, offset, len));
-                    lock().finish_flush(plan, outcome)
+                    // Two-phase: plan under the lock, msync without it, record under it. A
+                    // plan stops before a segment whose header waits for the records before
+                    // it; finishing writes that header, and another round goes on from there.
+                    let target = lock().last_seq();
+                    loop {
+                        let (plan, header_was_pending, before) = {
+                            let journal = lock();
+                            let plan = journal.begin_flush(target)?;
+                            (
+                                plan,
+                                journal.header_pending_upto(target),
+                                journal.durable_seq(),
+                            )
+                        };
+                        let outcome =
+                            plan.execute_with(|segment, offset, len| flusher(segment, offset, len));
+                        let durable = lock().finish_flush(plan, outcome)?;
+                        if durable >= target || (durable == before && !header_was_pending) {
+                            break Ok(durable);
+                        }
+                    }
                 }
             }
         })

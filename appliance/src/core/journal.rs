@@ -26,10 +26,14 @@
 //!
 //! 1. `flush(upto)` makes every byte of every held record `<= upto` durable, headers of their
 //!    segments included, before `durable_seq` moves.
-//! 2. Before a new segment header is written, every record appended so far is made durable (a
-//!    flush inside `append`, once per segment). So a valid segment header with first sequence `F`
-//!    proves that all records `< F` are durable: a gap can only come from a stale segment, never
-//!    from lost flushed data.
+//! 2. A new segment's header is final only once every record before its first sequence is
+//!    durable: at once when they are; otherwise it is written marked provisional, and the flush
+//!    that makes them durable rewrites it final and then goes on into the new segment in a
+//!    second round. Appends never flush the log (at most one page, see
+//!    `secure_newest_header`). So a valid final segment header with first sequence `F`
+//!    proves that all records `< F` are durable: a gap before a final header can only come from
+//!    a stale segment, never from lost flushed data, and a provisional segment after a gap never
+//!    held a durable record.
 //! 3. Release is clamped to `durable_seq`: a record is never given up (its segment never reused)
 //!    before it is durable, even if the target acknowledged it first.
 //! 4. After a failed flush the journal is poisoned: every later `append` and `flush` fails until
@@ -40,7 +44,9 @@
 //!
 //! `open` reads every segment header, scans each validly headed segment from its first sequence
 //! along the hash chain, orders segments by first sequence and joins neighbours whose sequence
-//! numbers, chain links and ring positions continue. The log is the last (newest) such run: with
+//! numbers, chain links and ring positions continue. A segment under a provisional header (rule
+//! 2) is kept only where it continues its neighbour, and dropped (zeroed) otherwise; a kept one
+//! has its header rewritten final as the log is made durable. The log is the last (newest) such run: with
 //! rule 2, an earlier run can only be a segment whose reuse was interrupted (its records were all
 //! released). In the newest segment, whatever follows the last valid record is the torn tail: it
 //! is measured, reported in [`RecoveryReport`], and zeroed so that a later reopen does not report
@@ -94,6 +100,11 @@ use crate::limits::{
 pub const SEGMENT_MAGIC: u32 = u32::from_le_bytes(*b"FJS1");
 /// Format version of the segment header and of the segment layout behind it.
 pub const SEGMENT_VERSION: u16 = 1;
+/// `SegmentHeader::flags`: written while records before `first_seq` were not all durable
+/// (rule 2). Recovery keeps such a segment only where it continues the log; the header is
+/// rewritten without the flag once they are.
+pub const SEGMENT_FLAG_PROVISIONAL: u16 = 1;
+const SEGMENT_FLAGS_KNOWN: u16 = SEGMENT_FLAG_PROVISIONAL;
 
 /// Where a journal's bytes live. Implementations: `io::mmap_journal::MmapSegments` (files) and
 /// `core::journal_mem::MemSegments` (memory, with crash injection).
@@ -265,6 +276,24 @@ impl SegmentHeader {
         header
     }
 
+    /// The same header marked provisional (rule 2), checksummed again.
+    fn provisional(mut self) -> Self {
+        self.flags = (self.flags.get() | SEGMENT_FLAG_PROVISIONAL).into();
+        self.checksum = self.compute_checksum().into();
+        self
+    }
+
+    /// The same header without the provisional mark, checksummed again.
+    fn finalized(mut self) -> Self {
+        self.flags = (self.flags.get() & !SEGMENT_FLAG_PROVISIONAL).into();
+        self.checksum = self.compute_checksum().into();
+        self
+    }
+
+    fn is_provisional(&self) -> bool {
+        self.flags.get() & SEGMENT_FLAG_PROVISIONAL != 0
+    }
+
     fn compute_checksum(&self) -> u64 {
         let mut zeroed = *self;
         zeroed.checksum = 0.into();
@@ -308,6 +337,12 @@ fn parse_header(bytes: &[u8]) -> HeaderState {
             header.version.get()
         ));
     }
+    if header.flags.get() & !SEGMENT_FLAGS_KNOWN != 0 {
+        return HeaderState::Unsupported(format!(
+            "segment flags {:#06x} are not supported (this build knows {SEGMENT_FLAGS_KNOWN:#06x})",
+            header.flags.get()
+        ));
+    }
     if header.first_seq.get() == 0 {
         return HeaderState::Invalid("segment header with first seq 0".to_owned());
     }
@@ -326,6 +361,11 @@ struct LiveSegment {
     end: usize,
     /// Bytes `[0, flushed_end)` are durable.
     flushed_end: usize,
+    /// This segment's final header, while the store holds it marked provisional because
+    /// records before `first_seq` were not all durable when the segment was started (rule 2).
+    /// Written by the flush that makes them durable; until then no record of this segment is
+    /// durable.
+    pending_header: Option<SegmentHeader>,
 }
 
 impl LiveSegment {
@@ -446,6 +486,23 @@ impl<S: SegmentStore> Journal<S> {
             }
         }
         candidates.sort_by_key(|candidate| (candidate.first_seq, candidate.index));
+        // A provisional header was written before the records ahead of it were durable (rule
+        // 2): its segment counts only where it continues the segment before it. Otherwise those
+        // records were lost, so none of its own was ever durable (a flush makes the header final
+        // before it claims any of them): it is dropped, header and records.
+        let mut dropped_provisional = Vec::new();
+        let mut kept: Vec<ScannedSegment> = Vec::with_capacity(candidates.len());
+        for candidate in candidates {
+            let continued = kept
+                .last()
+                .is_some_and(|before| continues(before, &candidate, segment_count));
+            if candidate.provisional && !continued {
+                dropped_provisional.push((candidate.index, candidate.end));
+            } else {
+                kept.push(candidate);
+            }
+        }
+        let mut candidates = kept;
         let mut run_start = 0;
         for k in 1..candidates.len() {
             if !continues(&candidates[k - 1], &candidates[k], segment_count) {
@@ -476,6 +533,17 @@ impl<S: SegmentStore> Journal<S> {
         let mut in_chain = vec![false; segment_count];
         for segment in &chain {
             in_chain[segment.index] = true;
+        }
+        for &(index, end) in &dropped_provisional {
+            report.bytes_dropped += end as u64;
+            if report.drop_reason.is_none() {
+                report.drop_reason = Some(format!(
+                    "segment {index}: its provisional header does not continue the log (the \
+                     records before it were lost), so none of its records was durable"
+                ));
+            }
+            zero_ranges.push((index, 0, end));
+            in_chain[index] = true; // handled: not measured again below
         }
         for index in (0..segment_count).filter(|index| !in_chain[*index]) {
             let torn_header = invalid_headers
@@ -515,6 +583,7 @@ impl<S: SegmentStore> Journal<S> {
                 offsets: scanned.offsets,
                 end: scanned.end,
                 flushed_end: 0,
+                pending_header: None,
             })
             .collect();
 
@@ -534,7 +603,16 @@ impl<S: SegmentStore> Journal<S> {
         // What was read may still sit only in the page cache (the process died, the machine did
         // not): make it durable before claiming it is, and make the zeroed tail durable so that
         // it is not reported again.
+        // In log order, so that no final header is durable before the records ahead of it. A
+        // provisional header in the log continues it: it becomes final as everything is made
+        // durable.
         for segment in journal.segments.iter_mut() {
+            let bytes = journal.store.segment_mut(segment.index);
+            if let HeaderState::Valid(header) = parse_header(bytes) {
+                if header.is_provisional() {
+                    bytes[..SEGMENT_HEADER_BYTES].copy_from_slice(header.finalized().as_bytes());
+                }
+            }
             journal.store.flush_range(segment.index, 0, segment.end)?;
             segment.flushed_end = segment.end;
         }
@@ -631,16 +709,44 @@ impl<S: SegmentStore> Journal<S> {
     /// `durable_seq`. Holds `&mut self` across the store flush; the daemon uses
     /// `begin_flush`/`finish_flush` to flush without holding its lock.
     pub fn flush(&mut self, upto: Seq) -> Result<Seq, JournalError> {
-        let plan = self.begin_flush(upto)?;
-        let result = plan.execute(&self.store);
-        self.finish_flush(plan, result)
+        let upto = upto.min(self.last_seq());
+        loop {
+            // A round stops before a segment whose header waits for it (rule 2); the header
+            // is written when that round finishes, and the next round goes on into it.
+            let header_was_pending = self.header_pending_upto(upto);
+            let before = self.durable_seq;
+            let plan = self.begin_flush(upto)?;
+            let result = plan.execute(&self.store);
+            let durable = self.finish_flush(plan, result)?;
+            if durable >= upto || (durable == before && !header_was_pending) {
+                return Ok(durable);
+            }
+        }
+    }
+
+    /// True when a segment holding records `<= upto` still waits for its header: a flush
+    /// towards `upto` needs another round.
+    pub fn header_pending_upto(&self, upto: Seq) -> bool {
+        self.segments
+            .iter()
+            .any(|segment| segment.pending_header.is_some() && segment.first_seq <= upto)
     }
 
     /// First phase of a flush: the ranges to make durable so that every record `<= upto`
-    /// (clamped to `last_seq`) is. Does not change the journal.
+    /// (clamped to `last_seq`) is. Does not change the journal. A plan stops before the first
+    /// segment whose header is still pending (rule 2): its `upto` is then lower, the header is
+    /// written by `finish_flush`, and the next plan goes on from there (`flush` loops; so does
+    /// the daemon's group commit).
     pub fn begin_flush(&self, upto: Seq) -> Result<FlushPlan, JournalError> {
         self.check_healthy()?;
-        let upto = upto.min(self.last_seq());
+        let mut upto = upto.min(self.last_seq());
+        if let Some(pending) = self
+            .segments
+            .iter()
+            .find(|segment| segment.pending_header.is_some())
+        {
+            upto = upto.min(pending.first_seq - 1);
+        }
         let mut ranges = Vec::new();
         if upto > self.durable_seq {
             for segment in &self.segments {
@@ -692,6 +798,7 @@ impl<S: SegmentStore> Journal<S> {
             }
         }
         self.durable_seq = self.durable_seq.max(plan.upto);
+        self.write_due_headers();
         self.apply_release();
         Ok(self.durable_seq)
     }
@@ -840,10 +947,6 @@ impl<S: SegmentStore> Journal<S> {
 
     /// Starts the next segment of the ring as the head, or answers `Full`.
     fn start_segment(&mut self, needed_bytes: usize) -> Result<(), JournalError> {
-        // Rule 2: nothing may be missing before a new header's first sequence.
-        if self.durable_seq < self.last_seq() {
-            self.flush(self.last_seq())?;
-        }
         self.reclaim();
         if self.segments.len() == self.segment_count {
             return Err(JournalError::Full {
@@ -863,8 +966,16 @@ impl<S: SegmentStore> Journal<S> {
             self.released_seq,
             self.last_checksum,
         );
+        // Rule 2: a header is final only once every record before it is durable.
+        let pending_header = if self.durable_seq < self.last_seq() {
+            self.secure_newest_header()?;
+            Some(header)
+        } else {
+            None
+        };
+        let written = pending_header.map_or(header, SegmentHeader::provisional);
         let bytes = self.store.segment_mut(index);
-        bytes[..SEGMENT_HEADER_BYTES].copy_from_slice(header.as_bytes());
+        bytes[..SEGMENT_HEADER_BYTES].copy_from_slice(written.as_bytes());
         // Checked right after writing, like records.
         assert!(matches!(parse_header(bytes), HeaderState::Valid(_)));
         let mut offsets = self.spare_offsets.pop().unwrap_or_default();
@@ -875,8 +986,67 @@ impl<S: SegmentStore> Journal<S> {
             offsets,
             end: SEGMENT_HEADER_BYTES,
             flushed_end: 0,
+            pending_header,
         });
+        // When records before it are not durable yet, the final header waits for the flush
+        // that makes them so, instead of this append flushing under the caller's lock (a
+        // 64 MiB segment's msync stalled every write for ~14 ms; benches/RESULTS.md). Until
+        // then the store holds it marked provisional: a process that dies keeps the segment
+        // (the page cache has everything before it, so it continues the log), and after a
+        // crash of the machine recovery drops it unless the records before it made it too.
         Ok(())
+    }
+
+    /// Before a segment is started whose header must wait: the newest final header in the
+    /// store must be durable. The new segment's records overwrite its previous lap (released
+    /// records, but perhaps the only durable proof of how far the sequence got, for instance
+    /// when the segment after it was started but its header not yet flushed), and until the
+    /// new header is final and durable recovery learns the next sequence from the newest
+    /// durable final header. When that
+    /// header was written but never flushed this flushes one page under the lock; with a group
+    /// commit running every few milliseconds it rarely has to.
+    fn secure_newest_header(&mut self) -> Result<(), JournalError> {
+        // Pending headers wait for the records before them, which keep their segment live: the
+        // oldest live segment always has its header written.
+        let Some(newest) = self
+            .segments
+            .iter_mut()
+            .rev()
+            .find(|segment| segment.pending_header.is_none())
+        else {
+            return Ok(());
+        };
+        if newest.flushed_end >= SEGMENT_HEADER_BYTES {
+            return Ok(());
+        }
+        if let Err(error) = self
+            .store
+            .flush_range(newest.index, 0, SEGMENT_HEADER_BYTES)
+        {
+            self.poisoned.get_or_insert_with(|| error.to_string());
+            return Err(JournalError::Store(error));
+        }
+        newest.flushed_end = SEGMENT_HEADER_BYTES;
+        Ok(())
+    }
+
+    /// Writes the final header of every segment whose earlier records are all durable.
+    fn write_due_headers(&mut self) {
+        let durable_seq = self.durable_seq;
+        let Journal {
+            store, segments, ..
+        } = self;
+        for segment in segments.iter_mut() {
+            if segment.first_seq - 1 > durable_seq {
+                break;
+            }
+            if let Some(header) = segment.pending_header.take() {
+                let bytes = store.segment_mut(segment.index);
+                bytes[..SEGMENT_HEADER_BYTES].copy_from_slice(header.as_bytes());
+                // Checked right after writing, like records.
+                assert!(matches!(parse_header(bytes), HeaderState::Valid(_)));
+            }
+        }
     }
 
     fn apply_release(&mut self) {
@@ -950,6 +1120,8 @@ fn check_header_geometry(
 /// A validly headed segment after scanning its records along the chain.
 struct ScannedSegment {
     index: usize,
+    /// The header was written provisional (rule 2).
+    provisional: bool,
     first_seq: Seq,
     released_seq: Seq,
     prev_checksum: u64,
@@ -969,6 +1141,7 @@ impl ScannedSegment {
 fn scan_segment(index: usize, bytes: &[u8], header: &SegmentHeader) -> ScannedSegment {
     let mut scanned = ScannedSegment {
         index,
+        provisional: header.is_provisional(),
         first_seq: header.first_seq.get(),
         released_seq: header.released_seq.get(),
         prev_checksum: header.prev_checksum.get(),
@@ -1225,14 +1398,17 @@ mod tests {
         assert_eq!(last, 9);
         // Nothing released yet: everything is still readable.
         assert!((1..=9).all(|seq| journal.record(seq).is_some()));
+        // Appends never flush (the later segments' headers wait for the records before them);
+        // one flush writes them and makes everything durable, round by round.
+        assert_eq!(journal.durable_seq(), 0);
+        assert_eq!(journal.flush(9).unwrap(), 9);
         // Releasing part of the oldest segment frees nothing.
         journal.release(2);
         assert!(matches!(
             journal.append(&write_spec(&payload)),
             Err(JournalError::Full { .. })
         ));
-        // Releasing all of it frees one segment (everything is durable after the rollover flushes
-        // except the head, so the release applies).
+        // Releasing all of it frees one segment.
         journal.release(3);
         for _ in 0..3 {
             last = journal.append(&write_spec(&payload)).unwrap();
@@ -1245,6 +1421,67 @@ mod tests {
         assert_eq!(journal.first_seq(), 4);
         assert_eq!(journal.record(3), None);
         assert_eq!(journal.record(12).unwrap().payload, &payload[..]);
+    }
+
+    /// Rule 2 without a flush in `append`: a rollover while records are not durable leaves the
+    /// new segment's header pending; the next flush writes it and goes on into the segment in a
+    /// second round, and a crash before then keeps every durable record and loses only records
+    /// that were never durable.
+    #[test]
+    fn a_rollover_defers_its_header_to_the_next_flush() {
+        let payload = [9u8; 1000];
+        let mut journal = fresh(3);
+        // Four 1064-byte records fill the first 4096-byte segment; the fifth rolls over.
+        for _ in 0..4 {
+            journal.append(&write_spec(&payload)).unwrap();
+        }
+        assert_eq!(journal.flush(2).unwrap(), 2);
+        let flushes = journal.store().flush_calls();
+        assert_eq!(journal.append(&write_spec(&payload)).unwrap(), 5);
+        assert_eq!(
+            journal.store().flush_calls(),
+            flushes,
+            "an append with records not yet durable must not flush"
+        );
+        assert!(journal.header_pending_upto(5));
+        // The process dies (the page cache keeps every write): the provisional segment
+        // continues the log, so nothing appended is lost, and it reopens final.
+        let crashed = journal.store().crash_with(CrashMode::KeepUnflushed);
+        let (reopened, _) = Journal::open(crashed).unwrap();
+        assert_eq!(reopened.last_seq(), 5);
+        assert_eq!(reopened.record(5).unwrap().payload, &payload[..]);
+        let (reopened, _) =
+            Journal::open(reopened.into_store().crash_with(CrashMode::LoseUnflushed)).unwrap();
+        assert_eq!(
+            reopened.last_seq(),
+            5,
+            "made durable, header final, at the reopen"
+        );
+        // The machine goes down instead: records 1..=2 were durable, 3..=4 and the provisional
+        // header were not. A provisional header that reached the disk without the records
+        // before it is dropped with its records; the next sequence never goes below a durable
+        // one.
+        let mut crashed = journal.store().crash_with(CrashMode::LoseUnflushed);
+        let (reopened, report) = Journal::open(crashed.clone()).unwrap();
+        assert_eq!(reopened.last_seq(), 2);
+        assert_eq!(report.next_seq, 3);
+        let provisional = journal.store().segment(1)[..SEGMENT_HEADER_BYTES].to_vec();
+        assert!(
+            matches!(parse_header(&provisional), HeaderState::Valid(header) if header.is_provisional())
+        );
+        crashed.segment_mut(1)[..SEGMENT_HEADER_BYTES].copy_from_slice(&provisional);
+        let (reopened, report) = Journal::open(crashed).unwrap();
+        assert_eq!(reopened.last_seq(), 2);
+        assert!(report
+            .drop_reason
+            .is_some_and(|reason| reason.contains("provisional header does not continue")));
+        // One flush call covers both rounds: records 3..=4, then the header and record 5.
+        assert_eq!(journal.flush(5).unwrap(), 5);
+        assert!(!journal.header_pending_upto(5));
+        let crashed = journal.store().crash_with(CrashMode::LoseUnflushed);
+        let (reopened, _) = Journal::open(crashed).unwrap();
+        assert_eq!(reopened.last_seq(), 5);
+        assert_eq!(reopened.record(5).unwrap().payload, &payload[..]);
     }
 
     #[test]
