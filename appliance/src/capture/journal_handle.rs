@@ -274,23 +274,15 @@ impl SharedJournal {
                 }
                 Some(flusher) => {
                     // Two-phase: plan under the lock, msync without it, record under it. A
-                    // plan stops before a segment whose header waits for the records before
-                    // it; finishing writes that header, and another round goes on from there.
+                    // round stops before a provisional segment and finishing it makes that
+                    // header final; the next round goes on from there (as `Journal::flush`).
                     let target = lock().last_seq();
                     loop {
-                        let (plan, header_was_pending, before) = {
-                            let journal = lock();
-                            let plan = journal.begin_flush(target)?;
-                            (
-                                plan,
-                                journal.header_pending_upto(target),
-                                journal.durable_seq(),
-                            )
-                        };
+                        let plan = lock().begin_flush(target)?;
                         let outcome =
                             plan.execute_with(|segment, offset, len| flusher(segment, offset, len));
                         let durable = lock().finish_flush(plan, outcome)?;
-                        if durable >= target || (durable == before && !header_was_pending) {
+                        if durable >= target {
                             break Ok(durable);
                         }
                     }

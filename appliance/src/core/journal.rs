@@ -276,16 +276,16 @@ impl SegmentHeader {
         header
     }
 
-    /// The same header marked provisional (rule 2), checksummed again.
-    fn provisional(mut self) -> Self {
-        self.flags = (self.flags.get() | SEGMENT_FLAG_PROVISIONAL).into();
-        self.checksum = self.compute_checksum().into();
-        self
-    }
-
-    /// The same header without the provisional mark, checksummed again.
-    fn finalized(mut self) -> Self {
-        self.flags = (self.flags.get() & !SEGMENT_FLAG_PROVISIONAL).into();
+    /// The same header marked provisional (rule 2) or final, checksummed again.
+    fn with_provisional(mut self, provisional: bool) -> Self {
+        let flags = self.flags.get() & !SEGMENT_FLAG_PROVISIONAL;
+        self.flags = (flags
+            | if provisional {
+                SEGMENT_FLAG_PROVISIONAL
+            } else {
+                0
+            })
+        .into();
         self.checksum = self.compute_checksum().into();
         self
     }
@@ -496,7 +496,7 @@ impl<S: SegmentStore> Journal<S> {
             let continued = kept
                 .last()
                 .is_some_and(|before| continues(before, &candidate, segment_count));
-            if candidate.provisional && !continued {
+            if candidate.provisional_header.is_some() && !continued {
                 dropped_provisional.push((candidate.index, candidate.end));
             } else {
                 kept.push(candidate);
@@ -583,7 +583,9 @@ impl<S: SegmentStore> Journal<S> {
                 offsets: scanned.offsets,
                 end: scanned.end,
                 flushed_end: 0,
-                pending_header: None,
+                pending_header: scanned
+                    .provisional_header
+                    .map(|header| header.with_provisional(false)),
             })
             .collect();
 
@@ -607,11 +609,9 @@ impl<S: SegmentStore> Journal<S> {
         // provisional header in the log continues it: it becomes final as everything is made
         // durable.
         for segment in journal.segments.iter_mut() {
-            let bytes = journal.store.segment_mut(segment.index);
-            if let HeaderState::Valid(header) = parse_header(bytes) {
-                if header.is_provisional() {
-                    bytes[..SEGMENT_HEADER_BYTES].copy_from_slice(header.finalized().as_bytes());
-                }
+            if let Some(header) = segment.pending_header.take() {
+                journal.store.segment_mut(segment.index)[..SEGMENT_HEADER_BYTES]
+                    .copy_from_slice(header.as_bytes());
             }
             journal.store.flush_range(segment.index, 0, segment.end)?;
             segment.flushed_end = segment.end;
@@ -710,23 +710,22 @@ impl<S: SegmentStore> Journal<S> {
     /// `begin_flush`/`finish_flush` to flush without holding its lock.
     pub fn flush(&mut self, upto: Seq) -> Result<Seq, JournalError> {
         let upto = upto.min(self.last_seq());
+        // Terminates: a round that stops short of `upto` stopped before the first provisional
+        // segment at or below it, and finishing that round makes its header final (rule 2), so
+        // each round leaves one such segment fewer.
         loop {
-            // A round stops before a segment whose header waits for it (rule 2); the header
-            // is written when that round finishes, and the next round goes on into it.
-            let header_was_pending = self.header_pending_upto(upto);
-            let before = self.durable_seq;
             let plan = self.begin_flush(upto)?;
             let result = plan.execute(&self.store);
             let durable = self.finish_flush(plan, result)?;
-            if durable >= upto || (durable == before && !header_was_pending) {
+            if durable >= upto {
                 return Ok(durable);
             }
         }
     }
 
-    /// True when a segment holding records `<= upto` still waits for its header: a flush
-    /// towards `upto` needs another round.
-    pub fn header_pending_upto(&self, upto: Seq) -> bool {
+    /// True when a segment holding records `<= upto` still waits for its final header.
+    #[cfg(test)]
+    fn header_pending_upto(&self, upto: Seq) -> bool {
         self.segments
             .iter()
             .any(|segment| segment.pending_header.is_some() && segment.first_seq <= upto)
@@ -973,7 +972,7 @@ impl<S: SegmentStore> Journal<S> {
         } else {
             None
         };
-        let written = pending_header.map_or(header, SegmentHeader::provisional);
+        let written = header.with_provisional(pending_header.is_some());
         let bytes = self.store.segment_mut(index);
         bytes[..SEGMENT_HEADER_BYTES].copy_from_slice(written.as_bytes());
         // Checked right after writing, like records.
@@ -1120,8 +1119,8 @@ fn check_header_geometry(
 /// A validly headed segment after scanning its records along the chain.
 struct ScannedSegment {
     index: usize,
-    /// The header was written provisional (rule 2).
-    provisional: bool,
+    /// The header, when it was written provisional (rule 2).
+    provisional_header: Option<SegmentHeader>,
     first_seq: Seq,
     released_seq: Seq,
     prev_checksum: u64,
@@ -1141,7 +1140,7 @@ impl ScannedSegment {
 fn scan_segment(index: usize, bytes: &[u8], header: &SegmentHeader) -> ScannedSegment {
     let mut scanned = ScannedSegment {
         index,
-        provisional: header.is_provisional(),
+        provisional_header: header.is_provisional().then_some(*header),
         first_seq: header.first_seq.get(),
         released_seq: header.released_seq.get(),
         prev_checksum: header.prev_checksum.get(),
