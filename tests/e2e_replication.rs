@@ -558,6 +558,40 @@ fn after_the_host_went_down_every_extent_is_compared_with_the_replica() {
     assert!(log.contains("host went down"), "{log}");
 }
 
+/// Records ship before they reach the journal's device (under the persisted sequence floor),
+/// so a host that goes down can take with it journal records the target already holds — here
+/// all of them: the journal is gone. The restart gives up every number up to the floor instead
+/// of numbering new writes from where the surviving journal ends (which the target would refuse
+/// as behind it), resyncs every extent, and replication goes on.
+#[test]
+fn after_the_host_lost_the_journal_the_log_restarts_past_the_sequence_floor() {
+    let mut pair = Pair::new(Backend::files(), "64MiB", None);
+    pair.target.start();
+    pair.source.start();
+    pair.write(&pattern_writes(0));
+    pair.assert_identical();
+    pair.source.stop();
+    let state = pair.source.state_dir();
+    let floor_text = std::fs::read_to_string(state.join("sequence-floor")).unwrap();
+    assert!(floor_text.starts_with("floor="), "{floor_text}");
+    std::fs::remove_dir_all(state.join("journal")).unwrap();
+    write_range(&pair.disk, 24 << 20, &[0x3c; 8192]);
+    std::fs::write(state.join("running"), "boot_id=an-earlier-boot\npid=1\n").unwrap();
+    pair.source.start();
+    pair.assert_identical();
+    pair.write(&["write -P 0x61 30m 64k".to_string()]);
+    pair.assert_identical();
+    let log = pair.source.log();
+    assert!(
+        log.contains("restarts past the sequence floor"),
+        "no restart logged: {log}"
+    );
+    assert!(
+        !log.contains("TargetAhead") && !log.contains("ahead"),
+        "{log}"
+    );
+}
+
 /// A full hash scan after 1% of the 4 KiB blocks changed behind Ferry's back (the source down,
 /// the blocks written straight into its disk file, its "initial replication finished" marker
 /// removed, so it compares every extent with the replica) sends about the changed bytes — the

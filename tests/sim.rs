@@ -77,6 +77,11 @@ struct Params {
     /// Chance that a write's before-images are appended but not yet synced when the step ends
     /// (a target crash then loses them, and the write).
     stage_p: f64,
+    /// The source ships records before they are durable, under a persisted sequence floor
+    /// raised `floor_step` records ahead (the daemon's mode); otherwise only durable ones.
+    /// Drawn from a generator of its own, so the other draws of a seed stay as they were.
+    ship_ahead: bool,
+    floor_step: u64,
 }
 
 impl Params {
@@ -108,6 +113,8 @@ impl Params {
             point_check_p: 0.01,
             retention_ms: rng.gen_range(20..400),
             stage_p: rng.gen_range(0.0..0.5),
+            ship_ahead: false,
+            floor_step: 0,
         }
     }
 }
@@ -170,6 +177,8 @@ struct SourceSide {
     last_point_id: u64,
     /// The source disks at the instant of each consistent cut, by point id.
     cuts: BTreeMap<u64, Vec<Vec<u8>>>,
+    /// The persisted sequence floor (ship-ahead mode); survives a crash.
+    floor: Seq,
 }
 
 /// One replica disk's undo log as the apply executor keeps it.
@@ -258,6 +267,9 @@ struct Sim {
     /// `reference_unknown` at each point's marker, for the points that had any.
     point_unknown: BTreeMap<u64, Vec<Vec<bool>>>,
     pruned: BTreeSet<u64>,
+    /// Sequence ranges `[from, to)` a restarted source journal gave up that the target never
+    /// received: absent from the stream the target applies.
+    skipped: Vec<(Seq, Seq)>,
     stats: Stats,
 }
 
@@ -278,6 +290,9 @@ struct Stats {
     undo_entries_lost: u64,
     /// Sync records whose in-memory payloads a source crash lost (`RecordKind::SyncRef`).
     sync_payloads_lost: u64,
+    /// Seeds in ship-ahead mode, and journal restarts past the floor after a crash.
+    ship_ahead_runs: u64,
+    journal_restarts: u64,
 }
 
 impl Stats {
@@ -296,6 +311,8 @@ impl Stats {
         self.undo_entries += other.undo_entries;
         self.undo_entries_lost += other.undo_entries_lost;
         self.sync_payloads_lost += other.sync_payloads_lost;
+        self.ship_ahead_runs += other.ship_ahead_runs;
+        self.journal_restarts += other.journal_restarts;
     }
 }
 
@@ -306,7 +323,10 @@ fn extent_of(offset: usize, extent_bytes: usize) -> usize {
 impl Sim {
     fn new(seed: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let params = Params::draw(&mut rng);
+        let mut params = Params::draw(&mut rng);
+        let mut mode_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_f100_0000_0001);
+        params.ship_ahead = mode_rng.gen_bool(0.5);
+        params.floor_step = mode_rng.gen_range(4..400);
         let disks_announced: Vec<DiskAnnouncement> = (0..params.disk_count)
             .map(|index| DiskAnnouncement {
                 disk_id: index as u32 + 1,
@@ -360,8 +380,15 @@ impl Sim {
         }
         let store = MemSegments::new(params.segment_count, params.segment_bytes);
         let (journal, _) = Journal::open(store).expect("a blank journal opens");
-        let core = Source::new(config.clone(), &journal);
+        let mut core = Source::new(config.clone(), &journal);
+        let floor = if params.ship_ahead {
+            core.set_sequence_floor(params.floor_step);
+            params.floor_step
+        } else {
+            0
+        };
         let disk_count = params.disk_count;
+        let params_ship_ahead = params.ship_ahead;
         Sim {
             seed,
             rng,
@@ -381,6 +408,7 @@ impl Sim {
                 reads: Vec::new(),
                 last_point_id: 0,
                 cuts: BTreeMap::new(),
+                floor,
             },
             target: TargetSide {
                 core: Target::new(0),
@@ -417,7 +445,11 @@ impl Sim {
             point_references: BTreeMap::new(),
             point_unknown: BTreeMap::new(),
             pruned: BTreeSet::new(),
-            stats: Stats::default(),
+            skipped: Vec::new(),
+            stats: Stats {
+                ship_ahead_runs: u64::from(params_ship_ahead),
+                ..Stats::default()
+            },
         }
     }
 
@@ -461,6 +493,7 @@ impl Sim {
             self.faults();
             self.point_activity();
         }
+        self.raise_floor_if_due();
         self.connect_if_due();
         self.deliver();
         self.run_target_disk();
@@ -816,18 +849,32 @@ impl Sim {
         }
     }
 
+    /// Ship-ahead mode: the driver raises the persisted floor ahead of the appends (at random
+    /// moments, so shipping sometimes waits at the floor).
+    fn raise_floor_if_due(&mut self) {
+        if !self.params.ship_ahead {
+            return;
+        }
+        let last = self.source.journal.last_seq();
+        if last + self.params.floor_step / 2 > self.source.floor && self.rng.gen_bool(0.5) {
+            self.source.floor = last + self.params.floor_step;
+            self.source.core.set_sequence_floor(self.source.floor);
+        }
+    }
+
     fn source_flush(&mut self) {
         let last = self.source.journal.last_seq();
         self.source
             .journal
             .flush(last)
             .expect("flush of the in-memory journal");
-        let durable = self.source.journal.durable_seq();
+        // Everything up to `last` reached the store. (`durable_seq` may be higher: in
+        // ship-ahead mode it also counts records the target acknowledged, never flushed here.)
         while self
             .source
             .undo
             .front()
-            .is_some_and(|undo| undo.seq <= durable)
+            .is_some_and(|undo| undo.seq <= last)
         {
             self.source.undo.pop_front();
         }
@@ -986,15 +1033,23 @@ impl Sim {
         let (journal, report) = Journal::open(store).expect("the journal reopens after a crash");
         self.source.journal = journal;
         let last = self.source.journal.last_seq();
+        // Ship-ahead mode: records the target acknowledged count as durable without a flush,
+        // and a flushed record behind one of them may be lost with it (its chain link is);
+        // the journal then restarts past the floor below and every range it dropped is resynced.
         assert!(
-            last >= durable_before,
+            self.params.ship_ahead || last >= durable_before,
             "flushed records lost: durable {durable_before} before the crash, {last} after ({report:?})"
         );
         assert!(last <= last_before, "the journal grew in a crash");
+        let received = self.target.core.received_seq();
         assert!(
-            self.target.core.received_seq() <= last,
-            "the target holds {} beyond the source's recovered journal {last}",
-            self.target.core.received_seq()
+            self.params.ship_ahead || received <= last,
+            "the target holds {received} beyond the source's recovered journal {last}"
+        );
+        assert!(
+            !self.params.ship_ahead || received <= self.source.floor.max(last),
+            "the target holds {received} beyond the sequence floor {}",
+            self.source.floor
         );
         // Everything kept is exactly what was appended.
         for seq in self.source.journal.first_seq().max(1)..=last {
@@ -1043,7 +1098,21 @@ impl Sim {
             }
             self.mark_dirty(undo.disk, undo.offset, undo.before.len());
         }
-        self.shadow.retain(|&seq, _| seq <= last);
+        let restart = self.params.ship_ahead && self.source.floor > last;
+        if restart {
+            // Records the target will never apply now (the journal restarts below); it may
+            // hold some of them half-applied (written, then lost in a target crash before they
+            // were resent): the reference does not know those bytes until a later record (the
+            // resync's included) covers them.
+            for record in self.shadow.range(received + 1..).map(|(_, record)| record) {
+                if record.disk_id > 0 && record.length > 0 {
+                    let range = record.offset as usize..(record.offset + record.length) as usize;
+                    self.reference_unknown[record.disk_id as usize - 1][range].fill(true);
+                }
+            }
+        }
+        // What the target received stays in the stream it applies, lost here or not.
+        self.shadow.retain(|&seq, _| seq <= last.max(received));
         // Sync records whose payloads died with the state machine: their extents are resynced
         // (as the daemon marks them in the bitmap at start).
         let lost: Vec<(usize, usize, usize)> = (self.source.journal.first_seq().max(1)..=last)
@@ -1060,6 +1129,9 @@ impl Sim {
         for (disk, offset, length) in lost {
             self.mark_dirty(disk, offset, length);
         }
+        if restart {
+            self.restart_journal(received);
+        }
         self.source.reads.clear();
         self.source.syncing.iter_mut().for_each(BTreeMap::clear);
         self.source
@@ -1074,12 +1146,83 @@ impl Sim {
         }
     }
 
+    /// After a power loss in ship-ahead mode, as the daemon does when the host went down: the
+    /// journal gives up every record it holds and every number up to the floor (the target may
+    /// hold records under numbers it lost), and every disk is resynced.
+    fn restart_journal(&mut self, received: Seq) {
+        // As the daemon after the host went down: every extent is hash-compared. (Marking only
+        // the records dropped here would miss a flushed record lost with the unflushed,
+        // acknowledged records its chain link runs through: its write is on the disk, and the
+        // target never gets it.)
+        for disk in 0..self.params.disk_count {
+            self.mark_dirty(disk, 0, self.params.disk_bytes);
+        }
+        let skip = self
+            .source
+            .journal
+            .restart_at(self.source.floor + 1)
+            .expect("the journal restarts past the floor");
+        let record = self.source.journal.record(skip).expect("the skip record");
+        assert_eq!(record.kind, RecordKind::Skip);
+        self.source.undo.clear();
+        self.shadow.retain(|&seq, _| seq <= received);
+        self.shadow.insert(
+            skip,
+            ShadowRecord {
+                kind: RecordKind::Skip,
+                disk_id: 0,
+                offset: 0,
+                length: 0,
+                payload: Vec::new(),
+            },
+        );
+        self.skipped.push((received + 1, skip));
+        self.stats.journal_restarts += 1;
+        // The replica now holds changes no source record accounts for (the target applied
+        // records this journal lost; the records it dropped never arrive): a sync that trusts
+        // an absent replica to read as zeros would skip them. The daemon's target answers from
+        // its replica file, which exists after the first connection: `Present`, hashes.
+        self.params.target_present = true;
+    }
+
+    /// A target crash loses what it had not made durable, and the source resends it — unless
+    /// the source's journal restarted past those numbers (ship-ahead mode): then the records
+    /// after the target's persisted sequence up to the Skip never come again, and the bytes the
+    /// crash may have left of them (`unflushed`) are unknown to the reference until a later
+    /// record (the resync's included) covers them.
+    fn forget_what_no_one_resends(&mut self, unflushed: &[(usize, usize, usize)]) {
+        let persisted = self.target.persisted_seq;
+        let Some(&(_, skip)) = self.skipped.last() else {
+            return;
+        };
+        if skip <= persisted + 1 || self.source.journal.record(persisted + 1).is_some() {
+            return;
+        }
+        for &(disk, offset, length) in unflushed {
+            self.reference_unknown[disk][offset..offset + length].fill(true);
+        }
+        for record in self
+            .shadow
+            .range(persisted + 1..skip)
+            .map(|(_, record)| record)
+        {
+            if record.disk_id > 0 && record.length > 0 {
+                let range = record.offset as usize..(record.offset + record.length) as usize;
+                self.reference_unknown[record.disk_id as usize - 1][range].fill(true);
+            }
+        }
+        self.shadow
+            .retain(|&seq, _| seq <= persisted || seq >= skip);
+        self.skipped.push((persisted + 1, skip));
+    }
+
     /// Power loss at the target: unflushed writes are each kept or lost; the applier restarts
     /// from the persisted sequence.
     fn crash_target(&mut self) {
         self.stats.target_crashes += 1;
         self.disconnect();
         let unflushed = std::mem::take(&mut self.target.unflushed);
+        self.forget_what_no_one_resends(&unflushed);
         for (disk, offset, length) in unflushed {
             if self.rng.gen_bool(0.5) {
                 let kept = self.target.volatile[disk][offset..offset + length].to_vec();
@@ -1246,7 +1389,11 @@ impl Sim {
                 moved = true;
             }
             while let Some(seq) = self.source.core.poll_release() {
-                self.source.journal.release(seq);
+                if self.params.ship_ahead {
+                    self.source.journal.release_acknowledged(seq);
+                } else {
+                    self.source.journal.release(seq);
+                }
                 moved = true;
             }
             while let Some(event) = self.source.core.poll_event() {
@@ -1519,9 +1666,19 @@ impl Sim {
         }
         let sampled = self.rng.gen_bool(0.2);
         for next in self.reference_seq + 1..=seq {
-            let record = self.shadow.remove(&next).unwrap_or_else(|| {
+            let Some(record) = self.shadow.remove(&next) else {
+                if self
+                    .skipped
+                    .iter()
+                    .any(|&(from, to)| (from..to).contains(&next))
+                {
+                    continue;
+                }
                 panic!("the target applied {next}, which the source never appended")
-            });
+            };
+            if record.kind == RecordKind::Skip {
+                continue;
+            }
             if record.kind == RecordKind::Marker {
                 let marker = PointMarker::decode(&record.payload)
                     .unwrap_or_else(|error| panic!("marker payload: {error}"));

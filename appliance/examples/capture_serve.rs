@@ -2,12 +2,15 @@
 //! memory-mapped cache journal, until SIGINT/SIGTERM. Used by `benches/nbd_capture.sh` to put a
 //! release build of the capture path next to `nbdkit file` under fio.
 //!
-//! A background task stands in for a target that acknowledges at once: every 20 ms it makes
-//! the journal durable and releases it, as the shipper will once the target has the records.
-//! So the run pays for journaling every write (copy into the mapping, msync) but never fills
-//! the journal.
+//! A background task stands in for a target that acknowledges at once: every 20 ms it releases
+//! everything appended as acknowledged durable, as the daemon's shipper does (it ships records
+//! before they are durable, under a persisted sequence floor: `core::source`). So the run pays
+//! for journaling every write (copy into the mapping, checksum, compare) but never fills the
+//! journal, and the journal's device sees only what FLUSH/FUA requests make durable.
+//! `release=flush` makes the journal durable before each release instead, as a source without
+//! a sequence floor must (every journaled byte is written to the journal's device).
 //!
-//! Usage: capture_serve IMAGE SOCKET STATE_DIR [direct=auto|on|off] [journal_mib=N] [journal=mmap|mem]
+//! Usage: capture_serve IMAGE SOCKET STATE_DIR [direct=auto|on|off] [journal_mib=N] [journal=mmap|mem] [release=ack|flush]
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,7 +23,7 @@ use ferry_appliance::core::journal_mem::MemSegments;
 use ferry_appliance::io::disk::{DirectMode, DiskOptions};
 
 fn usage() -> ! {
-    eprintln!("usage: capture_serve IMAGE SOCKET STATE_DIR [direct=auto|on|off] [journal_mib=N] [journal=mmap|mem]");
+    eprintln!("usage: capture_serve IMAGE SOCKET STATE_DIR [direct=auto|on|off] [journal_mib=N] [journal=mmap|mem] [release=ack|flush]");
     std::process::exit(2)
 }
 
@@ -42,6 +45,7 @@ async fn main() {
     let mut direct = DirectMode::Auto;
     let mut journal_mib: usize = 1024;
     let mut journal_in_memory = false;
+    let mut flush_before_release = false;
     for option in &args[3..] {
         match option.split_once('=') {
             Some(("direct", "auto")) => direct = DirectMode::Auto,
@@ -50,6 +54,8 @@ async fn main() {
             Some(("journal_mib", value)) => journal_mib = value.parse().unwrap_or_else(|_| usage()),
             Some(("journal", "mmap")) => journal_in_memory = false,
             Some(("journal", "mem")) => journal_in_memory = true,
+            Some(("release", "ack")) => flush_before_release = false,
+            Some(("release", "flush")) => flush_before_release = true,
             _ => usage(),
         }
     }
@@ -98,6 +104,10 @@ async fn main() {
     let releaser = tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_millis(20)).await;
+            if !flush_before_release {
+                releaser_journal.release_acknowledged(releaser_journal.last_seq());
+                continue;
+            }
             match releaser_journal.flush_all().await {
                 Ok(durable) => releaser_journal.release(durable),
                 Err(error) => {

@@ -18,6 +18,7 @@ use ferry_appliance::capture::journal_handle::SharedJournal;
 use ferry_appliance::capture::{Capture, CaptureConfig, DiskSpec, Endpoint, ListenerSpec};
 use ferry_appliance::control::DiskState;
 use ferry_appliance::core::journal_mem::MemSegments;
+use ferry_appliance::daemon::running::SequenceFloor;
 use ferry_appliance::io::disk::DiskOptions;
 use ferry_appliance::io::transport::{Identity, Peer, SourceDialer, TargetEndpoint, Tuning};
 use ferry_appliance::ship::control::{load_fenced_groups, SourceControl};
@@ -200,6 +201,7 @@ async fn target_fences_plans_and_unfences_its_source() {
         status: ship_status.clone(),
         commands,
         control: control.clone(),
+        sequence_floor: Some(SequenceFloor::new(&state)),
     };
     let ship_task = tokio::spawn(shipper.run(shutdown.clone()));
 

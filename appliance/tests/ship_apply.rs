@@ -13,6 +13,7 @@ use ferry_appliance::capture::journal_handle::SharedJournal;
 use ferry_appliance::capture::{Capture, CaptureConfig, DiskSpec, Endpoint, ListenerSpec};
 use ferry_appliance::control::DiskState;
 use ferry_appliance::core::journal_mem::MemSegments;
+use ferry_appliance::daemon::running::SequenceFloor;
 use ferry_appliance::io::disk::DiskOptions;
 use ferry_appliance::io::transport::{Identity, Peer, SourceDialer, TargetEndpoint, Tuning};
 use ferry_appliance::ship::{ShipCommand, ShipStatus, Shipper};
@@ -145,6 +146,7 @@ async fn writes_through_the_export_reach_an_identical_replica() {
         sync_dir: root.join("state/sync"),
         status: ship_status.clone(),
         commands,
+        sequence_floor: Some(SequenceFloor::new(&root.join("state"))),
     };
     let ship_task = tokio::spawn(shipper.run(shutdown.clone()));
 

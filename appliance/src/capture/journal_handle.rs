@@ -213,6 +213,14 @@ impl SharedJournal {
         self.lock().release(upto);
     }
 
+    /// Releases every record `<= upto` that the target acknowledged durable and that
+    /// [`releasable`](Self::releasable) lets go, without flushing them here
+    /// (`Journal::release_acknowledged`: for a source with a sequence floor).
+    pub fn release_acknowledged(&self, upto: Seq) {
+        let upto = self.releasable(upto);
+        self.lock().release_acknowledged(upto);
+    }
+
     /// How far a release of `upto` may go: never past a record whose disk write is still in
     /// flight. A write is journaled before it reaches the disk; if the process dies between the
     /// two, the target may already hold a change the source disk never got, and only a record

@@ -810,6 +810,75 @@ impl<S: SegmentStore> Journal<S> {
         self.apply_release();
     }
 
+    /// Releases every record `<= upto` that the target acknowledged *durable*, counting them
+    /// as durable here too: their space is given back at once, and no later flush writes their
+    /// bytes. For a source that ships records before they are durable (`core::source`,
+    /// "Sequence floor"): such a record may never reach this store's device, and must not
+    /// have to — a record the target holds durably is safe, and a machine that goes down
+    /// restarts the journal past every sequence it could have shipped (`restart_at`) and
+    /// resyncs its disks. (`release` keeps rule 3 for a source that ships only durable
+    /// records.)
+    pub fn release_acknowledged(&mut self, upto: Seq) {
+        let upto = upto.min(self.last_seq());
+        if upto > self.durable_seq {
+            self.durable_seq = upto;
+            // Their bytes need no flush: the next flush starts after them. A segment whose
+            // header is still unwritten keeps `flushed_end` at 0, so its header is flushed
+            // with the records after them.
+            for segment in self.segments.iter_mut() {
+                if segment.first_seq > upto {
+                    break;
+                }
+                if segment.flushed_end >= SEGMENT_HEADER_BYTES {
+                    let end = if segment.seq_end() <= upto + 1 {
+                        segment.end
+                    } else {
+                        segment.offsets[(upto + 1 - segment.first_seq) as usize] as usize
+                    };
+                    segment.flushed_end = segment.flushed_end.max(end);
+                }
+            }
+            self.write_due_headers();
+        }
+        self.release(upto);
+    }
+
+    /// Gives up every held record and every sequence number below `next`, and starts the log
+    /// again at `next` with a [`RecordKind::Skip`] record (made durable before this returns)
+    /// that stands for them. After the machine went down under a source
+    /// that ships records before they are durable: the target may hold records under
+    /// sequence numbers this journal lost, so no number up to the persisted sequence floor
+    /// may be used again; the source resyncs every disk, which covers the records dropped
+    /// here. A reopen finds the log from `next` on (the older segments are an earlier run).
+    pub fn restart_at(&mut self, next: Seq) -> Result<Seq, JournalError> {
+        self.check_healthy()?;
+        if next <= self.last_seq() {
+            return Err(JournalError::Layout(format!(
+                "cannot restart the log at sequence {next}: it already reached {}",
+                self.last_seq()
+            )));
+        }
+        while let Some(freed) = self.segments.pop_front() {
+            self.spare_offsets.push(freed.offsets);
+        }
+        self.next_seq = next;
+        self.released_seq = next - 1;
+        self.release_requested = next - 1;
+        // Nothing before `next` is held, so nothing before it waits to become durable: the
+        // new segment's header is final at once (rule 2).
+        self.durable_seq = next - 1;
+        let seq = self.append(&RecordSpec {
+            kind: RecordKind::Skip,
+            disk_id: 0,
+            offset: 0,
+            length: 0,
+            timestamp_ns: 0,
+            payload: &[],
+        })?;
+        self.flush(seq)?;
+        Ok(seq)
+    }
+
     /// The held record `seq`, verified; `None` when it is not held (released or not appended)
     /// or fails verification (see [`Journal::read`] to tell them apart).
     pub fn record(&self, seq: Seq) -> Option<Record<'_>> {
@@ -1502,6 +1571,70 @@ mod tests {
         assert!(journal.is_empty());
         assert_eq!(journal.first_seq(), 0);
         assert_eq!(journal.last_seq(), 3);
+    }
+
+    #[test]
+    fn acknowledged_records_are_released_without_ever_being_written() {
+        let mut journal = fresh(3);
+        let payload = vec![1u8; 1000];
+        // Three 1064-byte records per 4 KiB segment: 1-3 in segment 0, 4-6 in segment 1.
+        for _ in 0..6 {
+            journal.append(&write_spec(&payload)).unwrap();
+        }
+        journal.release_acknowledged(4);
+        assert_eq!(journal.first_seq(), 5, "released at once, nothing flushed");
+        assert_eq!(journal.durable_seq(), 4);
+        let plan = journal.begin_flush(6).unwrap();
+        assert!(
+            plan.ranges().iter().all(|range| range.segment == 1),
+            "the acknowledged segment is never written: {plan:?}"
+        );
+        journal.flush(6).unwrap();
+        // Nothing of segment 0 reached the device; what was flushed after it survives.
+        let (reopened, report) =
+            Journal::open(journal.store().crash_with(CrashMode::LoseUnflushed)).unwrap();
+        assert_eq!(reopened.last_seq(), 6, "{report:?}");
+        assert!(reopened.record(1).is_none() && reopened.record(3).is_none());
+        assert_eq!(reopened.record(6).unwrap().payload, &payload[..]);
+        // A process that dies loses nothing appended, acknowledged or not.
+        let (reopened, _) =
+            Journal::open(journal.store().crash_with(CrashMode::KeepUnflushed)).unwrap();
+        assert_eq!(reopened.last_seq(), 6);
+    }
+
+    #[test]
+    fn restart_at_gives_up_every_number_below_it_for_good() {
+        let mut journal = fresh(3);
+        for _ in 0..4 {
+            journal.append(&write_spec(&[2u8; 1000])).unwrap();
+        }
+        journal.flush(2).unwrap();
+        assert!(
+            matches!(journal.restart_at(4), Err(JournalError::Layout(_))),
+            "4 was used already"
+        );
+        assert_eq!(journal.restart_at(100).unwrap(), 100);
+        assert_eq!(
+            (
+                journal.first_seq(),
+                journal.last_seq(),
+                journal.durable_seq()
+            ),
+            (100, 100, 100)
+        );
+        assert_eq!(journal.record(100).unwrap().kind, RecordKind::Skip);
+        assert!(journal.record(3).is_none(), "held records are dropped");
+        assert_eq!(journal.append(&write_spec(&[3u8; 10])).unwrap(), 101);
+        journal.flush(101).unwrap();
+        for mode in [CrashMode::KeepUnflushed, CrashMode::LoseUnflushed] {
+            let (reopened, report) = Journal::open(journal.store().crash_with(mode)).unwrap();
+            assert_eq!(
+                (reopened.first_seq(), reopened.last_seq()),
+                (100, 101),
+                "{mode:?}: {report:?}"
+            );
+            assert_eq!(reopened.record(101).unwrap().payload, &[3u8; 10]);
+        }
     }
 
     #[test]

@@ -35,6 +35,13 @@ pub enum RecordKind {
     /// is held; one left in the journal after a restart lost its payload, and is shipped as is:
     /// the target does nothing with it, and the source resyncs its extent.
     SyncRef = 6,
+    /// Every sequence number below this record's that the target does not hold was given up:
+    /// the source's journal restarted past them after its host went down
+    /// (`Journal::restart_at`), and the target may hold records under some of them that the
+    /// source lost, or lack records the source dropped. Header only (`disk_id`, `offset`,
+    /// `length` 0); the target applies nothing and continues from this sequence, and the
+    /// source resyncs every disk, which covers whatever those records changed.
+    Skip = 7,
 }
 
 impl RecordKind {
@@ -46,6 +53,7 @@ impl RecordKind {
             4 => Self::Marker,
             5 => Self::ResyncExtent,
             6 => Self::SyncRef,
+            7 => Self::Skip,
             _ => return None,
         })
     }

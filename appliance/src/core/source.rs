@@ -5,12 +5,25 @@
 //!
 //! # Rules
 //!
-//! **Only durable records are shipped** (`seq <= journal.durable_seq()`). A record the source
-//! could still lose in a crash (unflushed, torn tail) never reaches the target, so after any
-//! source crash the recovered journal holds everything the target has, and a sequence number is
-//! never reused for different data. The cost is that shipping follows the capture's flush (group
-//! commit) cadence. A target that claims more than the source's journal holds (the journal was
-//! lost or belongs to another appliance) is refused with `SourceError::TargetAhead`.
+//! **What ships.** Without a sequence floor only durable records ship (`seq <=
+//! journal.durable_seq()`): a record the source could still lose in a crash never reaches the
+//! target, so after any source crash the recovered journal holds everything the target has,
+//! and a sequence number is never reused for different data; shipping then follows the
+//! journal's flush cadence, and every journaled byte is written to the journal's device.
+//!
+//! **Sequence floor.** A driver that persists a floor `F` (`set_sequence_floor`) lets every
+//! appended record up to `F` ship at once, durable or not. A process that dies loses no
+//! appended record (the page cache keeps them), so only a machine that goes down can lose
+//! records the target holds; the driver then restarts the journal at `F + 1`
+//! (`Journal::restart_at`: a `Skip` record standing for the numbers given up) before anything
+//! else is appended, and resyncs every disk. So no number the target may hold is used again,
+//! and the target continues from the `Skip` (it stands for the numbers before it). With the
+//! release of acknowledged records (`Journal::release_acknowledged`) a record the target has
+//! made durable never needs to reach the source's journal device: the daemon's journal costs
+//! no device bandwidth unless a client flushes (benches/RESULTS.md, "NBD capture"). The driver
+//! raises `F` well before appends reach it, so shipping never waits for the floor's write.
+//! A target that claims more than the source's journal holds (the journal was lost or belongs
+//! to another appliance) is refused with `SourceError::TargetAhead`.
 //!
 //! **Resume.** On every connection the source sends Hello; the target's Welcome says it holds
 //! everything up to `resume_seq` and is durable up to `durable_seq`. The source sends from
@@ -73,9 +86,9 @@
 //! whole segments, so its used bytes need not drop after an acknowledgement (a segment larger
 //! than the bound would stall the sync for good).
 //!
-//! **Durability of sync records** is the driver's group commit, like every other record's: the
-//! core appends extents and ships them once `journal.durable_seq()` covers them; it does not
-//! flush per extent (that would serialise one store flush per extent under the journal lock).
+//! **Durability of sync records** is the driver's, like every other record's: the core
+//! appends extents and ships them once they may ship (above); it does not flush per extent
+//! (that would serialise one store flush per extent under the journal lock).
 //!
 //! **Completion.** `SourceEvent::SyncDone { disk_id }` comes once every extent of the disk's
 //! sync is skipped or appended and the target acknowledged the last appended record durable.
@@ -88,8 +101,10 @@
 //! 1. `Source::new(config, &journal)`; on each connection `handle_connected(now)`.
 //! 2. Each complete frame from the target: `handle_frame(&bytes, &mut journal, now)`; on `Err`
 //!    send what `poll_transmit` still yields and close.
-//! 3. Group-commit the journal whenever records wait to become durable (sync records too: the
-//!    core appends them but does not flush).
+//! 3. Without a sequence floor, group-commit the journal whenever records wait to become
+//!    durable (sync records too: the core appends them but does not flush). With one, raise
+//!    it ahead of the appends, and release acknowledged records with
+//!    `Journal::release_acknowledged`.
 //! 4. After any input (frames, journal appends/flushes, timers, extent reads), drain
 //!    `poll_transmit(&journal, now)` to the connection, `poll_release()` into
 //!    `journal.release(seq)`, `poll_event()`, and `poll_sync_read(&journal)` (read the extent,
@@ -541,6 +556,9 @@ pub struct Source {
     sync_blocked_at_ack: Option<Seq>,
     next_request_id: u64,
     next_token: u64,
+    /// Set by a driver that persisted a sequence floor: records up to it ship before they
+    /// are durable (see "Sequence floor"); `None` ships only durable records.
+    sequence_floor: Option<Seq>,
 }
 
 /// A sync record appended and not yet acknowledged durable.
@@ -560,10 +578,17 @@ impl Source {
     /// A source over a journal that may already hold records (after a restart): everything
     /// below the journal's first held record was acknowledged before.
     pub fn new(config: SourceConfig, journal: &impl ShipJournal) -> Self {
-        let released = if journal.first_seq() == 0 {
-            journal.last_seq()
-        } else {
-            journal.first_seq() - 1
+        let released = match journal.first_seq() {
+            0 => journal.last_seq(),
+            // A restarted log knows nothing of what the target acknowledged before it.
+            first
+                if journal
+                    .record(first)
+                    .is_some_and(|r| r.kind == RecordKind::Skip) =>
+            {
+                0
+            }
+            first => first - 1,
         };
         Self {
             config,
@@ -591,6 +616,28 @@ impl Source {
             sync_blocked_at_ack: None,
             next_request_id: 1,
             next_token: 1,
+            sequence_floor: None,
+        }
+    }
+
+    /// Lets records up to `floor` ship before they are durable: the driver has made `floor`
+    /// durable where a restart after the machine went down finds it, and restarts the journal
+    /// past it then (`Journal::restart_at`), so no sequence number the target may hold is
+    /// used again ("Sequence floor"). Only ever raised.
+    pub fn set_sequence_floor(&mut self, floor: Seq) {
+        self.sequence_floor = Some(self.sequence_floor.map_or(floor, |old| old.max(floor)));
+    }
+
+    /// The persisted sequence floor, if the driver set one.
+    pub fn sequence_floor(&self) -> Option<Seq> {
+        self.sequence_floor
+    }
+
+    /// The highest sequence that may ship now.
+    fn ship_limit(&self, journal: &impl ShipJournal) -> Seq {
+        match self.sequence_floor {
+            Some(floor) => journal.last_seq().min(floor),
+            None => journal.durable_seq(),
         }
     }
 
@@ -1157,7 +1204,17 @@ impl Source {
         journal: &impl ShipJournal,
         now: u64,
     ) -> Result<Option<Frame>, SourceError> {
-        let durable = journal.durable_seq();
+        let durable = self.ship_limit(journal);
+        // The target resumes from below a restarted log's Skip: the Skip stands for the
+        // numbers in between.
+        let first = journal.first_seq();
+        if self.next_send_seq < first
+            && journal
+                .record(first)
+                .is_some_and(|record| record.kind == RecordKind::Skip)
+        {
+            self.next_send_seq = first;
+        }
         // Each record is read (and verified) once: its bytes go into the frame as they are.
         let mut records: Vec<RecordBytes<'_>> = Vec::new();
         let mut seqs = Vec::new();
@@ -1816,6 +1873,60 @@ mod tests {
         pair.run(|_| false);
         assert_eq!(pair.source.acked_seq(), 2);
         assert_eq!(pair.journal.first_seq(), 0, "released");
+        assert_eq!(pair.replica, pair.source_disk);
+    }
+
+    #[test]
+    fn under_a_sequence_floor_records_ship_before_they_are_durable() {
+        let mut pair = Pair::new();
+        pair.source.set_sequence_floor(1);
+        pair.connect();
+        pair.write(0, &[1; 100]);
+        pair.write(200, &[2; 100]);
+        pair.run(|_| false);
+        assert_eq!(
+            pair.target.received_seq(),
+            1,
+            "shipped before it is durable, but not past the floor"
+        );
+        pair.source.set_sequence_floor(0);
+        assert_eq!(
+            pair.source.sequence_floor(),
+            Some(1),
+            "a floor only goes up"
+        );
+        pair.source.set_sequence_floor(10);
+        pair.run(|_| false);
+        assert_eq!(pair.source.acked_seq(), 2);
+        assert_eq!(pair.journal.durable_seq(), 0, "nothing was flushed");
+        assert_eq!(pair.replica, pair.source_disk);
+    }
+
+    #[test]
+    fn a_restarted_journal_resumes_the_target_past_its_skip() {
+        let mut pair = Pair::new();
+        // The target holds 1..=5 of the run before the host went down; the source's journal
+        // restarted at 20 (numbers 6..=19 given up) and took a write after it.
+        pair.target = Target::new(5);
+        pair.journal.released = 19;
+        pair.journal
+            .append(&RecordSpec {
+                kind: RecordKind::Skip,
+                disk_id: 0,
+                offset: 0,
+                length: 0,
+                timestamp_ns: 0,
+                payload: &[],
+            })
+            .unwrap();
+        pair.write(300, &[7; 50]);
+        pair.journal.flush(21).unwrap();
+        pair.source = Source::new(SourceConfig::new("site-a", disks()), &pair.journal);
+        pair.connect();
+        pair.run(|_| false);
+        assert_eq!(pair.target.received_seq(), 21);
+        assert_eq!(pair.target.durable_seq(), 21);
+        assert_eq!(pair.source.acked_seq(), 21);
         assert_eq!(pair.replica, pair.source_disk);
     }
 

@@ -345,14 +345,19 @@ impl Target {
                         self.ack_pending = true;
                         continue;
                     }
-                    if record.seq != self.received_seq + 1 {
+                    // A Skip stands for every number before it this target does not hold: the
+                    // source gave them up (its journal restarted past them after its host went
+                    // down, and it resyncs every disk), so the target continues from it.
+                    let skips_here = record.kind == RecordKind::Skip;
+                    if record.seq != self.received_seq + 1 && !skips_here {
                         if self.gap_reported_at != Some(self.received_seq) {
                             self.gap_reported_at = Some(self.received_seq);
                             self.gap_pending = true;
                         }
                         break;
                     }
-                    let applies_to_disk = record.kind != RecordKind::Marker;
+                    let applies_to_disk =
+                        !matches!(record.kind, RecordKind::Marker | RecordKind::Skip);
                     if applies_to_disk {
                         let size = self.disks.get(&record.disk_id).copied();
                         let end = record.offset.checked_add(record.length);
@@ -389,7 +394,7 @@ impl Target {
                         }
                         // A sync extent whose payload the source lost in a restart: the
                         // source resyncs that extent; nothing to apply.
-                        RecordKind::SyncRef => {}
+                        RecordKind::SyncRef | RecordKind::Skip => {}
                         RecordKind::Marker => {
                             self.disk_ops.push_back(DiskOp::Marker {
                                 seq: record.seq,

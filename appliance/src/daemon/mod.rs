@@ -16,7 +16,7 @@ pub mod metrics;
 mod notify;
 mod points;
 mod reprotect;
-mod running;
+pub mod running;
 mod source;
 pub mod status;
 pub mod table;

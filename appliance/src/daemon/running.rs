@@ -100,6 +100,63 @@ fn classify(text: &str, current_boot_id: Option<&str>) -> PreviousRun {
     }
 }
 
+/// How far ahead of the journal's last sequence the shipper keeps the persisted sequence
+/// floor: records ship up to the floor without waiting for the journal's device, and the floor
+/// is written again (one small durable file write) every `STEP / 2` records or so.
+pub const SEQUENCE_FLOOR_STEP: u64 = 1 << 20;
+
+/// `<state_dir>/sequence-floor`: no sequence number up to it may be used for a new record after
+/// the host went down (`core::source`, "Sequence floor"). The shipper raises it ahead of the
+/// journal before it ships records that are not durable yet; a start after a host went down
+/// restarts the journal past it when the recovered journal ends below it.
+#[derive(Clone, Debug)]
+pub struct SequenceFloor {
+    path: PathBuf,
+}
+
+impl SequenceFloor {
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            path: state_dir.join("sequence-floor"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The persisted floor; 0 when none was ever written.
+    pub fn load(&self) -> Result<u64, DaemonError> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(source) => {
+                return Err(DaemonError::StateDir {
+                    path: self.path.clone(),
+                    operation: "read the sequence floor",
+                    source,
+                })
+            }
+        };
+        text.trim()
+            .strip_prefix("floor=")
+            .and_then(|value| value.parse().ok())
+            .ok_or_else(|| DaemonError::StateDir {
+                path: self.path.clone(),
+                operation: "read the sequence floor",
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("expected `floor=<sequence>`, found {:?}", text.trim()),
+                ),
+            })
+    }
+
+    /// Makes `floor` durable (written aside, synced, renamed over the old one).
+    pub fn store(&self, floor: u64) -> std::io::Result<()> {
+        write_durably(&self.path, format!("floor={floor}\n").as_bytes())
+    }
+}
+
 fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let temporary = path.with_extension("new");
@@ -120,6 +177,23 @@ fn sync_parent(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sequence_floor_round_trips_and_a_bad_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let floor = SequenceFloor::new(dir.path());
+        assert_eq!(floor.load().unwrap(), 0, "no file: no floor");
+        floor.store(1 << 40).unwrap();
+        assert_eq!(floor.load().unwrap(), 1 << 40);
+        floor.store(7).unwrap();
+        assert_eq!(floor.load().unwrap(), 7);
+        std::fs::write(floor.path(), "floor=lots\n").unwrap();
+        let error = floor.load().unwrap_err().to_string();
+        assert!(
+            error.contains("sequence-floor") && error.contains("floor=lots"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn the_boot_id_tells_a_dead_process_from_a_host_that_went_down() {

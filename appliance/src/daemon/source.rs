@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 
 use super::layout::StateLayout;
 use super::points::{self, Cutter, GroupCutter};
-use super::running::{PreviousRun, RunningMarker};
+use super::running::{PreviousRun, RunningMarker, SequenceFloor};
 use super::status::{DiskSample, StatusModel};
 use super::DaemonError;
 use crate::capture::{
@@ -64,6 +64,10 @@ impl SourceSide {
     ) -> Result<Self, DaemonError> {
         let (running, previous_run) = RunningMarker::take(&layout.root)?;
         let journal = open_journal(layout, source.journal_size_bytes).await?;
+        let sequence_floor = SequenceFloor::new(&layout.root);
+        if previous_run == PreviousRun::HostDown {
+            restart_journal_past_floor(&journal, &layout.journal, &sequence_floor)?;
+        }
         restore_status(&journal, status);
         // Groups failed over to the target stay read-only from the first NBD connection on.
         let fenced = crate::ship::control::load_fenced_groups(&layout.root).map_err(|error| {
@@ -473,6 +477,7 @@ fn start_shipper(
     let control =
         SourceControl::open(&layout.root, disks.clone()).map_err(|e| component(e.to_string()))?;
     let shipper = Shipper {
+        sequence_floor: Some(SequenceFloor::new(&layout.root)),
         source_name: appliance_name.to_string(),
         disks,
         machines,
@@ -551,6 +556,40 @@ fn start_cutter(
     }
     tasks.extend(points::spawn_timers(cutter.clone(), shutdown));
     Ok((cutter, tasks))
+}
+
+/// After the host went down: records up to the persisted sequence floor may have reached the
+/// target without reaching this journal's device (`core::source`, "Sequence floor"). When the
+/// recovered journal ends below the floor, the log restarts past it before anything is
+/// appended, so no number the target may hold is used again. Every disk is resynced after a
+/// host went down anyway (`resync_after_unclean_stop`), which covers the records dropped here.
+fn restart_journal_past_floor(
+    journal: &SharedJournal,
+    journal_dir: &std::path::Path,
+    sequence_floor: &SequenceFloor,
+) -> Result<(), DaemonError> {
+    let floor = sequence_floor.load()?;
+    let mut guard = journal.lock();
+    let last = guard.last_seq();
+    if floor <= last {
+        return Ok(());
+    }
+    let held = guard.held_records();
+    let skip = guard.restart_at(floor + 1).map_err(|source| {
+        DaemonError::Journal(crate::io::mmap_journal::MmapJournalError::Journal {
+            dir: journal_dir.to_path_buf(),
+            source,
+        })
+    })?;
+    tracing::warn!(
+        recovered_last_sequence = last,
+        sequence_floor = floor,
+        records_dropped = held,
+        restarted_at = skip,
+        "the host went down: the journal restarts past the sequence floor (the target may \
+         hold records this journal lost); every disk is resynced"
+    );
+    Ok(())
 }
 
 /// Opens (creating and preallocating on first start) the memory-mapped cache journal. Off the

@@ -8,9 +8,14 @@
 //! transport's priorities matter less than the core's bounded sync backlog, which keeps live
 //! writes from queueing behind resync data.
 //!
-//! Durability: the core ships only durable records, so the shipper group-commits the journal
-//! (one msync covering everything appended) whenever records wait to be shipped — production
-//! FLUSH/FUA requests share the same flushes.
+//! Durability: with a sequence floor (the daemon's case, `<state_dir>/sequence-floor`) records
+//! ship as soon as they are appended, and a record the target acknowledged durable is released
+//! without ever being flushed here (`core::source`, "Sequence floor"): the journal's device
+//! sees only what production FLUSH/FUA requests make durable. The shipper keeps the floor
+//! `SEQUENCE_FLOOR_STEP` ahead of the journal, rewriting it off the event loop when appends
+//! get within half a step. Without a floor (or when it cannot be written) the core ships only
+//! durable records, and the shipper group-commits the journal (one msync covering everything
+//! appended) whenever records wait to be shipped.
 //!
 //! Per-disk sync rounds (initial replication, resync after a journal overflow) follow the
 //! capture state: a disk found `resync-needed` is moved to `resyncing` (its writes are
@@ -40,6 +45,7 @@ use crate::control::{DiskState, SyncProgress as SyncProgressStatus};
 use crate::core::record::Seq;
 use crate::core::source::{ExtentRead, Source, SourceConfig, SourceEvent, SyncMode, SyncProgress};
 use crate::core::wire::{DiskAnnouncement, ReplicaState};
+use crate::daemon::running::{SequenceFloor, SEQUENCE_FLOOR_STEP};
 use crate::io::transport::{PeerConnection, SourceDialer};
 
 /// What the shipper tells the status snapshot.
@@ -175,6 +181,8 @@ pub struct Shipper {
     pub commands: mpsc::Receiver<ShipCommand>,
     /// Fencing and the target's requests (`control.rs`), shared with the daemon.
     pub control: Arc<control::SourceControl>,
+    /// Where the sequence floor persists; `None` ships only durable records.
+    pub sequence_floor: Option<SequenceFloor>,
 }
 
 /// Extent reads in flight for the core's sync: (token, sequence floor, bytes).
@@ -232,6 +240,14 @@ impl Shipper {
         // fills with it nor needs a small window (a 4 MiB journal used to pace the sync at
         // 1 MiB in flight, one extent per durable round trip).
         let mut core = Source::new(config, &*self.journal.lock());
+        if let Some(file) = &self.sequence_floor {
+            match raise_floor(file.clone(), 0, self.journal.last_seq()).await {
+                Ok(floor) => core.set_sequence_floor(floor),
+                Err(error) => tracing::error!(
+                    "{error}: records ship only once durable in the journal, as before a floor"
+                ),
+            }
+        }
         let mut rounds: BTreeMap<u32, Round> = BTreeMap::new();
         let (_, placeholder) = mpsc::channel(1);
         let mut commands = std::mem::replace(&mut self.commands, placeholder);
@@ -355,6 +371,8 @@ impl Shipper {
             }
         });
         let mut last_flush = Instant::now() - FLUSH_INTERVAL_MIN;
+        // Rewriting the sequence floor ahead of the appends, off the event loop.
+        let mut raising: Option<tokio::task::JoinHandle<Result<Seq, String>>> = None;
         // The group commit runs as a task of its own, so that frames, acknowledgements and
         // extent reads keep flowing while the store flushes.
         let mut flushing: Option<tokio::task::JoinHandle<Result<Seq, String>>> = None;
@@ -382,7 +400,12 @@ impl Shipper {
                 }
                 if let Some(seq) = core.poll_release() {
                     // Records of changes still on their way to the source disk stay.
-                    journal.release(self.journal.releasable(seq));
+                    let upto = self.journal.releasable(seq);
+                    if core.sequence_floor().is_some() {
+                        journal.release_acknowledged(upto);
+                    } else {
+                        journal.release(upto);
+                    }
                 }
                 while let Some(read) = core.poll_sync_read(&*journal) {
                     to_read.push(read);
@@ -444,7 +467,19 @@ impl Shipper {
                 break Err(error.to_string());
             }
 
-            let journal_pending = self.journal.last_seq() > self.journal.durable_seq();
+            let last_seq = self.journal.last_seq();
+            // With a floor nothing waits for the journal's flush to ship (client FLUSH/FUA
+            // requests flush through capture).
+            let journal_pending =
+                core.sequence_floor().is_none() && last_seq > self.journal.durable_seq();
+            let floor_due = core.sequence_floor().is_some_and(|floor| {
+                raising.is_none() && last_seq + SEQUENCE_FLOOR_STEP / 2 > floor
+            });
+            if floor_due {
+                if let (Some(file), Some(floor)) = (&self.sequence_floor, core.sequence_floor()) {
+                    raising = Some(tokio::spawn(raise_floor(file.clone(), floor, last_seq)));
+                }
+            }
             let timeout = core.poll_timeout();
             tokio::select! {
                 biased;
@@ -535,7 +570,22 @@ impl Shipper {
                         Err(error) => break Err(format!("journal flush task failed: {error}")),
                     }
                 }
-                _ = self.journal.wait_for_records_after(self.journal.last_seq()), if !journal_pending => {}
+                raised = async {
+                    match raising.as_mut() {
+                        Some(task) => task.await,
+                        None => std::future::pending().await,
+                    }
+                }, if raising.is_some() => {
+                    raising = None;
+                    match raised {
+                        Ok(Ok(floor)) => core.set_sequence_floor(floor),
+                        // Shipping stops at the old floor until it can be written; the
+                        // journal keeps everything meanwhile.
+                        Ok(Err(error)) => break Err(error),
+                        Err(error) => break Err(format!("sequence floor task failed: {error}")),
+                    }
+                }
+                _ = self.journal.wait_for_records_after(last_seq), if !journal_pending => {}
                 _ = async {
                     match timeout {
                         Some(deadline) => tokio::time::sleep(Duration::from_nanos(deadline.saturating_sub(now()))).await,
@@ -781,6 +831,23 @@ impl Shipper {
 }
 
 /// Resolves once `shutdown` is true (or its sender is gone).
+/// Makes the sequence floor `SEQUENCE_FLOOR_STEP` ahead of `last_seq` durable, unless the
+/// current `floor` is still more than half a step ahead; returns the floor in force.
+async fn raise_floor(file: SequenceFloor, floor: Seq, last_seq: Seq) -> Result<Seq, String> {
+    let persisted = file.load().map_err(|error| error.to_string())?;
+    let floor = floor.max(persisted);
+    if last_seq + SEQUENCE_FLOOR_STEP / 2 <= floor {
+        return Ok(floor);
+    }
+    let raised = last_seq + SEQUENCE_FLOOR_STEP;
+    let path = file.path().display().to_string();
+    tokio::task::spawn_blocking(move || file.store(raised))
+        .await
+        .map_err(|error| format!("sequence floor {path}: write task failed: {error}"))?
+        .map_err(|error| format!("sequence floor {path}: write failed: {error}"))?;
+    Ok(raised)
+}
+
 async fn wait_shutdown(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
