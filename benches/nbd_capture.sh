@@ -11,8 +11,13 @@
 # alike; the medians and the ratios go into the "## NBD capture" section of benches/RESULTS.md
 # (replaced on every run). Each round also measures the device with fio alone (io_uring,
 # O_DIRECT, 1 MiB sequential writes QD8): one stream, and two streams at once on two files.
-# Ferry writes every byte twice on this one disk (journal, then image), so half of the two
-# streams' total is the most its 1 MiB figure can reach; the table states that bound.
+# A stand-in target acknowledges every record at once: by default Ferry then releases it
+# unflushed, as the daemon does (records ship before they are durable, under a persisted
+# sequence floor), so journal pages reach the disk only through FLUSH/FUA (none here) or the
+# kernel's background writeback. `ferry-flush` makes the journal durable before each release,
+# as a source without a floor must: every byte is written twice on this one disk (journal, then
+# image), so half of the two streams' total is the most that row can reach; the table states
+# that bound.
 #
 # Usage: benches/nbd_capture.sh [ROUNDS] [SECONDS]      (defaults: 3 rounds of 10 s per job)
 # Env:   FERRY_BENCH_DIR   where the image and journal go (default: a temp dir under /var/tmp)
@@ -42,7 +47,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-kinds="nbdkit ferry-pagecache nbdkit-none ferry ferry-memjournal"
+kinds="nbdkit ferry-pagecache nbdkit-none ferry ferry-flush ferry-memjournal"
 
 # The host disk is thin-provisioned: the first pass over a new file is 2-3x slower. Write each
 # image once so every server sees allocated blocks. One image per server: pages one server left
@@ -69,6 +74,7 @@ start_server() { # kind socket
         nbdkit) nbdkit --foreground --exit-with-parent --unix "$2" file "$image" 2>"$work/nbdkit.log" & ;;
         nbdkit-none) nbdkit --foreground --exit-with-parent --unix "$2" file "$image" cache=none 2>"$work/nbdkit.log" & ;;
         ferry) "$serve" "$image" "$2" "$work/state" direct=auto journal_mib=1024 2>"$work/ferry.log" & ;;
+        ferry-flush) "$serve" "$image" "$2" "$work/state" direct=auto journal_mib=1024 release=flush 2>"$work/ferry.log" & ;;
         ferry-pagecache) "$serve" "$image" "$2" "$work/state" direct=off journal_mib=1024 2>"$work/ferry.log" & ;;
         ferry-memjournal) "$serve" "$image" "$2" "$work/state" direct=auto journal_mib=256 journal=mem 2>"$work/ferry.log" & ;;
     esac
@@ -131,10 +137,11 @@ print("| server | guarantee before FLUSH/FUA | 4 KiB random write QD32 | ratio |
 print("|---|---|---|---|---|---|")
 rows = [
     ("nbdkit-none", "nbdkit-none", "nbdkit file cache=none (baseline of the next two rows)", "writeback started (sync_file_range) before the reply, not flushed"),
-    ("ferry", "nbdkit-none", "Ferry capture, mmap journal + O_DIRECT (default)", "sent to the device (O_DIRECT), not flushed; journal msync every 20 ms"),
+    ("ferry", "nbdkit-none", "Ferry capture, mmap journal + O_DIRECT (default)", "sent to the device (O_DIRECT), not flushed; journal records released unflushed once acknowledged"),
+    ("ferry-flush", "nbdkit-none", "Ferry capture, as above, journal flushed before each release (no sequence floor, comparison only)", "as above; journal msync every 20 ms"),
     ("ferry-memjournal", "nbdkit-none", "Ferry capture, O_DIRECT, journal in memory (comparison only)", "disk as above; journal lost in a crash"),
     ("nbdkit", "nbdkit", "nbdkit file (baseline of the next row)", "in the page cache only"),
-    ("ferry-pagecache", "nbdkit", "Ferry capture, mmap journal + page cache (direct=off, comparison only)", "in the page cache only; journal msync every 20 ms"),
+    ("ferry-pagecache", "nbdkit", "Ferry capture, mmap journal + page cache (direct=off, comparison only)", "in the page cache only"),
 ]
 for kind, base, label, guarantee in rows:
     r, s = med[(kind, "rand")], med[(kind, "seq")]
@@ -145,10 +152,10 @@ base = med[("nbdkit-none", "seq")][0]
 bound = two / 2
 print()
 print(f"Device alone (fio io_uring O_DIRECT, 1 MiB sequential QD8): one stream {one/1e9:.2f} GB/s, "
-      f"two streams at once {two/1e9:.2f} GB/s in total. Ferry writes each byte to this disk twice "
-      f"(journal and image), so its 1 MiB bound here is about {bound/1e9:.2f} GB/s, "
-      f"{bound/base:.2f}x the same-run nbdkit file cache=none figure (which writes each byte once, "
-      f"at {base/one:.2f}x the one-stream device figure).")
+      f"two streams at once {two/1e9:.2f} GB/s in total. With the journal flushed before each release "
+      f"Ferry writes each byte to this disk twice (journal and image), so the 1 MiB bound of that row here is "
+      f"about {bound/1e9:.2f} GB/s, {bound/base:.2f}x the same-run nbdkit file cache=none figure (which "
+      f"writes each byte once, at {base/one:.2f}x the one-stream device figure).")
 ')
 echo "$summary"
 load_end=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -160,7 +167,8 @@ section=$(cat <<EOF
 load average 1/5/15 min $load_start at the start, $load_end at the end): fio
 \`ioengine=nbd\` over a unix socket against a Ferry capture export (release build of
 \`appliance/examples/capture_serve\`: every write journaled into a 1 GiB mmap journal, which a
-stand-in target flushes (msync) and releases every 20 ms, then written to the image) and against
+stand-in target acknowledges every 20 ms — released unflushed by default, as the daemon does,
+or flushed (msync) first in the \`release=flush\` row — then written to the image) and against
 \`nbdkit file\`, each server on its own warmed ${image_mib} MiB image, alternating server by
 server, $rounds rounds of ${seconds} s per job; medians, GB = 10^9 B. Ratio = Ferry / the nbdkit
 row with the same disk guarantee (page cache, or waiting for the device). fio sends no FLUSH and

@@ -34,8 +34,14 @@
 //!    proves that all records `< F` are durable: a gap before a final header can only come from
 //!    a stale segment, never from lost flushed data, and a provisional segment after a gap never
 //!    held a durable record.
-//! 3. Release is clamped to `durable_seq`: a record is never given up (its segment never reused)
-//!    before it is durable, even if the target acknowledged it first.
+//! 3. `release` is clamped to `durable_seq`: a record is never given up (its segment never
+//!    reused) before it is durable, even if the target acknowledged it first. A source that
+//!    ships under a sequence floor (`core::source`) uses `release_acknowledged` instead: a
+//!    record the target holds durably counts as durable here and is never flushed. The rules
+//!    above then hold for a process that dies (the page cache has every byte) but not for a
+//!    machine that goes down: recovery may find the log's chain broken where acknowledged
+//!    records never reached the device, and the daemon gives the recovered journal up
+//!    (`restart_at`) instead of trusting it.
 //! 4. After a failed flush the journal is poisoned: every later `append` and `flush` fails until
 //!    the journal is reopened (the kernel may already have dropped the dirty pages and may not
 //!    report the error twice — "fsyncgate"; see kernel-notes/mmap-msync.md).
