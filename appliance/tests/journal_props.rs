@@ -187,6 +187,46 @@ fn scaled(last: Seq, fraction: u8) -> Seq {
     last * fraction as u64 / 255
 }
 
+/// The Append and Flush steps both journal models share: appends `len` fresh bytes (the model
+/// gains them when the journal took them) or flushes a fraction of the log.
+fn append_or_flush(
+    journal: &mut Journal<MemSegments>,
+    model: &mut Vec<Vec<u8>>,
+    next_payload_seed: &mut u64,
+    op: &Op,
+    step: usize,
+) -> Result<bool, TestCaseError> {
+    match *op {
+        Op::Append { len } => {
+            *next_payload_seed += 1;
+            let bytes = payload(*next_payload_seed, len);
+            match journal.append(&spec(&bytes, *next_payload_seed)) {
+                Ok(seq) => {
+                    prop_assert_eq!(seq, model.len() as Seq + 1, "step {}", step);
+                    model.push(bytes);
+                    Ok(true)
+                }
+                Err(JournalError::Full { .. }) => {
+                    prop_assert!(
+                        journal.held_records() > 0,
+                        "step {}: full while empty",
+                        step
+                    );
+                    Ok(false)
+                }
+                Err(other) => Err(TestCaseError::fail(format!("step {step}: {other}"))),
+            }
+        }
+        Op::Flush { fraction } => {
+            let upto = scaled(journal.last_seq(), fraction);
+            journal.flush(upto).unwrap();
+            prop_assert!(journal.durable_seq() >= upto);
+            Ok(false)
+        }
+        _ => Ok(false),
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -206,24 +246,8 @@ proptest! {
         let mut next_payload_seed = 0u64;
         for (step, op) in ops.iter().enumerate() {
             match *op {
-                Op::Append { len } => {
-                    next_payload_seed += 1;
-                    let bytes = payload(next_payload_seed, len);
-                    match journal.append(&spec(&bytes, next_payload_seed)) {
-                        Ok(seq) => {
-                            prop_assert_eq!(seq, model.len() as Seq + 1, "step {}", step);
-                            model.push(bytes);
-                        }
-                        Err(JournalError::Full { .. }) => {
-                            prop_assert!(journal.held_records() > 0, "step {}: full while empty", step);
-                        }
-                        Err(other) => prop_assert!(false, "step {}: {}", step, other),
-                    }
-                }
-                Op::Flush { fraction } => {
-                    let upto = scaled(journal.last_seq(), fraction);
-                    journal.flush(upto).unwrap();
-                    prop_assert!(journal.durable_seq() >= upto);
+                Op::Append { .. } | Op::Flush { .. } => {
+                    append_or_flush(&mut journal, &mut model, &mut next_payload_seed, op, step)?;
                 }
                 Op::Release { fraction } => journal.release(scaled(journal.last_seq(), fraction)),
                 Op::Crash { mode, seed } => {
@@ -260,6 +284,82 @@ proptest! {
                     let expected: Vec<Seq> = (journal.released_seq() + 1..=last).collect();
                     prop_assert_eq!(held, expected, "step {}", step);
                     model.truncate(last as usize);
+                }
+            }
+            let usage = journal.usage();
+            prop_assert_eq!(usage.used_bytes + usage.free_bytes, usage.capacity_bytes);
+        }
+    }
+
+    /// The release of a source that ships under a sequence floor: what the target acknowledged
+    /// counts as durable and is never flushed. A process that dies still loses nothing; after
+    /// a machine went down the journal reopens (never an error), hands out only records that
+    /// were appended, each intact, contiguously, and `restart_at` past every number used
+    /// carries on from there — as the daemon does then.
+    #[test]
+    fn acknowledged_releases_against_a_model(
+        segment_count in 2usize..6,
+        segment_kib in 3usize..9,
+        ops in proptest::collection::vec(op_strategy(), 1..150),
+    ) {
+        let (mut journal, _) = Journal::open(MemSegments::new(segment_count, segment_kib * 1024)).unwrap();
+        let mut model: Vec<Vec<u8>> = Vec::new();
+        // given_up[i]: sequence i + 1 was given up by a restart (it holds a Skip, or nothing).
+        let mut given_up: Vec<bool> = Vec::new();
+        let mut next_payload_seed = 0u64;
+        for (step, op) in ops.iter().enumerate() {
+            match *op {
+                Op::Append { .. } | Op::Flush { .. } => {
+                    if append_or_flush(&mut journal, &mut model, &mut next_payload_seed, op, step)? {
+                        given_up.push(false);
+                    }
+                }
+                Op::Release { fraction } => {
+                    journal.release_acknowledged(scaled(journal.last_seq(), fraction));
+                }
+                Op::Crash { mode, seed } => {
+                    let mode = match mode % 4 {
+                        0 => CrashMode::KeepUnflushed,
+                        1 => CrashMode::LoseUnflushed,
+                        _ => CrashMode::Tear { seed },
+                    };
+                    let last_before = journal.last_seq();
+                    let store = journal.into_store().crash_with(mode);
+                    let (reopened, report) = Journal::open(store).unwrap();
+                    journal = reopened;
+                    let last = journal.last_seq();
+                    prop_assert!(last <= last_before, "step {}: invented records ({:?})", step, report);
+                    if mode == CrashMode::KeepUnflushed {
+                        prop_assert_eq!(last, last_before, "step {}: a dead process lost records", step);
+                    }
+                    let held: Vec<Seq> = journal
+                        .iter_from(0)
+                        .map(|record| {
+                            let record = record.unwrap();
+                            let index = record.seq as usize - 1;
+                            if given_up[index] {
+                                assert_eq!(record.kind, RecordKind::Skip, "step {step}");
+                            } else {
+                                assert_eq!(record.payload, &model[index][..], "step {step}");
+                            }
+                            record.seq
+                        })
+                        .collect();
+                    let expected: Vec<Seq> = (journal.released_seq() + 1..=last).collect();
+                    prop_assert_eq!(held, expected, "step {}", step);
+                    if mode != CrashMode::KeepUnflushed {
+                        // The machine went down: give up everything up to a floor past every
+                        // number used, as the daemon does.
+                        let next = last_before + 1 + seed % 64;
+                        prop_assert_eq!(journal.restart_at(next).unwrap(), next);
+                        while (model.len() as Seq) < next {
+                            model.push(Vec::new());
+                            given_up.push(true);
+                        }
+                    } else {
+                        model.truncate(last as usize);
+                        given_up.truncate(last as usize);
+                    }
                 }
             }
             let usage = journal.usage();
