@@ -384,7 +384,6 @@ impl Shipper {
         let result = loop {
             // Outputs of the state machine.
             let mut out = Vec::new();
-            let mut to_read: Vec<ExtentRead> = Vec::new();
             let mut transmit_error = None;
             {
                 let mut journal = self.journal.lock();
@@ -407,8 +406,11 @@ impl Shipper {
                         journal.release(upto);
                     }
                 }
+                // Each read is spawned as it is taken: the core counts it until its bytes come
+                // back, so one taken and then dropped (the session ending on a failed send
+                // before it was spawned) kept its sync from ever finishing.
                 while let Some(read) = core.poll_sync_read(&*journal) {
-                    to_read.push(read);
+                    self.spawn_sync_read(reads, read);
                 }
                 let oldest_seq = core.acked_seq() + 1;
                 if oldest_unacked.0 != oldest_seq || oldest_unacked.1 == 0 {
@@ -441,19 +443,6 @@ impl Shipper {
             }
             if let Some(error) = send_error {
                 break Err(error);
-            }
-            for read in to_read {
-                let Some(disk) = self.disk(read.disk_id).cloned() else {
-                    continue;
-                };
-                reads.spawn(async move {
-                    let (seq_floor, data) = disk.read_for_sync(read.offset, read.length).await;
-                    (
-                        read.token,
-                        seq_floor,
-                        data.map_err(|error| error.to_string()),
-                    )
-                });
             }
             let mut events = Vec::new();
             while let Some(event) = core.poll_event() {
@@ -598,6 +587,23 @@ impl Shipper {
         };
         reader.abort();
         finish(handle, result)
+    }
+
+    /// Reads an extent for the core's sync in a task of its own.
+    fn spawn_sync_read(&self, reads: &mut SyncReads, read: ExtentRead) {
+        let disk = self.disk(read.disk_id).cloned();
+        reads.spawn(async move {
+            let Some(disk) = disk else {
+                let error = format!("disk {} is not one of this appliance's", read.disk_id);
+                return (read.token, 0, Err(error));
+            };
+            let (seq_floor, data) = disk.read_for_sync(read.offset, read.length).await;
+            (
+                read.token,
+                seq_floor,
+                data.map_err(|error| error.to_string()),
+            )
+        });
     }
 
     fn handle_event(
