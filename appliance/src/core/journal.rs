@@ -168,6 +168,18 @@ pub struct RecordSpec<'a> {
     pub payload: &'a [u8],
 }
 
+impl RecordSpec<'static> {
+    /// The [`RecordKind::Skip`] that starts a restarted log (`Journal::restart_at`).
+    pub const SKIP: RecordSpec<'static> = RecordSpec {
+        kind: RecordKind::Skip,
+        disk_id: 0,
+        offset: 0,
+        length: 0,
+        timestamp_ns: 0,
+        payload: &[],
+    };
+}
+
 /// Errors the journal returns.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -873,14 +885,7 @@ impl<S: SegmentStore> Journal<S> {
         // Nothing before `next` is held, so nothing before it waits to become durable: the
         // new segment's header is final at once (rule 2).
         self.durable_seq = next - 1;
-        let seq = self.append(&RecordSpec {
-            kind: RecordKind::Skip,
-            disk_id: 0,
-            offset: 0,
-            length: 0,
-            timestamp_ns: 0,
-            payload: &[],
-        })?;
+        let seq = self.append(&RecordSpec::SKIP)?;
         self.flush(seq)?;
         Ok(seq)
     }

@@ -1909,16 +1909,7 @@ mod tests {
         // restarted at 20 (numbers 6..=19 given up) and took a write after it.
         pair.target = Target::new(5);
         pair.journal.released = 19;
-        pair.journal
-            .append(&RecordSpec {
-                kind: RecordKind::Skip,
-                disk_id: 0,
-                offset: 0,
-                length: 0,
-                timestamp_ns: 0,
-                payload: &[],
-            })
-            .unwrap();
+        pair.journal.append(&RecordSpec::SKIP).unwrap();
         pair.write(300, &[7; 50]);
         pair.journal.flush(21).unwrap();
         pair.source = Source::new(SourceConfig::new("site-a", disks()), &pair.journal);

@@ -241,7 +241,13 @@ impl Shipper {
         // 1 MiB in flight, one extent per durable round trip).
         let mut core = Source::new(config, &*self.journal.lock());
         if let Some(file) = &self.sequence_floor {
-            match raise_floor(file.clone(), 0, self.journal.last_seq()).await {
+            let raised = match file.load() {
+                Ok(persisted) => {
+                    raise_floor(file.clone(), persisted, self.journal.last_seq()).await
+                }
+                Err(error) => Err(error.to_string()),
+            };
+            match raised {
                 Ok(floor) => core.set_sequence_floor(floor),
                 Err(error) => tracing::error!(
                     "{error}: records ship only once durable in the journal, as before a floor"
@@ -545,12 +551,7 @@ impl Shipper {
                         journal.flush_all().await.map_err(|error| error.to_string())
                     }));
                 }
-                flushed = async {
-                    match flushing.as_mut() {
-                        Some(task) => task.await,
-                        None => std::future::pending().await,
-                    }
-                }, if flushing.is_some() => {
+                flushed = join_pending(&mut flushing), if flushing.is_some() => {
                     flushing = None;
                     last_flush = Instant::now();
                     match flushed {
@@ -559,12 +560,7 @@ impl Shipper {
                         Err(error) => break Err(format!("journal flush task failed: {error}")),
                     }
                 }
-                raised = async {
-                    match raising.as_mut() {
-                        Some(task) => task.await,
-                        None => std::future::pending().await,
-                    }
-                }, if raising.is_some() => {
+                raised = join_pending(&mut raising), if raising.is_some() => {
                     raising = None;
                     match raised {
                         Ok(Ok(floor)) => core.set_sequence_floor(floor),
@@ -837,11 +833,19 @@ impl Shipper {
 }
 
 /// Resolves once `shutdown` is true (or its sender is gone).
+/// The task a `select!` branch waits on while it runs (the branch is disabled without one).
+async fn join_pending<T>(
+    task: &mut Option<tokio::task::JoinHandle<T>>,
+) -> Result<T, tokio::task::JoinError> {
+    match task.as_mut() {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Makes the sequence floor `SEQUENCE_FLOOR_STEP` ahead of `last_seq` durable, unless the
-/// current `floor` is still more than half a step ahead; returns the floor in force.
+/// persisted `floor` is still more than half a step ahead; returns the floor in force.
 async fn raise_floor(file: SequenceFloor, floor: Seq, last_seq: Seq) -> Result<Seq, String> {
-    let persisted = file.load().map_err(|error| error.to_string())?;
-    let floor = floor.max(persisted);
     if last_seq + SEQUENCE_FLOOR_STEP / 2 <= floor {
         return Ok(floor);
     }
