@@ -570,6 +570,14 @@ struct SyncUnacked {
     record: Option<HeldRecord>,
 }
 
+/// Whether the journal's first held record is the `Skip` of a restarted log
+/// (`Journal::restart_at`).
+fn starts_with_skip(journal: &impl ShipJournal) -> bool {
+    journal
+        .record(journal.first_seq())
+        .is_some_and(|record| record.kind == RecordKind::Skip)
+}
+
 fn overlaps(a_offset: u64, a_length: u64, b_offset: u64, b_length: u64) -> bool {
     a_offset < b_offset.saturating_add(b_length) && b_offset < a_offset.saturating_add(a_length)
 }
@@ -581,13 +589,7 @@ impl Source {
         let released = match journal.first_seq() {
             0 => journal.last_seq(),
             // A restarted log knows nothing of what the target acknowledged before it.
-            first
-                if journal
-                    .record(first)
-                    .is_some_and(|r| r.kind == RecordKind::Skip) =>
-            {
-                0
-            }
+            _ if starts_with_skip(journal) => 0,
             first => first - 1,
         };
         Self {
@@ -1208,11 +1210,7 @@ impl Source {
         // The target resumes from below a restarted log's Skip: the Skip stands for the
         // numbers in between.
         let first = journal.first_seq();
-        if self.next_send_seq < first
-            && journal
-                .record(first)
-                .is_some_and(|record| record.kind == RecordKind::Skip)
-        {
+        if self.next_send_seq < first && starts_with_skip(journal) {
             self.next_send_seq = first;
         }
         // Each record is read (and verified) once: its bytes go into the frame as they are.
