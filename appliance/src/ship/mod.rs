@@ -832,7 +832,6 @@ impl Shipper {
     }
 }
 
-/// Resolves once `shutdown` is true (or its sender is gone).
 /// The task a `select!` branch waits on while it runs (the branch is disabled without one).
 async fn join_pending<T>(
     task: &mut Option<tokio::task::JoinHandle<T>>,
@@ -858,6 +857,7 @@ async fn raise_floor(file: SequenceFloor, floor: Seq, last_seq: Seq) -> Result<S
     Ok(raised)
 }
 
+/// Resolves once `shutdown` is true (or its sender is gone).
 async fn wait_shutdown(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
