@@ -5,78 +5,22 @@
 //! then dirty rounds), and a failback request lifts the fence and resyncs the disk to the
 //! target.
 
-use std::path::Path;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_appliance::apply::peer::{
     DirtyFuture, PlannedPoint, ReadFuture, ReprotectDisk, ReprotectDisks,
 };
 use ferry_appliance::apply::{self, ApplyStatus, PeerControl, ReplicaStore, SettingsMapping};
-use ferry_appliance::capture::journal_handle::SharedJournal;
-use ferry_appliance::capture::{Capture, CaptureConfig, DiskSpec, Endpoint, ListenerSpec};
 use ferry_appliance::control::DiskState;
-use ferry_appliance::core::journal_mem::MemSegments;
 use ferry_appliance::daemon::running::SequenceFloor;
-use ferry_appliance::io::disk::DiskOptions;
-use ferry_appliance::io::transport::{Identity, Peer, SourceDialer, TargetEndpoint, Tuning};
 use ferry_appliance::ship::control::{load_fenced_groups, SourceControl};
 use ferry_appliance::ship::{ShipStatus, Shipper};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
-const DISK_BYTES: u64 = 16 << 20;
+mod support;
 
-fn make_disk(path: &Path) {
-    let mut bytes = vec![0u8; DISK_BYTES as usize];
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    for chunk in bytes[..(8 << 20)].chunks_mut(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        chunk.copy_from_slice(&state.to_le_bytes());
-    }
-    std::fs::write(path, bytes).unwrap();
-}
-
-fn qemu_io(socket: &Path, commands: &[&str]) {
-    let output = qemu_io_output(socket, commands);
-    assert!(
-        output.status.success() && !String::from_utf8_lossy(&output.stdout).contains("failed"),
-        "qemu-io: {} {}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-fn qemu_io_output(socket: &Path, commands: &[&str]) -> std::process::Output {
-    qemu_io_with(socket, &[], commands)
-}
-
-fn qemu_io_with(socket: &Path, options: &[&str], commands: &[&str]) -> std::process::Output {
-    let mut command = Command::new("qemu-io");
-    command.args(options);
-    command.args([
-        "-f",
-        "raw",
-        &format!("nbd+unix:///web-1/os?socket={}", socket.display()),
-    ]);
-    for line in commands {
-        command.args(["-c", line]);
-    }
-    command.output().expect("qemu-io")
-}
-
-async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use support::{qemu_io, qemu_io_output, qemu_io_with, start_parts, wait_until, Parts, DISK_BYTES};
 
 /// Test double of a failed-over disk (the failover's overlay disk in production): bytes in
 /// memory and the ranges written since the last `take_dirty`.
@@ -113,50 +57,17 @@ impl ReprotectDisk for MemDisk {
 async fn target_fences_plans_and_unfences_its_source() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let disk_path = root.join("web-1-os.raw");
-    make_disk(&disk_path);
-    let socket = root.join("web-1-os.sock");
-    let state = root.join("state");
-    std::fs::create_dir_all(&state).unwrap();
-
-    let (journal, _) = SharedJournal::open(MemSegments::new(8, 4 << 20)).unwrap();
-    let (shutdown_tx, shutdown) = watch::channel(false);
-    let capture = Capture::start(
-        CaptureConfig::new(
-            state.clone(),
-            vec![DiskSpec {
-                machine: "web-1".into(),
-                name: "os".into(),
-                disk_id: 1,
-                path: disk_path.clone(),
-                disk_options: DiskOptions::default(),
-                initial_state: DiskState::Protected,
-            }],
-            vec![ListenerSpec {
-                endpoint: Endpoint::Unix(socket.clone()),
-                exports: vec!["web-1/os".into()],
-            }],
-        ),
-        journal.clone(),
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
-
-    let source_identity = Identity::load_or_create(&root.join("source-keys")).unwrap();
-    let target_identity = Identity::load_or_create(&root.join("target-keys")).unwrap();
-    let tuning = Tuning::default();
-    let endpoint = TargetEndpoint::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        &target_identity,
-        vec![Peer {
-            name: "site-a".into(),
-            fingerprint: source_identity.fingerprint,
-        }],
-        &tuning,
-    )
-    .unwrap();
-    let target_address = endpoint.local_address();
+    let (parts, endpoint, dialer) = start_parts(root).await;
+    let Parts {
+        disk_path,
+        socket,
+        state,
+        journal,
+        shutdown_tx,
+        shutdown,
+        capture,
+        disks,
+    } = parts;
     let store = ReplicaStore::new(root.join("storage"));
     let peers = PeerControl::new();
     let target_task = tokio::spawn(apply::serve_mapped(
@@ -168,21 +79,8 @@ async fn target_fences_plans_and_unfences_its_source() {
         shutdown.clone(),
     ));
 
-    let dialer = SourceDialer::new(
-        target_address,
-        &source_identity,
-        target_identity.fingerprint,
-        &tuning,
-        None,
-    )
-    .unwrap();
     let ship_status = Arc::new(ShipStatus::default());
     let (_commands_tx, commands) = mpsc::channel(4);
-    let disks: Vec<_> = capture
-        .disks()
-        .iter()
-        .map(|disk| (disk.clone(), "app".to_string()))
-        .collect();
     let control = SourceControl::open(&state, disks.clone()).unwrap();
     // Test double of the recovery-point cutter: the "final point" is everything journaled so
     // far, which is what the drain must then see acknowledged.

@@ -3,182 +3,139 @@
 //! mutual TLS on loopback, and the apply side writing a replica file. The replica must end
 //! byte-identical to the source disk, and verify must say so.
 
-use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_appliance::apply::{self, ApplyStatus, ReplicaStore};
-use ferry_appliance::capture::journal_handle::SharedJournal;
-use ferry_appliance::capture::{Capture, CaptureConfig, DiskSpec, Endpoint, ListenerSpec};
 use ferry_appliance::control::DiskState;
-use ferry_appliance::core::journal_mem::MemSegments;
 use ferry_appliance::daemon::running::SequenceFloor;
-use ferry_appliance::io::disk::DiskOptions;
-use ferry_appliance::io::transport::{Identity, Peer, SourceDialer, TargetEndpoint, Tuning};
 use ferry_appliance::ship::{ShipCommand, ShipStatus, Shipper};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
-const DISK_BYTES: u64 = 16 << 20;
+mod support;
 
-fn make_disk(path: &Path) {
-    let mut bytes = vec![0u8; DISK_BYTES as usize];
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    for chunk in bytes[..(8 << 20)].chunks_mut(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        chunk.copy_from_slice(&state.to_le_bytes());
-    }
-    std::fs::write(path, bytes).unwrap();
+use support::{qemu_io, start_parts, wait_until, Parts, DISK_BYTES};
+
+/// A source appliance (capture export, journal, shipper) and a target (apply) in this process.
+struct Pair {
+    dir: tempfile::TempDir,
+    parts: Parts,
+    ship_status: Arc<ShipStatus>,
+    commands_tx: mpsc::Sender<ShipCommand>,
+    store: ReplicaStore,
+    apply_status: ApplyStatus,
+    ship_task: tokio::task::JoinHandle<()>,
+    target_task: tokio::task::JoinHandle<()>,
 }
 
-fn qemu_io(socket: &Path, commands: &[&str]) {
-    let mut command = Command::new("qemu-io");
-    command.args([
-        "-f",
-        "raw",
-        &format!("nbd+unix:///web-1/os?socket={}", socket.display()),
-    ]);
-    for line in commands {
-        command.args(["-c", line]);
-    }
-    let output = command.output().expect("qemu-io");
-    assert!(
-        output.status.success(),
-        "qemu-io: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
+impl Pair {
+    /// `floor_step`: how far ahead the sequence floor is kept (the daemon's step by default).
+    async fn start(floor_step: Option<u64>) -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let (parts, endpoint, dialer) = start_parts(root).await;
+        let store = ReplicaStore::new(root.join("storage"));
+        let apply_status = ApplyStatus::default();
+        let target_task = tokio::spawn(apply::serve(
+            endpoint,
+            store.clone(),
+            apply_status.clone(),
+            parts.shutdown.clone(),
+        ));
 
-async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
+        let ship_status = Arc::new(ShipStatus::default());
+        let (commands_tx, commands) = mpsc::channel(4);
+        let sequence_floor = match floor_step {
+            Some(step) => SequenceFloor::with_step(&parts.state, step),
+            None => SequenceFloor::new(&parts.state),
+        };
+        let shipper = Shipper {
+            machines: Vec::new(),
+            source_name: "site-a".into(),
+            control: ferry_appliance::ship::control::SourceControl::open(
+                &parts.state,
+                parts.disks.clone(),
+            )
+            .unwrap(),
+            disks: parts.disks.clone(),
+            journal: parts.journal.clone(),
+            dialer,
+            sync_dir: parts.state.join("sync"),
+            status: ship_status.clone(),
+            commands,
+            sequence_floor: Some(sequence_floor),
+        };
+        let ship_task = tokio::spawn(shipper.run(parts.shutdown.clone()));
+        Pair {
+            dir,
+            parts,
+            ship_status,
+            commands_tx,
+            store,
+            apply_status,
+            ship_task,
+            target_task,
+        }
+    }
+
+    async fn write(&self, commands: &[&str]) {
+        let socket = self.parts.socket.clone();
+        let commands: Vec<String> = commands.iter().map(|line| line.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            let lines: Vec<&str> = commands.iter().map(String::as_str).collect();
+            qemu_io(&socket, &lines)
+        })
+        .await
+        .unwrap();
+    }
+
+    /// Waits until the disk is protected and the target acknowledged everything journaled.
+    async fn wait_caught_up(&self, what: &str) {
+        let disk = self.parts.capture.disks()[0].clone();
+        wait_until(what, || {
+            disk.state() == DiskState::Protected
+                && self.ship_status.acked_seq() >= self.parts.journal.last_seq()
+                && self.parts.journal.last_seq() > 0
+        })
+        .await;
+    }
+
+    fn assert_identical(&self) {
+        let replica = self.store.replica_path("site-a", "web-1", "os");
+        let source_bytes = std::fs::read(&self.parts.disk_path).unwrap();
+        let replica_bytes = std::fs::read(&replica).unwrap();
+        assert_eq!(source_bytes.len(), replica_bytes.len());
         assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out: {what}"
+            source_bytes == replica_bytes,
+            "replica differs from the source"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    async fn stop(self) {
+        self.parts.shutdown_tx.send(true).unwrap();
+        self.ship_task.await.unwrap();
+        self.target_task.await.unwrap();
+        self.parts.capture.wait().await.unwrap();
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_through_the_export_reach_an_identical_replica() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let disk_path = root.join("web-1-os.raw");
-    make_disk(&disk_path);
-    let socket = root.join("web-1-os.sock");
-
-    let (journal, _) = SharedJournal::open(MemSegments::new(8, 4 << 20)).unwrap();
-    let (shutdown_tx, shutdown) = watch::channel(false);
-    let capture = Capture::start(
-        CaptureConfig::new(
-            root.join("state"),
-            vec![DiskSpec {
-                machine: "web-1".into(),
-                name: "os".into(),
-                disk_id: 1,
-                path: disk_path.clone(),
-                disk_options: DiskOptions::default(),
-                initial_state: DiskState::Protected,
-            }],
-            vec![ListenerSpec {
-                endpoint: Endpoint::Unix(socket.clone()),
-                exports: vec!["web-1/os".into()],
-            }],
-        ),
-        journal.clone(),
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
-
-    let source_identity = Identity::load_or_create(&root.join("source-keys")).unwrap();
-    let target_identity = Identity::load_or_create(&root.join("target-keys")).unwrap();
-    let tuning = Tuning::default();
-    let endpoint = TargetEndpoint::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        &target_identity,
-        vec![Peer {
-            name: "site-a".into(),
-            fingerprint: source_identity.fingerprint,
-        }],
-        &tuning,
-    )
-    .unwrap();
-    let target_address = endpoint.local_address();
-    let store = ReplicaStore::new(root.join("storage"));
-    let apply_status = ApplyStatus::default();
-    let target_task = tokio::spawn(apply::serve(
-        endpoint,
-        store.clone(),
-        apply_status.clone(),
-        shutdown.clone(),
-    ));
-
-    let dialer = SourceDialer::new(
-        target_address,
-        &source_identity,
-        target_identity.fingerprint,
-        &tuning,
-        None,
-    )
-    .unwrap();
-    let ship_status = Arc::new(ShipStatus::default());
-    let (commands_tx, commands) = mpsc::channel(4);
-    let disks: Vec<_> = capture
-        .disks()
-        .iter()
-        .map(|disk| (disk.clone(), "app".to_string()))
-        .collect();
-    let shipper = Shipper {
-        machines: Vec::new(),
-        source_name: "site-a".into(),
-        control: ferry_appliance::ship::control::SourceControl::open(
-            &root.join("state"),
-            disks.clone(),
-        )
-        .unwrap(),
-        disks,
-        journal: journal.clone(),
-        dialer,
-        sync_dir: root.join("state/sync"),
-        status: ship_status.clone(),
-        commands,
-        sequence_floor: Some(SequenceFloor::new(&root.join("state"))),
-    };
-    let ship_task = tokio::spawn(shipper.run(shutdown.clone()));
-
+    let pair = Pair::start(None).await;
     // Writes while the initial replication runs, and after.
-    let socket_for_writes = socket.clone();
-    tokio::task::spawn_blocking(move || {
-        qemu_io(
-            &socket_for_writes,
-            &[
-                "write -P 0x11 0 64k",
-                "write -P 0x22 4m 1m",
-                "write -z 6m 512k",
-                "discard 10m 1m",
-                "write -P 0x33 15m 64k",
-            ],
-        )
-    })
-    .await
-    .unwrap();
-    let disk = capture.disks()[0].clone();
-    wait_until(
-        "initial replication and the writes to be acknowledged",
-        || {
-            disk.state() == DiskState::Protected
-                && ship_status.acked_seq() >= journal.last_seq()
-                && journal.last_seq() > 0
-        },
-    )
+    pair.write(&[
+        "write -P 0x11 0 64k",
+        "write -P 0x22 4m 1m",
+        "write -z 6m 512k",
+        "discard 10m 1m",
+        "write -P 0x33 15m 64k",
+    ])
     .await;
+    pair.wait_caught_up("initial replication and the writes to be acknowledged")
+        .await;
 
     let (reply, answer) = oneshot::channel();
-    commands_tx
+    pair.commands_tx
         .send(ShipCommand::Verify {
             disk_ids: vec![1],
             reply,
@@ -194,20 +151,61 @@ async fn writes_through_the_export_reach_an_identical_replica() {
     assert_eq!(results[0].extents_differing, 0, "{results:?}");
     assert!(results[0].bytes_compared >= DISK_BYTES, "{results:?}");
 
-    let replica = store.replica_path("site-a", "web-1", "os");
-    let source_bytes = std::fs::read(&disk_path).unwrap();
-    let replica_bytes = std::fs::read(&replica).unwrap();
-    assert_eq!(source_bytes.len(), replica_bytes.len());
-    assert!(
-        source_bytes == replica_bytes,
-        "replica differs from the source"
-    );
-    let replicas = apply_status.replicas();
+    pair.assert_identical();
+    let replicas = pair.apply_status.replicas();
     assert_eq!(replicas.len(), 1);
-    assert!(replicas[0].applied_sequence >= ship_status.acked_seq());
+    assert!(replicas[0].applied_sequence >= pair.ship_status.acked_seq());
+    pair.stop().await;
+}
 
-    shutdown_tx.send(true).unwrap();
-    ship_task.await.unwrap();
-    target_task.await.unwrap();
-    capture.wait().await.unwrap();
+/// A sequence floor that cannot be written holds shipping at the floor already written: the
+/// records past it are neither durable nor covered by a floor, so a host going down could
+/// lose them after the target took them. The link stays up and says why it waits, and once
+/// the floor can be written again shipping goes on and the replica catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_floor_that_cannot_be_written_holds_shipping_and_keeps_the_link() {
+    let pair = Pair::start(Some(8)).await;
+    pair.write(&["write -P 0x11 0 64k"]).await;
+    pair.wait_caught_up("initial replication").await;
+    let state = pair.dir.path().join("state");
+    let floor_file = SequenceFloor::new(&state);
+    // The floor is written aside first: a directory there makes every write fail.
+    let blocker = state.join("sequence-floor.new");
+    std::fs::create_dir(&blocker).unwrap();
+    let writes: Vec<String> = (0..16)
+        .map(|index| format!("write -P {} {}k 4k", index + 1, 1024 + index * 64))
+        .collect();
+    let writes: Vec<&str> = writes.iter().map(String::as_str).collect();
+    pair.write(&writes).await;
+    // (A raise already under way when the directory appeared may still have moved it once.)
+    wait_until("shipping to wait at the floor, saying why", || {
+        let floor = floor_file.load().unwrap();
+        pair.parts.journal.last_seq() > floor
+            && pair.ship_status.acked_seq() == floor
+            && pair
+                .ship_status
+                .last_error()
+                .is_some_and(|error| error.contains("shipping waits at sequence"))
+    })
+    .await;
+    let floor = floor_file.load().unwrap();
+    let error = pair.ship_status.last_error().unwrap();
+    assert!(error.contains("sequence-floor"), "{error}");
+    assert!(pair.ship_status.connected(), "the link stays up");
+    assert_eq!(
+        pair.ship_status.acked_seq(),
+        floor,
+        "nothing shipped past the floor"
+    );
+
+    std::fs::remove_dir(&blocker).unwrap();
+    pair.wait_caught_up("shipping to go on once the floor is written")
+        .await;
+    assert!(floor_file.load().unwrap() > pair.parts.journal.last_seq());
+    wait_until("the error to clear", || {
+        pair.ship_status.last_error().is_none()
+    })
+    .await;
+    pair.assert_identical();
+    pair.stop().await;
 }

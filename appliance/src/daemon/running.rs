@@ -112,13 +112,26 @@ pub const SEQUENCE_FLOOR_STEP: u64 = 1 << 20;
 #[derive(Clone, Debug)]
 pub struct SequenceFloor {
     path: PathBuf,
+    step: u64,
 }
 
 impl SequenceFloor {
     pub fn new(state_dir: &Path) -> Self {
+        Self::with_step(state_dir, SEQUENCE_FLOOR_STEP)
+    }
+
+    /// A floor kept `step` records ahead instead of `SEQUENCE_FLOOR_STEP` (tests that need it
+    /// raised after a few records).
+    pub fn with_step(state_dir: &Path, step: u64) -> Self {
         Self {
             path: state_dir.join("sequence-floor"),
+            step: step.max(2),
         }
+    }
+
+    /// How far ahead of the journal's last sequence the floor is kept.
+    pub fn step(&self) -> u64 {
+        self.step
     }
 
     pub fn path(&self) -> &Path {

@@ -12,10 +12,13 @@
 //! ship as soon as they are appended, and a record the target acknowledged durable is released
 //! without ever being flushed here (`core::source`, "Sequence floor"): the journal's device
 //! sees only what production FLUSH/FUA requests make durable. The shipper keeps the floor
-//! `SEQUENCE_FLOOR_STEP` ahead of the journal, rewriting it off the event loop when appends
-//! get within half a step. Without a floor (or when it cannot be written) the core ships only
-//! durable records, and the shipper group-commits the journal (one msync covering everything
-//! appended) whenever records wait to be shipped.
+//! a step (`SEQUENCE_FLOOR_STEP` in the daemon) ahead of the journal, rewriting it off the
+//! event loop when appends get within half a step. A floor that cannot be written later holds
+//! shipping at the floor already written (records past it are neither durable nor covered):
+//! the link stays up, the error shows in the status, and the write is tried again every
+//! `FLOOR_RETRY_INTERVAL`. Without a floor (or when it cannot be read or written at start) the
+//! core ships only durable records, and the shipper group-commits the journal (one msync
+//! covering everything appended) whenever records wait to be shipped.
 //!
 //! Per-disk sync rounds (initial replication, resync after a journal overflow) follow the
 //! capture state: a disk found `resync-needed` is moved to `resyncing` (its writes are
@@ -45,7 +48,7 @@ use crate::control::{DiskState, SyncProgress as SyncProgressStatus};
 use crate::core::record::Seq;
 use crate::core::source::{ExtentRead, Source, SourceConfig, SourceEvent, SyncMode, SyncProgress};
 use crate::core::wire::{DiskAnnouncement, ReplicaState};
-use crate::daemon::running::{SequenceFloor, SEQUENCE_FLOOR_STEP};
+use crate::daemon::running::SequenceFloor;
 use crate::io::transport::{PeerConnection, SourceDialer};
 
 /// What the shipper tells the status snapshot.
@@ -199,6 +202,8 @@ struct Round {
 
 /// Fastest cadence of journal group commits driven by the shipper.
 const FLUSH_INTERVAL_MIN: Duration = Duration::from_millis(2);
+/// How often a sequence floor that could not be written is tried again.
+const FLOOR_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// How often disks are checked for `resync-needed`.
 const RESYNC_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -377,8 +382,10 @@ impl Shipper {
             }
         });
         let mut last_flush = Instant::now() - FLUSH_INTERVAL_MIN;
-        // Rewriting the sequence floor ahead of the appends, off the event loop.
+        // Rewriting the sequence floor ahead of the appends, off the event loop; after a failed
+        // write, when to try again.
         let mut raising: Option<tokio::task::JoinHandle<Result<Seq, String>>> = None;
+        let mut floor_retry: Option<Instant> = None;
         // The group commit runs as a task of its own, so that frames, acknowledgements and
         // extent reads keep flowing while the store flushes.
         let mut flushing: Option<tokio::task::JoinHandle<Result<Seq, String>>> = None;
@@ -467,11 +474,11 @@ impl Shipper {
             // requests flush through capture).
             let journal_pending =
                 core.sequence_floor().is_none() && last_seq > self.journal.durable_seq();
-            let floor_due = core.sequence_floor().is_some_and(|floor| {
-                raising.is_none() && last_seq + SEQUENCE_FLOOR_STEP / 2 > floor
-            });
-            if floor_due {
-                if let (Some(file), Some(floor)) = (&self.sequence_floor, core.sequence_floor()) {
+            if let (Some(file), Some(floor)) = (&self.sequence_floor, core.sequence_floor()) {
+                let due = raising.is_none()
+                    && floor_retry.is_none_or(|at| Instant::now() >= at)
+                    && last_seq + file.step() / 2 > floor;
+                if due {
                     raising = Some(tokio::spawn(raise_floor(file.clone(), floor, last_seq)));
                 }
             }
@@ -562,14 +569,39 @@ impl Shipper {
                 }
                 raised = join_pending(&mut raising), if raising.is_some() => {
                     raising = None;
+                    let raised = raised
+                        .unwrap_or_else(|error| Err(format!("sequence floor task failed: {error}")));
                     match raised {
-                        Ok(Ok(floor)) => core.set_sequence_floor(floor),
-                        // Shipping stops at the old floor until it can be written; the
-                        // journal keeps everything meanwhile.
-                        Ok(Err(error)) => break Err(error),
-                        Err(error) => break Err(format!("sequence floor task failed: {error}")),
+                        Ok(floor) => {
+                            if floor_retry.take().is_some() {
+                                tracing::info!(floor, "the sequence floor is written again: shipping goes on");
+                                self.status.set_error(None);
+                            }
+                            core.set_sequence_floor(floor);
+                        }
+                        // Shipping stops at the old floor until it can be written (records past
+                        // it are neither durable nor covered); the journal keeps everything,
+                        // and the link stays up for what the target still has to acknowledge.
+                        Err(error) => {
+                            let floor = core.sequence_floor().unwrap_or(0);
+                            if floor_retry.is_none() {
+                                tracing::error!(
+                                    floor,
+                                    "{error}: records past the floor wait in the journal until it can be written (tried again every {FLOOR_RETRY_INTERVAL:?})"
+                                );
+                            }
+                            self.status.set_error(Some(format!(
+                                "{error}: shipping waits at sequence {floor}"
+                            )));
+                            floor_retry = Some(Instant::now() + FLOOR_RETRY_INTERVAL);
+                        }
                     }
                 }
+                _ = async {
+                    if let Some(at) = floor_retry {
+                        tokio::time::sleep_until(at.into()).await;
+                    }
+                }, if floor_retry.is_some_and(|at| at > Instant::now()) && raising.is_none() => {}
                 _ = self.journal.wait_for_records_after(last_seq), if !journal_pending => {}
                 _ = async {
                     match timeout {
@@ -842,13 +874,13 @@ async fn join_pending<T>(
     }
 }
 
-/// Makes the sequence floor `SEQUENCE_FLOOR_STEP` ahead of `last_seq` durable, unless the
-/// persisted `floor` is still more than half a step ahead; returns the floor in force.
+/// Makes the sequence floor a step (`SequenceFloor::step`) ahead of `last_seq` durable, unless
+/// the persisted `floor` is still more than half a step ahead; returns the floor in force.
 async fn raise_floor(file: SequenceFloor, floor: Seq, last_seq: Seq) -> Result<Seq, String> {
-    if last_seq + SEQUENCE_FLOOR_STEP / 2 <= floor {
+    if last_seq + file.step() / 2 <= floor {
         return Ok(floor);
     }
-    let raised = last_seq + SEQUENCE_FLOOR_STEP;
+    let raised = last_seq + file.step();
     let path = file.path().display().to_string();
     tokio::task::spawn_blocking(move || file.store(raised))
         .await
