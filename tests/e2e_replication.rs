@@ -570,10 +570,15 @@ fn after_the_host_lost_the_journal_the_log_restarts_past_the_sequence_floor() {
     pair.source.start();
     pair.write(&pattern_writes(0));
     pair.assert_identical();
+    // The status shows the floor in force: ahead of everything journaled, as persisted.
+    let status = pair.source.try_status().unwrap();
+    let floor = status["link"]["sequence_floor"].as_u64().unwrap();
+    let last = status["disks"][0]["last_sequence"].as_u64().unwrap();
+    assert!(floor > last, "floor {floor}, last sequence {last}");
     pair.source.stop();
     let state = pair.source.state_dir();
     let floor_text = std::fs::read_to_string(state.join("sequence-floor")).unwrap();
-    assert!(floor_text.starts_with("floor="), "{floor_text}");
+    assert_eq!(floor_text.trim(), format!("floor={floor}"));
     std::fs::remove_dir_all(state.join("journal")).unwrap();
     write_range(&pair.disk, 24 << 20, &[0x3c; 8192]);
     std::fs::write(state.join("running"), "boot_id=an-earlier-boot\npid=1\n").unwrap();

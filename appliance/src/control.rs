@@ -225,6 +225,11 @@ pub struct LinkStatus {
     /// link since it started; QUIC and UDP/IP headers are not counted.
     #[serde(default)]
     pub sent_bytes: u64,
+    /// Source: the persisted sequence floor (`<state_dir>/sequence-floor`), up to which records
+    /// ship before they are durable in the journal; none while the source ships only durable
+    /// records. Shipping waits at it when it cannot be written (`last_error` says so).
+    #[serde(default)]
+    pub sequence_floor: Option<u64>,
 }
 
 /// A full status snapshot of one appliance.

@@ -197,11 +197,14 @@ async fn a_sequence_floor_that_cannot_be_written_holds_shipping_and_keeps_the_li
         floor,
         "nothing shipped past the floor"
     );
+    assert_eq!(pair.ship_status.sequence_floor(), Some(floor));
 
     std::fs::remove_dir(&blocker).unwrap();
     pair.wait_caught_up("shipping to go on once the floor is written")
         .await;
-    assert!(floor_file.load().unwrap() > pair.parts.journal.last_seq());
+    let raised = floor_file.load().unwrap();
+    assert!(raised > pair.parts.journal.last_seq());
+    assert_eq!(pair.ship_status.sequence_floor(), Some(raised));
     wait_until("the error to clear", || {
         pair.ship_status.last_error().is_none()
     })

@@ -105,6 +105,7 @@ pub fn healthy() -> StatusSnapshot {
             last_error: None,
             bandwidth_limit_bytes_per_s: None,
             sent_bytes: 0,
+            sequence_floor: None,
         }),
     }
 }
@@ -145,6 +146,7 @@ pub fn with_alerts() -> StatusSnapshot {
         last_error: Some("peer refused: certificate fingerprint mismatch".to_string()),
         bandwidth_limit_bytes_per_s: Some(50_000_000),
         sent_bytes: 0,
+        sequence_floor: None,
     });
     snapshot
 }
@@ -203,6 +205,7 @@ pub fn large(disk_count: usize, step: u64) -> StatusSnapshot {
             last_error: None,
             bandwidth_limit_bytes_per_s: None,
             sent_bytes: 0,
+            sequence_floor: None,
         }),
     }
 }

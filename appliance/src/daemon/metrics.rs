@@ -209,6 +209,14 @@ pub fn render(snapshot: &StatusSnapshot) -> String {
             &labels,
             link.sent_bytes as f64,
         );
+        if let Some(floor) = link.sequence_floor {
+            family.header(
+                "ferry_link_sequence_floor",
+                "gauge",
+                "Sequence up to which records ship before they are durable in the journal.",
+            );
+            family.sample("ferry_link_sequence_floor", &labels, floor as f64);
+        }
         if let Some(limit) = link.bandwidth_limit_bytes_per_s {
             family.header(
                 "ferry_link_bandwidth_limit_bytes_per_second",
@@ -373,6 +381,7 @@ mod tests {
                 last_error: None,
                 bandwidth_limit_bytes_per_s: Some(1000),
                 sent_bytes: 123_456,
+                sequence_floor: Some(1 << 20),
             }),
         };
         let text = render(&snapshot);
@@ -391,6 +400,7 @@ mod tests {
             "ferry_link_connected{peer=\"127.0.0.1:7400\"} 0".to_string(),
             "ferry_link_bandwidth_limit_bytes_per_second{peer=\"127.0.0.1:7400\"} 1000".to_string(),
             "ferry_link_sent_bytes_total{peer=\"127.0.0.1:7400\"} 123456".to_string(),
+            "ferry_link_sequence_floor{peer=\"127.0.0.1:7400\"} 1048576".to_string(),
         ] {
             assert!(
                 text.lines().any(|line| line == expected),

@@ -198,6 +198,7 @@ impl SourceSide {
                 ship.status.connected(),
                 ship.status.last_error(),
                 ship.status.shipped_bytes(),
+                ship.status.sequence_floor(),
             );
             for capture_disk in self.capture.disks() {
                 if let Some(stats) = status.disk_by_id(capture_disk.disk_id()) {

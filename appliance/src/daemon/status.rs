@@ -413,6 +413,7 @@ impl StatusModel {
                     .then(|| "unpaired: source.target_fingerprint is not set".to_string()),
                 bandwidth_limit_bytes_per_s: source.bandwidth_limit_bytes_per_s,
                 sent_bytes: 0,
+                sequence_floor: None,
             });
         }
         Self {
@@ -490,11 +491,18 @@ impl StatusModel {
     }
 
     /// The shipper reports connects, disconnects and refusals.
-    pub fn set_link(&self, connected: bool, last_error: Option<String>, sent_bytes: u64) {
+    pub fn set_link(
+        &self,
+        connected: bool,
+        last_error: Option<String>,
+        sent_bytes: u64,
+        sequence_floor: Option<u64>,
+    ) {
         if let Some(link) = lock(&self.link).as_mut() {
             link.connected = connected;
             link.last_error = last_error;
             link.sent_bytes = sent_bytes;
+            link.sequence_floor = sequence_floor;
         }
     }
 

@@ -57,6 +57,8 @@ pub struct ShipStatus {
     connected: AtomicBool,
     acked_seq: AtomicU64,
     shipped_bytes: AtomicU64,
+    /// The sequence floor in force, 0 when there is none.
+    sequence_floor: AtomicU64,
     /// Unix time (ns) of the oldest record not yet acknowledged by the target, 0 if none.
     oldest_unacked_ns: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -75,6 +77,13 @@ impl ShipStatus {
     }
     pub fn acked_seq(&self) -> Seq {
         self.acked_seq.load(Ordering::Relaxed)
+    }
+    /// The persisted sequence floor records ship up to before they are durable, if any.
+    pub fn sequence_floor(&self) -> Option<Seq> {
+        match self.sequence_floor.load(Ordering::Relaxed) {
+            0 => None,
+            floor => Some(floor),
+        }
     }
     /// Bytes of frames handed to the transport so far.
     pub fn shipped_bytes(&self) -> u64 {
@@ -253,7 +262,10 @@ impl Shipper {
                 Err(error) => Err(error.to_string()),
             };
             match raised {
-                Ok(floor) => core.set_sequence_floor(floor),
+                Ok(floor) => {
+                    core.set_sequence_floor(floor);
+                    self.status.sequence_floor.store(floor, Ordering::Relaxed);
+                }
                 Err(error) => tracing::error!(
                     "{error}: records ship only once durable in the journal, as before a floor"
                 ),
@@ -578,6 +590,7 @@ impl Shipper {
                                 self.status.set_error(None);
                             }
                             core.set_sequence_floor(floor);
+                            self.status.sequence_floor.store(floor, Ordering::Relaxed);
                         }
                         // Shipping stops at the old floor until it can be written (records past
                         // it are neither durable nor covered); the journal keeps everything,
