@@ -1,6 +1,7 @@
-//! The NBD server of the capture front-end: listeners on unix sockets or TCP ports, one task per
-//! connection driving the `core::nbd` codec, and one task per request so that many requests are
-//! in flight per connection and replies go out in completion order.
+//! The NBD server of the capture front-end: listeners on unix sockets or TCP ports; per
+//! connection, a task that runs the `core::nbd` handshake and then a receive thread (requests,
+//! blocking reads) and a reply thread (blocking writes); one runtime task per request, so that
+//! many requests are in flight per connection and replies go out in completion order.
 //!
 //! The protocol loop is generic over [`ExportBackend`]: capture serves its `CaptureDisk`s, and
 //! failover (`crate::failover`) serves point views with a writable overlay through the same loop.
