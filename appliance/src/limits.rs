@@ -105,7 +105,7 @@ pub const SYNC_BACKLOG_BYTES_MAX: usize = 128 << 20;
 /// (`SYNC_READS_IN_FLIGHT_MAX + SYNC_BACKLOG_BYTES_MAX` of 1 MiB extents: 144 MiB) or the
 /// target's receive pool (136 frames of 1 MiB + 8 KiB); beyond it buffers come from the heap.
 /// All of it is pinned once registered.
-pub const REGISTERED_ARENA_BYTES: usize = 160 << 20;
+pub const REGISTERED_ARENA_BYTES: usize = 240 << 20;
 
 /// Target: outstanding disk operations it hands to its driver before it stops taking records.
 pub const APPLY_OPS_QUEUED_MAX: usize = 4096;
