@@ -103,8 +103,9 @@ pub const SYNC_BACKLOG_BYTES_MAX: usize = 128 << 20;
 /// once, from which the hot buffer pools carve their buffers, so O_DIRECT requests skip pinning
 /// pages per request. It holds the source's sync reads in flight plus its backlog
 /// (`SYNC_READS_IN_FLIGHT_MAX + SYNC_BACKLOG_BYTES_MAX` of 1 MiB extents: 144 MiB) or the
-/// target's receive pool (136 frames of 1 MiB + 8 KiB); beyond it buffers come from the heap.
-/// All of it is pinned once registered.
+/// target's receive pool (136 frames of 1 MiB + 8 KiB), plus the capture's cached request
+/// buffers (256 of 64 KiB and 64 of 1 MiB: 80 MiB, `capture::server::Buffers`); beyond it
+/// buffers come from the heap. All of it is pinned once registered.
 pub const REGISTERED_ARENA_BYTES: usize = 240 << 20;
 
 /// Target: outstanding disk operations it hands to its driver before it stops taking records.
