@@ -877,3 +877,69 @@ async fn full_journal_falls_back_to_the_bitmap() {
     assert_eq!(fixture.capture_disk(1).state(), DiskState::Protected);
     fixture.stop().await;
 }
+
+/// Each connection is read by a thread blocked in `read` (capture/server.rs). A stop must wake
+/// it: one client attached and idle, another stalled halfway through a write's payload, and the
+/// stop still completes (within `Fixture::stop`'s 30 s bound); both clients then see their
+/// connection closed (EOF, or a reset for the one whose unread bytes were dropped), and nothing of the unfinished write was journaled or written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_wakes_idle_and_stalled_connections() {
+    let fixture = Fixture::start(&[("stop-1", "os", 1 << 20)], 8, 2 << 20).await;
+    let socket = fixture.disks[0].socket.clone();
+    let image_before = std::fs::read(&fixture.disks[0].image).unwrap();
+    let (idle, stalled) = tokio::task::spawn_blocking(move || {
+        let mut idle = RawClient::connect(&socket);
+        idle.go("stop-1/os");
+        // A completed write first, so the connection is known to be in transmission.
+        idle.request(CMD_WRITE, 0, 1, 0, 4096, &[7u8; 4096]);
+        assert_eq!(idle.reply(), (0, 1));
+        let mut stalled = RawClient::connect(&socket);
+        stalled.go("stop-1/os");
+        stalled.send(&encode_request(&Request {
+            cookie: 2,
+            command: CMD_WRITE,
+            flags: 0,
+            offset: 65536,
+            length: 65536,
+        }));
+        stalled.send(&[9u8; 30000]);
+        (idle, stalled)
+    })
+    .await
+    .unwrap();
+    let disk = fixture.capture_disk(0);
+    assert_eq!(disk.stats().writes_journaled, 1, "only the completed write");
+    fixture.stop().await;
+    for (name, mut client) in [("idle", idle), ("stalled", stalled)] {
+        let mut rest = Vec::new();
+        let read = tokio::task::spawn_blocking(move || client.stream.read_to_end(&mut rest))
+            .await
+            .unwrap();
+        // Closed: EOF, or a reset where the server dropped payload bytes it had not read.
+        let closed = match &read {
+            Ok(0) => true,
+            Err(error) => error.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        };
+        assert!(
+            closed,
+            "{name} client: the server should have closed the connection, got {read:?}"
+        );
+    }
+    assert_eq!(disk.stats().writes_journaled, 1);
+    assert_eq!(disk.stats().bytes_written, 4096);
+    // The fixture's directory is gone; the disk handle still has the image open.
+    let image_after = {
+        let mut buf = ferry_appliance::io::disk::IoBuf::with_capacity(1 << 20);
+        buf.set_len(1 << 20);
+        let (result, buf) = disk.disk().read_at(0, buf).await;
+        result.unwrap();
+        buf.to_vec()
+    };
+    assert_eq!(&image_after[..4096], &[7u8; 4096][..]);
+    assert_eq!(
+        &image_after[4096..],
+        &image_before[4096..],
+        "the stalled write reached the disk"
+    );
+}
