@@ -254,18 +254,20 @@ enum Stream {
 impl Stream {
     /// The socket in blocking mode, for the connection's receive and reply threads.
     fn into_blocking(self) -> std::io::Result<BlockingStream> {
-        let stream = match self {
-            Stream::Unix(stream) => BlockingStream::Unix(stream.into_std()?),
-            Stream::Tcp(stream) => {
-                stream.set_nodelay(true)?;
-                BlockingStream::Tcp(stream.into_std()?)
+        Ok(match self {
+            Stream::Unix(stream) => {
+                let stream = stream.into_std()?;
+                stream.set_nonblocking(false)?;
+                BlockingStream::Unix(stream)
             }
-        };
-        match &stream {
-            BlockingStream::Unix(stream) => stream.set_nonblocking(false)?,
-            BlockingStream::Tcp(stream) => stream.set_nonblocking(false)?,
-        }
-        Ok(stream)
+            Stream::Tcp(stream) => {
+                // Small replies go out at once; a socket that refuses the option still serves.
+                let _ = stream.set_nodelay(true);
+                let stream = stream.into_std()?;
+                stream.set_nonblocking(false)?;
+                BlockingStream::Tcp(stream)
+            }
+        })
     }
 }
 
