@@ -942,4 +942,12 @@ async fn a_stop_wakes_idle_and_stalled_connections() {
         &image_before[4096..],
         "the stalled write reached the disk"
     );
+    // The stop, not the client, cut that write short: it is not logged as a vanished client.
+    let text = log_text();
+    assert!(
+        !text
+            .lines()
+            .any(|line| line.contains("stop-1/os") && line.contains("vanished")),
+        "{text}"
+    );
 }

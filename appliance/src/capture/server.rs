@@ -576,6 +576,19 @@ impl<B: ExportBackend, R: Read> Receive<B, R> {
         let (disk, buffers, reader) = (&self.disk, &self.buffers, &mut self.reader);
         let replies = &self.replies;
         let mut header = [0u8; REQUEST_HEADER_BYTES];
+        let change = |cookie, offset, length: u32, change, fua, permit| {
+            spawn_change(
+                disk,
+                replies,
+                peer,
+                cookie,
+                offset,
+                u64::from(length),
+                change,
+                fua,
+                permit,
+            )
+        };
         // Each iteration reads one request; the loop ends on DISC, EOF, a fatal error or shutdown.
         let end: Result<&'static str, String> = loop {
             let Ok(permit) = self.runtime.block_on(self.permits.clone().acquire_owned()) else {
@@ -667,21 +680,15 @@ impl<B: ExportBackend, R: Read> Receive<B, R> {
                     let mut buf = buffers.take(length as usize);
                     if let Err(error) = reader.read_exact(&mut buf[..]) {
                         // Nothing of a partial write is journaled or applied.
+                        if *self.shutdown.borrow() {
+                            // The stop woke this read (`shutdown(SHUT_RD)`): not the client's doing.
+                            break Ok("appliance shutting down (an unfinished write was dropped)");
+                        }
                         break Err(format!(
                             "client vanished mid-write ({length} byte write at {offset}): {error}"
                         ));
                     }
-                    spawn_change(
-                        disk,
-                        replies,
-                        peer,
-                        cookie,
-                        offset,
-                        u64::from(length),
-                        Change::Data(buf),
-                        fua,
-                        permit,
-                    );
+                    change(cookie, offset, length, Change::Data(buf), fua, permit);
                 }
                 Action::WriteZeroes {
                     cookie,
@@ -692,17 +699,7 @@ impl<B: ExportBackend, R: Read> Receive<B, R> {
                 } => {
                     // NO_HOLE or not, the range must read back as zeroes; the disk engine keeps
                     // space allocated for WRITE_ZEROES either way.
-                    spawn_change(
-                        disk,
-                        replies,
-                        peer,
-                        cookie,
-                        offset,
-                        u64::from(length),
-                        Change::Zeroes,
-                        fua,
-                        permit,
-                    );
+                    change(cookie, offset, length, Change::Zeroes, fua, permit);
                 }
                 Action::Trim {
                     cookie,
@@ -710,17 +707,7 @@ impl<B: ExportBackend, R: Read> Receive<B, R> {
                     length,
                     fua,
                 } => {
-                    spawn_change(
-                        disk,
-                        replies,
-                        peer,
-                        cookie,
-                        offset,
-                        u64::from(length),
-                        Change::Trim,
-                        fua,
-                        permit,
-                    );
+                    change(cookie, offset, length, Change::Trim, fua, permit);
                 }
                 Action::Flush { cookie } => {
                     let disk = disk.clone();
