@@ -6,11 +6,14 @@
 # FADV_DONTNEED: it too waits for the data to reach the device), and Ferry forced onto the page
 # cache (`direct=off`, comparison only) against plain `nbdkit file` (answered from the page
 # cache). Two workloads:
-# 4 KiB random writes at QD32 and 1 MiB sequential writes at QD8. Each server gets its own
-# warmed image file; servers alternate round by round so drift on this shared machine hits all
-# alike; the medians and the ratios go into the "## NBD capture" section of benches/RESULTS.md
+# 4 KiB random writes at QD32 and 1 MiB sequential writes at QD8. Every server serves the same
+# warmed image file (on this thin-provisioned virtio disk two files of the same size differed
+# by up to 10% in fio's own O_DIRECT rate, which per-server files folded into the ratios); its
+# page cache is written back and dropped between servers, so no server inherits another's
+# pages. Servers alternate round by round so drift on this shared machine hits all alike; the medians and the ratios go into the "## NBD capture" section of benches/RESULTS.md
 # (replaced on every run). Each round also measures the device with fio alone (io_uring,
-# O_DIRECT, 1 MiB sequential writes QD8): one stream, and two streams at once on two files.
+# O_DIRECT, 1 MiB sequential writes QD8): one stream on the servers' image, and two streams at
+# once (that image and a second file).
 # A stand-in target acknowledges every record at once: by default Ferry then releases it
 # unflushed, as the daemon does (records ship before they are durable, under a persisted
 # sequence floor), so journal pages reach the disk only through FLUSH/FUA (none here) or the
@@ -50,12 +53,19 @@ trap cleanup EXIT
 kinds="nbdkit ferry-pagecache nbdkit-none ferry ferry-flush ferry-memjournal"
 
 # The host disk is thin-provisioned: the first pass over a new file is 2-3x slower. Write each
-# image once so every server sees allocated blocks. One image per server: pages one server left
-# in the page cache must not slow another's O_DIRECT writes (they would be invalidated first).
-for kind in $kinds device-a device-b; do
-    echo "warming a ${image_mib} MiB image for $kind in $work" >&2
-    dd if=/dev/zero of="$work/$kind.raw" bs=1M count="$image_mib" oflag=direct conv=fsync status=none
+# image once so every run sees allocated blocks.
+image="$work/capture.raw"
+for file in "$image" "$work/device-b.raw"; do
+    echo "warming a ${image_mib} MiB image $file" >&2
+    dd if=/dev/zero of="$file" bs=1M count="$image_mib" oflag=direct conv=fsync status=none
 done
+
+# Writes the image's dirty pages back and drops its page cache: a page-cache server's leftovers
+# must not slow the next server's O_DIRECT writes (they would be written back and invalidated
+# first) nor serve its reads.
+evict_image() {
+    python3 -c 'import os,sys; fd=os.open(sys.argv[1], os.O_RDWR); os.fsync(fd); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)' "$image"
+}
 
 wait_for_socket() {
     for _ in $(seq 1 6000); do
@@ -69,7 +79,6 @@ wait_for_socket() {
 start_server() { # kind socket
     rm -f "$2"
     rm -rf "$work/state"
-    local image="$work/$1.raw"
     case "$1" in
         nbdkit) nbdkit --foreground --exit-with-parent --unix "$2" file "$image" 2>"$work/nbdkit.log" & ;;
         nbdkit-none) nbdkit --foreground --exit-with-parent --unix "$2" file "$image" cache=none 2>"$work/nbdkit.log" & ;;
@@ -86,6 +95,7 @@ stop_server() {
     kill "$server_pid"
     wait "$server_pid" 2>/dev/null || true
     server_pid=""
+    evict_image
 }
 
 run_fio() { # socket rw bs iodepth -> "bytes_per_s iops"
@@ -96,7 +106,7 @@ run_fio() { # socket rw bs iodepth -> "bytes_per_s iops"
 }
 
 run_device() { # streams -> total bytes_per_s of that many 1 MiB O_DIRECT write streams at once
-    local jobs=(--name=a --filename="$work/device-a.raw")
+    local jobs=(--name=a --filename="$image")
     if [ "$1" = 2 ]; then jobs+=(--name=b --filename="$work/device-b.raw"); fi
     fio --ioengine=io_uring --direct=1 --rw=write --bs=1M --iodepth=8 --size="${image_mib}M" \
         --time_based --runtime="$seconds" --ramp_time=1 --output-format=json \
@@ -169,8 +179,8 @@ load average 1/5/15 min $load_start at the start, $load_end at the end): fio
 \`appliance/examples/capture_serve\`: every write journaled into a 1 GiB mmap journal, which a
 stand-in target acknowledges every 20 ms — released unflushed by default, as the daemon does,
 or flushed (msync) first in the \`release=flush\` row — then written to the image) and against
-\`nbdkit file\`, each server on its own warmed ${image_mib} MiB image, alternating server by
-server, $rounds rounds of ${seconds} s per job; medians, GB = 10^9 B. Ratio = Ferry / the nbdkit
+\`nbdkit file\`, all on the same warmed ${image_mib} MiB image (written back and dropped from the
+page cache between servers), alternating server by server, $rounds rounds of ${seconds} s per job; medians, GB = 10^9 B. Ratio = Ferry / the nbdkit
 row with the same disk guarantee (page cache, or waiting for the device). fio sends no FLUSH and
 no FUA here; with them every server makes the data durable before the reply (Ferry: journal
 msync + image fdatasync).
