@@ -10,8 +10,9 @@
 # warmed image file (on this thin-provisioned virtio disk two files of the same size differed
 # by up to 10% in fio's own O_DIRECT rate, which per-server files folded into the ratios); its
 # page cache is written back and dropped between servers, so no server inherits another's
-# pages. Servers alternate round by round so drift on this shared machine hits all alike; the medians and the ratios go into the "## NBD capture" section of benches/RESULTS.md
-# (replaced on every run). Each round also measures the device with fio alone (io_uring,
+# pages. Servers alternate round by round so drift on this shared machine hits all alike; the
+# medians and the ratios go into the "## NBD capture" section of benches/RESULTS.md (replaced
+# on every run). Each round also measures the device with fio alone (io_uring,
 # O_DIRECT, 1 MiB sequential writes QD8): one stream on the servers' image, and two streams at
 # once (that image and a second file).
 # A stand-in target acknowledges every record at once: by default Ferry then releases it
@@ -180,8 +181,9 @@ load average 1/5/15 min $load_start at the start, $load_end at the end): fio
 stand-in target acknowledges every 20 ms — released unflushed by default, as the daemon does,
 or flushed (msync) first in the \`release=flush\` row — then written to the image) and against
 \`nbdkit file\`, all on the same warmed ${image_mib} MiB image (written back and dropped from the
-page cache between servers), alternating server by server, $rounds rounds of ${seconds} s per job; medians, GB = 10^9 B. Ratio = Ferry / the nbdkit
-row with the same disk guarantee (page cache, or waiting for the device). fio sends no FLUSH and
+page cache between servers), alternating server by server, $rounds rounds of ${seconds} s per
+job; medians, GB = 10^9 B. Ratio = Ferry / the nbdkit row with the same disk guarantee
+(page cache, or waiting for the device). fio sends no FLUSH and
 no FUA here; with them every server makes the data durable before the reply (Ferry: journal
 msync + image fdatasync).
 
