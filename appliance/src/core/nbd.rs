@@ -969,6 +969,79 @@ pub fn encode_simple_reply(cookie: u64, error: ErrorCode) -> [u8; SIMPLE_REPLY_B
 pub mod client {
     use super::*;
 
+    /// Runs a client's whole byte stream through the server's codec the way a connection does
+    /// (the handshake, then request headers, skipping each write's payload), fed `chunk_bytes`
+    /// at a time, and returns how many requests were decided. The parser's property tests and
+    /// the cargo-fuzz targets (`appliance/fuzz`) drive the codec with it: whatever the bytes, the
+    /// codec must neither panic nor stop making progress (the one panic here says it did).
+    pub fn run_conversation(config: ServerConfig, input: &[u8], chunk_bytes: usize) -> usize {
+        let mut handshake = Handshake::new(config);
+        let mut buffer: Vec<u8> = Vec::new();
+        let mut fed = 0;
+        let mut validator = None;
+        let mut decided = 0;
+        let mut discard: u64 = 0;
+        for _ in 0..100_000 {
+            // Feed the next chunk when the codec needs more.
+            let step = match validator {
+                None => match handshake.handle_input(&buffer) {
+                    Err(_) => return decided,
+                    Ok((used, event)) => {
+                        assert!(used <= buffer.len());
+                        buffer.drain(..used);
+                        match event {
+                            HandshakeEvent::Ready(negotiated) => {
+                                validator = Some(negotiated.validator());
+                                true
+                            }
+                            HandshakeEvent::Aborted => return decided,
+                            HandshakeEvent::Continue => true,
+                            HandshakeEvent::NeedMore { .. } => false,
+                        }
+                    }
+                },
+                Some(validator) => {
+                    if discard > 0 {
+                        let dropped = discard.min(buffer.len() as u64) as usize;
+                        buffer.drain(..dropped);
+                        discard -= dropped as u64;
+                        discard == 0
+                    } else {
+                        match decode_request(&buffer) {
+                            Err(_) => return decided,
+                            Ok(None) => false,
+                            Ok(Some(request)) => {
+                                buffer.drain(..REQUEST_HEADER_BYTES);
+                                decided += 1;
+                                match validator.decide(&request) {
+                                    Action::Write { length, .. } => discard = u64::from(length),
+                                    Action::Reject {
+                                        discard_payload_bytes,
+                                        ..
+                                    } => discard = u64::from(discard_payload_bytes),
+                                    Action::RejectAndClose { .. } | Action::Disconnect => {
+                                        return decided
+                                    }
+                                    _ => {}
+                                }
+                                true
+                            }
+                        }
+                    }
+                }
+            };
+            if !step {
+                if fed >= input.len() {
+                    return decided;
+                }
+                let next = (fed + chunk_bytes.max(1)).min(input.len());
+                buffer.extend_from_slice(&input[fed..next]);
+                fed = next;
+            }
+        }
+        panic!("connection did not finish within 100000 steps");
+    }
+
     /// A client option: IHAVEOPT, option code, length, data.
     pub fn encode_option(option: u32, data: &[u8]) -> Vec<u8> {
         let header = OptionHeader {
@@ -1480,71 +1553,7 @@ mod tests {
     /// Runs a whole connection's input through the codec the way the server does, with any
     /// chunking; returns how many requests were decided. Must never panic.
     fn run_connection(input: &[u8], chunk_bytes: usize) -> usize {
-        let mut handshake = Handshake::new(config());
-        let mut buffer: Vec<u8> = Vec::new();
-        let mut fed = 0;
-        let mut validator = None;
-        let mut decided = 0;
-        let mut discard: u64 = 0;
-        for _ in 0..100_000 {
-            // Feed the next chunk when the codec needs more.
-            let step = match validator {
-                None => match handshake.handle_input(&buffer) {
-                    Err(_) => return decided,
-                    Ok((used, event)) => {
-                        assert!(used <= buffer.len());
-                        buffer.drain(..used);
-                        match event {
-                            HandshakeEvent::Ready(negotiated) => {
-                                validator = Some(negotiated.validator());
-                                true
-                            }
-                            HandshakeEvent::Aborted => return decided,
-                            HandshakeEvent::Continue => true,
-                            HandshakeEvent::NeedMore { .. } => false,
-                        }
-                    }
-                },
-                Some(validator) => {
-                    if discard > 0 {
-                        let dropped = discard.min(buffer.len() as u64) as usize;
-                        buffer.drain(..dropped);
-                        discard -= dropped as u64;
-                        discard == 0
-                    } else {
-                        match decode_request(&buffer) {
-                            Err(_) => return decided,
-                            Ok(None) => false,
-                            Ok(Some(request)) => {
-                                buffer.drain(..REQUEST_HEADER_BYTES);
-                                decided += 1;
-                                match validator.decide(&request) {
-                                    Action::Write { length, .. } => discard = u64::from(length),
-                                    Action::Reject {
-                                        discard_payload_bytes,
-                                        ..
-                                    } => discard = u64::from(discard_payload_bytes),
-                                    Action::RejectAndClose { .. } | Action::Disconnect => {
-                                        return decided
-                                    }
-                                    _ => {}
-                                }
-                                true
-                            }
-                        }
-                    }
-                }
-            };
-            if !step {
-                if fed >= input.len() {
-                    return decided;
-                }
-                let next = (fed + chunk_bytes.max(1)).min(input.len());
-                buffer.extend_from_slice(&input[fed..next]);
-                fed = next;
-            }
-        }
-        panic!("connection did not finish within 100000 steps");
+        run_conversation(config(), input, chunk_bytes)
     }
 
     #[test]
