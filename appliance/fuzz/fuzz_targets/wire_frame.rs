@@ -8,8 +8,8 @@ use ferry_appliance::core::{record, wire};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    // Decodes the frame header first, so the header decoder is fuzzed by this call too.
     let _ = wire::decode_frame(data);
-    let _ = wire::decode_header(data);
     if let Ok((decoded, _links, used)) = record::decode_linked(data) {
         assert!(
             used <= data.len(),
