@@ -517,3 +517,94 @@ fn source_appliance_captures_two_machines_three_disks() {
     qemu_io(&appliance.uri("db-1", "os"), &["read -P 0xdb 7M 64k"]);
     appliance.stop();
 }
+
+/// Replies to one connection come from two writers: a large write's handler sends its 16-byte
+/// reply itself, read data goes out through the reply thread in several blocking writes. A client
+/// that pipelines large reads with small writes (and reads its replies from another thread, so
+/// both sides' buffers fill and the reply thread's writes are partial) must still get every
+/// reply whole: a handler's reply landing inside read data would show as a bad magic, an
+/// unknown cookie or wrong data.
+#[test]
+fn replies_from_handlers_and_the_reply_thread_never_interleave() {
+    const READ_BYTES: usize = 256 << 10;
+    // Large enough to be answered by its handler; 32 of them and the pattern fit the journal.
+    const WRITE_BYTES: usize = 64 << 10;
+    const PAIRS: u64 = 32;
+    let seed: u64 = rand::random();
+    println!("seed {seed}");
+    let mut appliance = Appliance::new();
+    appliance.start();
+    let mut pattern = vec![0u8; 1 << 20];
+    rand_chacha::ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut pattern);
+    let mut client = RawClient::connect(&appliance.socket("web-1-data"));
+    // Client flags: fixed newstyle, no zeroes.
+    client.send(&3u32.to_be_bytes());
+    client.go("web-1/data");
+    // The first MiB holds the pattern the reads check.
+    client.request(CMD_WRITE, 1, 0, 1 << 20, &pattern);
+    assert_eq!(client.reply(), (0, 1));
+    // Then, without waiting: a 256 KiB read of the pattern and a 4 KiB write past it, in turn.
+    let block = |i: u64| -> Vec<u8> {
+        (0..WRITE_BYTES)
+            .map(|b| (i as usize * 7 + b) as u8)
+            .collect()
+    };
+    let read_offset = |i: u64| (i % 4) * READ_BYTES as u64;
+    let mut writer = client.stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for i in 0..PAIRS {
+            let read = encode_request(&Request {
+                cookie: 1000 + 2 * i,
+                command: CMD_READ,
+                flags: 0,
+                offset: read_offset(i),
+                length: READ_BYTES as u32,
+            });
+            writer.write_all(&read).unwrap();
+            let write = encode_request(&Request {
+                cookie: 1000 + 2 * i + 1,
+                command: CMD_WRITE,
+                flags: 0,
+                offset: (1 << 20) + i * WRITE_BYTES as u64,
+                length: WRITE_BYTES as u32,
+            });
+            writer.write_all(&write).unwrap();
+            writer.write_all(&block(i)).unwrap();
+        }
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    let mut data = vec![0u8; READ_BYTES];
+    for _ in 0..2 * PAIRS {
+        let (error, cookie) = client.reply();
+        assert_eq!(error, 0, "reply to cookie {cookie}");
+        assert!(
+            (1000..1000 + 2 * PAIRS).contains(&cookie) && seen.insert(cookie),
+            "unexpected or repeated cookie {cookie} (seen {})",
+            seen.len()
+        );
+        if (cookie - 1000) % 2 == 0 {
+            client.stream.read_exact(&mut data).unwrap();
+            let at = read_offset((cookie - 1000) / 2) as usize;
+            assert!(
+                data == pattern[at..at + READ_BYTES],
+                "read {cookie} at {at}: data differs"
+            );
+        }
+    }
+    sender.join().unwrap();
+    // Every write reached the disk.
+    for i in 0..PAIRS {
+        client.request(
+            CMD_READ,
+            5000 + i,
+            (1 << 20) + i * WRITE_BYTES as u64,
+            WRITE_BYTES as u32,
+            &[],
+        );
+        assert_eq!(client.reply(), (0, 5000 + i));
+        let mut back = vec![0u8; WRITE_BYTES];
+        client.stream.read_exact(&mut back).unwrap();
+        assert_eq!(back, block(i), "write {i}");
+    }
+    appliance.stop();
+}

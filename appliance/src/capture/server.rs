@@ -42,6 +42,14 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// cannot flood the log.
 const REJECTS_LOGGED_MAX: u32 = 16;
 
+/// Writes at least this long answer from their handler (`Replies::send_direct`), smaller
+/// requests through the reply thread. Large writes are few and each waits its turn at the
+/// device, so the reply thread's wake-up (0.2–0.5 ms on this 2-vCPU guest) sat on every 1 MiB
+/// write's critical path; small replies come in bursts, which the reply thread sends in one
+/// `write` and one client wake-up, where direct sends cost one each (4 KiB random writes at
+/// QD32 were ~10% slower with every reply direct; benches/RESULTS.md, 2026-11-29).
+const DIRECT_REPLY_MIN_BYTES: u64 = 64 * 1024;
+
 /// Read/write buffering of a connection: large enough to batch many small requests per syscall.
 const SOCKET_BUFFER_BYTES: usize = 256 * 1024;
 
@@ -295,6 +303,35 @@ impl BlockingStream {
             BlockingStream::Tcp(stream) => stream.shutdown(how),
         }
     }
+
+    /// One `send(2)` that does not wait for room (`MSG_DONTWAIT`) and does not raise SIGPIPE on
+    /// a closed connection: how many bytes went out, or the error (`WouldBlock`: no room).
+    fn send_nonblocking(&self, bytes: &[u8]) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            BlockingStream::Unix(stream) => stream.as_raw_fd(),
+            BlockingStream::Tcp(stream) => stream.as_raw_fd(),
+        };
+        loop {
+            // SAFETY: `fd` is owned by `self`, which outlives the call; the pointer and length
+            // describe `bytes`, which the kernel only reads.
+            let sent = unsafe {
+                libc::send(
+                    fd,
+                    bytes.as_ptr().cast(),
+                    bytes.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if sent >= 0 {
+                return Ok(sent as usize);
+            }
+            let error = std::io::Error::last_os_error();
+            if error.kind() != std::io::ErrorKind::Interrupted {
+                return Err(error);
+            }
+        }
+    }
 }
 
 impl Read for BlockingStream {
@@ -306,18 +343,18 @@ impl Read for BlockingStream {
     }
 }
 
-impl Write for BlockingStream {
+impl Write for &BlockingStream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
-            BlockingStream::Unix(stream) => stream.write(buf),
-            BlockingStream::Tcp(stream) => stream.write(buf),
+            BlockingStream::Unix(stream) => (&*stream).write(buf),
+            BlockingStream::Tcp(stream) => (&*stream).write(buf),
         }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
-            BlockingStream::Unix(stream) => stream.flush(),
-            BlockingStream::Tcp(stream) => stream.flush(),
+            BlockingStream::Unix(stream) => (&*stream).flush(),
+            BlockingStream::Tcp(stream) => (&*stream).flush(),
         }
     }
 }
@@ -344,6 +381,108 @@ async fn accept(listener: &Listener) -> std::io::Result<(Stream, String)> {
 enum Reply {
     Simple([u8; 16]),
     Read([u8; 16], IoBuf),
+    /// Nothing to add: the reply thread is to send what a direct send left unsent.
+    Unsent,
+}
+
+/// Where a connection's replies go. The handler of a large write (at least
+/// [`DIRECT_REPLY_MIN_BYTES`]) sends its simple (16-byte) reply itself, with one non-blocking
+/// `send`, when nobody else is writing to the socket; everything else — read data, small
+/// writes' replies, a reply the socket had no room for, one that comes while the reply thread
+/// writes — goes through the reply thread. Replies may go out in any order (NBD matches them by
+/// cookie); what must never happen is two writers interleaving inside one reply, and the writer
+/// lock rules that out: the reply thread holds it across each batch of blocking writes, a
+/// handler only `try_lock`s it.
+#[derive(Clone)]
+struct Replies {
+    queue: mpsc::Sender<Reply>,
+    writer: Arc<ReplyWriter>,
+}
+
+/// The socket's write side, shared by the reply thread and the handlers' direct sends.
+struct ReplyWriter {
+    stream: BlockingStream,
+    /// The tail of a reply that a direct send wrote only in part (a TCP socket can take a
+    /// few bytes of 16): the reply thread writes it before anything else, and no direct send
+    /// goes out while it is not empty.
+    unsent: std::sync::Mutex<Vec<u8>>,
+}
+
+impl Replies {
+    fn new(stream: BlockingStream, queue: mpsc::Sender<Reply>) -> Self {
+        Replies {
+            queue,
+            writer: Arc::new(ReplyWriter {
+                stream,
+                unsent: std::sync::Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// Sends a reply through the reply thread. An error means the connection is ending (the
+    /// reply thread is gone).
+    async fn send(&self, reply: Reply) -> Result<(), ()> {
+        self.queue.send(reply).await.map_err(|_| ())
+    }
+
+    /// Sends a reply from a handler directly if it can, else through the reply thread; errors
+    /// as [`Replies::send`].
+    async fn send_direct(&self, reply: Reply) -> Result<(), ()> {
+        self.send_with(reply, |bytes| self.writer.stream.send_nonblocking(bytes))
+            .await
+    }
+
+    /// [`Replies::send_direct`] with the direct send made by `send` (tests stand in a partial
+    /// one).
+    async fn send_with(
+        &self,
+        reply: Reply,
+        send: impl FnOnce(&[u8]) -> std::io::Result<usize>,
+    ) -> Result<(), ()> {
+        let reply = match reply {
+            Reply::Simple(header) => match self.try_direct(&header, send) {
+                Direct::Sent => return Ok(()),
+                Direct::Partly => Reply::Unsent,
+                Direct::NotSent => Reply::Simple(header),
+            },
+            other => other,
+        };
+        self.queue.send(reply).await.map_err(|_| ())
+    }
+
+    /// As [`Replies::send`], for the receive thread (outside the runtime), through the reply
+    /// thread.
+    fn blocking_send(&self, reply: Reply) -> Result<(), ()> {
+        self.queue.blocking_send(reply).map_err(|_| ())
+    }
+
+    fn try_direct(
+        &self,
+        header: &[u8; 16],
+        send: impl FnOnce(&[u8]) -> std::io::Result<usize>,
+    ) -> Direct {
+        let Ok(mut unsent) = self.writer.unsent.try_lock() else {
+            return Direct::NotSent;
+        };
+        if !unsent.is_empty() {
+            return Direct::NotSent;
+        }
+        match send(header) {
+            Ok(sent) if sent == header.len() => Direct::Sent,
+            Ok(0) | Err(_) => Direct::NotSent,
+            Ok(sent) => {
+                unsent.extend_from_slice(&header[sent..]);
+                Direct::Partly
+            }
+        }
+    }
+}
+
+enum Direct {
+    Sent,
+    /// Part went out; the rest is in `unsent`, for the reply thread.
+    Partly,
+    NotSent,
 }
 
 /// Serves one connection from handshake to close. Every way it ends is logged once.
@@ -484,11 +623,13 @@ async fn transmission<B: ExportBackend>(
     let permits = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
     let threads = stream.try_clone().and_then(|writer| {
         let control = stream.try_clone()?;
+        let replies = Replies::new(writer, reply_sender);
         let (writer_done, writer_task) = oneshot::channel();
+        let reply_writer = replies.writer.clone();
         std::thread::Builder::new()
             .name("nbd-reply".into())
             .spawn(move || {
-                write_replies(writer, reply_receiver);
+                write_replies(&reply_writer, reply_receiver);
                 let _ = writer_done.send(());
             })?;
         let receive = Receive {
@@ -501,7 +642,7 @@ async fn transmission<B: ExportBackend>(
             negotiated,
             disk,
             buffers,
-            replies: reply_sender.clone(),
+            replies,
             permits: permits.clone(),
             shutdown: shutdown.clone(),
         };
@@ -534,7 +675,6 @@ async fn transmission<B: ExportBackend>(
     // Let every in-flight request finish (their writes are journaled and must reach the disk;
     // their replies go out if the client is still there), then close.
     let _all = permits.acquire_many(REQUESTS_IN_FLIGHT_MAX as u32).await;
-    drop(reply_sender);
     let _ = writer_task.await;
     let _ = control.shutdown(std::net::Shutdown::Both);
     if rejects > REJECTS_LOGGED_MAX {
@@ -554,7 +694,7 @@ struct Receive<B, R> {
     negotiated: Negotiated,
     disk: B,
     buffers: Arc<Buffers>,
-    replies: mpsc::Sender<Reply>,
+    replies: Replies,
     permits: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
 }
@@ -761,7 +901,7 @@ fn read_header<R: Read>(
 #[allow(clippy::too_many_arguments)]
 fn spawn_change<B: ExportBackend>(
     disk: &B,
-    replies: &mpsc::Sender<Reply>,
+    replies: &Replies,
     peer: &str,
     cookie: u64,
     offset: u64,
@@ -791,40 +931,128 @@ fn spawn_change<B: ExportBackend>(
                 B::error_code(&error)
             }
         };
-        let _ = replies
-            .send(Reply::Simple(encode_simple_reply(cookie, error)))
-            .await;
+        let reply = Reply::Simple(encode_simple_reply(cookie, error));
+        let _ = if length >= DIRECT_REPLY_MIN_BYTES {
+            replies.send_direct(reply).await
+        } else {
+            replies.send(reply).await
+        };
         drop(permit);
     });
 }
 
-/// Writes replies in the order handlers finish; batches whatever is ready into one flush. Runs
-/// on the connection's reply thread.
-fn write_replies(writer: BlockingStream, mut replies: mpsc::Receiver<Reply>) {
-    let mut writer = std::io::BufWriter::with_capacity(SOCKET_BUFFER_BYTES, writer);
+/// Writes the replies that come through the queue (read data, and the simple replies a
+/// handler could not send itself), in the order they arrive; batches whatever is ready into one
+/// flush, holding the writer lock across the batch so that no direct send lands inside a reply.
+/// Runs on the connection's reply thread.
+fn write_replies(writer: &ReplyWriter, mut replies: mpsc::Receiver<Reply>) {
+    let mut out = std::io::BufWriter::with_capacity(SOCKET_BUFFER_BYTES, &writer.stream);
     'outer: while let Some(first) = replies.blocking_recv() {
+        let mut unsent = writer
+            .unsent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if out.write_all(&unsent).is_err() {
+            break;
+        }
+        unsent.clear();
         let mut next = Some(first);
         while let Some(reply) = next.take() {
             let written = match &reply {
-                Reply::Simple(header) => writer.write_all(header),
-                Reply::Read(header, data) => match writer.write_all(header) {
-                    Ok(()) => writer.write_all(data),
+                Reply::Simple(header) => out.write_all(header),
+                Reply::Read(header, data) => match out.write_all(header) {
+                    Ok(()) => out.write_all(data),
                     Err(error) => Err(error),
                 },
+                Reply::Unsent => Ok(()),
             };
             if written.is_err() {
                 break 'outer;
             }
             next = replies.try_recv().ok();
         }
-        if writer.flush().is_err() {
+        if out.flush().is_err() {
             break;
         }
     }
     // The client is gone or the connection is ending: drain so handlers never block on us.
     replies.close();
     while replies.blocking_recv().is_some() {}
-    if let Ok(stream) = writer.into_inner() {
-        let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = writer.stream.shutdown(std::net::Shutdown::Write);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(n: u8) -> [u8; 16] {
+        [n; 16]
+    }
+
+    fn connected() -> (
+        Replies,
+        mpsc::Receiver<Reply>,
+        std::os::unix::net::UnixStream,
+    ) {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (queue, receiver) = mpsc::channel(16);
+        (
+            Replies::new(BlockingStream::Unix(ours), queue),
+            receiver,
+            theirs,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_direct_reply_goes_out_at_once_and_a_partial_one_is_finished_first() {
+        let (replies, receiver, mut client) = connected();
+        replies.send_direct(Reply::Simple(header(1))).await.unwrap();
+        // 5 of 16 bytes go out: the rest waits in `unsent` and the reply thread is told.
+        let writer = replies.writer.clone();
+        replies
+            .send_with(Reply::Simple(header(2)), |bytes| {
+                writer.stream.send_nonblocking(&bytes[..5])
+            })
+            .await
+            .unwrap();
+        assert_eq!(replies.writer.unsent.lock().unwrap().len(), 11);
+        // While a reply is unfinished, nothing goes out directly (it would land inside it).
+        assert!(matches!(
+            replies.try_direct(&header(3), |_| panic!("sent while a reply was unfinished")),
+            Direct::NotSent
+        ));
+        replies.send_direct(Reply::Simple(header(3))).await.unwrap();
+        assert_eq!(replies.writer.unsent.lock().unwrap().len(), 11);
+        let thread_writer = replies.writer.clone();
+        drop(replies);
+        std::thread::spawn(move || write_replies(&thread_writer, receiver))
+            .join()
+            .unwrap();
+        let mut received = Vec::new();
+        client.read_to_end(&mut received).unwrap();
+        let expected: Vec<u8> = [header(1), header(2), header(3)].concat();
+        assert_eq!(received, expected);
+    }
+
+    #[tokio::test]
+    async fn a_reply_goes_through_the_thread_when_the_socket_is_full_or_the_thread_writes() {
+        let (replies, mut receiver, _client) = connected();
+        // The reply thread holds the writer lock across its writes: no direct send then.
+        {
+            let _writing = replies.writer.unsent.lock().unwrap();
+            assert!(matches!(
+                replies.try_direct(&header(1), |_| panic!("sent under the reply thread")),
+                Direct::NotSent
+            ));
+        }
+        // Fill the socket until it takes no more; a reply then goes to the queue.
+        let filler = [0u8; 4096];
+        let mut filled = 0usize;
+        while replies.writer.stream.send_nonblocking(&filler).is_ok() {
+            filled += 1;
+            assert!(filled < 1 << 16, "the socket never filled");
+        }
+        replies.send_direct(Reply::Simple(header(9))).await.unwrap();
+        assert!(matches!(receiver.try_recv(), Ok(Reply::Simple(h)) if h == header(9)));
     }
 }
