@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
@@ -30,6 +31,7 @@ use crate::core::nbd::{
     ServerConfig, FLAG_READ_ONLY, REQUEST_HEADER_BYTES,
 };
 use crate::io::disk::{BufPool, IoBuf};
+use crate::io::sock::send_nonblocking;
 
 /// Requests one connection may have in flight; the connection stops reading when it has this
 /// many (back-pressure to the client, bounded memory here). qemu and libnbd keep up to 16–64.
@@ -49,6 +51,9 @@ const REJECTS_LOGGED_MAX: u32 = 16;
 /// `write` and one client wake-up, where direct sends cost one each (4 KiB random writes at
 /// QD32 were ~10% slower with every reply direct; benches/RESULTS.md, 2026-11-29).
 const DIRECT_REPLY_MIN_BYTES: u64 = 64 * 1024;
+
+/// The time slice a connection's receive thread asks for (`io::sched::request_short_slice`).
+const RECEIVE_SLICE: Duration = Duration::from_micros(100);
 
 /// Read/write buffering of a connection: large enough to batch many small requests per syscall.
 const SOCKET_BUFFER_BYTES: usize = 256 * 1024;
@@ -303,33 +308,13 @@ impl BlockingStream {
             BlockingStream::Tcp(stream) => stream.shutdown(how),
         }
     }
+}
 
-    /// One `send(2)` that does not wait for room (`MSG_DONTWAIT`) and does not raise SIGPIPE on
-    /// a closed connection: how many bytes went out, or the error (`WouldBlock`: no room).
-    fn send_nonblocking(&self, bytes: &[u8]) -> std::io::Result<usize> {
-        use std::os::fd::AsRawFd;
-        let fd = match self {
-            BlockingStream::Unix(stream) => stream.as_raw_fd(),
-            BlockingStream::Tcp(stream) => stream.as_raw_fd(),
-        };
-        loop {
-            // SAFETY: `fd` is owned by `self`, which outlives the call; the pointer and length
-            // describe `bytes`, which the kernel only reads.
-            let sent = unsafe {
-                libc::send(
-                    fd,
-                    bytes.as_ptr().cast(),
-                    bytes.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if sent >= 0 {
-                return Ok(sent as usize);
-            }
-            let error = std::io::Error::last_os_error();
-            if error.kind() != std::io::ErrorKind::Interrupted {
-                return Err(error);
-            }
+impl std::os::fd::AsFd for BlockingStream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            BlockingStream::Unix(stream) => stream.as_fd(),
+            BlockingStream::Tcp(stream) => stream.as_fd(),
         }
     }
 }
@@ -428,8 +413,10 @@ impl Replies {
     /// Sends a reply from a handler directly if it can, else through the reply thread; errors
     /// as [`Replies::send`].
     async fn send_direct(&self, reply: Reply) -> Result<(), ()> {
-        self.send_with(reply, |bytes| self.writer.stream.send_nonblocking(bytes))
-            .await
+        self.send_with(reply, |bytes| {
+            send_nonblocking(self.writer.stream.as_fd(), bytes)
+        })
+        .await
     }
 
     /// [`Replies::send_direct`] with the direct send made by `send` (tests stand in a partial
@@ -650,6 +637,12 @@ async fn transmission<B: ExportBackend>(
         std::thread::Builder::new()
             .name("nbd-receive".into())
             .spawn(move || {
+                // It wakes for every few hundred KiB a client sends and runs briefly; with the
+                // default slice it waited behind the handlers it had just woken (1 MiB writes
+                // ~4% faster with 0.1 ms, benches/RESULTS.md, 2026-11-29).
+                if let Err(error) = crate::io::sched::request_short_slice(RECEIVE_SLICE) {
+                    tracing::debug!(%error, "no short time slice for the receive thread");
+                }
                 let _ = receive_done.send(receive.run());
             })?;
         Ok((control, writer_task, receive_task))
@@ -1011,7 +1004,7 @@ mod tests {
         let writer = replies.writer.clone();
         replies
             .send_with(Reply::Simple(header(2)), |bytes| {
-                writer.stream.send_nonblocking(&bytes[..5])
+                send_nonblocking(writer.stream.as_fd(), &bytes[..5])
             })
             .await
             .unwrap();
@@ -1048,7 +1041,7 @@ mod tests {
         // Fill the socket until it takes no more; a reply then goes to the queue.
         let filler = [0u8; 4096];
         let mut filled = 0usize;
-        while replies.writer.stream.send_nonblocking(&filler).is_ok() {
+        while send_nonblocking(replies.writer.stream.as_fd(), &filler).is_ok() {
             filled += 1;
             assert!(filled < 1 << 16, "the socket never filled");
         }

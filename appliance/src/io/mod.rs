@@ -7,6 +7,10 @@ pub(crate) use mmap_journal::pwritev_all;
 
 pub mod disk;
 
+pub mod sched;
+
+pub mod sock;
+
 pub mod transport;
 
 pub mod rbd;
