@@ -2,7 +2,8 @@
 //! by real NBD clients (qemu-io, nbdcopy, nbdinfo) and by a raw socket sending bad NBD. Checks
 //! the data read back through the exports and from the backing files, `ferry status --json`,
 //! the bad-input log lines, the journal overflowing into a persistent dirty-extent bitmap, and
-//! that the bitmap (and so `resync-needed`) survives a restart.
+//! that the bitmap (and so `resync-needed`) survives a restart; and that replies sent by
+//! handlers and by the reply thread never interleave under a pipelining client.
 //!
 //! `tests/cli_run.rs` covers the journal records after a clean stop and the TCP export; this
 //! file covers what a hypervisor and a hostile client do to a running appliance.

@@ -1,7 +1,8 @@
 //! The NBD server of the capture front-end: listeners on unix sockets or TCP ports; per
 //! connection, a task that runs the `core::nbd` handshake and then a receive thread (requests,
-//! blocking reads) and a reply thread (blocking writes); one runtime task per request, so that
-//! many requests are in flight per connection and replies go out in completion order.
+//! blocking reads) and a reply thread (blocking writes; large writes' handlers send their own
+//! short replies, see `Replies`); one runtime task per request, so that many requests are in
+//! flight per connection and replies go out in completion order.
 //!
 //! The protocol loop is generic over [`ExportBackend`]: capture serves its `CaptureDisk`s, and
 //! failover (`crate::failover`) serves point views with a writable overlay through the same loop.
@@ -638,8 +639,9 @@ async fn transmission<B: ExportBackend>(
             .name("nbd-receive".into())
             .spawn(move || {
                 // It wakes for every few hundred KiB a client sends and runs briefly; with the
-                // default slice it waited behind the handlers it had just woken (1 MiB writes
-                // ~4% faster with 0.1 ms, benches/RESULTS.md, 2026-11-29).
+                // default slice it waited behind the handlers it had just woken (1 MiB writes:
+                // 1.78–1.94 against 1.76–1.85 GB/s in five pairs of runs, benches/RESULTS.md,
+                // 2026-11-29).
                 if let Err(error) = crate::io::sched::request_short_slice(RECEIVE_SLICE) {
                     tracing::debug!(%error, "no short time slice for the receive thread");
                 }
