@@ -128,8 +128,9 @@ use crate::limits;
 pub trait ShipJournal {
     /// A held, verified record (`None` when released or never written).
     fn record(&self, seq: Seq) -> Option<Record<'_>>;
-    /// A held record's encoded bytes exactly as stored (header, payload, padding), verified.
-    fn record_bytes(&self, seq: Seq) -> Option<&[u8]>;
+    /// A held record's encoded bytes exactly as stored (header, payload, padding), verified:
+    /// `Ok(None)` when not held, `Err(Corrupt)` when held but its bytes no longer verify.
+    fn record_bytes(&self, seq: Seq) -> Result<Option<&[u8]>, JournalError>;
     /// Lowest sequence still held, 0 when empty.
     fn first_seq(&self) -> Seq;
     /// Highest sequence appended.
@@ -146,11 +147,8 @@ impl<S: SegmentStore> ShipJournal for Journal<S> {
     fn record(&self, seq: Seq) -> Option<Record<'_>> {
         Journal::record(self, seq)
     }
-    fn record_bytes(&self, seq: Seq) -> Option<&[u8]> {
-        Journal::read_bytes(self, seq)
-            .ok()
-            .flatten()
-            .map(|(_, bytes)| bytes)
+    fn record_bytes(&self, seq: Seq) -> Result<Option<&[u8]>, JournalError> {
+        Journal::read_bytes(self, seq).map(|held| held.map(|(_, bytes)| bytes))
     }
     fn first_seq(&self) -> Seq {
         Journal::first_seq(self)
@@ -293,6 +291,8 @@ pub enum SourceError {
         target_durable_seq: Seq,
         acked_seq: Seq,
     },
+    #[error("record {seq} in the journal no longer verifies, so it is not shipped: {reason}")]
+    CorruptRecord { seq: Seq, reason: String },
     #[error("record {seq} is missing from the journal (held {first_seq}..={last_seq})")]
     MissingRecord {
         seq: Seq,
@@ -1224,13 +1224,22 @@ impl Source {
         {
             let record = match self.held_sync_record(seq) {
                 Some(held) => RecordBytes::Held(held),
-                None => RecordBytes::Encoded(journal.record_bytes(seq).ok_or(
-                    SourceError::MissingRecord {
-                        seq,
-                        first_seq: journal.first_seq(),
-                        last_seq: journal.last_seq(),
-                    },
-                )?),
+                None => match journal.record_bytes(seq) {
+                    Ok(Some(bytes)) => RecordBytes::Encoded(bytes),
+                    Ok(None) => {
+                        return Err(SourceError::MissingRecord {
+                            seq,
+                            first_seq: journal.first_seq(),
+                            last_seq: journal.last_seq(),
+                        })
+                    }
+                    Err(error) => {
+                        return Err(SourceError::CorruptRecord {
+                            seq,
+                            reason: error.to_string(),
+                        })
+                    }
+                },
             };
             let bytes = match record {
                 RecordBytes::Held(held) => held.encoded_len(),
@@ -1666,9 +1675,18 @@ mod tests {
             let (_, bytes) = self.records.iter().find(|(s, _)| *s == seq)?;
             Some(crate::core::record::decode(bytes).unwrap().0)
         }
-        fn record_bytes(&self, seq: Seq) -> Option<&[u8]> {
-            let (_, bytes) = self.records.iter().find(|(s, _)| *s == seq)?;
-            Some(bytes)
+        fn record_bytes(&self, seq: Seq) -> Result<Option<&[u8]>, JournalError> {
+            let Some((_, bytes)) = self.records.iter().find(|(s, _)| *s == seq) else {
+                return Ok(None);
+            };
+            // Verified, as the real journal's reads are.
+            crate::core::record::decode(bytes).map_err(|error| JournalError::Corrupt {
+                seq,
+                segment: 0,
+                offset: 0,
+                reason: error.to_string(),
+            })?;
+            Ok(Some(bytes))
         }
         fn first_seq(&self) -> Seq {
             self.records.first().map_or(0, |(seq, _)| *seq)
@@ -1872,6 +1890,42 @@ mod tests {
         assert_eq!(pair.source.acked_seq(), 2);
         assert_eq!(pair.journal.first_seq(), 0, "released");
         assert_eq!(pair.replica, pair.source_disk);
+    }
+
+    #[test]
+    fn a_record_that_no_longer_verifies_is_not_shipped_and_named() {
+        let mut pair = Pair::new();
+        pair.connect();
+        pair.run(|_| false);
+        pair.write(0, &[1; 100]);
+        pair.write(200, &[2; 100]);
+        pair.journal.flush(2).unwrap();
+        // A payload byte of record 2 goes bad in the journal.
+        let (_, bytes) = pair
+            .journal
+            .records
+            .iter_mut()
+            .find(|(seq, _)| *seq == 2)
+            .unwrap();
+        bytes[crate::limits::RECORD_HEADER_BYTES + 10] ^= 0x40;
+        let mut outcome = Ok(None);
+        for _ in 0..16 {
+            outcome = pair.source.poll_transmit(&pair.journal, pair.now);
+            match &outcome {
+                Ok(Some(frame)) => pair.target.handle_frame(frame.as_bytes()).unwrap(),
+                _ => break,
+            }
+        }
+        match outcome {
+            Err(SourceError::CorruptRecord { seq: 2, reason }) => {
+                assert!(reason.contains("checksum"), "{reason}")
+            }
+            other => panic!("expected record 2 refused as corrupt, got {other:?}"),
+        }
+        assert!(
+            pair.target.received_seq() < 2,
+            "record 2 reached the target"
+        );
     }
 
     #[test]
