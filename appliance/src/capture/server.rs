@@ -45,8 +45,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// cannot flood the log.
 const REJECTS_LOGGED_MAX: u32 = 16;
 
-/// Writes at least this long answer from their handler (`Replies::send_direct`), smaller
-/// requests through the reply thread. Large writes are few and each waits its turn at the
+/// Write-path requests (WRITE, and likewise WRITE_ZEROES and TRIM) covering at least this much
+/// answer from their handler (`Replies::send_direct`), smaller ones through the reply thread. Large writes are few and each waits its turn at the
 /// device, so the reply thread's wake-up (0.2–0.5 ms on this 2-vCPU guest) sat on every 1 MiB
 /// write's critical path; small replies come in bursts, which the reply thread sends in one
 /// `write` and one client wake-up, where direct sends cost one each (4 KiB random writes at
@@ -371,7 +371,7 @@ enum Reply {
     Unsent,
 }
 
-/// Where a connection's replies go. The handler of a large write (at least
+/// Where a connection's replies go. The handler of a large write-path request (at least
 /// [`DIRECT_REPLY_MIN_BYTES`]) sends its simple (16-byte) reply itself, with one non-blocking
 /// `send`, when nobody else is writing to the socket; everything else — read data, small
 /// writes' replies, a reply the socket had no room for, one that comes while the reply thread
