@@ -438,7 +438,8 @@ fn journal_overflow_while_the_target_is_down_resyncs() {
 
 /// A disk write refused after its change was journaled — here ENOSPC: the source disk is a
 /// sparse image on a full filesystem (a small tmpfs in the source's own mount namespace) — gets
-/// the client an error, while the journaled change still ships. The disk goes `resync-needed`
+/// the client an error (the write was answered once journaled, write-behind: the FLUSH after it
+/// fails), while the journaled change still ships. The disk goes `resync-needed`
 /// with the extent in its bitmap, and the resync makes the replica equal the source disk's
 /// bytes, not the refused ones: verify then finds nothing to repair.
 #[test]
@@ -473,7 +474,7 @@ fn a_disk_write_refused_after_journaling_is_resynced() {
     pair.assert_identical();
     // 1 MiB is used of 4: a 6 MiB write fills the filesystem part-way and fails.
     let output = std::process::Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x22 8m 6m"])
+        .args(["-f", "raw", "-c", "write -P 0x22 8m 6m", "-c", "flush"])
         .arg(format!(
             "nbd+unix:///web-1/os?socket={}",
             pair.export.display()
@@ -513,11 +514,12 @@ fn is_root() -> bool {
         .is_ok_and(|output| output.stdout.trim_ascii() == b"0")
 }
 
-/// A change journaled just before the source process died, whose disk write never completed:
-/// the journal still holds it (its release waits for the disk write), so the restart resyncs
-/// its extent, and the replica ends equal to the source disk, not to the lost change.
+/// A change answered (journaled; with write-behind, before its disk write) just before the
+/// source process died, whose disk write never completed: the journal still holds it (its
+/// release waits for the disk write), so the restart puts it back on the disk before serving
+/// and resyncs its extent, and the disk and the replica both end with it.
 #[test]
-fn a_journaled_change_that_never_reached_the_disk_is_resynced_after_a_crash() {
+fn a_journaled_change_that_never_reached_the_disk_is_put_back_after_a_crash() {
     let mut pair = Pair::new(Backend::files(), "64MiB", None);
     pair.target.start();
     pair.source.start();
@@ -533,8 +535,14 @@ fn a_journaled_change_that_never_reached_the_disk_is_resynced_after_a_crash() {
     pair.source.start();
     pair.target.start();
     pair.assert_identical();
+    assert_eq!(
+        read_range(&pair.disk, 2 << 20, 64 << 10),
+        vec![0x5a; 64 << 10],
+        "the answered change is not back on the disk"
+    );
     let log = pair.source.log();
     assert!(log.contains("process died"), "{log}");
+    assert!(log.contains("back on their disks"), "{log}");
 }
 
 /// The host went down under the source (another boot id in its running marker): writes may

@@ -9,8 +9,10 @@
 //! journal, and the journal's device sees only what FLUSH/FUA requests make durable.
 //! `release=flush` makes the journal durable before each release instead, as a source without
 //! a sequence floor must (every journaled byte is written to the journal's device).
+//! `write_behind=0` answers every write once it is on the disk (the default window is the
+//! daemon's, `capture::disk::WRITE_BEHIND_BYTES_MAX`).
 //!
-//! Usage: capture_serve IMAGE SOCKET STATE_DIR [direct=auto|on|off] [journal_mib=N] [journal=mmap|mem] [release=ack|flush]
+//! Usage: capture_serve IMAGE SOCKET STATE_DIR [direct=auto|on|off] [journal_mib=N] [journal=mmap|mem] [release=ack|flush] [write_behind=BYTES]
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,7 +25,7 @@ use ferry_appliance::core::journal_mem::MemSegments;
 use ferry_appliance::io::disk::{DirectMode, DiskOptions};
 
 fn usage() -> ! {
-    eprintln!("usage: capture_serve IMAGE SOCKET STATE_DIR [direct=auto|on|off] [journal_mib=N] [journal=mmap|mem] [release=ack|flush]");
+    eprintln!("usage: capture_serve IMAGE SOCKET STATE_DIR [direct=auto|on|off] [journal_mib=N] [journal=mmap|mem] [release=ack|flush] [write_behind=BYTES]");
     std::process::exit(2)
 }
 
@@ -46,6 +48,7 @@ async fn main() {
     let mut journal_mib: usize = 1024;
     let mut journal_in_memory = false;
     let mut flush_before_release = false;
+    let mut write_behind = None;
     for option in &args[3..] {
         match option.split_once('=') {
             Some(("direct", "auto")) => direct = DirectMode::Auto,
@@ -56,6 +59,9 @@ async fn main() {
             Some(("journal", "mem")) => journal_in_memory = true,
             Some(("release", "ack")) => flush_before_release = false,
             Some(("release", "flush")) => flush_before_release = true,
+            Some(("write_behind", value)) => {
+                write_behind = Some(value.parse().unwrap_or_else(|_| usage()))
+            }
             _ => usage(),
         }
     }
@@ -91,13 +97,13 @@ async fn main() {
         exports: vec![disk.export_name()],
     };
     let (shutdown, shutdown_receiver) = tokio::sync::watch::channel(false);
-    let capture = Capture::start(
-        CaptureConfig::new(state_dir, vec![disk], vec![listener]),
-        journal.clone(),
-        shutdown_receiver,
-    )
-    .await
-    .expect("start capture");
+    let mut config = CaptureConfig::new(state_dir, vec![disk], vec![listener]);
+    if let Some(bytes) = write_behind {
+        config.write_behind_bytes = bytes;
+    }
+    let capture = Capture::start(config, journal.clone(), shutdown_receiver)
+        .await
+        .expect("start capture");
     let capture_disk = capture.disks()[0].clone();
 
     let releaser_journal = journal.clone();

@@ -167,6 +167,15 @@ pub struct SourceConfig {
     /// Default compression for every group.
     #[serde(default)]
     pub compression: Compression,
+    /// Per disk, how many bytes of writes may be answered once journaled, before their disk
+    /// write completes (`"0"`: every write is answered when it is on the disk). FLUSH and FUA
+    /// still wait for the disk.
+    #[serde(
+        rename = "write_behind",
+        default = "default_write_behind",
+        deserialize_with = "de_size"
+    )]
+    pub write_behind_bytes: u64,
     #[serde(default)]
     pub group: Vec<GroupConfig>,
     #[serde(default)]
@@ -237,6 +246,13 @@ impl GroupConfig {
         names
     }
 }
+
+fn default_write_behind() -> u64 {
+    u64::from(crate::capture::disk::WRITE_BEHIND_BYTES_MAX)
+}
+
+/// The largest `source.write_behind`.
+pub const WRITE_BEHIND_BYTES_LIMIT: u64 = 1 << 30;
 
 fn default_recovery_point_interval() -> Duration {
     RECOVERY_POINT_INTERVAL_DEFAULT
@@ -739,6 +755,15 @@ fn validate_source(
         ));
     }
     check_host_port("source.target", &source.target)?;
+    if source.write_behind_bytes > WRITE_BEHIND_BYTES_LIMIT {
+        return Err(ConfigError::invalid(
+            "source.write_behind",
+            format!(
+                "{} bytes is above the maximum of {WRITE_BEHIND_BYTES_LIMIT} bytes (1GiB)",
+                source.write_behind_bytes
+            ),
+        ));
+    }
     if source.bandwidth_limit_bytes_per_s == Some(0) {
         return Err(ConfigError::invalid(
             "source.bandwidth_limit",

@@ -496,6 +496,13 @@ impl RawClient {
         decode_simple_reply(&header).unwrap()
     }
 
+    /// Sends a FLUSH and waits for its answer: every write answered before it is then on the
+    /// disk (writes may be answered before they are, see `CaptureDisk::apply_answering_early`).
+    fn flush(&mut self, cookie: u64) {
+        self.request(CMD_FLUSH, 0, cookie, 0, 0, &[]);
+        assert_eq!(self.reply(), (0, cookie), "FLUSH failed");
+    }
+
     /// True once the server has closed the connection.
     fn closed(&mut self) -> bool {
         let mut byte = [0u8; 1];
@@ -668,6 +675,7 @@ async fn overlapping_writes_reach_the_disk_in_journal_order() {
             .collect();
         cookies.sort_unstable();
         assert_eq!(cookies, (0..100).collect::<Vec<_>>());
+        client.flush(100);
     });
     tokio::time::timeout(Duration::from_secs(60), writes)
         .await
@@ -764,6 +772,7 @@ async fn mixed_concurrent_requests_match_the_journal(direct: DirectMode, seed: u
                         (batch * count..(batch + 1) * count).collect::<Vec<_>>()
                     );
                 }
+                client.flush(u64::MAX);
             })
         })
         .collect();

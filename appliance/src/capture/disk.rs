@@ -9,6 +9,13 @@
 //! as the clients keep in flight. Once journaled, a write is carried out even if its client
 //! disconnects (the handler is a task of its own), so the journal never holds a write the disk
 //! did not receive because a socket closed.
+//!
+//! Write-behind: a change without FUA is answered as soon as it is journaled and registered,
+//! while the disk's window ([`WRITE_BEHIND_BYTES_MAX`] by default) has room; its disk write goes
+//! on. Reads wait for the overlapping writes in flight and FLUSH for all of them, so a client
+//! never sees an answered write missing; a FLUSH after such a write failed at the disk fails.
+//! Answering at completion kept only ~3 of fio's 8 1 MiB writes at the device, which this disk
+//! runs far slower than 6–7 (benches/RESULTS.md, 2026-11-29).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -43,6 +50,10 @@ impl Change {
     }
 }
 
+/// Told by [`CaptureDisk::apply_answering_early`] when its change may be answered before the
+/// disk write completes.
+pub(crate) type EarlyAnswer = tokio::sync::oneshot::Sender<()>;
+
 /// Why a capture I/O failed (the client gets EIO; the log gets this).
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureIoError {
@@ -52,6 +63,11 @@ pub enum CaptureIoError {
     Journal(#[from] JournalError),
     #[error(transparent)]
     Bitmap(#[from] BitmapError),
+    #[error(
+        "{failed} write(s) to {export} answered before reaching the disk failed there since \
+         the last flush"
+    )]
+    WriteBehind { export: String, failed: u64 },
     #[error("{operation} task of disk {export} failed: {message}")]
     Task {
         operation: &'static str,
@@ -68,6 +84,44 @@ struct InFlightWrites {
     /// disk, which wakes every later overlapping write subscribed to it.
     entries: Vec<(u64, u64, u64, watch::Sender<()>)>,
 }
+
+impl InFlightWrites {
+    /// Completions of the registered entries that overlap `[start, end)` (all with `None`).
+    fn overlapping(&self, range: Option<(u64, u64)>) -> Vec<watch::Receiver<()>> {
+        self.entries
+            .iter()
+            .filter(|(_, other_start, other_end, _)| {
+                range.is_none_or(|(start, end)| *other_start < end && start < *other_end)
+            })
+            .map(|(_, _, _, sender)| sender.subscribe())
+            .collect()
+    }
+
+    /// Registers `[start, end)` after the entries it overlaps; returns its ticket and their
+    /// completions.
+    fn register(&mut self, start: u64, end: u64) -> (u64, Vec<watch::Receiver<()>>) {
+        let predecessors = self.overlapping(Some((start, end)));
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.entries
+            .push((ticket, start, end, watch::channel(()).0));
+        (ticket, predecessors)
+    }
+}
+
+/// Waits until every entry behind `completions` has reached the disk (or failed).
+async fn wait_for(completions: Vec<watch::Receiver<()>>) {
+    for mut completion in completions {
+        // Err means the entry's sender is gone: its write has ended.
+        while completion.changed().await.is_ok() {}
+    }
+}
+
+/// Bytes of journaled writes per disk that may be answered before their disk write completes
+/// (see [`CaptureDisk::apply`]). At 1 MiB sequential writes QD8 through fio's nbd engine,
+/// answering at completion left ~3 requests at the device, which this virtio disk runs at
+/// ~2.0 GB/s against ~2.5 GB/s with 6–7 (benches/RESULTS.md, 2026-11-29).
+pub const WRITE_BEHIND_BYTES_MAX: u32 = 32 << 20;
 
 /// Per-second buckets of written bytes over the last few seconds (status: churn rate).
 struct ChurnMeter {
@@ -178,6 +232,12 @@ struct Inner {
     disk_flush: GroupFlush,
     /// The write gate of the disk's consistency group, once the daemon attached one.
     gate: OnceLock<WriteGate>,
+    /// Room for writes answered before they reach the disk, in bytes.
+    write_behind: Arc<tokio::sync::Semaphore>,
+    /// Writes answered early whose disk write then failed, and how many of them a FLUSH has
+    /// reported so far.
+    write_behind_failed: AtomicU64,
+    write_behind_reported: AtomicU64,
 }
 
 /// Buffers of sync reads, reused across the process's disks (the core bounds the reads in
@@ -264,8 +324,29 @@ impl CaptureDisk {
                 churn: Mutex::new(ChurnMeter::new()),
                 disk_flush: GroupFlush::default(),
                 gate: OnceLock::new(),
+                write_behind: Arc::new(tokio::sync::Semaphore::new(
+                    WRITE_BEHIND_BYTES_MAX as usize,
+                )),
+                write_behind_failed: AtomicU64::new(0),
+                write_behind_reported: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Sets the write-behind window (bytes; 0: every change is answered when it ends). Meant
+    /// right after [`CaptureDisk::new`], before the handle is cloned; on a shared handle it
+    /// changes nothing.
+    pub fn with_write_behind(mut self, bytes: u32) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => {
+                inner.write_behind = Arc::new(tokio::sync::Semaphore::new(bytes as usize));
+            }
+            None => tracing::warn!(
+                export = %self.inner.export_name,
+                "the write-behind window of a shared disk handle was not changed"
+            ),
+        }
+        self
     }
 
     pub fn machine(&self) -> &str {
@@ -333,13 +414,17 @@ impl CaptureDisk {
         }
     }
 
-    /// Reads `length` bytes at `offset` into a buffer of at least that capacity.
+    /// Reads `length` bytes at `offset` into a buffer of at least that capacity, after every
+    /// overlapping write in flight (one answered early must read back).
     pub(crate) async fn read(
         &self,
         offset: u64,
         mut buf: IoBuf,
         length: usize,
     ) -> (Result<(), CaptureIoError>, IoBuf) {
+        let end = offset.saturating_add(length as u64);
+        let predecessors = lock(&self.inner.in_flight).overlapping(Some((offset, end)));
+        wait_for(predecessors).await;
         buf.set_len(length);
         let (result, buf) = self.inner.disk.read_at(offset, buf).await;
         (result.map_err(CaptureIoError::from), buf)
@@ -359,24 +444,11 @@ impl CaptureDisk {
         let inner = &self.inner;
         let (ticket, predecessors, seq_floor) = {
             let mut in_flight = lock(&inner.in_flight);
-            let (start, end) = (offset, offset.saturating_add(length));
-            let predecessors: Vec<watch::Receiver<()>> = in_flight
-                .entries
-                .iter()
-                .filter(|(_, other_start, other_end, _)| *other_start < end && start < *other_end)
-                .map(|(_, _, _, sender)| sender.subscribe())
-                .collect();
-            let ticket = in_flight.next_ticket;
-            in_flight.next_ticket += 1;
-            in_flight
-                .entries
-                .push((ticket, start, end, watch::channel(()).0));
+            let (ticket, predecessors) = in_flight.register(offset, offset.saturating_add(length));
             (ticket, predecessors, inner.journal.last_seq())
         };
         let _registration = Registration { inner, ticket };
-        for mut predecessor in predecessors {
-            while predecessor.changed().await.is_ok() {}
-        }
+        wait_for(predecessors).await;
         // Every overlapping write registered before is on the disk, and later ones wait: the
         // hole test sees the same bytes a read would.
         if inner.disk.is_hole(offset, length) {
@@ -413,12 +485,33 @@ impl CaptureDisk {
     /// Applies one write-path request: journal (or bitmap), then disk, in the order described
     /// in the module docs; with `fua`, both are durable when it returns. Returns the buffer of
     /// a data write for reuse.
+    #[cfg(test)]
     pub(crate) async fn apply(
         &self,
         offset: u64,
         length: u64,
         change: Change,
         fua: bool,
+    ) -> (Result<(), CaptureIoError>, Option<IoBuf>) {
+        self.apply_answering_early(offset, length, change, fua, None)
+            .await
+    }
+
+    /// [`CaptureDisk::apply`], which may also say through `answer` that the change can be
+    /// answered before its disk write completes (write-behind): a change without FUA whose
+    /// records are in the journal, while the disk has room in its write-behind window
+    /// ([`WRITE_BEHIND_BYTES_MAX`]). Until its disk write ends it stays registered in flight,
+    /// so reads and later overlapping writes wait for it, and a FLUSH waits for it and reports
+    /// its failure; its records stay in the journal until then too (see `SharedJournal`'s
+    /// pending disk writes). The future still runs to the end of the disk write and returns
+    /// its result.
+    pub(crate) async fn apply_answering_early(
+        &self,
+        offset: u64,
+        length: u64,
+        change: Change,
+        fua: bool,
+        answer: Option<EarlyAnswer>,
     ) -> (Result<(), CaptureIoError>, Option<IoBuf>) {
         let inner = &self.inner;
         // A cut holding the group's gate makes the write wait here, before it has a sequence.
@@ -429,18 +522,7 @@ impl CaptureDisk {
         let timestamp_ns = unix_time_ns();
         let (ticket, predecessors, journaled, pending_disk_write) = {
             let mut in_flight = lock(&inner.in_flight);
-            let (start, end) = (offset, offset + length);
-            let predecessors: Vec<watch::Receiver<()>> = in_flight
-                .entries
-                .iter()
-                .filter(|(_, other_start, other_end, _)| *other_start < end && start < *other_end)
-                .map(|(_, _, _, sender)| sender.subscribe())
-                .collect();
-            let ticket = in_flight.next_ticket;
-            in_flight.next_ticket += 1;
-            in_flight
-                .entries
-                .push((ticket, start, end, watch::channel(()).0));
+            let (ticket, predecessors) = in_flight.register(offset, offset + length);
             // The sequence is assigned while the write is registered, so journal order and
             // the order overlapping writes reach the disk are the same.
             let (journaled, pending_disk_write) =
@@ -472,10 +554,21 @@ impl CaptureDisk {
                 return (Err(error.into()), buf);
             }
         }
-        for mut predecessor in predecessors {
-            // Err means the predecessor's sender is gone: it has reached the disk.
-            while predecessor.changed().await.is_ok() {}
-        }
+        // Journaled and registered: answered now if the window has room.
+        // Not answered early: `answer` drops here, so the caller stops waiting for it.
+        let behind = answer.and_then(|answer| {
+            if journaled.is_none() || fua {
+                return None;
+            }
+            let bytes = u32::try_from(length).unwrap_or(u32::MAX);
+            let room = inner
+                .write_behind
+                .clone()
+                .try_acquire_many_owned(bytes)
+                .ok()?;
+            answer.send(()).is_ok().then_some(room)
+        });
+        wait_for(predecessors).await;
 
         let (result, buf) = match change {
             Change::Data(buf) => {
@@ -485,13 +578,27 @@ impl CaptureDisk {
             Change::Zeroes => (inner.disk.write_zeroes(offset, length).await, None),
             Change::Trim => (inner.disk.trim(offset, length).await, None),
         };
+        if let Err(error) = &result {
+            if journaled.is_some() {
+                self.refused_after_journaling(offset, length, error).await;
+            }
+            if behind.is_some() {
+                // Counted before the registration goes, so a FLUSH that waited for this write
+                // sees it.
+                inner.write_behind_failed.fetch_add(1, Ordering::AcqRel);
+                tracing::error!(
+                    export = %inner.export_name,
+                    %error,
+                    "a write answered before it reached the disk failed there ({offset}+{length}); \
+                     the next FLUSH answers EIO"
+                );
+            }
+        }
         drop(_registration);
         // Completed or failed: either way nothing of this change is still on its way.
         drop(pending_disk_write);
+        drop(behind);
         if let Err(error) = result {
-            if journaled.is_some() {
-                self.refused_after_journaling(offset, length, &error).await;
-            }
             return (Err(error.into()), buf);
         }
         if buf.is_some() {
@@ -643,14 +750,28 @@ impl CaptureDisk {
         disk_result
     }
 
-    /// NBD FLUSH: every write completed before it (on any connection) is durable when it
-    /// returns, in the journal and on the disk. Bitmap bits are durable before their writes.
+    /// NBD FLUSH: every write answered before it (on any connection) is durable when it
+    /// returns, in the journal and on the disk: it first waits for the writes in flight, those
+    /// answered early among them. Bitmap bits are durable before their writes. A write answered
+    /// early whose disk write failed since the last FLUSH makes this one fail.
     pub async fn flush(&self) -> Result<(), CaptureIoError> {
-        let journal = self.inner.journal.clone();
+        let inner = &self.inner;
+        let in_flight = lock(&inner.in_flight).overlapping(None);
+        wait_for(in_flight).await;
+        let journal = inner.journal.clone();
         let journal_flush = async move { journal.flush_all().await.map(|_| ()) };
         let (journal_result, disk_result) = tokio::join!(journal_flush, self.flush_disk());
         journal_result?;
-        disk_result
+        disk_result?;
+        let failed = inner.write_behind_failed.load(Ordering::Acquire);
+        let reported = inner.write_behind_reported.swap(failed, Ordering::AcqRel);
+        if failed > reported {
+            return Err(CaptureIoError::WriteBehind {
+                export: inner.export_name.clone(),
+                failed: failed - reported,
+            });
+        }
+        Ok(())
     }
 
     async fn flush_disk(&self) -> Result<(), CaptureIoError> {
@@ -684,5 +805,231 @@ impl Drop for Registration<'_> {
             // Order within the vector does not matter: overlap is decided at registration.
             in_flight.entries.swap_remove(index);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::core::journal_mem::MemSegments;
+    use crate::io::disk::DiskOptions;
+
+    const DISK_BYTES: u64 = 64 << 20;
+
+    /// A protected disk on a sparse image file in `dir`, with an in-memory journal.
+    fn capture_disk(dir: &std::path::Path, read_only: bool) -> CaptureDisk {
+        let path = dir.join("d.raw");
+        if !path.exists() {
+            std::fs::File::create(&path)
+                .unwrap()
+                .set_len(DISK_BYTES)
+                .unwrap();
+        }
+        let (journal, _) = SharedJournal::open(MemSegments::new(8, 1 << 20)).unwrap();
+        let options = DiskOptions {
+            read_only,
+            ..DiskOptions::default()
+        };
+        let disk = Disk::open(&path, options).unwrap();
+        let bitmap = DirtyBitmap::open(&dir.join("d.bitmap"), DISK_BYTES, 64 << 10).unwrap();
+        CaptureDisk::new("m", "d", 7, disk, bitmap, journal, DiskState::Protected)
+    }
+
+    /// Registers `[start, end)` as in flight, as a sync read does: overlapping writes wait
+    /// for it before their disk I/O until [`release`].
+    fn hold(disk: &CaptureDisk, start: u64, end: u64) -> u64 {
+        lock(&disk.inner.in_flight).register(start, end).0
+    }
+
+    fn release(disk: &CaptureDisk, ticket: u64) {
+        drop(Registration {
+            inner: &disk.inner,
+            ticket,
+        });
+    }
+
+    fn file_bytes(dir: &std::path::Path, offset: u64, length: usize) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let mut bytes = vec![0u8; length];
+        let file = std::fs::File::open(dir.join("d.raw")).unwrap();
+        file.read_exact_at(&mut bytes, offset).unwrap();
+        bytes
+    }
+
+    /// Polls `future` once; true while it waits.
+    fn pending<F: Future>(future: std::pin::Pin<&mut F>) -> bool {
+        let mut context = Context::from_waker(Waker::noop());
+        matches!(future.poll(&mut context), Poll::Pending)
+    }
+
+    use std::future::Future;
+
+    /// A write whose disk I/O cannot start yet (an overlapping registration holds it) is
+    /// answered once journaled; a read and a FLUSH that come after the answer wait for the
+    /// disk write, and then see it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_journaled_write_is_answered_before_its_disk_write_and_waited_for_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = capture_disk(dir.path(), false);
+        let held = hold(&disk, 0, 8192);
+        let (answer, answered) = oneshot::channel();
+        let write = tokio::spawn({
+            let disk = disk.clone();
+            async move {
+                let data = Change::Data(IoBuf::from_slice(&[0xab; 4096]));
+                disk.apply_answering_early(4096, 4096, data, false, Some(answer))
+                    .await
+                    .0
+            }
+        });
+        answered
+            .await
+            .expect("the write was not answered before its disk write");
+        assert_eq!(
+            disk.journal().last_seq(),
+            1,
+            "answered before it was journaled"
+        );
+        assert_eq!(file_bytes(dir.path(), 4096, 4096), vec![0; 4096]);
+
+        let mut read = pin!(disk.read(0, IoBuf::with_capacity(8192), 8192));
+        let mut flush = pin!(disk.flush());
+        assert!(
+            pending(read.as_mut()),
+            "the read did not wait for the write"
+        );
+        assert!(
+            pending(flush.as_mut()),
+            "the FLUSH did not wait for the write"
+        );
+        // A read elsewhere goes through meanwhile.
+        let (elsewhere, _) = disk.read(1 << 20, IoBuf::with_capacity(4096), 4096).await;
+        elsewhere.unwrap();
+        assert!(pending(read.as_mut()) && pending(flush.as_mut()));
+        assert!(!write.is_finished());
+
+        release(&disk, held);
+        write.await.unwrap().unwrap();
+        flush.await.unwrap();
+        let (result, bytes) = read.await;
+        result.unwrap();
+        assert_eq!(&bytes[..4096], &[0u8; 4096][..]);
+        assert_eq!(&bytes[4096..], &[0xab; 4096][..]);
+        assert_eq!(file_bytes(dir.path(), 4096, 4096), vec![0xab; 4096]);
+    }
+
+    /// Nothing is answered early with FUA, nor past the write-behind window: those changes
+    /// are answered when they end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fua_and_writes_past_the_window_are_answered_when_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = capture_disk(dir.path(), false);
+        let window = u64::from(WRITE_BEHIND_BYTES_MAX);
+        assert!(window > 0 && window * 2 <= DISK_BYTES);
+        let held = hold(&disk, 0, DISK_BYTES);
+        let start = |offset: u64, length: u64, fua: bool| {
+            let (answer, answered) = oneshot::channel();
+            let disk = disk.clone();
+            let task = tokio::spawn(async move {
+                disk.apply_answering_early(offset, length, Change::Zeroes, fua, Some(answer))
+                    .await
+                    .0
+            });
+            (answered, task)
+        };
+        // The window, whole, in one zeroing: answered early.
+        let (answered, first) = start(0, window, false);
+        answered
+            .await
+            .expect("a change filling the window was not answered early");
+        // With FUA: never early.
+        let (answered, fua) = start(window, 4096, true);
+        assert!(answered.await.is_err(), "a FUA change was answered early");
+        // The window is full: not early either.
+        let (answered, past) = start(window + 4096, 4096, false);
+        assert!(
+            answered.await.is_err(),
+            "a change past the window was answered early"
+        );
+        assert!(!first.is_finished() && !fua.is_finished() && !past.is_finished());
+        release(&disk, held);
+        for task in [first, fua, past] {
+            task.await.unwrap().unwrap();
+        }
+        // The window is free again.
+        let (answered, again) = start(0, 4096, false);
+        answered.await.expect("the window did not free up");
+        again.await.unwrap().unwrap();
+    }
+
+    /// After the process died, the held changes go back on the disk in journal order (the
+    /// later of two overlapping writes wins), except in extents dirty in the bitmap.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn held_changes_are_replayed_in_order_outside_dirty_extents() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = capture_disk(dir.path(), false);
+        for (offset, byte) in [(0u64, 0x11u8), (4096, 0x33), (1 << 20, 0x22)] {
+            let data = Change::Data(IoBuf::from_slice(&[byte; 8192]));
+            disk.apply(offset, 8192, data, false).await.0.unwrap();
+        }
+        disk.apply(2 << 20, 8192, Change::Zeroes, false)
+            .await
+            .0
+            .unwrap();
+        // As if none of them had reached the disk (the process died first), and the disk had
+        // gone on its bitmap for [1 MiB, +64 KiB) with newer bytes there.
+        {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.path().join("d.raw"))
+                .unwrap();
+            file.write_all_at(&[0u8; 12288], 0).unwrap();
+            file.write_all_at(&[0x44; 8192], 1 << 20).unwrap();
+            file.write_all_at(&[0x55; 8192], 2 << 20).unwrap();
+        }
+        disk.bitmap().mark(1 << 20, 1);
+        let replayed =
+            crate::capture::replay_held_changes(disk.journal(), std::slice::from_ref(&disk))
+                .await
+                .unwrap();
+        assert_eq!(replayed, 3);
+        assert_eq!(file_bytes(dir.path(), 0, 4096), vec![0x11; 4096]);
+        assert_eq!(file_bytes(dir.path(), 4096, 8192), vec![0x33; 8192]);
+        assert_eq!(file_bytes(dir.path(), 1 << 20, 8192), vec![0x44; 8192]);
+        assert_eq!(file_bytes(dir.path(), 2 << 20, 8192), vec![0; 8192]);
+    }
+
+    /// A write answered early whose disk write then fails: the next FLUSH fails and says so,
+    /// once; the extent goes to the bitmap (the replica gets the disk's bytes).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_write_behind_fails_the_next_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        capture_disk(dir.path(), false);
+        let disk = capture_disk(dir.path(), true);
+        let (answer, answered) = oneshot::channel();
+        let data = Change::Data(IoBuf::from_slice(&[0xcd; 4096]));
+        let (result, _) = disk
+            .apply_answering_early(8192, 4096, data, false, Some(answer))
+            .await;
+        answered.await.expect("the write was not answered early");
+        assert!(result.is_err(), "a read-only image took a write");
+        let error = disk
+            .flush()
+            .await
+            .expect_err("the FLUSH hid the failed write");
+        assert!(
+            matches!(error, CaptureIoError::WriteBehind { failed: 1, .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("m/d"), "{error}");
+        disk.flush().await.unwrap();
+        assert_eq!(disk.state(), DiskState::ResyncNeeded);
+        assert!(disk.bitmap().dirty_extent_count() > 0);
     }
 }

@@ -2,7 +2,10 @@
 //! connection, a task that runs the `core::nbd` handshake and then a receive thread (requests,
 //! blocking reads) and a reply thread (blocking writes; large writes' handlers send their own
 //! short replies, see `Replies`); one runtime task per request, so that many requests are in
-//! flight per connection and replies go out in completion order.
+//! flight per connection and replies go out in completion order — or earlier: a backend may
+//! let a change be answered before it completes (`ExportBackend::apply`'s `answer`; capture's
+//! write-behind), and its task still holds the request's permit until it does, so a closing
+//! connection waits for it.
 //!
 //! The protocol loop is generic over [`ExportBackend`]: capture serves its `CaptureDisk`s, and
 //! failover (`crate::failover`) serves point views with a writable overlay through the same loop.
@@ -25,7 +28,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::capture::disk::{CaptureDisk, Change};
+use crate::capture::disk::{CaptureDisk, Change, EarlyAnswer};
 use crate::control::DiskState;
 use crate::core::nbd::{
     decode_request, encode_simple_reply, Action, ErrorCode, Handshake, HandshakeEvent, Negotiated,
@@ -149,13 +152,17 @@ pub(crate) trait ExportBackend: Clone + Send + Sync + 'static {
         length: usize,
     ) -> impl Future<Output = (Result<(), Self::Error>, IoBuf)> + Send;
 
-    /// Applies a write, write-zeroes or trim; durable on return with `fua`.
+    /// Applies a write, write-zeroes or trim; durable on return with `fua`. A backend that may
+    /// answer the change before it completes (write-behind) says so through `answer`; the
+    /// future still ends when the change does. Dropping `answer` unsent means: answer at the
+    /// end.
     fn apply(
         &self,
         offset: u64,
         length: u64,
         change: Change,
         fua: bool,
+        answer: EarlyAnswer,
     ) -> impl Future<Output = (Result<(), Self::Error>, Option<IoBuf>)> + Send;
 
     /// Makes every completed change durable.
@@ -194,8 +201,9 @@ impl ExportBackend for CaptureDisk {
         length: u64,
         change: Change,
         fua: bool,
+        answer: EarlyAnswer,
     ) -> impl Future<Output = (Result<(), Self::Error>, Option<IoBuf>)> + Send {
-        CaptureDisk::apply(self, offset, length, change, fua)
+        CaptureDisk::apply_answering_early(self, offset, length, change, fua, Some(answer))
     }
 
     fn flush(&self) -> impl Future<Output = Result<(), Self::Error>> + Send {
@@ -918,20 +926,40 @@ fn spawn_change<B: ExportBackend>(
             drop(permit);
             return;
         }
-        let (result, _buf) = disk.apply(offset, length, change, fua).await;
-        let error = match result {
-            Ok(()) => ErrorCode::Ok,
-            Err(error) => {
-                tracing::error!(%peer, export = disk.export_name(), offset, length, "write failed: {error}");
-                B::error_code(&error)
+        let send = |error| {
+            let reply = Reply::Simple(encode_simple_reply(cookie, error));
+            let replies = &replies;
+            async move {
+                let _ = if length >= DIRECT_REPLY_MIN_BYTES {
+                    replies.send_direct(reply).await
+                } else {
+                    replies.send(reply).await
+                };
             }
         };
-        let reply = Reply::Simple(encode_simple_reply(cookie, error));
-        let _ = if length >= DIRECT_REPLY_MIN_BYTES {
-            replies.send_direct(reply).await
-        } else {
-            replies.send(reply).await
+        let (answer, answered_early) = oneshot::channel();
+        let apply = disk.apply(offset, length, change, fua, answer);
+        tokio::pin!(apply);
+        // The change ends first, or says it may be answered before it ends (write-behind);
+        // either way the permit is held until it ends, so the connection's close waits for it.
+        let (early, result) = tokio::select! {
+            biased;
+            (result, _buf) = &mut apply => (false, result),
+            Ok(()) = answered_early => {
+                send(ErrorCode::Ok).await;
+                (true, apply.await.0)
+            }
         };
+        match result {
+            Ok(()) if early => {}
+            Ok(()) => send(ErrorCode::Ok).await,
+            // The backend logged it and the next FLUSH fails.
+            Err(_) if early => {}
+            Err(error) => {
+                tracing::error!(%peer, export = disk.export_name(), offset, length, "write failed: {error}");
+                send(B::error_code(&error)).await;
+            }
+        }
         drop(permit);
     });
 }

@@ -708,3 +708,25 @@ fn rbd_target_storage_parses_with_defaults_and_bad_keys_are_named() {
         assert!(message.contains(reason), "{body}: {message}");
     }
 }
+
+#[test]
+fn write_behind_defaults_takes_a_size_and_has_a_limit() {
+    let disk = r#"{ name = "d1", path = "/tmp/d1.raw", export = "/tmp/d1.sock" }"#;
+    let source = Config::parse(&source_config(disk)).unwrap().source.unwrap();
+    assert_eq!(source.write_behind_bytes, 32 << 20);
+    let with = |value: &str| {
+        source_config(disk).replace(
+            r#"journal_size = "64MiB""#,
+            &format!("journal_size = \"64MiB\"\nwrite_behind = {value}"),
+        )
+    };
+    let source = Config::parse(&with(r#""0""#)).unwrap().source.unwrap();
+    assert_eq!(source.write_behind_bytes, 0);
+    let source = Config::parse(&with(r#""8MiB""#)).unwrap().source.unwrap();
+    assert_eq!(source.write_behind_bytes, 8 << 20);
+    let (key, message) = error_of(&with(r#""2GiB""#));
+    assert_eq!(key, "source.write_behind");
+    assert!(message.contains("above the maximum"), "{message}");
+    let (key, _) = error_of(&with(r#""lots""#));
+    assert_eq!(key, "source.write_behind");
+}

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::apply::replica::Replica;
 use crate::apply::storage::sanitize;
-use crate::capture::disk::Change;
+use crate::capture::disk::{Change, EarlyAnswer};
 use crate::capture::server::ExportBackend;
 use crate::core::nbd::ErrorCode;
 use crate::io::disk::{DirectMode, Disk, DiskOptions, IoBuf};
@@ -750,7 +750,9 @@ impl ExportBackend for FailoverDisk {
         length: u64,
         change: Change,
         fua: bool,
+        _answer: EarlyAnswer,
     ) -> (Result<(), Self::Error>, Option<IoBuf>) {
+        // Answered when done: reads of the overlay do not wait for changes in flight.
         let (result, buf) = self.change(offset, length, change).await;
         if result.is_ok() && fua {
             return (self.flush().await, buf);
