@@ -135,6 +135,14 @@ pub enum CaptureError {
         seq: crate::core::record::Seq,
         reason: String,
     },
+    #[error(
+        "reading the journal's change {seq} to put it back on its disk after the last run's \
+         process died: {reason}"
+    )]
+    ReplayRead {
+        seq: crate::core::record::Seq,
+        reason: String,
+    },
 }
 
 /// The running capture front-end: its disks and its listener tasks.
@@ -364,15 +372,18 @@ pub async fn replay_held_changes(
         let guard = journal.lock();
         (guard.first_seq(), guard.last_seq())
     };
+    if first == 0 {
+        // Nothing held.
+        return Ok(0);
+    }
     let mut replayed = 0u64;
     let mut touched = vec![false; disks.len()];
-    for seq in first.max(1)..=last {
+    for seq in first..=last {
         // One record at a time: the lock is not held across disk I/O, nor is the whole held
         // journal copied.
         let change = {
             let guard = journal.lock();
-            let record = guard.read(seq).map_err(|error| CaptureError::Replay {
-                export: String::from("?"),
+            let record = guard.read(seq).map_err(|error| CaptureError::ReplayRead {
                 seq,
                 reason: error.to_string(),
             })?;
