@@ -10,9 +10,9 @@
 //! disconnects (the handler is a task of its own), so the journal never holds a write the disk
 //! did not receive because a socket closed.
 //!
-//! Write-behind: a change without FUA is answered as soon as it is journaled and registered,
-//! while the disk's window ([`WRITE_BEHIND_BYTES_MAX`] by default) has room; its disk write goes
-//! on. Reads wait for the overlapping writes in flight and FLUSH for all of them, so a client
+//! Write-behind: a change without FUA of at least [`WRITE_BEHIND_MIN_BYTES`] is answered as
+//! soon as it is journaled and registered, while the disk's window ([`WRITE_BEHIND_BYTES_MAX`]
+//! by default) has room; its disk write goes on. Reads wait for the overlapping writes in flight and FLUSH for all of them, so a client
 //! never sees an answered write missing; a FLUSH after such a write failed at the disk fails.
 //! Answering at completion kept only ~3 of fio's 8 1 MiB writes at the device, which this disk
 //! runs far slower than 6–7 (benches/RESULTS.md, 2026-11-29).
@@ -122,6 +122,11 @@ async fn wait_for(completions: Vec<watch::Receiver<()>>) {
 /// answering at completion left ~3 requests at the device, which this virtio disk runs at
 /// ~2.0 GB/s against ~2.5 GB/s with 6–7 (benches/RESULTS.md, 2026-11-29).
 pub const WRITE_BEHIND_BYTES_MAX: u32 = 32 << 20;
+
+/// Changes smaller than this are answered when they end: small random writes did not gain from
+/// answering early (4 KiB random QD32: 37–48K IOPS against 44–52K answered at the end, and more
+/// CPU per write; benches/RESULTS.md, 2026-11-29), their device is not short of depth.
+pub const WRITE_BEHIND_MIN_BYTES: u64 = 64 * 1024;
 
 /// Per-second buckets of written bytes over the last few seconds (status: churn rate).
 struct ChurnMeter {
@@ -498,9 +503,9 @@ impl CaptureDisk {
     }
 
     /// [`CaptureDisk::apply`], which may also say through `answer` that the change can be
-    /// answered before its disk write completes (write-behind): a change without FUA whose
-    /// records are in the journal, while the disk has room in its write-behind window
-    /// ([`WRITE_BEHIND_BYTES_MAX`]). Until its disk write ends it stays registered in flight,
+    /// answered before its disk write completes (write-behind): a change without FUA of at least
+    /// [`WRITE_BEHIND_MIN_BYTES`] whose records are in the journal, while the disk has room in
+    /// its write-behind window ([`WRITE_BEHIND_BYTES_MAX`]). Until its disk write ends it stays registered in flight,
     /// so reads and later overlapping writes wait for it, and a FLUSH waits for it and reports
     /// its failure; its records stay in the journal until then too (see `SharedJournal`'s
     /// pending disk writes). The future still runs to the end of the disk write and returns
@@ -557,7 +562,7 @@ impl CaptureDisk {
         // Journaled and registered: answered now if the window has room.
         // Not answered early: `answer` drops here, so the caller stops waiting for it.
         let behind = answer.and_then(|answer| {
-            if journaled.is_none() || fua {
+            if journaled.is_none() || fua || length < WRITE_BEHIND_MIN_BYTES {
                 return None;
             }
             let bytes = u32::try_from(length).unwrap_or(u32::MAX);
@@ -876,13 +881,14 @@ mod tests {
     async fn a_journaled_write_is_answered_before_its_disk_write_and_waited_for_after() {
         let dir = tempfile::tempdir().unwrap();
         let disk = capture_disk(dir.path(), false);
-        let held = hold(&disk, 0, 8192);
+        const LENGTH: usize = WRITE_BEHIND_MIN_BYTES as usize;
+        let held = hold(&disk, 0, 4096 + LENGTH as u64);
         let (answer, answered) = oneshot::channel();
         let write = tokio::spawn({
             let disk = disk.clone();
             async move {
-                let data = Change::Data(IoBuf::from_slice(&[0xab; 4096]));
-                disk.apply_answering_early(4096, 4096, data, false, Some(answer))
+                let data = Change::Data(IoBuf::from_slice(&[0xab; LENGTH]));
+                disk.apply_answering_early(4096, LENGTH as u64, data, false, Some(answer))
                     .await
                     .0
             }
@@ -895,7 +901,7 @@ mod tests {
             1,
             "answered before it was journaled"
         );
-        assert_eq!(file_bytes(dir.path(), 4096, 4096), vec![0; 4096]);
+        assert_eq!(file_bytes(dir.path(), 4096, LENGTH), vec![0; LENGTH]);
 
         let mut read = pin!(disk.read(0, IoBuf::with_capacity(8192), 8192));
         let mut flush = pin!(disk.flush());
@@ -920,11 +926,11 @@ mod tests {
         result.unwrap();
         assert_eq!(&bytes[..4096], &[0u8; 4096][..]);
         assert_eq!(&bytes[4096..], &[0xab; 4096][..]);
-        assert_eq!(file_bytes(dir.path(), 4096, 4096), vec![0xab; 4096]);
+        assert_eq!(file_bytes(dir.path(), 4096, LENGTH), vec![0xab; LENGTH]);
     }
 
-    /// Nothing is answered early with FUA, nor past the write-behind window: those changes
-    /// are answered when they end.
+    /// Nothing is answered early with FUA, below the write-behind minimum, nor past the
+    /// window: those changes are answered when they end.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn fua_and_writes_past_the_window_are_answered_when_done() {
         let dir = tempfile::tempdir().unwrap();
@@ -947,11 +953,12 @@ mod tests {
         answered
             .await
             .expect("a change filling the window was not answered early");
+        let min = WRITE_BEHIND_MIN_BYTES;
         // With FUA: never early.
-        let (answered, fua) = start(window, 4096, true);
+        let (answered, fua) = start(window, min, true);
         assert!(answered.await.is_err(), "a FUA change was answered early");
         // The window is full: not early either.
-        let (answered, past) = start(window + 4096, 4096, false);
+        let (answered, past) = start(window + min, min, false);
         assert!(
             answered.await.is_err(),
             "a change past the window was answered early"
@@ -961,8 +968,12 @@ mod tests {
         for task in [first, fua, past] {
             task.await.unwrap().unwrap();
         }
+        // Below the minimum: not early, window or not.
+        let (answered, small) = start(0, min - 4096, false);
+        assert!(answered.await.is_err(), "a small change was answered early");
+        small.await.unwrap().unwrap();
         // The window is free again.
-        let (answered, again) = start(0, 4096, false);
+        let (answered, again) = start(0, min, false);
         answered.await.expect("the window did not free up");
         again.await.unwrap().unwrap();
     }
@@ -1013,9 +1024,10 @@ mod tests {
         capture_disk(dir.path(), false);
         let disk = capture_disk(dir.path(), true);
         let (answer, answered) = oneshot::channel();
-        let data = Change::Data(IoBuf::from_slice(&[0xcd; 4096]));
+        let length = WRITE_BEHIND_MIN_BYTES;
+        let data = Change::Data(IoBuf::from_slice(&vec![0xcd; length as usize]));
         let (result, _) = disk
-            .apply_answering_early(8192, 4096, data, false, Some(answer))
+            .apply_answering_early(8192, length, data, false, Some(answer))
             .await;
         answered.await.expect("the write was not answered early");
         assert!(result.is_err(), "a read-only image took a write");
