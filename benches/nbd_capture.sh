@@ -148,7 +148,7 @@ print("| server | guarantee before FLUSH/FUA | 4 KiB random write QD32 | ratio |
 print("|---|---|---|---|---|---|")
 rows = [
     ("nbdkit-none", "nbdkit-none", "nbdkit file cache=none (baseline of the next two rows)", "writeback started (sync_file_range) before the reply, not flushed"),
-    ("ferry", "nbdkit-none", "Ferry capture, mmap journal + O_DIRECT (default)", "sent to the device (O_DIRECT), not flushed; journal records released unflushed once acknowledged"),
+    ("ferry", "nbdkit-none", "Ferry capture, mmap journal + O_DIRECT (default)", "journaled; under 64 KiB also sent to the device (O_DIRECT), 64 KiB and more answered once journaled while their disk write goes on (write-behind, 32 MiB window); not flushed; journal records released unflushed once acknowledged"),
     ("ferry-flush", "nbdkit-none", "Ferry capture, as above, journal flushed before each release (no sequence floor, comparison only)", "as above; journal msync every 20 ms"),
     ("ferry-memjournal", "nbdkit-none", "Ferry capture, O_DIRECT, journal in memory (comparison only)", "disk as above; journal lost in a crash"),
     ("nbdkit", "nbdkit", "nbdkit file (baseline of the next row)", "in the page cache only"),
