@@ -978,44 +978,6 @@ mod tests {
         again.await.unwrap().unwrap();
     }
 
-    /// After the process died, the held changes go back on the disk in journal order (the
-    /// later of two overlapping writes wins), except in extents dirty in the bitmap.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn held_changes_are_replayed_in_order_outside_dirty_extents() {
-        let dir = tempfile::tempdir().unwrap();
-        let disk = capture_disk(dir.path(), false);
-        for (offset, byte) in [(0u64, 0x11u8), (4096, 0x33), (1 << 20, 0x22)] {
-            let data = Change::Data(IoBuf::from_slice(&[byte; 8192]));
-            disk.apply(offset, 8192, data, false).await.0.unwrap();
-        }
-        disk.apply(2 << 20, 8192, Change::Zeroes, false)
-            .await
-            .0
-            .unwrap();
-        // As if none of them had reached the disk (the process died first), and the disk had
-        // gone on its bitmap for [1 MiB, +64 KiB) with newer bytes there.
-        {
-            use std::os::unix::fs::FileExt;
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .open(dir.path().join("d.raw"))
-                .unwrap();
-            file.write_all_at(&[0u8; 12288], 0).unwrap();
-            file.write_all_at(&[0x44; 8192], 1 << 20).unwrap();
-            file.write_all_at(&[0x55; 8192], 2 << 20).unwrap();
-        }
-        disk.bitmap().mark(1 << 20, 1);
-        let replayed =
-            crate::capture::replay_held_changes(disk.journal(), std::slice::from_ref(&disk))
-                .await
-                .unwrap();
-        assert_eq!(replayed, 3);
-        assert_eq!(file_bytes(dir.path(), 0, 4096), vec![0x11; 4096]);
-        assert_eq!(file_bytes(dir.path(), 4096, 8192), vec![0x33; 8192]);
-        assert_eq!(file_bytes(dir.path(), 1 << 20, 8192), vec![0x44; 8192]);
-        assert_eq!(file_bytes(dir.path(), 2 << 20, 8192), vec![0; 8192]);
-    }
-
     /// A write answered early whose disk write then fails: the next FLUSH fails and says so,
     /// once; the extent goes to the bitmap (the replica gets the disk's bytes).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

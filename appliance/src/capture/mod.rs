@@ -77,9 +77,6 @@ pub struct CaptureConfig {
     /// Bytes per disk of writes answered before they reach the disk (0: none; see
     /// [`disk::WRITE_BEHIND_BYTES_MAX`]).
     pub write_behind_bytes: u32,
-    /// Put the changes the journal holds back on their disks before serving (after the
-    /// process died under the last run; see [`Capture::start`]).
-    pub replay_held_changes: bool,
 }
 
 impl CaptureConfig {
@@ -92,7 +89,6 @@ impl CaptureConfig {
             block_sizes: BlockSizes::DEFAULT,
             bitmap_extent_bytes: EXTENT_BYTES_DEFAULT,
             write_behind_bytes: disk::WRITE_BEHIND_BYTES_MAX,
-            replay_held_changes: false,
         }
     }
 }
@@ -126,23 +122,6 @@ pub enum CaptureError {
     NotASocket { path: PathBuf },
     #[error("start-up task failed: {0}")]
     Task(String),
-    #[error(
-        "putting the journal's change {seq} back on disk {export} after the last run's \
-         process died: {reason}"
-    )]
-    Replay {
-        export: String,
-        seq: crate::core::record::Seq,
-        reason: String,
-    },
-    #[error(
-        "reading the journal's change {seq} to put it back on its disk after the last run's \
-         process died: {reason}"
-    )]
-    ReplayRead {
-        seq: crate::core::record::Seq,
-        reason: String,
-    },
 }
 
 /// The running capture front-end: its disks and its listener tasks.
@@ -164,9 +143,7 @@ impl std::fmt::Debug for Capture {
 
 impl Capture {
     /// Opens every disk and bitmap, binds every listener, and starts serving. Listeners stop
-    /// accepting when `shutdown` turns true; [`Capture::wait`] then waits for them. With
-    /// `replay_held_changes`, the changes the journal holds go back on their disks first
-    /// ([`replay_held_changes`]).
+    /// accepting when `shutdown` turns true; [`Capture::wait`] then waits for them.
     pub async fn start(
         config: CaptureConfig,
         journal: SharedJournal,
@@ -226,10 +203,6 @@ impl Capture {
                 );
             }
             disks.push(capture_disk);
-        }
-
-        if config.replay_held_changes {
-            replay_held_changes(&journal, &disks).await?;
         }
 
         let buffers = Arc::new(server::Buffers::new());
@@ -346,100 +319,4 @@ async fn bind(endpoint: &Endpoint) -> Result<(server::Listener, Endpoint), Captu
             Ok((server::Listener::Tcp(listener), Endpoint::Tcp(local)))
         }
     }
-}
-
-/// After the process died under the last run: puts every change the journal still holds back
-/// on its disk, in journal order, before any client is served. A write answered before its
-/// disk write completed (write-behind, `CaptureDisk::apply_answering_early`) may have died with
-/// the process, but not its record: a record is released only after its disk write ended, and
-/// releases go in sequence order, so the journal holds it and every later change. Replayed in
-/// order, the held changes leave each byte as the last answered change made it. Extents dirty
-/// in a disk's bitmap are left alone: there the disk's bytes are newer than the journal's
-/// (written while the disk was on its bitmap), and the resync sends them. Returns the number
-/// of changes replayed.
-pub async fn replay_held_changes(
-    journal: &SharedJournal,
-    disks: &[CaptureDisk],
-) -> Result<u64, CaptureError> {
-    use crate::core::record::RecordKind;
-    use crate::io::disk::IoBuf;
-
-    let dirty: Vec<Vec<std::ops::Range<u64>>> = disks
-        .iter()
-        .map(|disk| disk.bitmap().dirty_extents())
-        .collect();
-    let (first, last) = {
-        let guard = journal.lock();
-        (guard.first_seq(), guard.last_seq())
-    };
-    if first == 0 {
-        // Nothing held.
-        return Ok(0);
-    }
-    let mut replayed = 0u64;
-    let mut touched = vec![false; disks.len()];
-    for seq in first..=last {
-        // One record at a time: the lock is not held across disk I/O, nor is the whole held
-        // journal copied.
-        let change = {
-            let guard = journal.lock();
-            let record = guard.read(seq).map_err(|error| CaptureError::ReplayRead {
-                seq,
-                reason: error.to_string(),
-            })?;
-            record.and_then(|record| {
-                let index = disks
-                    .iter()
-                    .position(|disk| disk.disk_id() == record.disk_id)?;
-                let end = record.offset.saturating_add(record.length);
-                if dirty[index]
-                    .iter()
-                    .any(|range| range.start < end && record.offset < range.end)
-                {
-                    return None;
-                }
-                let payload = match record.kind {
-                    RecordKind::Write => Some(IoBuf::from_slice(record.payload)),
-                    RecordKind::Zero | RecordKind::Trim => None,
-                    _ => return None,
-                };
-                Some((index, record.kind, record.offset, record.length, payload))
-            })
-        };
-        let Some((index, kind, offset, length, payload)) = change else {
-            continue;
-        };
-        let disk = disks[index].disk();
-        let result = match (kind, payload) {
-            (RecordKind::Write, Some(payload)) => disk.write_at(offset, payload).await.0,
-            (RecordKind::Zero, _) => disk.write_zeroes(offset, length).await,
-            _ => disk.trim(offset, length).await,
-        };
-        result.map_err(|error| CaptureError::Replay {
-            export: disks[index].export_name().to_owned(),
-            seq,
-            reason: error.to_string(),
-        })?;
-        touched[index] = true;
-        replayed += 1;
-    }
-    for (disk, _) in disks.iter().zip(&touched).filter(|(_, touched)| **touched) {
-        disk.disk()
-            .flush()
-            .await
-            .map_err(|error| CaptureError::Replay {
-                export: disk.export_name().to_owned(),
-                seq: last,
-                reason: error.to_string(),
-            })?;
-    }
-    if replayed > 0 {
-        tracing::info!(
-            changes = replayed,
-            first_sequence = first,
-            last_sequence = last,
-            "the journal's held changes are back on their disks (the last run's process died)"
-        );
-    }
-    Ok(replayed)
 }

@@ -115,10 +115,6 @@ impl SourceSide {
         // Validated to at most 1 GiB.
         capture_config.write_behind_bytes =
             u32::try_from(source.write_behind_bytes).unwrap_or(u32::MAX);
-        // Writes answered before they reached the disk may have died with the process; the
-        // journal still holds them (see `capture::replay_held_changes`).
-        capture_config.replay_held_changes =
-            matches!(previous_run, PreviousRun::ProcessDied { .. });
         let capture = Capture::start(capture_config, journal.clone(), shutdown.clone())
             .await
             .map_err(DaemonError::CaptureStart)?;
@@ -391,8 +387,9 @@ fn resync_after_unclean_stop(
             tracing::warn!(
                 previous_pid = pid.map_or_else(String::new, |pid| pid.to_string()),
                 disks = touched.len(),
-                "the last run's process died: the changes its journal still holds went back \
-                 on their disks, and their extents are hash-compared with the replicas"
+                "the last run's process died: the extents of the changes its journal still \
+                 holds are hash-compared with the replicas (a change journaled just before \
+                 the crash, or answered before its disk write, may not have reached the disk)"
             );
             capture
                 .disks()
