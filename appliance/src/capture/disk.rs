@@ -12,8 +12,11 @@
 //!
 //! Write-behind: a change without FUA of at least [`WRITE_BEHIND_MIN_BYTES`] is answered as
 //! soon as it is journaled and registered, while the disk's window ([`WRITE_BEHIND_BYTES_MAX`]
-//! by default) has room; its disk write goes on. Reads wait for the overlapping writes in flight and FLUSH for all of them, so a client
-//! never sees an answered write missing; a FLUSH after such a write failed at the disk fails.
+//! by default) has room; its disk write goes on. Reads wait for the overlapping writes in
+//! flight and FLUSH for all of them, so a client never sees an answered write missing; a FLUSH
+//! after such a write failed at the disk fails. If the process dies first, the disk may lack
+//! the write (never flushed, which NBD allows); its record is still held, so the next start
+//! resyncs its extent (`daemon::source`).
 //! Answering at completion kept only ~3 of fio's 8 1 MiB writes at the device, which this disk
 //! runs far slower than 6–7 (benches/RESULTS.md, 2026-11-29).
 
@@ -118,14 +121,15 @@ async fn wait_for(completions: Vec<watch::Receiver<()>>) {
 }
 
 /// Bytes of journaled writes per disk that may be answered before their disk write completes
-/// (see [`CaptureDisk::apply`]). At 1 MiB sequential writes QD8 through fio's nbd engine,
-/// answering at completion left ~3 requests at the device, which this virtio disk runs at
-/// ~2.0 GB/s against ~2.5 GB/s with 6–7 (benches/RESULTS.md, 2026-11-29).
+/// (see `CaptureDisk::apply_answering_early`). At 1 MiB sequential writes QD8 through fio's
+/// nbd engine, answering at completion left ~3 requests at the device and Ferry at 1.9–2.25
+/// GB/s; fio alone runs this virtio disk at 2.25–2.30 GB/s with 3.3 requests in flight and
+/// 2.43–2.62 with 6.8 (benches/RESULTS.md, 2026-11-29).
 pub const WRITE_BEHIND_BYTES_MAX: u32 = 32 << 20;
 
 /// Changes smaller than this are answered when they end: small random writes did not gain from
 /// answering early (4 KiB random QD32: 37–48K IOPS against 44–52K answered at the end, and more
-/// CPU per write; benches/RESULTS.md, 2026-11-29), their device is not short of depth.
+/// CPU per write; benches/RESULTS.md, 2026-11-29).
 pub const WRITE_BEHIND_MIN_BYTES: u64 = 64 * 1024;
 
 /// Per-second buckets of written bytes over the last few seconds (status: churn rate).
@@ -502,14 +506,14 @@ impl CaptureDisk {
             .await
     }
 
-    /// [`CaptureDisk::apply`], which may also say through `answer` that the change can be
-    /// answered before its disk write completes (write-behind): a change without FUA of at least
-    /// [`WRITE_BEHIND_MIN_BYTES`] whose records are in the journal, while the disk has room in
-    /// its write-behind window ([`WRITE_BEHIND_BYTES_MAX`]). Until its disk write ends it stays registered in flight,
-    /// so reads and later overlapping writes wait for it, and a FLUSH waits for it and reports
-    /// its failure; its records stay in the journal until then too (see `SharedJournal`'s
-    /// pending disk writes). The future still runs to the end of the disk write and returns
-    /// its result.
+    /// Applies one write-path request as `apply` does, and may also say through `answer` that
+    /// the change can be answered before its disk write completes (write-behind): a change
+    /// without FUA of at least [`WRITE_BEHIND_MIN_BYTES`] whose records are in the journal,
+    /// while the disk has room in its write-behind window ([`WRITE_BEHIND_BYTES_MAX`]). Until
+    /// its disk write ends it stays registered in flight, so reads and later overlapping writes
+    /// wait for it, and a FLUSH waits for it and reports its failure; its records stay in the
+    /// journal until then too (see `SharedJournal`'s pending disk writes). The future still
+    /// runs to the end of the disk write and returns its result.
     pub(crate) async fn apply_answering_early(
         &self,
         offset: u64,
@@ -769,7 +773,10 @@ impl CaptureDisk {
         journal_result?;
         disk_result?;
         let failed = inner.write_behind_failed.load(Ordering::Acquire);
-        let reported = inner.write_behind_reported.swap(failed, Ordering::AcqRel);
+        // Never lowered, so concurrent flushes report each failure once.
+        let reported = inner
+            .write_behind_reported
+            .fetch_max(failed, Ordering::AcqRel);
         if failed > reported {
             return Err(CaptureIoError::WriteBehind {
                 export: inner.export_name.clone(),
