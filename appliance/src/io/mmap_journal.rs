@@ -7,7 +7,8 @@
 //! zeros once and fsynced, so that no extent is left "unwritten" for the first lap of appends to
 //! convert (ext4/xfs would otherwise add a metadata journal commit to every msync of the first
 //! lap), and the directory is fsynced so the names survive a crash. Each file is mapped shared
-//! and read-write; `flush_range` is `msync(MS_SYNC)` of the page-aligned range, which on Linux
+//! and read-write, advised `MADV_RANDOM`, with its page cache re-read as base pages at open
+//! (`cache_as_small_pages`: appends into large folios cost ~12% of capture's CPU); `flush_range` is `msync(MS_SYNC)` of the page-aligned range, which on Linux
 //! writes the pages back and syncs the file's data (`vfs_fsync_range`). An exclusive `flock` on
 //! the lock file keeps a second process from mapping the same files. See
 //! kernel-notes/mmap-msync.md for what this does and does not guarantee.
@@ -274,10 +275,15 @@ impl MmapSegments {
                     ),
                 });
             }
+            cache_as_small_pages(&file, segment_bytes);
             let map = MmapOptions::new()
                 .len(segment_bytes)
                 .map_raw(&file)
                 .map_err(io_error("mmap", &path))?;
+            // No read-around or readahead on faults: see `cache_as_small_pages`.
+            if let Err(error) = map.advise(memmap2::Advice::Random) {
+                tracing::debug!(path = %path.display(), %error, "madvise(MADV_RANDOM) refused");
+            }
             maps.push(map);
             files.push(file);
         }
@@ -547,6 +553,41 @@ fn create_segment_file(
     file.sync_all().map_err(io_error("fsync", &temporary))?;
     fs::rename(&temporary, path).map_err(io_error("rename into place", path))?;
     Ok(())
+}
+
+/// Re-reads `len` bytes of `file` into the page cache as small folios, before the file is
+/// mapped: drops its clean pages (`POSIX_FADV_DONTNEED`; dirty ones stay, nothing is lost),
+/// then asks for them again (`POSIX_FADV_WILLNEED`, which reads base pages and leaves no
+/// readahead marks). ext4 caches a file in large folios (up to 2 MiB) where it was written or
+/// read in large pieces — the zeros written at creation, readahead — and a buffered write walks
+/// every block of each folio it touches (`ext4_block_write_begin`, `block_commit_write`): 4 KiB
+/// records appended into them spent ~12% of the capture path's CPU there (benches/RESULTS.md,
+/// 2026-11-29). In small folios, appends overwrite cached pages, and recovery and the first
+/// reads of held records find them cached. The mappings are also advised `MADV_RANDOM` (see
+/// `MmapSegments::open`), so no fault reads large folios back in. Not repeated per lap: on a
+/// live journal `DONTNEED` first starts writeback of every dirty page, records the kernel
+/// otherwise never writes (released unflushed, then overwritten), which halved 1 MiB capture.
+/// Advice only: a failure changes nothing but the speed.
+fn cache_as_small_pages(file: &File, len: usize) {
+    // `WILLNEED` reads at most the device's readahead window per call; this is the smallest
+    // common default (`read_ahead_kb`), so every step is read whole.
+    const STEP_BYTES: usize = 128 * 1024;
+    let fd = file.as_raw_fd();
+    // SAFETY: posix_fadvise takes a descriptor that `file` owns and keeps open, and integers;
+    // it touches no memory of this process.
+    let _ = unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) };
+    for offset in (0..len).step_by(STEP_BYTES) {
+        let step = STEP_BYTES.min(len - offset);
+        // SAFETY: as above.
+        let _ = unsafe {
+            libc::posix_fadvise(
+                fd,
+                offset as libc::off_t,
+                step as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
+    }
 }
 
 /// Reserves `len` bytes of disk for `file`: `fallocate`, or `posix_fallocate` where the

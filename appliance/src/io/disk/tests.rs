@@ -297,6 +297,45 @@ mod suite {
         assert_matches_model(&disk, &model).await;
     }
 
+    /// Keeps 32 writes in flight, submitting the next as each completes: every request after
+    /// the first few arrives while the engine is busy (the io_uring engine then queues it
+    /// without waking its thread, and must still pick it up at the next completion). A lost
+    /// request hangs, so the run has a deadline.
+    pub async fn refills_while_busy(options: DiskOptions) {
+        const WRITES: usize = 1024;
+        const DEPTH: usize = 32;
+        let seed = seed();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, _) = create(&dir, options);
+        // Every write has a block of its own, so completion order cannot matter.
+        let mut blocks: Vec<usize> = (0..(DISK_BYTES / 4096) as usize).collect();
+        blocks.shuffle(&mut rng);
+        assert!(blocks.len() >= WRITES);
+        let mut model = vec![0u8; DISK_BYTES as usize];
+        let run = async {
+            let mut tasks: JoinSet<Result<(), DiskError>> = JoinSet::new();
+            for index in 0..WRITES {
+                if tasks.len() == DEPTH {
+                    let joined = tasks.join_next().await.expect("a write in flight");
+                    joined.expect("write task").expect("write");
+                }
+                let offset = (blocks[index] * 4096) as u64;
+                let data = pattern(4096, rng.gen());
+                let disk = disk.clone();
+                model[offset as usize..offset as usize + 4096].copy_from_slice(&data);
+                tasks.spawn(async move { disk.write_at(offset, IoBuf::from_slice(&data)).await.0 });
+            }
+            while let Some(joined) = tasks.join_next().await {
+                joined.expect("write task").expect("write");
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(120), run)
+            .await
+            .unwrap_or_else(|_| panic!("writes never completed (seed {seed})"));
+        assert_matches_model(&disk, &model).await;
+    }
+
     pub async fn out_of_range_is_an_error(options: DiskOptions) {
         let dir = tempfile::tempdir().unwrap();
         let (disk, path) = create(&dir, options);
@@ -399,6 +438,11 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn many_in_flight() {
                 suite::many_in_flight(options()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn refills_while_busy() {
+                suite::refills_while_busy(options()).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
