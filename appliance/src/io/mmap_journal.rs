@@ -8,8 +8,9 @@
 //! convert (ext4/xfs would otherwise add a metadata journal commit to every msync of the first
 //! lap), and the directory is fsynced so the names survive a crash. Each file is mapped shared
 //! and read-write, advised `MADV_RANDOM`, with its page cache re-read as base pages at open
-//! (`cache_as_small_pages`: appends into large folios cost ~12% of capture's CPU); `flush_range` is `msync(MS_SYNC)` of the page-aligned range, which on Linux
-//! writes the pages back and syncs the file's data (`vfs_fsync_range`). An exclusive `flock` on
+//! (`cache_as_small_pages`: appends into large folios cost ~12% of capture's CPU);
+//! `flush_range` is `msync(MS_SYNC)` of the page-aligned range, which on Linux writes the
+//! pages back and syncs the file's data (`vfs_fsync_range`). An exclusive `flock` on
 //! the lock file keeps a second process from mapping the same files. See
 //! kernel-notes/mmap-msync.md for what this does and does not guarantee.
 
@@ -566,8 +567,9 @@ fn create_segment_file(
 /// reads of held records find them cached. The mappings are also advised `MADV_RANDOM` (see
 /// `MmapSegments::open`), so no fault reads large folios back in. Not repeated per lap: on a
 /// live journal `DONTNEED` first starts writeback of every dirty page, records the kernel
-/// otherwise never writes (released unflushed, then overwritten), which halved 1 MiB capture.
-/// Advice only: a failure changes nothing but the speed.
+/// otherwise never writes (released unflushed, then overwritten), which halved 1 MiB capture
+/// (at open that happens at most once, for pages a previous process left dirty). The reads
+/// cost ~1.3 s per GiB at open here. Advice only: a failure changes nothing but the speed.
 fn cache_as_small_pages(file: &File, len: usize) {
     // `WILLNEED` reads at most the device's readahead window per call; this is the smallest
     // common default (`read_ahead_kb`), so every step is read whole.

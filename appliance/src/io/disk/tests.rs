@@ -315,12 +315,12 @@ mod suite {
         let mut model = vec![0u8; DISK_BYTES as usize];
         let run = async {
             let mut tasks: JoinSet<Result<(), DiskError>> = JoinSet::new();
-            for index in 0..WRITES {
+            for &block in blocks.iter().take(WRITES) {
                 if tasks.len() == DEPTH {
                     let joined = tasks.join_next().await.expect("a write in flight");
                     joined.expect("write task").expect("write");
                 }
-                let offset = (blocks[index] * 4096) as u64;
+                let offset = (block * 4096) as u64;
                 let data = pattern(4096, rng.gen());
                 let disk = disk.clone();
                 model[offset as usize..offset as usize + 4096].copy_from_slice(&data);
