@@ -3,7 +3,9 @@
 //! completion (with its buffer) back through a oneshot channel.
 //!
 //! Wake-up protocol: callers push onto a mutex-protected queue and write the ring thread's
-//! eventfd only when `wake_pending` was false; the thread keeps a POLLIN poll on that eventfd
+//! eventfd only when the thread asked for wake-ups at its last drain (`State::needs_wake`:
+//! fewer than `WAKE_SKIP_IN_FLIGHT_MIN` requests in flight; otherwise it drains again at its
+//! next completion) and `wake_pending` was false; the thread keeps a POLLIN poll on that eventfd
 //! in the ring, so one `io_uring_enter` waits for either a completion or new work. After the
 //! poll fires the thread resets the eventfd, clears `wake_pending` (an AcqRel swap, so every
 //! push before a caller's "already pending" swap is visible) and then drains the queue.
